@@ -1,0 +1,1 @@
+"""The remote target: wire format, protocol, server, client, process-group transport."""
