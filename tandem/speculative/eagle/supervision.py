@@ -1,0 +1,78 @@
+"""The draft's supervision from one target forward: one code path for the local and the remote target.
+
+The remote server calls ``compute_supervision`` exactly as the in-process trainer does, which is why a
+remote run is bit-identical to a local one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# The order is also the process-group data plane's send order.
+SUPERVISION_KEYS = ["aux_hidden_states", "target_probs", "position_mask", "input_ids", "loss_mask"]
+
+
+def compute_target_distribution(
+    logits: torch.Tensor,
+    selected_token_ids: torch.Tensor,
+    selected_token_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Project shifted target logits onto the draft vocabulary.
+
+    Arguments:
+        logits: ``[B, S, V]`` shifted target logits, any float dtype.
+        selected_token_ids: ``[Vd]`` long, draft id -> target id.
+        selected_token_mask: ``[V]`` bool, True for target ids in the draft vocabulary.
+        loss_mask: ``[B, S]`` shifted loss mask (any dtype; nonzero = trained).
+
+    Returns:
+        target_probs: ``[B, S, Vd]`` fp32, softmax over the draft-vocabulary logits.
+        position_mask: ``[B, S, 1]`` bool, True where the target's full-vocabulary argmax is in the
+            draft vocabulary and the position is trained; the draft is only scored there.
+    """
+    top = logits.argmax(dim=-1)
+    position_mask = (selected_token_mask[top] & loss_mask.bool()).unsqueeze(-1)
+    target_probs = torch.softmax(logits[..., selected_token_ids].float(), dim=-1)
+    return target_probs, position_mask
+
+
+def compute_supervision(
+    target_wrapper,
+    selected_token_ids: torch.Tensor,
+    selected_token_mask: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Produce the draft-vocab supervision for one batch.
+
+    ``target_wrapper.generate_batch`` runs the target and returns shifted logits / input_ids / loss_mask
+    plus the aux hidden states; ``compute_target_distribution`` projects the logits onto the draft vocab.
+
+    Arguments:
+        target_wrapper: an ``Eagle3TargetModel`` (or anything with the same ``generate_batch``).
+        selected_token_ids: ``[Vd]`` long.
+        selected_token_mask: ``[V]`` bool.
+        input_ids: ``[B, S]`` long.
+        attention_mask: ``[B, S]`` 0/1.
+        loss_mask: ``[B, S]`` 0/1.
+
+    Returns:
+        dict keyed by ``SUPERVISION_KEYS``: ``aux_hidden_states [B, S, 3H]`` (target dtype),
+        ``target_probs [B, S, Vd]`` fp32, ``position_mask [B, S, 1]`` bool, ``input_ids [B, S]`` long
+        (shifted), ``loss_mask [B, S]`` (shifted).
+    """
+    with torch.no_grad():
+        batch = target_wrapper.generate_batch(input_ids, attention_mask, loss_mask)
+        device = batch.logits.device
+        target_probs, position_mask = compute_target_distribution(
+            batch.logits, selected_token_ids.to(device), selected_token_mask.to(device), batch.loss_mask
+        )
+    return {
+        "aux_hidden_states": batch.aux_hidden_states,
+        "target_probs": target_probs,
+        "position_mask": position_mask,
+        "input_ids": batch.input_ids,
+        "loss_mask": batch.loss_mask,
+    }

@@ -1,0 +1,194 @@
+"""Eagle3TargetModel: run the frozen target, capture three aux hidden states, shift for the draft.
+
+EAGLE-3 trains the draft on a fusion of low, middle and high target layers. Forward hooks on three
+decoder layers capture their outputs during one ordinary forward; nothing in the target is modified,
+so any transformers decoder (Llama, Qwen2/Qwen3, Mistral) works as long as it exposes
+``model.model.layers``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from tandem.speculative.eagle.supervision import compute_supervision
+
+
+class VocabMappingMissingError(RuntimeError):
+    """Supervision was asked for before ``set_vocab_mapping`` gave the draft vocabulary."""
+
+
+class TargetBatch(NamedTuple):
+    """What one target forward gives the draft (B batch, S sequence, H hidden, V target vocab).
+
+    aux_hidden_states: ``[B, S, 3H]`` target dtype, the three captured layers concatenated; not shifted.
+    logits: ``[B, S, V]`` target dtype, shifted left by one with a zero tail.
+    input_ids: ``[B, S]`` long, shifted left by one with a zero tail.
+    loss_mask: ``[B, S]`` as given, shifted left by one with a zero tail.
+    attention_mask: ``[B, S]`` as given, not shifted.
+    """
+
+    aux_hidden_states: torch.Tensor
+    logits: torch.Tensor
+    input_ids: torch.Tensor
+    loss_mask: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+def default_aux_layer_ids(num_layers: int) -> list[int]:
+    """EAGLE-3's low/middle/high layers ``[1, L//2 - 1, L - 4]``; a spread of three for shallow models."""
+    if num_layers < 3:
+        raise ValueError(f"EAGLE-3 needs three distinct aux layers; the target has only {num_layers}")
+    ids = [1, num_layers // 2 - 1, num_layers - 4]
+    if len(set(ids)) == 3 and all(0 <= i < num_layers for i in ids):
+        return ids
+    return [0, num_layers // 2, num_layers - 1]
+
+
+def validate_aux_layer_ids(aux_layer_ids: list[int], num_layers: int) -> list[int]:
+    ids = [int(i) for i in aux_layer_ids]
+    if len(ids) != 3 or len(set(ids)) != 3:
+        raise ValueError(f"aux_layer_ids must be three distinct layer indices, got {ids}")
+    bad = [i for i in ids if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"aux_layer_ids {bad} out of range for a target with {num_layers} layers")
+    return ids
+
+
+def shift_left(tensor: torch.Tensor) -> torch.Tensor:
+    """``out[:, i] = tensor[:, i + 1]`` and ``out[:, -1] = 0`` (dim 1 is the sequence)."""
+    tail = torch.zeros_like(tensor[:, :1])
+    return torch.cat([tensor[:, 1:], tail], dim=1)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layer list of a transformers causal LM (``model.model.layers``)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__} has no model.layers: not a supported decoder-only target")
+    return layers
+
+
+class AuxHiddenCapture:
+    """Forward hooks that keep the output of a set of decoder layers for the current forward."""
+
+    def __init__(self, layers: nn.ModuleList, layer_ids: list[int]):
+        self.layer_ids = list(layer_ids)
+        self.captured: dict[int, torch.Tensor] = {}
+        self._handles = [layers[i].register_forward_hook(self._hook(i)) for i in self.layer_ids]
+
+    def _hook(self, layer_id: int):
+        def keep_output(_module, _inputs, output):
+            # Decoder layers return a tensor in transformers 5, a tuple (hidden, ...) before.
+            self.captured[layer_id] = output[0] if isinstance(output, tuple) else output
+
+        return keep_output
+
+    def take(self) -> torch.Tensor:
+        """``[B, S, 3H]``: the captured layers in ``layer_ids`` order; clears the capture."""
+        missing = [i for i in self.layer_ids if i not in self.captured]
+        if missing:
+            raise RuntimeError(f"aux layers {missing} did not run in the last forward")
+        out = torch.cat([self.captured[i] for i in self.layer_ids], dim=-1)
+        self.captured.clear()
+        return out
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class Eagle3TargetModel:
+    """The frozen target as the draft's teacher, in the trainer's own process.
+
+    The remote client (``remote.client.RemoteEagle3TargetModel``) exposes the same ``supervise``,
+    ``get_input_embeddings``, ``set_vocab_mapping`` and ``model_info``, so the training loop does not
+    know which one it holds.
+
+    Arguments:
+        model: a transformers causal LM (eval mode; gradients are never taken).
+        aux_layer_ids: the three decoder layers to capture; default ``[1, L//2 - 1, L - 4]``.
+    """
+
+    def __init__(self, model: nn.Module, aux_layer_ids: list[int] | None = None):
+        self.model = model.eval().requires_grad_(False)
+        self.config = model.config
+        num_layers = self.config.num_hidden_layers
+        ids = aux_layer_ids if aux_layer_ids is not None else default_aux_layer_ids(num_layers)
+        self.aux_layer_ids = validate_aux_layer_ids(ids, num_layers)
+        self._capture = AuxHiddenCapture(decoder_layers(model), self.aux_layer_ids)
+        self.selected_token_ids: torch.Tensor | None = None
+        self.selected_token_mask: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @torch.no_grad()
+    def generate_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> TargetBatch:
+        """Run the target once and return the draft's raw teaching signal.
+
+        Arguments:
+            input_ids: ``[B, S]`` long token ids.
+            attention_mask: ``[B, S]`` 1 on real tokens, 0 on padding.
+            loss_mask: ``[B, S]`` 1 where the draft is trained (assistant tokens).
+
+        Returns:
+            ``TargetBatch`` (see its docstring for shapes and shifting).
+        """
+        device = self.device
+        input_ids = input_ids.to(device)
+        attention_mask = attention_mask.to(device)
+        loss_mask = loss_mask.to(device)
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        aux = self._capture.take()
+        return TargetBatch(
+            aux_hidden_states=aux,
+            logits=shift_left(outputs.logits),
+            input_ids=shift_left(input_ids),
+            loss_mask=shift_left(loss_mask),
+            attention_mask=attention_mask,
+        )
+
+    def set_vocab_mapping(self, selected_token_ids: torch.Tensor, selected_token_mask: torch.Tensor) -> None:
+        """Fix the draft vocabulary: ``selected_token_ids [Vd]`` long, ``selected_token_mask [V]`` bool."""
+        vocab_size = self.config.vocab_size
+        if selected_token_mask.shape != (vocab_size,):
+            raise ValueError(f"selected_token_mask must have shape [{vocab_size}], got {list(selected_token_mask.shape)}")
+        if selected_token_ids.dim() != 1 or selected_token_ids.numel() == 0:
+            raise ValueError(f"selected_token_ids must be a non-empty 1-D tensor, got {list(selected_token_ids.shape)}")
+        if int(selected_token_ids.min()) < 0 or int(selected_token_ids.max()) >= vocab_size:
+            raise ValueError(f"selected_token_ids must lie in [0, {vocab_size})")
+        self.selected_token_ids = selected_token_ids.to(self.device, torch.long)
+        self.selected_token_mask = selected_token_mask.to(self.device, torch.bool)
+
+    def supervise(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The supervision dict keyed by ``SUPERVISION_KEYS`` (see ``compute_supervision``)."""
+        if self.selected_token_ids is None:
+            raise VocabMappingMissingError("set_vocab_mapping must be called before supervision is computed")
+        return compute_supervision(
+            self, self.selected_token_ids, self.selected_token_mask, input_ids, attention_mask, loss_mask
+        )
+
+    def get_input_embeddings(self) -> torch.Tensor:
+        """``[V, H]`` the target's token embedding (seeds the draft's frozen embedding)."""
+        return self.model.get_input_embeddings().weight.detach()
+
+    def model_info(self) -> dict:
+        return {
+            "num_hidden_layers": int(self.config.num_hidden_layers),
+            "hidden_size": int(self.config.hidden_size),
+            "vocab_size": int(self.config.vocab_size),
+            "aux_layer_ids": list(self.aux_layer_ids),
+        }
+
+    def close(self) -> None:
+        self._capture.remove()
