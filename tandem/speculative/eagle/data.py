@@ -1,0 +1,601 @@
+"""Chat data for EAGLE-3 draft training: JSONL -> ``input_ids`` + ``loss_mask``, batches, regeneration.
+
+The path a conversation takes::
+
+    read_chat_jsonl(path)                       -> list[ChatRecord]   (ShareGPT or messages format)
+    regenerate(model, tokenizer, records)       -> list[ChatRecord]   (assistant turns = target's greedy answers)
+    TokenizedChatDataset.from_records(...)      -> samples {input_ids [S], loss_mask [S]}
+    DeterministicBatchSampler + ChatCollator    -> batches {input_ids, attention_mask, loss_mask} [B, S]
+
+Why regenerate: a draft learns to predict the *target's* next token, so it should train on text the
+target itself would write (EAGLE, HASS and SpecForge all regenerate). ``tandem regenerate`` runs
+:func:`regenerate_file`; the shipped prompt set (``default_prompt_path("train")``) holds user turns
+only, so it must be regenerated before it can be trained on.
+
+Loss masks come from the tokenizer's own chat template: we render prefixes of the conversation and
+diff token lengths, so any template whose rendering of a prefix is a prefix of the whole works
+(ChatML, Llama 3, Qwen, Mistral...), with no per-template regular expressions.
+
+Resuming: :func:`batch_order` is a pure function of ``(num_samples, batch_size, seed, epoch, rank,
+world_size)``, so a run that stops after global step N and restarts with the same arguments calls
+``sampler.resume_from_step(N)`` and sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+# ShareGPT dumps use several speaker names; these are the ones seen in the wild.
+SHAREGPT_ROLE_NAMES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "assistant": "assistant",
+}
+# Tokens that close a turn in the common chat templates; the eos token is added per tokenizer.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+PROMPT_SPLITS = ("train", "heldout")
+
+Message = dict[str, str]
+
+
+class DataFormatError(ValueError):
+    """A chat data file or conversation is malformed; the message names the file and line."""
+
+
+@dataclasses.dataclass
+class ChatRecord:
+    """One conversation.
+
+    ``messages`` is a list of ``{"role": "system"|"user"|"assistant", "content": str}``;
+    ``extra`` holds the line's other top-level fields (e.g. ``"category"``), carried through
+    regeneration and written back by :func:`write_jsonl`.
+    """
+
+    messages: list[Message]
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and writing JSONL
+# --------------------------------------------------------------------------------------------
+
+
+def _normalise_message(raw: Any, index: int, sharegpt: bool) -> Message:
+    """One message of either format -> ``{"role", "content"}``; raises ValueError saying what is wrong."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"message {index} is a {type(raw).__name__}, expected an object")
+    role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
+    for key in (role_key, content_key):
+        if key not in raw:
+            raise ValueError(f"message {index} has no {key!r} key")
+    speaker, content = raw[role_key], raw[content_key]
+    role = SHAREGPT_ROLE_NAMES.get(speaker) if sharegpt and isinstance(speaker, str) else speaker
+    if role not in ROLES:
+        known = sorted(SHAREGPT_ROLE_NAMES) if sharegpt else list(ROLES)
+        raise ValueError(f"message {index} has unknown role {speaker!r} (expected one of {known})")
+    if not isinstance(content, str):
+        raise ValueError(f"message {index} has {content_key!r} of type {type(content).__name__}, expected a string")
+    return {"role": role, "content": content}
+
+
+def parse_chat_record(obj: Any) -> ChatRecord:
+    """Normalise one decoded JSON line (ShareGPT ``conversations`` or ``messages``) to a :class:`ChatRecord`.
+
+    Leading assistant turns are dropped: they answer no prompt (ShareGPT dumps often open with a
+    greeting from the model), and neither a loss mask nor a regeneration can be built for them.
+    Raises ``ValueError`` (without file context) when the object is malformed.
+    """
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    if "conversations" in obj:
+        key, sharegpt = "conversations", True
+    elif "messages" in obj:
+        key, sharegpt = "messages", False
+    else:
+        raise ValueError("expected a 'conversations' (ShareGPT) or 'messages' key")
+    raw_messages = obj[key]
+    if not isinstance(raw_messages, list):
+        raise ValueError(f"{key!r} is a {type(raw_messages).__name__}, expected a list")
+    messages = [_normalise_message(raw, i, sharegpt) for i, raw in enumerate(raw_messages)]
+    first_prompt = next((i for i, m in enumerate(messages) if m["role"] != "assistant"), len(messages))
+    messages = messages[first_prompt:]
+    if not any(m["role"] == "user" for m in messages):
+        raise ValueError(f"{key!r} is empty or has no user turn")
+    extra = {k: v for k, v in obj.items() if k != key}
+    return ChatRecord(messages=messages, extra=extra)
+
+
+def read_chat_jsonl(path: str | Path, limit: int | None = None) -> list[ChatRecord]:
+    """Read a chat JSONL file in ShareGPT or messages format (formats may be mixed line by line).
+
+    Blank lines are skipped. A malformed line raises :class:`DataFormatError` naming the file, the
+    1-based line number and what is wrong. ``limit`` stops after that many records.
+    """
+    path = Path(path)
+    records: list[ChatRecord] = []
+    with path.open("r", encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if limit is not None and len(records) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                records.append(parse_chat_record(json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise DataFormatError(f"{path}:{line_number}: invalid JSON: {error.msg} (column {error.colno})") from None
+            except ValueError as error:
+                raise DataFormatError(f"{path}:{line_number}: {error}") from None
+    return records
+
+
+def write_jsonl(path: str | Path, records: Iterable[ChatRecord]) -> int:
+    """Write records as messages-format JSONL (``{"messages": [...], **extra}``); returns the count.
+
+    The parent directory is created if needed; the file is written to a temporary name and renamed,
+    so an interrupted run never leaves a truncated file under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    count = 0
+    with partial.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps({"messages": record.messages, **record.extra}, ensure_ascii=False) + "\n")
+            count += 1
+    partial.replace(path)
+    return count
+
+
+def default_prompt_path(split: str) -> Path:
+    """The shipped prompt set: ``"train"`` (about 85%) or ``"heldout"`` (about 15%), messages JSONL.
+
+    User turns only (plus a few system prompts and multi-turn conversations whose assistant turns
+    are placeholders); every line has a ``"category"``. Regenerate it before training on it.
+    """
+    if split not in PROMPT_SPLITS:
+        raise ValueError(f"unknown prompt split {split!r}; expected one of {PROMPT_SPLITS}")
+    resource = importlib.resources.files("tandem.speculative.eagle") / "prompts" / f"{split}.jsonl"
+    return Path(str(resource))
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenisation with a loss mask
+# --------------------------------------------------------------------------------------------
+
+
+def _render_ids(tokenizer, messages: Sequence[Message], add_generation_prompt: bool) -> list[int]:
+    """Token ids of the chat template's rendering (the template adds its own special tokens)."""
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def end_of_turn_token_ids(tokenizer) -> set[int]:
+    """Ids of the tokens that can close an assistant turn: the eos token plus the usual turn markers."""
+    vocab = tokenizer.get_vocab()
+    ids = {vocab[token] for token in END_OF_TURN_TOKENS if token in vocab}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _check_prefix(prefix: list[int], full: list[int], what: str) -> None:
+    if full[: len(prefix)] != prefix:
+        mismatch = next((i for i, (a, b) in enumerate(zip(prefix, full)) if a != b), min(len(prefix), len(full)))
+        raise DataFormatError(
+            f"chat template is not prefix-stable: the rendering of {what} is not a prefix of the whole "
+            f"conversation (first difference at token {mismatch}); loss masks cannot be derived from it"
+        )
+
+
+def assistant_spans(tokenizer, messages: Sequence[Message]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Render a conversation and locate each assistant turn's tokens.
+
+    Returns ``(input_ids, spans)``: the full rendering's token ids and, per assistant turn,
+    ``(start, end)`` token offsets covering its content and end-of-turn token (e.g. ``<|im_end|>``),
+    not its role header and not the separator after the end token. Found by rendering the prefix up
+    to the turn with a generation prompt (its length is ``start``) and the prefix through the turn
+    (its length bounds ``end``); each rendering must be a prefix of the whole, else
+    :class:`DataFormatError`.
+    """
+    full = _render_ids(tokenizer, messages, add_generation_prompt=False)
+    end_ids = end_of_turn_token_ids(tokenizer)
+    spans = []
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if turn == 0:
+            raise DataFormatError("conversation opens with an assistant turn; it answers no prompt")
+        before = _render_ids(tokenizer, messages[:turn], add_generation_prompt=True)
+        through = _render_ids(tokenizer, messages[: turn + 1], add_generation_prompt=False)
+        _check_prefix(before, full, f"messages[:{turn}] with a generation prompt")
+        _check_prefix(through, full, f"messages[:{turn + 1}]")
+        start, end = len(before), len(through)
+        # Trailing separators after the end-of-turn token belong to the template, not the answer.
+        closing = [i for i in range(start, end) if full[i] in end_ids]
+        if closing:
+            end = closing[-1] + 1
+        spans.append((start, end))
+    return full, spans
+
+
+def tokenize_conversation(tokenizer, messages: Sequence[Message], max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenise a conversation with the tokenizer's chat template and mark what the draft learns.
+
+    Arguments:
+        tokenizer: a Hugging Face tokenizer with a chat template.
+        messages: ``[{"role", "content"}, ...]`` as produced by :func:`read_chat_jsonl`.
+        max_seq_len: keep at most this many tokens (the tail is cut).
+
+    Returns:
+        ``input_ids``: `[S]` int64, ``S <= max_seq_len``.
+        ``loss_mask``: `[S]` int64, 1 on assistant content and its end-of-turn token, 0 on system and
+        user turns and on role headers. May be all zero after truncation; callers drop such samples.
+    """
+    if max_seq_len <= 0:
+        raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
+    ids, spans = assistant_spans(tokenizer, messages)
+    loss_mask = torch.zeros(len(ids), dtype=torch.long)
+    for start, end in spans:
+        loss_mask[start:end] = 1
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    return input_ids[:max_seq_len], loss_mask[:max_seq_len]
+
+
+class TokenizedChatDataset(Dataset):
+    """Map-style dataset of tokenised conversations.
+
+    ``dataset[i]`` is ``{"input_ids": [S_i] int64, "loss_mask": [S_i] int64}``. Build it with
+    :meth:`from_records`, which drops (and counts in ``num_dropped``) samples that have no
+    assistant token left after truncation.
+    """
+
+    def __init__(self, samples: list[dict[str, torch.Tensor]], num_dropped: int = 0):
+        self.samples = samples
+        self.num_dropped = num_dropped
+
+    @classmethod
+    def from_records(
+        cls, tokenizer, records: Iterable[ChatRecord | Sequence[Message]], max_seq_len: int
+    ) -> "TokenizedChatDataset":
+        samples, num_dropped = [], 0
+        for record in records:
+            messages = record.messages if isinstance(record, ChatRecord) else record
+            input_ids, loss_mask = tokenize_conversation(tokenizer, messages, max_seq_len)
+            if int(loss_mask.sum()) == 0:
+                num_dropped += 1
+                continue
+            samples.append({"input_ids": input_ids, "loss_mask": loss_mask})
+        if num_dropped:
+            logger.warning(
+                "dropped %d of %d conversations with no assistant tokens within max_seq_len=%d "
+                "(unregenerated prompts, or a prompt longer than the limit)",
+                num_dropped, num_dropped + len(samples), max_seq_len,
+            )
+        return cls(samples, num_dropped)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.samples[index]
+
+    def num_loss_tokens(self) -> int:
+        """Total number of tokens under the loss mask (what the draft is trained on)."""
+        return sum(int(sample["loss_mask"].sum()) for sample in self.samples)
+
+
+# --------------------------------------------------------------------------------------------
+# Batching: padding, deterministic order, sharding
+# --------------------------------------------------------------------------------------------
+
+
+def pad_token_id_for(tokenizer) -> int:
+    """The tokenizer's pad token id, else its eos token id (many chat models define no pad token)."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    raise ValueError("tokenizer has neither a pad token nor an eos token; pass pad_token_id explicitly")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ChatCollator:
+    """Right-pads samples into a batch; use as a ``DataLoader`` ``collate_fn``.
+
+    Returns ``{"input_ids", "attention_mask", "loss_mask"}``, each `[B, S]` int64, where ``S`` is the
+    longest sample in the batch or ``pad_to`` when set (a fixed shape avoids recompiles and
+    allocator churn). Padding positions have ``attention_mask == loss_mask == 0``.
+    """
+
+    pad_token_id: int
+    """Id written at padding positions (:func:`pad_token_id_for` picks pad, else eos)."""
+    pad_to: int | None = None
+    """Pad every batch to exactly this length; samples longer than it raise ValueError."""
+
+    def __call__(self, samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        longest = max(len(sample["input_ids"]) for sample in samples)
+        length = longest if self.pad_to is None else self.pad_to
+        if longest > length:
+            raise ValueError(f"a sample has {longest} tokens, more than pad_to={length}")
+        input_ids = torch.full((len(samples), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+        loss_mask = torch.zeros((len(samples), length), dtype=torch.long)
+        for row, sample in enumerate(samples):
+            n = len(sample["input_ids"])
+            input_ids[row, :n] = sample["input_ids"]
+            attention_mask[row, :n] = 1
+            loss_mask[row, :n] = sample["loss_mask"]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def batch_order(
+    num_samples: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
+) -> list[list[int]]:
+    """The batches (lists of sample indices) that ``rank`` sees in ``epoch``; a pure function.
+
+    One permutation per epoch, drawn by a ``torch.Generator`` seeded with ``seed + epoch`` (as
+    ``DistributedSampler`` does), is shared by all ranks. The permutation is cut to a multiple of
+    ``world_size`` and rank ``r`` takes positions ``r, r + world_size, ...``, so shards are disjoint,
+    equally long, and together cover all but at most ``world_size - 1`` samples. Each shard is then
+    chunked into batches of ``batch_size`` (the last one shorter unless ``drop_last``).
+
+    Resuming after ``n`` batches of this epoch is ``batch_order(...)[n:]``: the same samples in the
+    same order as an uninterrupted run.
+    """
+    if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
+        raise ValueError(f"bad batch_size={batch_size}, rank={rank}, world_size={world_size}")
+    generator = torch.Generator().manual_seed(seed + epoch)
+    permutation = torch.randperm(num_samples, generator=generator).tolist()
+    usable = num_samples - num_samples % world_size
+    shard = permutation[rank:usable:world_size]
+    batches = [shard[i : i + batch_size] for i in range(0, len(shard), batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+class DeterministicBatchSampler(Sampler[list[int]]):
+    """A resumable, shardable batch sampler over :func:`batch_order`; pass as ``batch_sampler=``.
+
+    Iterating yields the remaining batches of the current epoch, then advances the epoch. State is
+    ``{"epoch", "batches_yielded"}``. Hazard: a ``DataLoader`` with workers pulls batches ahead of
+    the training loop, so ``state_dict()`` can run ahead of what was trained on; a recipe that
+    counts its own optimizer steps should call :meth:`resume_from_step` on restart instead.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ):
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch = 0
+        self.batches_yielded = 0
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        return batch_order(
+            self.num_samples, self.batch_size, self.seed, epoch, self.rank, self.world_size, self.drop_last
+        )
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return len(self._batches(0))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self._batches(self.epoch)[self.batches_yielded :]:
+            self.batches_yielded += 1
+            yield batch
+        self.epoch += 1
+        self.batches_yielded = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.batches_yielded = epoch, 0
+
+    def resume_from_step(self, step: int) -> None:
+        """Position the sampler after ``step`` batches counted from epoch 0, batch 0."""
+        per_epoch = len(self)
+        if per_epoch == 0:
+            raise ValueError("the sampler yields no batches; cannot resume")
+        self.epoch, self.batches_yielded = divmod(step, per_epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_yielded": self.batches_yielded, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            logger.warning("resuming a sampler saved with seed %s under seed %s", state["seed"], self.seed)
+        self.epoch, self.batches_yielded = int(state["epoch"]), int(state["batches_yielded"])
+
+
+# --------------------------------------------------------------------------------------------
+# Regeneration: rewrite assistant turns with the target's own greedy answers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _GenerationJob:
+    """One assistant turn to generate: conversation ``record``, turn index ``turn``, prompt token ids."""
+
+    record: int
+    turn: int
+    prompt_ids: list[int]
+
+
+def _turns_to_generate(messages: list[Message]) -> list[int]:
+    """Indices of the assistant turns to (re)write; a conversation ending in a prompt gets one appended."""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if messages and messages[-1]["role"] != "assistant":
+        turns.append(len(messages))
+    return turns
+
+
+def _left_pad(prompts: Sequence[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts to `[B, P]` int64 ``input_ids`` and ``attention_mask`` (generation appends on the right)."""
+    length = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, length - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, length - len(prompt) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _cut_at_stop(token_ids: list[int], stop_ids: set[int], pad_token_id: int) -> list[int]:
+    """Generated ids up to (not including) the first stop token; trailing padding removed."""
+    for i, token_id in enumerate(token_ids):
+        if token_id in stop_ids:
+            return token_ids[:i]
+    while token_ids and token_ids[-1] == pad_token_id:
+        token_ids = token_ids[:-1]
+    return token_ids
+
+
+@torch.inference_mode()
+def _generate_batch(model, jobs: Sequence[_GenerationJob], pad_token_id: int, stop_ids: set[int], max_new_tokens: int) -> list[list[int]]:
+    """Greedy answers for a batch of prompts, one list of new token ids per job (stop token excluded)."""
+    device = next(model.parameters()).device
+    input_ids, attention_mask = _left_pad([job.prompt_ids for job in jobs], pad_token_id, device)
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_token_id,
+        eos_token_id=sorted(stop_ids),
+    )
+    new_tokens = output[:, input_ids.shape[1] :].tolist()
+    return [_cut_at_stop(row, stop_ids, pad_token_id) for row in new_tokens]
+
+
+def _run_round(model, tokenizer, jobs: list[_GenerationJob], batch_size: int, max_new_tokens: int, progress) -> list[str]:
+    """Generate every job (sorted by prompt length so a batch pads little); answers in job order."""
+    pad_token_id = pad_token_id_for(tokenizer)
+    stop_ids = end_of_turn_token_ids(tokenizer)
+    order = sorted(range(len(jobs)), key=lambda i: len(jobs[i].prompt_ids))
+    answers: list[str] = [""] * len(jobs)
+    for begin in range(0, len(order), batch_size):
+        chunk = order[begin : begin + batch_size]
+        generated = _generate_batch(model, [jobs[i] for i in chunk], pad_token_id, stop_ids, max_new_tokens)
+        for job_index, token_ids in zip(chunk, generated):
+            answers[job_index] = tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+        progress.add(len(chunk), sum(len(t) for t in generated))
+    return answers
+
+
+class _Progress:
+    """A tqdm bar over assistant turns whose postfix shows tokens generated and tokens/s."""
+
+    def __init__(self, total_turns: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total_turns, unit="turn", desc="regenerate", disable=not enabled)
+        self.tokens = 0
+        self.started = time.perf_counter()
+
+    def add(self, turns: int, tokens: int) -> None:
+        self.tokens += tokens
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix(tokens=self.tokens, tok_per_s=f"{self.tokens / elapsed:.1f}", refresh=False)
+        self.bar.update(turns)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _copy_record(record: ChatRecord | Sequence[Message]) -> ChatRecord:
+    if isinstance(record, ChatRecord):
+        return ChatRecord([dict(m) for m in record.messages], dict(record.extra))
+    return ChatRecord([dict(m) for m in record])
+
+
+def regenerate(
+    model,
+    tokenizer,
+    records: Sequence[ChatRecord | Sequence[Message]],
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    show_progress: bool = True,
+) -> list[ChatRecord]:
+    """Rewrite every assistant turn with the target's own greedy answer (EAGLE practice).
+
+    For each conversation, assistant turns are generated in order, each from the conversation so far
+    with the earlier turns already regenerated; a conversation that ends with a user (or system)
+    turn gets a final assistant turn appended. Round ``r`` generates the ``r``-th turn of every
+    conversation that has one, in LEFT-padded batches of ``batch_size`` sorted by prompt length;
+    answers stop at eos or an end-of-turn token (``<|im_end|>``) or after ``max_new_tokens``.
+
+    Returns new :class:`ChatRecord` s in the input order (inputs are not modified), ``extra`` kept.
+    """
+    conversations = [_copy_record(record) for record in records]
+    pending = [_turns_to_generate(c.messages) for c in conversations]
+    progress = _Progress(sum(len(p) for p in pending), show_progress)
+    model_was_training = model.training
+    model.eval()
+    try:
+        for round_index in range(max((len(p) for p in pending), default=0)):
+            jobs = []
+            for record_index, turns in enumerate(pending):
+                if round_index < len(turns):
+                    turn = turns[round_index]
+                    prompt = conversations[record_index].messages[:turn]
+                    jobs.append(_GenerationJob(record_index, turn, _render_ids(tokenizer, prompt, add_generation_prompt=True)))
+            answers = _run_round(model, tokenizer, jobs, batch_size, max_new_tokens, progress)
+            for job, answer in zip(jobs, answers):
+                messages = conversations[job.record].messages
+                if job.turn == len(messages):
+                    messages.append({"role": "assistant", "content": answer})
+                else:
+                    messages[job.turn] = {"role": "assistant", "content": answer}
+    finally:
+        progress.close()
+        model.train(model_was_training)
+    logger.info("regenerated %d assistant turns, %d tokens", progress.bar.n, progress.tokens)
+    return conversations
+
+
+def regenerate_file(
+    model,
+    tokenizer,
+    in_path: str | Path,
+    out_path: str | Path,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    limit: int | None = None,
+) -> int:
+    """Read chat JSONL (either format), regenerate its assistant turns, write messages JSONL.
+
+    ``limit`` keeps only the first that many conversations. Returns the number written.
+    """
+    records = read_chat_jsonl(in_path, limit=limit)
+    logger.info("regenerating %d conversations from %s", len(records), in_path)
+    regenerated = regenerate(model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    count = write_jsonl(out_path, regenerated)
+    logger.info("wrote %d conversations to %s", count, out_path)
+    return count
