@@ -1,0 +1,154 @@
+"""What the remote target's server and client agree on: endpoints, headers, keys, JSON bodies (DESIGN 3.1).
+
+HTTP is the control plane. ``/generate`` answers either with the wire-format body of the five supervision
+tensors, or (process-group data plane, ``X-NeMo-NCCL: 1`` echoed) with JSON metadata only, after which
+the tensors travel over the group in ``SUPERVISION_KEYS`` order. The names are those of the original
+design, so its clients and servers interoperate with tandem's.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+import torch
+
+from tandem.speculative.eagle.remote.wire import CODE_TO_DTYPE, code_from_dtype
+from tandem.speculative.eagle.supervision import SUPERVISION_KEYS
+
+__all__ = [
+    "SUPERVISION_KEYS",
+    "REQUEST_KEYS",
+    "VOCAB_MAPPING_KEYS",
+    "ProtocolError",
+    "encode_json",
+    "decode_json",
+    "encode_nccl_metadata",
+    "decode_nccl_metadata",
+    "dtype_from_code",
+]
+
+PROTOCOL_VERSION = 1
+
+# Endpoint names; the URL path is "/" + name.
+EP_HEALTH = "health"
+EP_MODEL_INFO = "model_info"
+EP_INPUT_EMBEDDINGS = "input_embeddings"
+EP_SET_VOCAB_MAPPING = "set_vocab_mapping"
+EP_GENERATE = "generate"
+EP_INIT_NCCL = "init_nccl"
+EP_HEARTBEAT = "heartbeat"
+EP_DISCONNECT = "disconnect"
+GET_ENDPOINTS = frozenset({EP_HEALTH})
+POST_ENDPOINTS = frozenset(
+    {EP_MODEL_INFO, EP_INPUT_EMBEDDINGS, EP_SET_VOCAB_MAPPING, EP_GENERATE, EP_INIT_NCCL, EP_HEARTBEAT, EP_DISCONNECT}
+)
+# Endpoints anyone may call without the bearer token (load balancers probe it).
+PUBLIC_ENDPOINTS = frozenset({EP_HEALTH})
+
+# The client sets it to "1" to ask for the process-group data plane; the server echoes "1" when it used it.
+NCCL_HEADER = "X-NeMo-NCCL"
+AUTH_HEADER = "Authorization"
+AUTH_SCHEME = "Bearer"
+# Names one training client's session (e.g. its data-parallel rank); clients of the original design send
+# none and share the anonymous session.
+CLIENT_ID_HEADER = "X-Tandem-Client"
+ANONYMOUS_CLIENT = "anonymous"
+TOKEN_ENV = "TANDEM_TOKEN"
+
+WIRE_CONTENT_TYPE = "application/octet-stream"
+JSON_CONTENT_TYPE = "application/json"
+
+# Request bodies: /generate carries these three tensors, /set_vocab_mapping these two.
+REQUEST_KEYS = ("input_ids", "attention_mask", "loss_mask")
+VOCAB_MAPPING_KEYS = ("selected_token_ids", "selected_token_mask")
+EMBEDDINGS_KEY = "weight"
+
+NCCL_STATUS_OK = "ok"
+NCCL_STATUS_ALREADY = "already_initialized"
+NCCL_STATUS_FAILED = "failed"
+NCCL_STATUS_DISABLED = "disabled"
+
+
+class ProtocolError(ValueError):
+    """A control-plane JSON body is malformed; the message says what is wrong."""
+
+
+def path_of(endpoint: str) -> str:
+    return "/" + endpoint
+
+
+def bearer(token: str) -> str:
+    """The ``Authorization`` header value for ``token``."""
+    return f"{AUTH_SCHEME} {token}"
+
+
+def encode_json(payload: Any) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode("utf-8")
+
+
+def decode_json(raw: bytes, what: str = "body") -> dict:
+    """Parse a JSON object body; ``ProtocolError`` naming ``what`` for anything else."""
+    try:
+        payload = json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"{what} is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise ProtocolError(f"{what} must be a JSON object, got {type(payload).__name__}")
+    return payload
+
+
+def error_body(status: int, message: str) -> bytes:
+    """The JSON body of every error response."""
+    return encode_json({"error": message, "status": status})
+
+
+def encode_nccl_metadata(tensor_dict: dict[str, Optional[torch.Tensor]], keys_order: list[str]) -> bytes:
+    """The ``/generate`` answer on the process-group data plane: dtype code and shape per key, no data.
+
+    Arguments:
+        tensor_dict: key -> tensor (any shape, a wire v1 dtype) or None.
+        keys_order: the order the tensors are sent in (``SUPERVISION_KEYS``).
+
+    Returns:
+        UTF-8 JSON ``{"keys_order": [...], "metadata": {key: {"dtype_code": int, "shape": [...]} | null}}``.
+    """
+    metadata: dict[str, Optional[dict]] = {}
+    for key in keys_order:
+        tensor = tensor_dict.get(key)
+        metadata[key] = None if tensor is None else {"dtype_code": code_from_dtype(tensor.dtype), "shape": list(tensor.shape)}
+    return encode_json({"keys_order": list(keys_order), "metadata": metadata})
+
+
+def decode_nccl_metadata(raw: bytes) -> tuple[list[str], dict[str, Optional[dict]]]:
+    """Parse and check ``encode_nccl_metadata``'s JSON into ``(keys_order, metadata)``.
+
+    Raises ``ProtocolError`` for a missing key, an unknown dtype code or a shape that is not a list of
+    non-negative ints, so the receiver never allocates from a malformed description.
+    """
+    payload = decode_json(raw, "data-plane metadata")
+    keys_order, metadata = payload.get("keys_order"), payload.get("metadata")
+    if not isinstance(keys_order, list) or not all(isinstance(k, str) for k in keys_order):
+        raise ProtocolError("data-plane metadata: keys_order must be a list of strings")
+    if not isinstance(metadata, dict):
+        raise ProtocolError("data-plane metadata: metadata must be an object")
+    for key in keys_order:
+        if key not in metadata:
+            raise ProtocolError(f"data-plane metadata: no entry for key {key!r}")
+        entry = metadata[key]
+        if entry is None:
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        code = entry.get("dtype_code") if isinstance(entry, dict) else None
+        if code not in CODE_TO_DTYPE or isinstance(code, bool):
+            raise ProtocolError(f"data-plane metadata: key {key!r} has unknown dtype_code {code!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ProtocolError(f"data-plane metadata: key {key!r} has an invalid shape {shape!r}")
+    return keys_order, metadata
+
+
+def dtype_from_code(code: int) -> torch.dtype:
+    """The ``torch.dtype`` of a wire v1 dtype code."""
+    if code not in CODE_TO_DTYPE:
+        raise ProtocolError(f"unknown dtype code {code!r}")
+    return CODE_TO_DTYPE[code]

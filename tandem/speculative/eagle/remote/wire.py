@@ -1,0 +1,235 @@
+"""Wire format v1: named tensors as one little-endian binary body (DESIGN 3.2).
+
+Layout::
+
+    u32 magic = 0x4E4D4554
+    entries until the end of the body, each:
+        u32 key_len, key (UTF-8), u8 flags (bit 0: value is None)
+        if not None: u8 dtype_code, u8 ndim, ndim x i64 shape, u64 nbytes, nbytes raw contiguous bytes
+
+Every body that crosses a socket is hostile: ``decode`` checks each length against the bytes that are
+really left *before* it looks at them, so a lying header costs a ``WireFormatError``, never a crash, a hang
+or an allocation. Nothing here unpickles; tensors are views of the buffer the bytes already sit in.
+
+Speed: ``encode`` hands back the tensors' own memory (a list of buffers for ``sendall``/``sendmsg``) and
+``decode`` views tensors in place, so a round trip over a socket copies the payload only in the kernel.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from typing import Optional, Union
+
+import torch
+
+MAGIC = 0x4E4D4554
+FLAG_NONE = 0x01
+
+# The v1 dtype codes; the numbers are the protocol, never reorder them.
+CODE_TO_DTYPE: dict[int, torch.dtype] = {
+    0: torch.float32,
+    1: torch.float64,
+    2: torch.float16,
+    3: torch.bfloat16,
+    4: torch.int64,
+    5: torch.int32,
+    6: torch.int16,
+    7: torch.int8,
+    8: torch.uint8,
+    9: torch.bool,
+}
+DTYPE_TO_CODE: dict[torch.dtype, int] = {dtype: code for code, dtype in CODE_TO_DTYPE.items()}
+
+_U32 = struct.Struct("<I")
+_U8 = struct.Struct("<B")
+_U64 = struct.Struct("<Q")
+_MAGIC = _U32.pack(MAGIC)
+_INT64_MAX = 2**63 - 1
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+class WireFormatError(ValueError):
+    """A body is not valid wire format v1; the message says what is wrong and at which byte offset."""
+
+
+def dtype_from_code(code: int) -> torch.dtype:
+    """The ``torch.dtype`` of a v1 dtype code; ``WireFormatError`` for an unknown code."""
+    try:
+        return CODE_TO_DTYPE[code]
+    except KeyError:
+        raise WireFormatError(f"unknown dtype code {code} (v1 knows 0-9)") from None
+
+
+def code_from_dtype(dtype: torch.dtype) -> int:
+    """The v1 dtype code of ``dtype``; ``TypeError`` for a dtype the format cannot carry."""
+    try:
+        return DTYPE_TO_CODE[dtype]
+    except KeyError:
+        raise TypeError(f"wire format v1 cannot carry dtype {dtype}") from None
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A byte view of ``tensor``'s memory: no copy for a contiguous CPU tensor (else one copy to make it so)."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    # numpy exports the buffer protocol torch lacks; the view keeps the tensor's storage alive.
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def encode(tensors: Mapping[str, Optional[torch.Tensor]]) -> list[Buffer]:
+    """Serialize named tensors without copying their data.
+
+    Arguments:
+        tensors: key -> tensor of any shape and a v1 dtype, or None. Contiguous CPU tensors are referenced,
+            not copied; a tensor on another device or non-contiguous is copied once to a contiguous CPU one.
+
+    Returns:
+        The body as a list of buffers (small header ``bytes`` interleaved with ``memoryview``s of tensor
+        memory) whose concatenation is the v1 body. The tensors must not be modified until it is sent.
+    """
+    buffers: list[Buffer] = []
+    header = bytearray(_MAGIC)
+    for key, tensor in tensors.items():
+        if not isinstance(key, str):
+            raise TypeError(f"wire keys must be str, got {type(key).__name__}")
+        key_bytes = key.encode("utf-8")
+        header += _U32.pack(len(key_bytes)) + key_bytes
+        if tensor is None:
+            header += _U8.pack(FLAG_NONE)
+            continue
+        code = code_from_dtype(tensor.dtype)
+        data = _tensor_bytes(tensor)
+        header += struct.pack(f"<BBB{tensor.dim()}q", 0, code, tensor.dim(), *tensor.shape)
+        header += _U64.pack(data.nbytes)
+        if data.nbytes:
+            buffers.append(bytes(header))
+            buffers.append(data)
+            header = bytearray()
+    if header:
+        buffers.append(bytes(header))
+    return buffers
+
+
+def encode_to_bytes(tensors: Mapping[str, Optional[torch.Tensor]]) -> bytes:
+    """``encode`` joined into one ``bytes`` (one copy of the data), for callers that need a single object."""
+    return b"".join(encode(tensors))
+
+
+def body_size(buffers: list[Buffer]) -> int:
+    """Total byte length of a list of buffers (the HTTP ``Content-Length`` of an encoded body)."""
+    return sum(memoryview(b).nbytes for b in buffers)
+
+
+class _Reader:
+    """A cursor over the body that refuses to read past its end."""
+
+    def __init__(self, view: memoryview):
+        self.view = view
+        self.pos = 0
+
+    @property
+    def left(self) -> int:
+        return len(self.view) - self.pos
+
+    def take(self, n: int, what: str) -> int:
+        """Claim the next ``n`` bytes; returns their offset."""
+        if n > self.left:
+            raise WireFormatError(f"{what} at offset {self.pos} needs {n} bytes but only {self.left} remain")
+        start = self.pos
+        self.pos += n
+        return start
+
+    def unpack(self, fmt: struct.Struct, what: str) -> int:
+        return fmt.unpack_from(self.view, self.take(fmt.size, what))[0]
+
+
+def _read_shape(reader: _Reader, ndim: int, key: str) -> list[int]:
+    at = reader.take(8 * ndim, f"shape of {key!r}")
+    shape = list(struct.unpack_from(f"<{ndim}q", reader.view, at))
+    if any(d < 0 for d in shape):
+        raise WireFormatError(f"tensor {key!r} at offset {at} has a negative dimension in shape {shape}")
+    return shape
+
+
+def _read_tensor(reader: _Reader, key: str) -> torch.Tensor:
+    """Read dtype, shape, nbytes and data of one non-None entry; the tensor views ``buffer``."""
+    code_at = reader.pos
+    code = reader.unpack(_U8, f"dtype code of {key!r}")
+    if code not in CODE_TO_DTYPE:
+        raise WireFormatError(f"tensor {key!r}: unknown dtype code {code} at offset {code_at} (v1 knows 0-9)")
+    dtype = CODE_TO_DTYPE[code]
+    ndim = reader.unpack(_U8, f"ndim of {key!r}")
+    shape = _read_shape(reader, ndim, key)
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    itemsize = dtype.itemsize
+    if numel * itemsize > _INT64_MAX:
+        raise WireFormatError(f"tensor {key!r}: shape {shape} overflows int64 bytes")
+    nbytes_at = reader.pos
+    nbytes = reader.unpack(_U64, f"nbytes of {key!r}")
+    if nbytes != numel * itemsize:
+        raise WireFormatError(
+            f"tensor {key!r} at offset {nbytes_at}: nbytes {nbytes} disagrees with shape {shape} x "
+            f"itemsize {itemsize} = {numel * itemsize}"
+        )
+    data_at = reader.take(nbytes, f"data of {key!r}")
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    tensor = torch.frombuffer(reader.view, dtype=torch.uint8, count=nbytes, offset=data_at)
+    # A bool byte other than 0/1 is undefined behaviour in torch kernels: refuse it here.
+    if dtype == torch.bool and bool((tensor > 1).any()):
+        raise WireFormatError(f"bool tensor {key!r} at offset {data_at} holds bytes other than 0 and 1")
+    return tensor.view(dtype).reshape(shape)
+
+
+def _read_key(reader: _Reader) -> str:
+    if reader.left < _U32.size:
+        raise WireFormatError(
+            f"trailing garbage: {reader.left} bytes at offset {reader.pos} are too short to start an entry"
+        )
+    key_len = reader.unpack(_U32, "key length")
+    key_at = reader.take(key_len, f"key of length {key_len}")
+    try:
+        return bytes(reader.view[key_at : key_at + key_len]).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise WireFormatError(f"key at offset {key_at} is not valid UTF-8: {exc.reason}") from None
+
+
+def decode(buffer: Buffer, map_location: Union[str, torch.device] = "cpu") -> dict[str, Optional[torch.Tensor]]:
+    """Parse a v1 body; tensors view ``buffer`` in place (no copy on CPU).
+
+    Arguments:
+        buffer: the whole body. A writable buffer (``bytearray``) gives writable tensors; a ``bytes`` body
+            gives tensors torch warns about once, and that must not be written to.
+        map_location: device for the tensors; anything but CPU copies them there.
+
+    Returns:
+        key -> tensor (shape and dtype as sent) or None, in body order.
+
+    Raises:
+        WireFormatError: bad magic, unknown dtype, negative or overflowing shape, ``nbytes`` that disagrees
+            with the shape or runs past the body, duplicate or non-UTF-8 keys, unknown flags, trailing bytes.
+    """
+    view = memoryview(buffer).cast("B")
+    reader = _Reader(view)
+    if reader.left < _U32.size or reader.unpack(_U32, "magic") != MAGIC:
+        raise WireFormatError(f"bad magic: the body does not start with 0x{MAGIC:08X} (wire format v1)")
+    device = torch.device(map_location)
+    out: dict[str, Optional[torch.Tensor]] = {}
+    while reader.left:
+        entry_at = reader.pos
+        key = _read_key(reader)
+        if key in out:
+            raise WireFormatError(f"duplicate key {key!r} in the entry at offset {entry_at}")
+        flags_at = reader.pos
+        flags = reader.unpack(_U8, f"flags of {key!r}")
+        if flags & ~FLAG_NONE:
+            raise WireFormatError(f"entry {key!r}: unknown flag bits 0x{flags:02X} at offset {flags_at}")
+        if flags & FLAG_NONE:
+            out[key] = None
+            continue
+        tensor = _read_tensor(reader, key)
+        out[key] = tensor if device.type == "cpu" else tensor.to(device)
+    return out
