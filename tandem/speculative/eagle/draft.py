@@ -1,0 +1,277 @@
+"""Eagle3DraftModel: the single-layer Llama-style EAGLE-3 draft, with training-time-test attention.
+
+Shapes: B batch, S sequence, H draft hidden (= target hidden), Ht target hidden, V target vocab,
+Vd draft vocab, nH / nKV attention / key-value heads, D head dim.
+
+Forward of one step: ``hidden = fc(aux [B,S,3Ht])`` at step 0 (the draft's own output hidden later);
+the decoder layer attends over ``cat(input_layernorm(embed(tokens)), hidden_norm(hidden))`` (2H wide),
+adds the residual, runs a SwiGLU MLP, and ``lm_head(norm(out))`` scores the draft vocabulary.
+
+Attention comes in two forms that agree by construction:
+- ``ttt_attention`` (training): step k's queries attend causally to step-0 keys plus the diagonal key
+  of every earlier step, which is what a query at the same place sees at decode time;
+- ``cached_attention`` (decoding): plain causal attention over a growing key/value cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(kw_only=True)
+class Eagle3DraftConfig:
+    """Shape of the draft; ``from_target_config`` copies the target's attention geometry."""
+
+    hidden_size: int = 576
+    """Draft hidden size (equal to the target's: the draft reads the target's embeddings)."""
+    intermediate_size: int = 1536
+    """SwiGLU MLP width."""
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3
+    head_dim: int = 64
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    vocab_size: int = 49152
+    """Target vocabulary size V (the draft's embedding)."""
+    draft_vocab_size: int = 8192
+    """Draft vocabulary size Vd (the draft's lm_head)."""
+    target_hidden_size: int = 576
+    """Hidden size Ht of the target's aux layers (fc maps 3Ht -> H)."""
+    extra: dict = field(default_factory=dict)
+    """Target config fields carried into the exported config (bos/eos ids, ...)."""
+
+    @classmethod
+    def from_target_config(cls, target_config, draft_vocab_size: int) -> "Eagle3DraftConfig":
+        heads = target_config.num_attention_heads
+        head_dim = getattr(target_config, "head_dim", None) or target_config.hidden_size // heads
+        rope = getattr(target_config, "rope_parameters", None) or {}
+        rope_theta = rope.get("rope_theta", getattr(target_config, "rope_theta", 10000.0))
+        extra = {k: getattr(target_config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                 if getattr(target_config, k, None) is not None}
+        return cls(
+            hidden_size=target_config.hidden_size,
+            intermediate_size=target_config.intermediate_size,
+            num_attention_heads=heads,
+            num_key_value_heads=getattr(target_config, "num_key_value_heads", heads) or heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(target_config.rms_norm_eps),
+            rope_theta=float(rope_theta),
+            max_position_embeddings=int(target_config.max_position_embeddings),
+            vocab_size=target_config.vocab_size,
+            draft_vocab_size=min(draft_vocab_size, target_config.vocab_size),
+            target_hidden_size=target_config.hidden_size,
+            extra=extra,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """``cos, sin [B, 1, S, D]`` for ``positions [B, S]`` (HF/neox half-rotation layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float().unsqueeze(-1) * inv_freq
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def ttt_attention(query: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+                  key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """Training-time-test attention for step ``k = len(keys) - 1``.
+
+    Arguments:
+        query: ``[B, nH, S, D]`` step-k queries.
+        keys, values: ``k + 1`` tensors ``[B, nH, S, D]`` (already expanded to nH heads): step 0's,
+            then each later step's.
+        key_padding_mask: ``[B, S]`` bool, True on real tokens (None: no padding).
+
+    Returns:
+        ``[B, nH, S, D]``: query i attends to step-0 keys j <= i and to key i of steps 1..k.
+    """
+    scale = 1.0 / math.sqrt(query.shape[-1])
+    seq = query.shape[2]
+    scores = torch.matmul(query, keys[0].transpose(-1, -2)) * scale
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=query.device).tril()
+    allowed = causal if key_padding_mask is None else causal & key_padding_mask[:, None, None, :]
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    diagonal = [(query * k).sum(-1, keepdim=True) * scale for k in keys[1:]]
+    probs = torch.softmax(torch.cat([scores, *diagonal], dim=-1).float(), dim=-1).to(query.dtype)
+    out = torch.matmul(probs[..., :seq], values[0])
+    for step, value in enumerate(values[1:]):
+        out = out + probs[..., seq + step: seq + step + 1] * value
+    return out
+
+
+def cached_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Causal attention of ``query [B, nH, Q, D]`` (the last Q positions) over ``keys/values [B, nH, K, D]``."""
+    q_len, k_len = query.shape[2], keys.shape[2]
+    allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+    scores = torch.matmul(query, keys.transpose(-1, -2)) / math.sqrt(query.shape[-1])
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(query.dtype), values)
+
+
+class DraftKVCache:
+    """Keys/values of the positions the draft has seen at decode time, ``[B, nKV, K, D]`` each."""
+
+    def __init__(self):
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is None:
+            self.keys, self.values = keys, values
+        else:
+            self.keys = torch.cat([self.keys, keys], dim=2)
+            self.values = torch.cat([self.values, values], dim=2)
+        return self.keys, self.values
+
+    def crop(self, length: int) -> None:
+        if self.keys is not None:
+            self.keys, self.values = self.keys[:, :, :length], self.values[:, :, :length]
+
+
+class Eagle3Attention(nn.Module):
+    def __init__(self, config: Eagle3DraftConfig):
+        super().__init__()
+        self.config = config
+        width_in = 2 * config.hidden_size
+        d = config.head_dim
+        self.q_proj = nn.Linear(width_in, config.num_attention_heads * d, bias=False)
+        self.k_proj = nn.Linear(width_in, config.num_key_value_heads * d, bias=False)
+        self.v_proj = nn.Linear(width_in, config.num_key_value_heads * d, bias=False)
+        self.o_proj = nn.Linear(config.num_attention_heads * d, config.hidden_size, bias=False)
+
+    def _heads(self, x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+        b, s, _ = x.shape
+        return proj(x).view(b, s, -1, self.config.head_dim).transpose(1, 2)
+
+    def _expand(self, kv: torch.Tensor) -> torch.Tensor:
+        return kv.repeat_interleave(self.config.num_attention_heads // self.config.num_key_value_heads, dim=1)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ttt_cache: list | None = None,
+                key_padding_mask: torch.Tensor | None = None, kv_cache: DraftKVCache | None = None) -> torch.Tensor:
+        """``x [B, S, 2H]``, ``positions [B, S]`` -> ``[B, S, H]``.
+
+        With ``ttt_cache`` (a list the caller keeps across TTT steps) this is training-time-test
+        attention; with ``kv_cache`` it is causal decoding attention; with neither, plain causal.
+        """
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        q = apply_rope(self._heads(x, self.q_proj), cos, sin)
+        k = apply_rope(self._heads(x, self.k_proj), cos, sin)
+        v = self._heads(x, self.v_proj)
+        if ttt_cache is not None:
+            ttt_cache.append((self._expand(k), self._expand(v)))
+            out = ttt_attention(q, [kk for kk, _ in ttt_cache], [vv for _, vv in ttt_cache], key_padding_mask)
+        else:
+            if kv_cache is not None:
+                k, v = kv_cache.append(k, v)
+            out = cached_attention(q, self._expand(k), self._expand(v))
+        b, _, s, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class Eagle3MLP(nn.Module):
+    def __init__(self, config: Eagle3DraftConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Eagle3DecoderLayer(nn.Module):
+    def __init__(self, config: Eagle3DraftConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hidden_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Eagle3Attention(config)
+        self.mlp = Eagle3MLP(config)
+
+    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, **attention_kwargs) -> torch.Tensor:
+        residual = hidden
+        fused = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
+        hidden = residual + self.self_attn(fused, positions, **attention_kwargs)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class Eagle3DraftModel(nn.Module):
+    """The EAGLE-3 draft. Parameter names are the exported checkpoint's keys (see ``checkpoint.py``)."""
+
+    def __init__(self, config: Eagle3DraftConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.fc = nn.Linear(3 * config.target_hidden_size, config.hidden_size, bias=False)
+        self.midlayer = Eagle3DecoderLayer(config)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+        self.register_buffer("t2d", torch.ones(config.vocab_size, dtype=torch.bool))
+
+    def set_vocab(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
+        """``d2t [Vd]`` long offsets, ``t2d [V]`` bool (see ``vocab.DraftVocab``)."""
+        self.d2t.copy_(d2t)
+        self.t2d.copy_(t2d)
+
+    def seed_from_target(self, input_embeddings: torch.Tensor, selected_token_ids: torch.Tensor | None = None,
+                         seed_lm_head: bool = False) -> None:
+        """Copy the target's ``[V, H]`` embedding into the frozen draft embedding.
+
+        With ``seed_lm_head``, ``lm_head`` starts from the embedding rows of the draft vocabulary: for
+        a target with tied embeddings (SmolLM2) that is the target's own output head restricted to Vd.
+        """
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(input_embeddings.to(self.embed_tokens.weight.dtype))
+            if seed_lm_head:
+                self.lm_head.weight.copy_(input_embeddings[selected_token_ids.cpu()].to(self.lm_head.weight.dtype))
+        self.embed_tokens.weight.requires_grad_(False)
+
+    def project_aux(self, aux_hidden_states: torch.Tensor) -> torch.Tensor:
+        """``[B, S, 3Ht]`` -> ``[B, S, H]``: the step-0 hidden input."""
+        return self.fc(aux_hidden_states.to(self.fc.weight.dtype))
+
+    def step(self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, **attention_kwargs) -> torch.Tensor:
+        """One draft step: ``input_ids [B, S]``, ``hidden [B, S, H]``, ``positions [B, S]`` -> output hidden ``[B, S, H]``."""
+        embeds = self.embed_tokens(input_ids).to(hidden.dtype)
+        return self.midlayer(embeds, hidden, positions, **attention_kwargs)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[B, S, H]`` -> ``[B, S, Vd]`` draft-vocabulary logits."""
+        return self.lm_head(self.norm(hidden))
+
+    def draft_to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Map draft-vocabulary ids to target ids with ``d2t``."""
+        return draft_ids + self.d2t[draft_ids]

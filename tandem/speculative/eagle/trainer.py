@@ -1,0 +1,96 @@
+"""The training-time-test (TTT) unrolled loss of EAGLE-3 and its metrics.
+
+The draft is unrolled ``K`` steps on one batch of supervision. Step k sees the draft's own output
+hidden from step k-1 (as it will when drafting a chain at decode time), its inputs and targets
+shifted left by k, and its loss weighted ``decay ** k``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tandem.speculative.eagle.draft import Eagle3DraftModel
+from tandem.speculative.eagle.target import shift_left
+
+
+@dataclass
+class TTTResult:
+    """loss: scalar (with grad). step_losses / step_accuracies: ``[K]`` fp32 (no grad).
+
+    acceptance_length: simulated ``1 + sum_k P(steps 0..k all correct)`` over positions valid at every
+    step (a proxy; ``decode.py`` measures the real thing). valid_tokens: positions scored at step 0.
+    """
+
+    loss: torch.Tensor
+    step_losses: torch.Tensor
+    step_accuracies: torch.Tensor
+    acceptance_length: float
+    valid_tokens: int
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over masked positions of ``-sum_v p(v) log q(v)``; logits/probs ``[B, S, Vd]``, mask ``[B, S]`` bool."""
+    log_q = torch.log_softmax(logits.float(), dim=-1)
+    per_position = -(target_probs * log_q).sum(-1)
+    count = mask.sum().clamp(min=1)
+    return (per_position * mask).sum() / count
+
+
+def ttt_loss(draft: Eagle3DraftModel, supervision: dict[str, torch.Tensor], attention_mask: torch.Tensor,
+             ttt_steps: int = 7, decay: float = 0.8) -> TTTResult:
+    """Unroll the draft ``ttt_steps`` times on one batch.
+
+    Arguments:
+        draft: the draft model (train mode).
+        supervision: ``compute_supervision``'s dict: ``aux_hidden_states [B,S,3Ht]``,
+            ``target_probs [B,S,Vd]`` fp32, ``position_mask [B,S,1]`` bool, ``input_ids [B,S]`` long
+            (shifted), ``loss_mask [B,S]`` (shifted).
+        attention_mask: ``[B, S]`` 0/1, unshifted; padding keys are never attended.
+        ttt_steps: K, the number of unrolled steps.
+        decay: the loss weight ratio between consecutive steps.
+    """
+    if ttt_steps < 1:
+        raise ValueError(f"ttt_steps must be at least 1, got {ttt_steps}")
+    device = draft.fc.weight.device
+    input_ids = supervision["input_ids"].to(device)
+    target_probs = supervision["target_probs"].to(device)
+    position_mask = supervision["position_mask"].to(device).squeeze(-1).bool()
+    key_padding_mask = attention_mask.to(device).bool()
+    batch, seq = input_ids.shape
+    positions = torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq)
+
+    hidden = draft.project_aux(supervision["aux_hidden_states"].to(device))
+    ttt_cache: list = []
+    weighted, weights, step_losses, step_accuracies = 0.0, 0.0, [], []
+    still_correct = position_mask.clone()  # chain of correct predictions starting at each position
+    valid_everywhere = position_mask.clone()
+    chain_counts = []
+    for k in range(ttt_steps):
+        hidden = draft.step(input_ids, hidden, positions + k, ttt_cache=ttt_cache, key_padding_mask=key_padding_mask)
+        logits = draft.logits(hidden)
+        loss_k = soft_cross_entropy(logits, target_probs, position_mask)
+        weighted = weighted + (decay ** k) * loss_k
+        weights += decay ** k
+        with torch.no_grad():
+            correct = (logits.argmax(-1) == target_probs.argmax(-1)) & position_mask
+            step_losses.append(loss_k.detach().float())
+            step_accuracies.append(correct.sum().float() / position_mask.sum().clamp(min=1))
+            valid_everywhere = valid_everywhere & position_mask
+            still_correct = still_correct & correct
+            chain_counts.append(still_correct)
+        if k + 1 < ttt_steps:
+            input_ids = shift_left(input_ids)
+            target_probs = shift_left(target_probs)
+            position_mask = shift_left(position_mask)
+    with torch.no_grad():
+        denominator = valid_everywhere.sum().clamp(min=1).float()
+        acceptance = 1.0 + sum(float((c & valid_everywhere).sum()) / float(denominator) for c in chain_counts)
+    return TTTResult(
+        loss=weighted / weights,
+        step_losses=torch.stack(step_losses),
+        step_accuracies=torch.stack(step_accuracies),
+        acceptance_length=acceptance,
+        valid_tokens=int(supervision["position_mask"].sum()),
+    )

@@ -1,0 +1,129 @@
+"""The draft vocabulary: the target tokens the draft may propose, chosen by frequency in the training data.
+
+EAGLE-3 shrinks the draft's ``lm_head`` to ``Vd`` of the target's ``V`` tokens. Order of selection:
+special tokens first, then the trained (loss-masked) tokens by descending count (ties: lower id first),
+then the lowest unused ids to fill ``Vd``. Two mapping tensors travel with the exported draft:
+``d2t[i] = selected[i] - i`` (the offset form vLLM reads) and ``t2d = selected_token_mask`` (SGLang).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DraftVocab:
+    """selected_token_ids ``[Vd]`` long (draft id -> target id); selected_token_mask ``[V]`` bool."""
+
+    selected_token_ids: torch.Tensor
+    selected_token_mask: torch.Tensor
+
+    @property
+    def d2t(self) -> torch.Tensor:
+        """``[Vd]`` long offsets: target id = draft id + ``d2t[draft id]``."""
+        return self.selected_token_ids - torch.arange(self.selected_token_ids.numel(), dtype=torch.long)
+
+    @property
+    def t2d(self) -> torch.Tensor:
+        """``[V]`` bool, True for target ids in the draft vocabulary."""
+        return self.selected_token_mask
+
+    @property
+    def draft_vocab_size(self) -> int:
+        return int(self.selected_token_ids.numel())
+
+    @property
+    def target_vocab_size(self) -> int:
+        return int(self.selected_token_mask.numel())
+
+
+def count_tokens(samples: Iterable[tuple[torch.Tensor, torch.Tensor]], vocab_size: int) -> torch.Tensor:
+    """``[V]`` long counts of the tokens under the loss mask, over ``(input_ids [S], loss_mask [S])`` pairs."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for input_ids, loss_mask in samples:
+        trained = input_ids[loss_mask.bool()].long()
+        counts += torch.bincount(trained, minlength=vocab_size)[:vocab_size]
+    return counts
+
+
+def build_draft_vocab(counts: torch.Tensor, draft_vocab_size: int, special_token_ids: Iterable[int] = ()) -> DraftVocab:
+    """Choose ``Vd`` target tokens by the ordering rules above.
+
+    Arguments:
+        counts: ``[V]`` long token counts (see ``count_tokens``; all-reduce them first in data parallel).
+        draft_vocab_size: ``Vd``; at or above ``V`` the mapping is the identity.
+        special_token_ids: ids that are always selected, first.
+    """
+    vocab_size = counts.numel()
+    if draft_vocab_size <= 0:
+        raise ValueError(f"draft_vocab_size must be positive, got {draft_vocab_size}")
+    if draft_vocab_size >= vocab_size:
+        return DraftVocab(torch.arange(vocab_size, dtype=torch.long), torch.ones(vocab_size, dtype=torch.bool))
+
+    chosen: list[int] = []
+    taken = torch.zeros(vocab_size, dtype=torch.bool)
+
+    def take(ids: Iterable[int]) -> None:
+        for token in ids:
+            if len(chosen) == draft_vocab_size:
+                return
+            if 0 <= token < vocab_size and not taken[token]:
+                taken[token] = True
+                chosen.append(int(token))
+
+    take(sorted(set(int(t) for t in special_token_ids)))
+    # A stable sort on -count keeps equal counts in ascending id order.
+    order = torch.sort(-counts, stable=True).indices
+    take(int(t) for t in order[counts[order] > 0].tolist())
+    take(torch.nonzero(~taken).flatten().tolist())
+    selected = torch.tensor(chosen, dtype=torch.long)
+    mask = torch.zeros(vocab_size, dtype=torch.bool)
+    mask[selected] = True
+    return DraftVocab(selected, mask)
+
+
+def vocab_fingerprint(**facts) -> str:
+    """A short hash of what a vocabulary was built from (data file contents, tokenizer, sizes)."""
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_draft_vocab(vocab: DraftVocab, path: str | Path, counts: torch.Tensor | None = None, fingerprint: str = "") -> None:
+    tensors = {"selected_token_ids": vocab.selected_token_ids, "selected_token_mask": vocab.selected_token_mask}
+    if counts is not None:
+        tensors["counts"] = counts
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"fingerprint": fingerprint})
+
+
+def load_draft_vocab(path: str | Path, fingerprint: str | None = None) -> DraftVocab | None:
+    """The cached vocabulary at ``path``, or None if absent or built from something else."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        stored = (handle.metadata() or {}).get("fingerprint", "")
+    if fingerprint is not None and stored != fingerprint:
+        logger.info("draft vocabulary cache %s is stale (built from other data); rebuilding", path)
+        return None
+    tensors = load_file(str(path))
+    return DraftVocab(tensors["selected_token_ids"].long(), tensors["selected_token_mask"].bool())
