@@ -93,3 +93,12 @@ def load_target(spec: str = DEFAULT_TARGET, dtype: torch.dtype = torch.float32, 
         model.config.vocab_size, time.perf_counter() - started,
     )
     return model, tokenizer
+
+
+def load_target_config(spec: str):
+    """The HF config of a target spec without loading its weights (the draft copies its geometry)."""
+    from transformers import AutoConfig
+
+    where, gguf = resolve_target(spec)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    return AutoConfig.from_pretrained(where, **kwargs)

@@ -132,3 +132,55 @@ def speculative_decode(target: Eagle3TargetModel, draft: Eagle3DraftModel, input
             break
     tokens, _ = _truncate(tokens, max_new_tokens, stop_ids)
     return DecodeResult(tokens, len(accepted_counts), time.perf_counter() - started, accepted_counts)
+
+
+@dataclass
+class EvalSummary:
+    """Measured over a prompt set: acceptance length (tokens per verifying target forward, prefill
+    excluded on both sides), wall-clock speed-up over plain greedy decoding, and whether every output
+    equalled the target's greedy output."""
+
+    prompts: int
+    new_tokens: int
+    acceptance_length: float
+    speedup: float
+    outputs_match: bool
+    greedy_tokens_per_s: float
+    speculative_tokens_per_s: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def evaluate_speculative(target: Eagle3TargetModel, draft: Eagle3DraftModel, prompts: list[torch.Tensor],
+                         max_new_tokens: int = 64, num_draft_tokens: int = 4, stop_ids: set[int] = frozenset(),
+                         greedy_results: list[DecodeResult] | None = None, progress: bool = True) -> tuple[EvalSummary, list[DecodeResult]]:
+    """Decode every prompt (``[1, S]`` long each) plainly and speculatively; compare and time them.
+
+    ``greedy_results`` reuses an earlier plain run (the baseline does not depend on the draft).
+    Returns the summary and the greedy results (to pass back in for the next draft).
+    """
+    from tqdm.auto import tqdm
+
+    draft = draft.eval()
+    if greedy_results is None:
+        greedy_results = [greedy_decode(target, p, max_new_tokens, stop_ids)
+                          for p in tqdm(prompts, desc="greedy", disable=not progress, leave=False)]
+    spec_results = [speculative_decode(target, draft, p, max_new_tokens, num_draft_tokens, stop_ids)
+                    for p in tqdm(prompts, desc="speculative", disable=not progress, leave=False)]
+    # Both sides generate the first token in the prefill; acceptance counts the forwards after it.
+    new_tokens = sum(len(r.tokens) - 1 for r in spec_results)
+    verify_forwards = sum(r.target_forwards - 1 for r in spec_results)
+    greedy_time = sum(r.wall_s for r in greedy_results)
+    spec_time = sum(r.wall_s for r in spec_results)
+    total_tokens = sum(len(r.tokens) for r in spec_results)
+    summary = EvalSummary(
+        prompts=len(prompts),
+        new_tokens=total_tokens,
+        acceptance_length=new_tokens / max(verify_forwards, 1),
+        speedup=greedy_time / max(spec_time, 1e-9),
+        outputs_match=all(g.tokens == s.tokens for g, s in zip(greedy_results, spec_results)),
+        greedy_tokens_per_s=sum(len(r.tokens) for r in greedy_results) / max(greedy_time, 1e-9),
+        speculative_tokens_per_s=total_tokens / max(spec_time, 1e-9),
+    )
+    return summary, greedy_results

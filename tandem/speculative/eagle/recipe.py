@@ -1,0 +1,312 @@
+"""The EAGLE-3 training loop: one process, target in-process or remote.
+
+    tandem train --data chat.jsonl --out runs/my-draft --total-steps 400
+    tandem train --data chat.jsonl --out runs/my-draft --resume        # continue from the last checkpoint
+
+The ``Trainer`` builds itself in named phases (target, data, vocabulary, draft, optimizer) and is a
+``Stateful``: ``state_dict()`` holds everything a bit-exact resume needs (trainable weights, optimizer
+moments, step, RNG), so training 2N steps in one run equals N + resume + N, bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from tandem.speculative.eagle import checkpoint as ckpt
+from tandem.speculative.eagle.data import ChatCollator, TokenizedChatDataset, batch_order, pad_token_id_for, read_chat_jsonl
+from tandem.speculative.eagle.draft import Eagle3DraftConfig, Eagle3DraftModel
+from tandem.speculative.eagle.trainer import ttt_loss
+from tandem.speculative.eagle.vocab import (
+    build_draft_vocab, count_tokens, file_digest, load_draft_vocab, save_draft_vocab, vocab_fingerprint,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything a training run needs; every field is also a ``tandem train`` flag."""
+
+    data: str = ""
+    """Chat JSONL to train on (ShareGPT ``conversations`` or ``messages`` lines)."""
+    output_dir: str = "runs/train"
+    """Where checkpoints, metrics.jsonl, the vocabulary cache and the exported draft go."""
+    target: str = "default"
+    """In-process target: ``default`` (SmolLM2-135M-Instruct), an HF directory, or a .gguf file."""
+    tokenizer: str | None = None
+    """Tokenizer spec (same forms as ``target``); defaults to ``target``."""
+    target_urls: list[str] = field(default_factory=list)
+    """Remote target servers (``tandem serve-target``); when set, no target is loaded here."""
+    prefetch_depth: int = 2
+    """Remote only: supervision requests kept in flight ahead of the training step."""
+    aux_layer_ids: list[int] | None = None
+    """Target layers whose outputs feed the draft; default ``[1, L//2-1, L-4]``."""
+    max_seq_len: int = 256
+    """Conversations are truncated to this many tokens."""
+    batch_size: int = 4
+    """Sequences per micro-batch."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step."""
+    total_steps: int = 200
+    """Optimizer steps in the whole run (the schedule's length)."""
+    learning_rate: float = 1e-3
+    """Peak AdamW learning rate."""
+    min_lr_ratio: float = 0.1
+    """The cosine decays to ``learning_rate * min_lr_ratio``."""
+    warmup_steps: int = 20
+    """Linear warmup from 0 to the peak."""
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.5
+    """Gradient clipping threshold (global L2 norm)."""
+    ttt_steps: int = 7
+    """Unrolled training-time-test steps K."""
+    ttt_decay: float = 0.8
+    """Loss weight ratio between consecutive TTT steps."""
+    draft_vocab_size: int = 8192
+    """Draft vocabulary size Vd (clamped to the target vocabulary)."""
+    seed_lm_head: bool = True
+    """Start lm_head from the target's embedding rows of the draft vocabulary (tied-embedding targets)."""
+    seed: int = 0
+    """Seeds the draft's initialisation and the data order."""
+    save_every: int = 100
+    """Write a resumable checkpoint every this many steps (and always at the end)."""
+    keep_checkpoints: int = 2
+    """How many resumable checkpoints to keep on disk."""
+    resume: bool = False
+    """Continue from the newest checkpoint in ``output_dir/checkpoints``."""
+    show_progress: bool = True
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown config keys {unknown}")
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**raw)
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup then cosine decay; a pure function of the step, so resume needs no scheduler state."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    span = max(config.total_steps - config.warmup_steps, 1)
+    progress = min((step - config.warmup_steps) / span, 1.0)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.learning_rate * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
+
+
+def build_target(config: TrainConfig):
+    """The in-process target, or the remote client when ``target_urls`` is set."""
+    if config.target_urls:
+        from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel
+
+        return RemoteEagle3TargetModel(config.target_urls, prefetch_depth=config.prefetch_depth)
+    from tandem.models import load_target
+    from tandem.speculative.eagle.target import Eagle3TargetModel
+
+    model, _ = load_target(config.target)
+    return Eagle3TargetModel(model, config.aux_layer_ids)
+
+
+class Trainer:
+    """Builds the run in phases, then ``train()``; ``state_dict()`` / ``load_state_dict()`` for resume.
+
+    Arguments:
+        config: the run's configuration.
+        target: an ``Eagle3TargetModel`` or ``RemoteEagle3TargetModel``; built from ``config`` if None.
+        tokenizer: built from ``config.tokenizer or config.target`` if None.
+    """
+
+    def __init__(self, config: TrainConfig, target=None, tokenizer=None):
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.step = 0
+        self._build_target(target, tokenizer)
+        self._build_data()
+        self._build_vocab()
+        self._build_draft()
+        self._build_optimizer()
+
+    # --- phases -------------------------------------------------------------------------------
+
+    def _build_target(self, target, tokenizer) -> None:
+        from tandem.models import load_tokenizer
+
+        self.target = target if target is not None else build_target(self.config)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.config.tokenizer or self.config.target)
+        self.model_info = self.target.model_info()
+
+    def _build_data(self) -> None:
+        if not self.config.data:
+            raise ValueError("no training data: pass --data PATH (chat JSONL; see `tandem regenerate`)")
+        records = read_chat_jsonl(self.config.data)
+        self.dataset = TokenizedChatDataset.from_records(self.tokenizer, records, self.config.max_seq_len)
+        if len(self.dataset) < self.config.batch_size:
+            raise ValueError(f"{self.config.data}: {len(self.dataset)} usable conversations, fewer than batch_size={self.config.batch_size}")
+        self.collate = ChatCollator(pad_token_id=pad_token_id_for(self.tokenizer))
+        self._epoch_orders: dict[int, list[list[int]]] = {}
+        logger.info("data: %d conversations, %d trained tokens", len(self.dataset), self.dataset.num_loss_tokens())
+
+    def _build_vocab(self) -> None:
+        vocab_size = self.model_info["vocab_size"]
+        fingerprint = vocab_fingerprint(data=file_digest(self.config.data), vocab=vocab_size,
+                                        size=self.config.draft_vocab_size, max_seq_len=self.config.max_seq_len,
+                                        tokenizer=type(self.tokenizer).__name__, tokens=len(self.tokenizer))
+        cache_path = self.output_dir / "draft_vocab.safetensors"
+        vocab = load_draft_vocab(cache_path, fingerprint)
+        if vocab is None:
+            samples = ((s["input_ids"], s["loss_mask"]) for s in self.dataset)
+            counts = count_tokens(samples, vocab_size)
+            vocab = build_draft_vocab(counts, self.config.draft_vocab_size, self.tokenizer.all_special_ids)
+            save_draft_vocab(vocab, cache_path, counts, fingerprint)
+        self.vocab = vocab
+        self.target.set_vocab_mapping(vocab.selected_token_ids, vocab.selected_token_mask)
+
+    def _build_draft(self) -> None:
+        torch.manual_seed(self.config.seed)
+        target_config = self._target_config()
+        draft_config = Eagle3DraftConfig.from_target_config(target_config, self.config.draft_vocab_size)
+        self.draft = Eagle3DraftModel(draft_config)
+        self.draft.set_vocab(self.vocab.d2t, self.vocab.t2d)
+        self.draft.seed_from_target(self.target.get_input_embeddings().cpu(), self.vocab.selected_token_ids,
+                                    seed_lm_head=self.config.seed_lm_head)
+        self.draft.train()
+
+    def _target_config(self):
+        """The target's HF config: the in-process model's, or (remote target) read from the local spec."""
+        model = getattr(self.target, "model", None)
+        if model is not None:
+            return model.config
+        from tandem.models import load_target_config
+
+        config = load_target_config(self.config.tokenizer or self.config.target)
+        for key in ("hidden_size", "vocab_size", "num_hidden_layers"):
+            if getattr(config, key) != self.model_info[key]:
+                raise ValueError(f"the remote target's {key}={self.model_info[key]} differs from the local "
+                                 f"spec {self.config.tokenizer or self.config.target!r} ({getattr(config, key)})")
+        return config
+
+    def _build_optimizer(self) -> None:
+        params = [p for p in self.draft.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.config.learning_rate, betas=(0.9, 0.95),
+                                           weight_decay=self.config.weight_decay)
+
+    # --- state --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        trainable = {k: v for k, v in self.draft.state_dict().items() if k != "embed_tokens.weight"}
+        return {"step": self.step, "draft": trainable, "optimizer": self.optimizer.state_dict(),
+                "rng": torch.get_rng_state(), "config": json.dumps(dataclasses.asdict(self.config))}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing, unexpected = self.draft.load_state_dict(state["draft"], strict=False)
+        if unexpected or any(k != "embed_tokens.weight" for k in missing):
+            raise ValueError(f"checkpoint does not fit this draft: missing {missing}, unexpected {unexpected}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+
+    def save_checkpoint(self) -> Path:
+        directory = self.output_dir / "checkpoints"
+        path = directory / f"step_{self.step}.pt"
+        ckpt.save_training_state(self.state_dict(), path)
+        for old in sorted(directory.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[: -self.config.keep_checkpoints]:
+            old.unlink()
+        return path
+
+    def maybe_resume(self) -> bool:
+        if not self.config.resume:
+            return False
+        path = ckpt.latest_checkpoint(self.output_dir / "checkpoints")
+        if path is None:
+            logger.warning("--resume: no checkpoint under %s; starting from step 0", self.output_dir / "checkpoints")
+            return False
+        self.load_state_dict(ckpt.load_training_state(path))
+        logger.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def micro_batch(self, index: int) -> dict[str, torch.Tensor]:
+        """The ``index``-th micro-batch of the run (epochs concatenated); a pure function of the config."""
+        per_epoch = len(batch_order(len(self.dataset), self.config.batch_size, self.config.seed, 0, drop_last=True))
+        epoch, within = divmod(index, per_epoch)
+        if epoch not in self._epoch_orders:
+            self._epoch_orders = {epoch: batch_order(len(self.dataset), self.config.batch_size, self.config.seed,
+                                                     epoch, drop_last=True)}
+        return self.collate([self.dataset[i] for i in self._epoch_orders[epoch][within]])
+
+    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> dict:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns its metrics."""
+        lr = lr_at(self.step, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        started = time.perf_counter()
+        wait = 0.0
+        results = []
+        for batch in batches:
+            t0 = time.perf_counter()
+            supervision = self.target.supervise(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+            wait += time.perf_counter() - t0
+            result = ttt_loss(self.draft, supervision, batch["attention_mask"], self.config.ttt_steps, self.config.ttt_decay)
+            (result.loss / len(batches)).backward()
+            results.append(result)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.draft.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        elapsed = time.perf_counter() - started
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        return {
+            "step": self.step, "lr": lr, "loss": mean([float(r.loss.detach()) for r in results]),
+            "step_accuracies": torch.stack([r.step_accuracies for r in results]).mean(0).tolist(),
+            "step_losses": torch.stack([r.step_losses for r in results]).mean(0).tolist(),
+            "sim_acceptance_length": mean([r.acceptance_length for r in results]),
+            "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": tokens / elapsed,
+            "supervision_wait_share": wait / elapsed, "step_time_s": elapsed,
+        }
+
+    def train(self) -> dict:
+        """Run to ``total_steps``; checkpoint every ``save_every`` and at the end; export the draft."""
+        self.maybe_resume()
+        metrics_path = self.output_dir / "metrics.jsonl"
+        accum = self.config.grad_accum_steps
+        bar = tqdm(total=self.config.total_steps, initial=self.step, desc="train", unit="step",
+                   disable=not self.config.show_progress, dynamic_ncols=True)
+        last: dict = {}
+        with open(metrics_path, "a") as metrics_file:
+            while self.step < self.config.total_steps:
+                batches = [self.micro_batch(self.step * accum + i) for i in range(accum)]
+                last = self.train_step(batches)
+                metrics_file.write(json.dumps(last) + "\n")
+                metrics_file.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", acc0=f"{last['step_accuracies'][0]:.2f}",
+                                tok_s=f"{last['tokens_per_s']:.0f}")
+                if self.step % self.config.save_every == 0 or self.step == self.config.total_steps:
+                    self.save_checkpoint()
+        bar.close()
+        export_dir = ckpt.export_draft(self.draft, self.output_dir / "draft", aux_layer_ids=self.model_info["aux_layer_ids"])
+        logger.info("exported the EAGLE-3 draft to %s", export_dir)
+        return last
+
+
+def train(config: TrainConfig, target=None, tokenizer=None) -> Trainer:
+    """Build a ``Trainer`` and run it; returns the trainer (its draft, metrics file, checkpoints)."""
+    trainer = Trainer(config, target=target, tokenizer=tokenizer)
+    trainer.train()
+    return trainer
