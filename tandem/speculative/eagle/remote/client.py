@@ -1,0 +1,380 @@
+"""Training-side client of the remote target: a drop-in for ``Eagle3TargetModel``.
+
+:class:`RemoteEagle3TargetModel` exposes ``supervise`` / ``generate_batch``, ``generate_batch_async``,
+``get_input_embeddings``, ``set_vocab_mapping`` and ``model_info`` like the in-process target, so the
+training loop does not know which one it holds. Behind them:
+
+- requests go round-robin over one or more servers, on keep-alive ``http.client`` connections; request
+  bodies are sent from the tensors' own memory (``wire.encode``) and answers are read into one
+  preallocated buffer that the supervision tensors then view (``wire.decode``);
+- connection errors and 5xx are retried with bounded exponential backoff, then raise a
+  :class:`RemoteTargetError` naming the server; a 4xx is the caller's mistake and raises at once with
+  the server's message -- except a 409 from a server that restarted and forgot the draft vocabulary,
+  which the client answers by sending the vocabulary again;
+- ``generate_batch_async`` keeps at most ``prefetch_depth`` requests in flight, so target inference
+  overlaps draft training without unbounded memory.
+
+    tandem train --target-url http://127.0.0.1:8001 --prefetch-depth 2
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+from urllib.parse import urlsplit
+
+import torch
+
+from tandem.speculative.eagle.remote import protocol, wire
+
+logger = logging.getLogger(__name__)
+
+
+class RemoteTargetError(RuntimeError):
+    """A request to a target server failed; names the server, the endpoint and (if any) the HTTP status."""
+
+    def __init__(self, url: str, endpoint: str, message: str, status: Optional[int] = None):
+        where = f"target server {url} /{endpoint}"
+        super().__init__(f"{where}: HTTP {status}: {message}" if status else f"{where}: {message}")
+        self.url = url
+        self.endpoint = endpoint
+        self.status = status
+        self.message = message
+
+
+@dataclass(kw_only=True)
+class RetryPolicy:
+    """How hard to try before giving up on a server."""
+
+    max_retries: int = 8
+    """Retries after the first attempt (connection errors and 5xx only; a 4xx is never retried)."""
+    backoff_s: float = 0.5
+    """Wait before the first retry; doubled after each failure."""
+    max_backoff_s: float = 8.0
+    """Cap on one wait. The defaults ride out about 45 s of server downtime (a restart)."""
+
+    def delays(self):
+        return (min(self.backoff_s * 2**i, self.max_backoff_s) for i in range(self.max_retries))
+
+
+def _error_message(body: bytes) -> str:
+    """The ``error`` field of a JSON error body, or the raw text."""
+    try:
+        return str(protocol.decode_json(body).get("error", body[:500].decode("utf-8", "replace")))
+    except protocol.ProtocolError:
+        return bytes(body[:500]).decode("utf-8", "replace")
+
+
+class _ServerConnection:
+    """Keep-alive HTTP connections to one server: one per concurrent request, reused afterwards."""
+
+    def __init__(self, url: str, *, timeout_s: float, token: Optional[str], client_id: str, retry: RetryPolicy):
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"target URL must look like http://host:port, got {url!r}")
+        self.url = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+        self._scheme, self._host, self._port = parts.scheme, parts.hostname, parts.port
+        self._base_path = parts.path.rstrip("/")
+        self._timeout_s = timeout_s
+        self._retry = retry
+        self._headers = {protocol.CLIENT_ID_HEADER: client_id}
+        if token:
+            self._headers[protocol.AUTH_HEADER] = protocol.bearer(token)
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+        return cls(self._host, self._port, timeout=self._timeout_s)
+
+    def _once(self, method: str, endpoint: str, body: Sequence, headers: dict) -> tuple[int, bytearray]:
+        """One request on a pooled connection; ``(status, body)``. Raises OSError/HTTPException on I/O."""
+        conn = self._connection()
+        try:
+            conn.putrequest(method, f"{self._base_path}/{endpoint}", skip_accept_encoding=True)
+            for name, value in {**self._headers, **headers, "Content-Length": str(wire.body_size(body))}.items():
+                conn.putheader(name, value)
+            conn.endheaders()
+            for buffer in body:
+                conn.send(buffer)
+            response = conn.getresponse()
+            payload = _read_body(response)
+        except BaseException:
+            conn.close()
+            raise
+        if response.will_close:
+            conn.close()
+        else:
+            with self._lock:
+                self._idle.append(conn)
+        return response.status, payload
+
+    def request(
+        self,
+        endpoint: str,
+        body: Sequence = (),
+        *,
+        method: str = "POST",
+        content_type: str = protocol.WIRE_CONTENT_TYPE,
+        retry: Optional[RetryPolicy] = None,
+    ) -> bytearray:
+        """Send one request with retries; returns the 200 body or raises ``RemoteTargetError``."""
+        headers = {"Content-Type": content_type}
+        delays = (retry or self._retry).delays()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                status, payload = self._once(method, endpoint, body, headers)
+            except (OSError, http.client.HTTPException) as exc:
+                failure = f"{type(exc).__name__}: {exc}"
+            else:
+                if status == 200:
+                    return payload
+                if status < 500:
+                    raise RemoteTargetError(self.url, endpoint, _error_message(payload), status)
+                failure = f"HTTP {status}: {_error_message(payload)}"
+            delay = next(delays, None)
+            if delay is None:
+                raise RemoteTargetError(self.url, endpoint, f"gave up after {attempt} attempts; last error: {failure}")
+            logger.warning("target server %s /%s failed (%s); retry %d in %.1f s", self.url, endpoint, failure, attempt, delay)
+            time.sleep(delay)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+def _read_body(response: http.client.HTTPResponse) -> bytearray:
+    """Read the whole response into one preallocated buffer (decoded tensors will view it in place)."""
+    if response.length is None:
+        return bytearray(response.read())
+    body = bytearray(response.length)
+    view, got = memoryview(body), 0
+    while got < len(body):
+        n = response.readinto(view[got:])
+        if not n:
+            raise http.client.IncompleteRead(b"", len(body) - got)
+        got += n
+    return body
+
+
+class RemoteEagle3TargetModel:
+    """The frozen target on one or more remote servers, with ``Eagle3TargetModel``'s surface.
+
+    Arguments:
+        urls: one server URL (``http://host:port``) or several, used round-robin.
+        device: where returned tensors are placed.
+        timeout_s: socket timeout of one request (a long first forward on a big target needs slack).
+        prefetch_depth: the most ``generate_batch_async`` requests in flight at once (>= 1).
+        token: bearer token; default ``$TANDEM_TOKEN``.
+        client_id: this client's session id on the servers (default: host, pid and a random suffix).
+        retry: retry/backoff policy for connection errors and 5xx.
+    """
+
+    def __init__(
+        self,
+        urls: Union[str, Sequence[str]],
+        *,
+        device: Union[str, torch.device] = "cpu",
+        timeout_s: float = 300.0,
+        prefetch_depth: int = 2,
+        token: Optional[str] = None,
+        client_id: Optional[str] = None,
+        retry: Optional[RetryPolicy] = None,
+    ):
+        urls = [urls] if isinstance(urls, str) else list(urls)
+        if not urls:
+            raise ValueError("RemoteEagle3TargetModel needs at least one server URL")
+        if prefetch_depth < 1:
+            raise ValueError(f"prefetch_depth must be >= 1, got {prefetch_depth}")
+        self.client_id = client_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        token = token if token is not None else os.environ.get(protocol.TOKEN_ENV)
+        self.retry = retry or RetryPolicy()
+        self._servers = [
+            _ServerConnection(u, timeout_s=timeout_s, token=token, client_id=self.client_id, retry=self.retry) for u in urls
+        ]
+        self._device = torch.device(device)
+        self.prefetch_depth = prefetch_depth
+        self._round_robin = itertools.cycle(self._servers)
+        self._round_robin_lock = threading.Lock()
+        # Taken when a request is submitted, given back when it completes: caps the requests in flight.
+        self._slots = threading.BoundedSemaphore(prefetch_depth)
+        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._vocab_body: Optional[bytes] = None
+        self._info: Optional[dict] = None
+        self._embeddings: Optional[torch.Tensor] = None
+        self._closed = False
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self._servers]
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The target's parameter dtype as the server reports it (float32 for servers that do not say)."""
+        name = self._model_info().get("dtype", "float32")
+        dtype = getattr(torch, str(name), None)
+        return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+    def _model_info(self) -> dict:
+        if self._info is None:
+            infos = [protocol.decode_json(s.request(protocol.EP_MODEL_INFO), f"{s.url} /model_info") for s in self._servers]
+            for server, info in zip(self._servers[1:], infos[1:]):
+                if info != infos[0]:
+                    raise RemoteTargetError(server.url, protocol.EP_MODEL_INFO, f"serves a different model: {info} vs {infos[0]} at {self._servers[0].url}")
+            self._info = infos[0]
+        return self._info
+
+    def model_info(self) -> dict:
+        """``{num_hidden_layers, hidden_size, vocab_size, aux_layer_ids}``; every server must agree."""
+        info = self._model_info()
+        return {k: info[k] for k in ("num_hidden_layers", "hidden_size", "vocab_size", "aux_layer_ids")}
+
+    def get_input_embeddings(self) -> torch.Tensor:
+        """``[V, H]`` (target dtype) the target's token embedding, fetched once and cached."""
+        if self._embeddings is None:
+            server = self._servers[0]
+            tensors = wire.decode(server.request(protocol.EP_INPUT_EMBEDDINGS))
+            weight = tensors.get(protocol.EMBEDDINGS_KEY)
+            if weight is None:
+                raise RemoteTargetError(server.url, protocol.EP_INPUT_EMBEDDINGS, "answer holds no 'weight' tensor")
+            self._embeddings = weight.to(self._device)
+        return self._embeddings
+
+    def set_vocab_mapping(self, selected_token_ids: torch.Tensor, selected_token_mask: torch.Tensor) -> None:
+        """Fix the draft vocabulary on every server.
+
+        Arguments:
+            selected_token_ids: ``[Vd]`` long, draft id -> target id.
+            selected_token_mask: ``[V]`` bool, True for target ids in the draft vocabulary.
+        """
+        body = wire.encode_to_bytes(
+            {"selected_token_ids": selected_token_ids.to(torch.long), "selected_token_mask": selected_token_mask.to(torch.bool)}
+        )
+        for server in self._servers:
+            server.request(protocol.EP_SET_VOCAB_MAPPING, [body])
+        # Kept to send again to a server that restarted and forgot it (it answers /generate with 409).
+        self._vocab_body = body
+
+    # ------------------------------------------------------------ supervision
+
+    def _next_server(self) -> _ServerConnection:
+        with self._round_robin_lock:
+            return next(self._round_robin)
+
+    def _generate_on(self, server: _ServerConnection, body: Sequence) -> dict[str, torch.Tensor]:
+        try:
+            raw = server.request(protocol.EP_GENERATE, body)
+        except RemoteTargetError as exc:
+            if exc.status != 409 or self._vocab_body is None:
+                raise
+            logger.warning("target server %s forgot the draft vocabulary (restarted?); sending it again", server.url)
+            server.request(protocol.EP_SET_VOCAB_MAPPING, [self._vocab_body])
+            raw = server.request(protocol.EP_GENERATE, body)
+        try:
+            tensors = wire.decode(raw)
+        except wire.WireFormatError as exc:
+            raise RemoteTargetError(server.url, protocol.EP_GENERATE, f"malformed answer: {exc}") from None
+        missing = [k for k in protocol.SUPERVISION_KEYS if tensors.get(k) is None]
+        if missing:
+            raise RemoteTargetError(server.url, protocol.EP_GENERATE, f"answer lacks supervision tensors {missing}")
+        return {k: tensors[k].to(self._device) for k in protocol.SUPERVISION_KEYS}
+
+    def generate_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run the target remotely on one batch and return its supervision.
+
+        Arguments:
+            input_ids: ``[B, S]`` long token ids.
+            attention_mask: ``[B, S]`` 1 on real tokens, 0 on padding.
+            loss_mask: ``[B, S]`` 1 where the draft is trained.
+
+        Returns:
+            dict keyed by ``SUPERVISION_KEYS`` on ``device``, exactly what ``Eagle3TargetModel.supervise``
+            returns for the same batch: ``aux_hidden_states [B, S, 3H]`` target dtype, ``target_probs
+            [B, S, Vd]`` fp32, ``position_mask [B, S, 1]`` bool, ``input_ids [B, S]`` long and
+            ``loss_mask [B, S]`` (both shifted).
+        """
+        body = wire.encode({"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask})
+        return self._generate_on(self._next_server(), body)
+
+    supervise = generate_batch
+
+    def generate_batch_async(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
+    ) -> concurrent.futures.Future:
+        """``generate_batch`` in the background; a ``Future`` of its dict (arguments as there).
+
+        The inputs are copied at submission, so the caller may reuse them at once. When
+        ``prefetch_depth`` requests are already in flight this call blocks until one completes.
+        """
+        if self._closed:
+            raise RuntimeError("RemoteEagle3TargetModel is closed")
+        body = [wire.encode_to_bytes({"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask})]
+        self._slots.acquire()
+        try:
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(self.prefetch_depth, thread_name_prefix="tandem-target")
+            future = self._executor.submit(self._generate_on, self._next_server(), body)
+        except BaseException:
+            self._slots.release()
+            raise
+        future.add_done_callback(lambda _done: self._slots.release())
+        return future
+
+    supervise_async = generate_batch_async
+
+    def prefetch(self, batches):
+        """Yield the supervision of each ``(input_ids, attention_mask, loss_mask)`` in order, keeping up
+        to ``prefetch_depth`` requests in flight ahead of the consumer."""
+        pending: list[concurrent.futures.Future] = []
+        for batch in batches:
+            if len(pending) == self.prefetch_depth:
+                yield pending.pop(0).result()
+            pending.append(self.generate_batch_async(*batch))
+        while pending:
+            yield pending.pop(0).result()
+
+    # ------------------------------------------------------------ session
+
+    def heartbeat(self) -> None:
+        for server in self._servers:
+            server.request(protocol.EP_HEARTBEAT, [b"{}"], content_type=protocol.JSON_CONTENT_TYPE)
+
+    def close(self) -> None:
+        """End this client's session on every server (the servers keep running) and drop connections."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        for server in self._servers:
+            try:
+                server.request(protocol.EP_DISCONNECT, [b"{}"], content_type=protocol.JSON_CONTENT_TYPE, retry=RetryPolicy(max_retries=0))
+            except RemoteTargetError as exc:
+                logger.debug("disconnect from %s failed: %s", server.url, exc)
+            server.close()
+
+    def __enter__(self) -> "RemoteEagle3TargetModel":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

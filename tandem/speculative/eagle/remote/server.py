@@ -1,0 +1,528 @@
+"""Remote EAGLE-3 target server: the frozen target behind HTTP (DESIGN 3).
+
+For each training request the server runs ``compute_supervision`` -- the very function the in-process
+trainer calls -- and ships the five supervision tensors back, so a remote run is bit-identical to a
+co-located one.
+
+The request logic (:class:`TargetModelServer`: routing, auth, limits, sessions, the ``handle_*`` methods)
+is separate from the HTTP plumbing (:func:`serve`), so the logic is tested without sockets and the
+plumbing with real ones. Every failure a client can cause is a :class:`RequestError` carrying its HTTP
+status; it becomes a JSON error body and the server keeps serving.
+
+    tandem serve-target --model default --port 8001            # then: tandem train --target-url http://127.0.0.1:8001
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+from tandem.speculative.eagle.remote import protocol, wire
+from tandem.speculative.eagle.supervision import compute_supervision
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+# An idle keep-alive connection holds a handler thread; drop it after this long (the client reconnects).
+DEFAULT_IDLE_TIMEOUT_S = 300.0
+
+
+class RequestError(Exception):
+    """A request the server refuses: ``status`` is the HTTP status, the message goes to the client."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Reply(NamedTuple):
+    """A successful answer: the body as a list of buffers (see ``wire.encode``) and extra headers."""
+
+    body: list
+    content_type: str
+    headers: dict
+
+
+@dataclass
+class _Session:
+    """One training client (by its ``X-Tandem-Client`` id) and the draft vocabulary it asked for."""
+
+    selected_token_ids: Optional[torch.Tensor] = None
+    selected_token_mask: Optional[torch.Tensor] = None
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Stats:
+    """Counters for the shutdown summary; guarded by the server's stats lock."""
+
+    requests: int = 0
+    errors: int = 0
+    batches: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    supervision_s: float = 0.0
+
+
+def _decode_tensors(raw: bytes, expected: tuple[str, ...], what: str) -> dict[str, torch.Tensor]:
+    """Decode a wire body that must hold exactly the tensors ``expected``; 400 for anything else."""
+    try:
+        tensors = wire.decode(raw)
+    except wire.WireFormatError as exc:
+        raise RequestError(400, f"{what}: malformed wire body: {exc}") from None
+    missing = [k for k in expected if tensors.get(k) is None]
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise RequestError(400, f"{what}: expected tensors {list(expected)}; missing {missing}, unexpected {unexpected}")
+    return tensors
+
+
+def _check_ids(name: str, ids: torch.Tensor, vocab_size: int, what: str) -> None:
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise RequestError(400, f"{what}: {name} must be an integer tensor, got {ids.dtype}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise RequestError(400, f"{what}: {name} must lie in [0, {vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
+
+
+def check_generate_inputs(tensors: dict[str, torch.Tensor], vocab_size: int) -> None:
+    """400 unless ``input_ids``, ``attention_mask``, ``loss_mask`` are integer/bool ``[B, S]`` with B, S >= 1."""
+    what = "generate"
+    input_ids = tensors["input_ids"]
+    if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+        raise RequestError(400, f"{what}: input_ids must be [B, S] with B, S >= 1, got {list(input_ids.shape)}")
+    for name in ("attention_mask", "loss_mask"):
+        tensor = tensors[name]
+        if tensor.shape != input_ids.shape:
+            raise RequestError(400, f"{what}: {name} shape {list(tensor.shape)} != input_ids shape {list(input_ids.shape)}")
+        if tensor.dtype.is_floating_point:
+            raise RequestError(400, f"{what}: {name} must be an integer or bool tensor, got {tensor.dtype}")
+    _check_ids("input_ids", input_ids, vocab_size, what)
+
+
+def check_vocab_mapping(ids: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> None:
+    """400 unless ``selected_token_ids [Vd]`` (distinct ids) and ``selected_token_mask [V]`` bool agree."""
+    what = "set_vocab_mapping"
+    if mask.dtype != torch.bool or mask.shape != (vocab_size,):
+        raise RequestError(400, f"{what}: selected_token_mask must be bool [{vocab_size}], got {mask.dtype} {list(mask.shape)}")
+    if ids.dim() != 1 or ids.numel() == 0:
+        raise RequestError(400, f"{what}: selected_token_ids must be a non-empty 1-D tensor, got {list(ids.shape)}")
+    _check_ids("selected_token_ids", ids, vocab_size, what)
+    distinct = int(torch.unique(ids).numel())
+    if distinct != ids.numel() or int(mask.sum()) != distinct or not bool(mask[ids.long()].all()):
+        raise RequestError(400, f"{what}: selected_token_mask is not the indicator of the {ids.numel()} selected_token_ids")
+
+
+class TargetModelServer:
+    """Request-handling logic for the remote target server (HTTP-transport agnostic).
+
+    Arguments:
+        target_wrapper: a loaded ``Eagle3TargetModel`` (or anything with its ``generate_batch``,
+            ``get_input_embeddings`` and ``model_info``).
+        nccl_port: TCP rendezvous port for the process-group data plane (not used while it is disabled).
+        host: bind/advertise address (the rendezvous master for the data plane).
+        token: if set, every endpoint but ``/health`` needs ``Authorization: Bearer <token>``.
+        max_body_bytes: larger request bodies get 413 before they are read.
+        exit_when_idle: set ``shutdown_event`` when the last client session disconnects.
+    """
+
+    def __init__(
+        self,
+        target_wrapper,
+        nccl_port: int,
+        host: str = "127.0.0.1",
+        *,
+        token: Optional[str] = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        exit_when_idle: bool = False,
+    ):
+        self.target_wrapper = target_wrapper
+        self.nccl_port = nccl_port
+        self.host = host
+        self.token = token or None
+        self.max_body_bytes = max_body_bytes
+        self.exit_when_idle = exit_when_idle
+        self._info = dict(target_wrapper.model_info())
+        self._vocab_size = int(self._info["vocab_size"])
+        # One target forward at a time: the aux-hidden capture hooks are shared state.
+        self.generate_lock = threading.Lock()
+        self.shutdown_event = threading.Event()
+        self._sessions: dict[str, _Session] = {}
+        self._sessions_lock = threading.Lock()
+        self._stats = _Stats()
+        self._stats_lock = threading.Lock()
+        self._closed = False
+    # ------------------------------------------------------------ checks before the body is read
+
+    def route(self, method: str, path: str) -> str:
+        """The endpoint name for ``method path``; 404 for an unknown path, 405 for a wrong method."""
+        endpoint = path.split("?", 1)[0].strip("/")
+        allowed = "GET" if endpoint in protocol.GET_ENDPOINTS else "POST" if endpoint in protocol.POST_ENDPOINTS else None
+        if allowed is None:
+            raise RequestError(404, f"unknown endpoint {path!r}; known: {sorted(protocol.GET_ENDPOINTS | protocol.POST_ENDPOINTS)}")
+        if method != allowed:
+            raise RequestError(405, f"{path} takes {allowed}, not {method}")
+        return endpoint
+
+    def authorize(self, endpoint: str, authorization: Optional[str]) -> None:
+        """401 unless the request carries the server's bearer token (``/health`` is public)."""
+        if self.token is None or endpoint in protocol.PUBLIC_ENDPOINTS:
+            return
+        if not authorization:
+            raise RequestError(401, "missing Authorization header: this server needs 'Authorization: Bearer <token>'")
+        scheme, _, given = authorization.partition(" ")
+        # compare_digest: the time taken must not tell an attacker how much of the token matched.
+        if scheme != protocol.AUTH_SCHEME or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            raise RequestError(401, "invalid bearer token")
+
+    def check_body_size(self, length: int) -> None:
+        if length > self.max_body_bytes:
+            raise RequestError(413, f"request body of {length} bytes exceeds the limit of {self.max_body_bytes} bytes")
+
+    # ------------------------------------------------------------ dispatch
+
+    def handle(self, endpoint: str, raw: bytes, *, client_id: str = protocol.ANONYMOUS_CLIENT, client_wants_nccl: bool = False) -> Reply:
+        """Answer one routed, authorized request; ``RequestError`` for anything the client got wrong."""
+        if endpoint not in protocol.PUBLIC_ENDPOINTS and endpoint != protocol.EP_DISCONNECT:
+            self._session(client_id)
+        try:
+            return self._dispatch(endpoint, raw, client_id, client_wants_nccl)
+        except RequestError:
+            raise
+        except protocol.ProtocolError as exc:
+            raise RequestError(400, f"/{endpoint}: {exc}") from None
+        except Exception as exc:
+            logger.exception("internal error serving /%s for client %s", endpoint, client_id)
+            raise RequestError(500, f"internal error serving /{endpoint}: {type(exc).__name__}: {exc}") from exc
+
+    def _dispatch(self, endpoint: str, raw: bytes, client_id: str, client_wants_nccl: bool) -> Reply:
+        if endpoint == protocol.EP_GENERATE:
+            body, used_nccl = self.generate_buffers(raw, client_wants_nccl, client_id=client_id)
+            if used_nccl:
+                return Reply(body, protocol.JSON_CONTENT_TYPE, {protocol.NCCL_HEADER: "1"})
+            return Reply(body, protocol.WIRE_CONTENT_TYPE, {})
+        if endpoint == protocol.EP_INPUT_EMBEDDINGS:
+            return Reply(self.input_embeddings_buffers(), protocol.WIRE_CONTENT_TYPE, {})
+        json_handlers = {
+            protocol.EP_HEALTH: self.handle_health,
+            protocol.EP_MODEL_INFO: self.handle_model_info,
+            protocol.EP_SET_VOCAB_MAPPING: self.handle_set_vocab_mapping,
+            protocol.EP_INIT_NCCL: self.handle_init_nccl,
+            protocol.EP_HEARTBEAT: self.handle_heartbeat,
+            protocol.EP_DISCONNECT: self.handle_disconnect,
+        }
+        return Reply([json_handlers[endpoint](raw, client_id=client_id)], protocol.JSON_CONTENT_TYPE, {})
+
+    def _session(self, client_id: str) -> _Session:
+        with self._sessions_lock:
+            session = self._sessions.get(client_id)
+            if session is None:
+                session = self._sessions[client_id] = _Session()
+                logger.info("client %s connected (%d sessions)", client_id, len(self._sessions))
+            session.last_seen = time.monotonic()
+            return session
+
+    @property
+    def session_ids(self) -> list[str]:
+        with self._sessions_lock:
+            return list(self._sessions)
+
+    # ------------------------------------------------------------ the endpoints
+
+    def handle_health(self, _raw: bytes = b"", *, client_id: str = protocol.ANONYMOUS_CLIENT) -> bytes:
+        return protocol.encode_json({"status": "ok"})
+
+    def handle_model_info(self, _raw: bytes = b"", *, client_id: str = protocol.ANONYMOUS_CLIENT) -> bytes:
+        info = dict(self._info)
+        # Extra field for tandem clients; clients of the original design ignore it.
+        info["dtype"] = str(getattr(self.target_wrapper, "dtype", torch.float32)).removeprefix("torch.")
+        return protocol.encode_json(info)
+
+    def input_embeddings_buffers(self) -> list:
+        """Wire body ``{"weight": [V, H]}`` referencing the embedding's own memory (no copy on CPU)."""
+        return wire.encode({protocol.EMBEDDINGS_KEY: self.target_wrapper.get_input_embeddings()})
+
+    def handle_input_embeddings(self, _raw: bytes = b"", *, client_id: str = protocol.ANONYMOUS_CLIENT) -> bytes:
+        """Return the target input-embedding weight (used once to seed the draft)."""
+        return b"".join(self.input_embeddings_buffers())
+
+    def handle_set_vocab_mapping(self, raw: bytes, *, client_id: str = protocol.ANONYMOUS_CLIENT) -> bytes:
+        tensors = _decode_tensors(raw, protocol.VOCAB_MAPPING_KEYS, "set_vocab_mapping")
+        ids, mask = tensors["selected_token_ids"], tensors["selected_token_mask"]
+        check_vocab_mapping(ids, mask, self._vocab_size)
+        session = self._session(client_id)
+        # clone: the decoded tensors view the request buffer, which the next request may reuse.
+        session.selected_token_ids = ids.to(torch.long).clone()
+        session.selected_token_mask = mask.clone()
+        return protocol.encode_json({"status": "ok"})
+
+    def supervise(self, raw: bytes, client_id: str) -> dict[str, torch.Tensor]:
+        """Decode and check a ``/generate`` body and run ``compute_supervision`` under the generate lock."""
+        tensors = _decode_tensors(raw, protocol.REQUEST_KEYS, "generate")
+        check_generate_inputs(tensors, self._vocab_size)
+        session = self._session(client_id)
+        ids, mask = session.selected_token_ids, session.selected_token_mask
+        if ids is None:
+            raise RequestError(409, "generate before set_vocab_mapping: send the draft vocabulary first")
+        start = time.perf_counter()
+        with self.generate_lock:
+            out = compute_supervision(
+                self.target_wrapper, ids, mask, tensors["input_ids"].long(), tensors["attention_mask"], tensors["loss_mask"]
+            )
+        with self._stats_lock:
+            self._stats.batches += 1
+            self._stats.supervision_s += time.perf_counter() - start
+        return {key: out[key] for key in protocol.SUPERVISION_KEYS}
+
+    def generate_buffers(self, raw: bytes, client_wants_nccl: bool, *, client_id: str = protocol.ANONYMOUS_CLIENT) -> tuple[list, bool]:
+        """Like ``handle_generate`` but the body is a list of buffers referencing the tensors (no join)."""
+        supervision = self.supervise(raw, client_id)
+        # The process-group data plane is a later issue: every answer is the wire body for now.
+        return wire.encode(supervision), False
+
+    def handle_generate(self, raw: bytes, client_wants_nccl: bool, *, client_id: str = protocol.ANONYMOUS_CLIENT) -> tuple[bytes, bool]:
+        """Run the target and serialize the supervision.
+
+        Returns ``(body, used_nccl)``. With the process-group data plane the body would be the JSON
+        metadata only and the tensors queued for ``flush_nccl_send``; until it lands ``used_nccl`` is
+        False and the body is the wire format of the ``SUPERVISION_KEYS`` tensors.
+        """
+        body, used_nccl = self.generate_buffers(raw, client_wants_nccl, client_id=client_id)
+        return b"".join(body), used_nccl
+
+    def handle_init_nccl(self, raw: bytes, *, client_id: str = protocol.ANONYMOUS_CLIENT) -> bytes:
+        if raw:
+            protocol.decode_json(raw, "init_nccl body")
+        return protocol.encode_json({"status": protocol.NCCL_STATUS_DISABLED})
+
+    def flush_nccl_send(self) -> None:
+        """Send the pending supervision over the data plane after the HTTP flush (nothing while disabled)."""
+
+    def handle_heartbeat(self, _raw: bytes = b"", *, client_id: str = protocol.ANONYMOUS_CLIENT) -> bytes:
+        return protocol.encode_json({"status": "ok"})
+
+    def handle_disconnect(self, _raw: bytes = b"", *, client_id: str = protocol.ANONYMOUS_CLIENT) -> bytes:
+        """End this client's session; the server goes on unless it was told to exit when idle."""
+        with self._sessions_lock:
+            self._sessions.pop(client_id, None)
+            idle = not self._sessions
+        logger.info("client %s disconnected", client_id)
+        if idle and self.exit_when_idle:
+            logger.info("last client left and --exit-when-idle is set: shutting down")
+            self.shutdown_event.set()
+        return protocol.encode_json({"status": "ok"})
+
+    # ------------------------------------------------------------ accounting
+
+    def record(self, status: int, bytes_in: int, bytes_out: int) -> None:
+        with self._stats_lock:
+            self._stats.requests += 1
+            self._stats.errors += status >= 400
+            self._stats.bytes_in += bytes_in
+            self._stats.bytes_out += bytes_out
+
+    def summary(self) -> str:
+        with self._stats_lock:
+            s = self._stats
+            mean_ms = 1000.0 * s.supervision_s / s.batches if s.batches else 0.0
+            return (
+                f"served {s.requests} requests ({s.errors} errors, {s.batches} batches), "
+                f"{s.bytes_in / 2**20:.1f} MiB in, {s.bytes_out / 2**20:.1f} MiB out, "
+                f"supervision {s.supervision_s:.2f} s ({mean_ms:.1f} ms/batch)"
+            )
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            logger.info("target server: %s", self.summary())
+
+
+# ---------------------------------------------------------------- HTTP plumbing
+
+
+class _ClientGone(Exception):
+    """The peer closed the connection mid-request: there is nobody to answer."""
+
+
+def _send_buffers(sock: socket.socket, buffers: list) -> int:
+    """Write every buffer with as few syscalls as the kernel allows (``sendmsg`` is writev); returns bytes."""
+    views = [memoryview(b).cast("B") for b in buffers if memoryview(b).nbytes]
+    total = sum(v.nbytes for v in views)
+    while views:
+        sent = sock.sendmsg(views[:512])
+        while views and sent >= views[0].nbytes:
+            sent -= views[0].nbytes
+            views.pop(0)
+        if views and sent:
+            views[0] = views[0][sent:]
+    return total
+
+
+def _make_request_handler(server_logic: TargetModelServer):
+    """A ``BaseHTTPRequestHandler`` class bound to ``server_logic``: parse, check, read, answer, log."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: one connection carries a client's whole run
+        server_version = "tandem-target/1"
+        disable_nagle_algorithm = True  # small header writes must not wait for the peer's delayed ACK
+        timeout = DEFAULT_IDLE_TIMEOUT_S
+
+        def do_GET(self):
+            self._serve("GET")
+
+        def do_POST(self):
+            self._serve("POST")
+
+        def do_PUT(self):
+            self._serve("PUT")
+
+        def do_DELETE(self):
+            self._serve("DELETE")
+
+        def log_message(self, format, *args):  # noqa: A002 - the base class's name
+            logger.debug("%s " + format, self.address_string(), *args)
+
+        def log_request(self, code="-", size="-"):
+            pass  # _serve logs one line per request, with the client and the byte counts
+
+        def send_error(self, code, message=None, explain=None):
+            # Malformed HTTP (bad request line, oversized headers, unknown method) gets JSON too.
+            self.close_connection = True
+            body = protocol.error_body(int(code), message or explain or HTTPStatus(code).phrase)
+            self.send_response(code, message)
+            self.send_header("Content-Type", protocol.JSON_CONTENT_TYPE)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _content_length(self) -> int:
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                raise RequestError(411, "chunked request bodies are not supported: send Content-Length")
+            value = self.headers.get("Content-Length", "0")
+            if not value.isdigit():
+                raise RequestError(400, f"invalid Content-Length {value!r}")
+            return int(value)
+
+        def _read_body(self, length: int) -> bytearray:
+            # One preallocated buffer, filled in place; wire.decode then views tensors inside it.
+            body = bytearray(length)
+            view, got = memoryview(body), 0
+            while got < length:
+                n = self.rfile.readinto(view[got:])
+                if not n:
+                    raise _ClientGone(f"body ended after {got} of {length} bytes")
+                got += n
+            return body
+
+        def _serve(self, method: str) -> None:
+            start = time.perf_counter()
+            client_id = self.headers.get(protocol.CLIENT_ID_HEADER) or protocol.ANONYMOUS_CLIENT
+            status, bytes_in, body_read = 200, 0, False
+            try:
+                endpoint = server_logic.route(method, self.path)
+                server_logic.authorize(endpoint, self.headers.get(protocol.AUTH_HEADER))
+                length = self._content_length()
+                server_logic.check_body_size(length)
+                raw = self._read_body(length)
+                bytes_in, body_read = length, True
+                wants_nccl = self.headers.get(protocol.NCCL_HEADER) == "1"
+                reply = server_logic.handle(endpoint, raw, client_id=client_id, client_wants_nccl=wants_nccl)
+            except RequestError as exc:
+                status = exc.status
+                reply = Reply([protocol.error_body(exc.status, exc.message)], protocol.JSON_CONTENT_TYPE, {})
+                # An unread body would be parsed as the next request: close instead of draining it.
+                if not body_read and self.headers.get("Content-Length", "0") not in ("", "0"):
+                    self.close_connection = True
+            except (_ClientGone, OSError) as exc:
+                logger.debug("client %s went away mid-request: %s", client_id, exc)
+                self.close_connection = True
+                return
+            bytes_out = self._answer(status, reply, client_id)
+            if status == 200:
+                server_logic.flush_nccl_send()
+            server_logic.record(status, bytes_in, bytes_out)
+            logger.debug(
+                "%s %s client=%s status=%d in=%d out=%d %.1f ms",
+                method, self.path, client_id, status, bytes_in, bytes_out, 1000 * (time.perf_counter() - start),
+            )
+
+        def _answer(self, status: int, reply: Reply, client_id: str) -> int:
+            length = wire.body_size(reply.body)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", reply.content_type)
+                self.send_header("Content-Length", str(length))
+                for name, value in reply.headers.items():
+                    self.send_header(name, value)
+                if self.close_connection:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                return _send_buffers(self.connection, reply.body)
+            except OSError as exc:
+                # The client left mid-response (crash, timeout, Ctrl-C): its problem, not the server's.
+                logger.debug("client %s went away mid-response: %s", client_id, exc)
+                self.close_connection = True
+                return 0
+
+    return Handler
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True  # a stuck keep-alive connection must not block shutdown
+    allow_reuse_address = True  # a restarted server rebinds its port at once
+    request_queue_size = 128  # the ranks of a data-parallel trainer connect at the same moment
+
+
+def serve(
+    server_logic: TargetModelServer,
+    host: str,
+    port: int,
+    *,
+    on_ready: Optional[Callable[[str, int], None]] = None,
+) -> None:
+    """Run the blocking HTTP server until stopped (Ctrl-C, SIGTERM, or the last client leaving with
+    ``exit_when_idle``); then log the summary.
+
+    Arguments:
+        server_logic: the request logic.
+        host: bind address (``127.0.0.1`` keeps the server private to the machine).
+        port: TCP port; 0 picks a free one, reported to ``on_ready(host, port)`` once it accepts connections.
+    """
+    httpd = _HTTPServer((host, port), _make_request_handler(server_logic))
+    bound_host, bound_port = httpd.server_address[:2]
+    restore = _stop_on_sigterm(server_logic.shutdown_event)
+    loop = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="tandem-http", daemon=True)
+    loop.start()
+    logger.info("target server listening on http://%s:%d", bound_host, bound_port)
+    if on_ready is not None:
+        on_ready(bound_host, bound_port)
+    try:
+        while not server_logic.shutdown_event.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        logger.info("interrupted")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        restore()
+        server_logic.close()
+
+
+def _stop_on_sigterm(event: threading.Event) -> Callable[[], None]:
+    """Make SIGTERM set ``event`` (a graceful stop with the summary); returns the undo. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: event.set())
+    return lambda: signal.signal(signal.SIGTERM, previous)
