@@ -42,6 +42,8 @@ def cmd_train(args) -> int:
     from tandem.speculative.eagle.recipe import TrainConfig, train
 
     base = TrainConfig.from_yaml(args.config) if args.config else None
+    if args.target_url:
+        args.target_urls = [*(args.target_urls or []), *args.target_url]
     config = config_from_args(TrainConfig, args, base)
     trainer = train(config)
     print(f"trained {trainer.step} steps; draft exported to {trainer.output_dir / 'draft'}")
@@ -99,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train an EAGLE-3 draft (target in-process, or remote with --target-urls)")
     p.add_argument("--config", default=None, help="a YAML file of TrainConfig fields; flags override it")
     add_config_arguments(p, TrainConfig)
+    p.add_argument("--target-url", action="append", default=None, metavar="URL",
+                   help="a remote target server (tandem serve-target); repeat for several, used round-robin")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="measure a draft by real speculative decoding: acceptance length and speed-up")

@@ -82,6 +82,8 @@ class TrainConfig:
     """Write a resumable checkpoint every this many steps (and always at the end)."""
     keep_checkpoints: int = 2
     """How many resumable checkpoints to keep on disk."""
+    stop_at_step: int | None = None
+    """End this run at this step (checkpointed) though the schedule spans total_steps: for time-boxed jobs."""
     resume: bool = False
     """Continue from the newest checkpoint in ``output_dir/checkpoints``."""
     show_progress: bool = True
@@ -118,6 +120,39 @@ def build_target(config: TrainConfig):
 
     model, _ = load_target(config.target)
     return Eagle3TargetModel(model, config.aux_layer_ids)
+
+
+class SupervisionPrefetcher:
+    """Requests the supervision of the next ``depth`` micro-batches ahead of the step that needs them.
+
+    A remote target's forward then overlaps the draft's training step. Micro-batches are a pure function
+    of their index, so the prefetched supervision is exactly what a synchronous request would return.
+
+    Arguments:
+        target: anything with ``supervise_async(input_ids, attention_mask, loss_mask) -> Future``.
+        micro_batch: index -> batch dict (``input_ids``, ``attention_mask``, ``loss_mask``).
+        depth: micro-batches requested ahead (the target may cap what is in flight further).
+        stop: the first index never to request (the end of training).
+    """
+
+    def __init__(self, target, micro_batch, depth: int, stop: int):
+        self.target, self.micro_batch, self.depth, self.stop = target, micro_batch, max(depth, 1), stop
+        self.pending: dict[int, object] = {}
+
+    def _request(self, index: int):
+        batch = self.micro_batch(index)
+        return self.target.supervise_async(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+
+    def take(self, indices) -> list:
+        """Futures for ``indices`` (consecutive), after requesting up to ``depth`` micro-batches beyond."""
+        first = indices[0]
+        futures = [self.pending.pop(i, None) or self._request(i) for i in indices]
+        for stale in [i for i in self.pending if i < first]:
+            self.pending.pop(stale).cancel()
+        for index in range(indices[-1] + 1, min(indices[-1] + 1 + self.depth, self.stop)):
+            if index not in self.pending:
+                self.pending[index] = self._request(index)
+        return futures
 
 
 class Trainer:
@@ -249,17 +284,24 @@ class Trainer:
                                                      epoch, drop_last=True)}
         return self.collate([self.dataset[i] for i in self._epoch_orders[epoch][within]])
 
-    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> dict:
-        """One optimizer step over ``grad_accum_steps`` micro-batches; returns its metrics."""
+    def train_step(self, batches: list[dict[str, torch.Tensor]], supervisions: list | None = None) -> dict:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns its metrics.
+
+        ``supervisions``: futures of the batches' supervision, already requested (prefetch); else the
+        target is asked here, synchronously.
+        """
         lr = lr_at(self.step, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         started = time.perf_counter()
         wait = 0.0
         results = []
-        for batch in batches:
+        for k, batch in enumerate(batches):
             t0 = time.perf_counter()
-            supervision = self.target.supervise(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+            if supervisions is not None:
+                supervision = supervisions[k].result()
+            else:
+                supervision = self.target.supervise(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
             wait += time.perf_counter() - t0
             result = ttt_loss(self.draft, supervision, batch["attention_mask"], self.config.ttt_steps, self.config.ttt_decay)
             (result.loss / len(batches)).backward()
@@ -288,16 +330,22 @@ class Trainer:
         bar = tqdm(total=self.config.total_steps, initial=self.step, desc="train", unit="step",
                    disable=not self.config.show_progress, dynamic_ncols=True)
         last: dict = {}
+        prefetcher = None
+        if hasattr(self.target, "supervise_async"):
+            prefetcher = SupervisionPrefetcher(self.target, self.micro_batch, self.config.prefetch_depth,
+                                               stop=self.config.total_steps * accum)
         with open(metrics_path, "a") as metrics_file:
-            while self.step < self.config.total_steps:
-                batches = [self.micro_batch(self.step * accum + i) for i in range(accum)]
-                last = self.train_step(batches)
+            end = min(self.config.total_steps, self.config.stop_at_step or self.config.total_steps)
+            while self.step < end:
+                indices = range(self.step * accum, (self.step + 1) * accum)
+                batches = [self.micro_batch(i) for i in indices]
+                last = self.train_step(batches, prefetcher.take(indices) if prefetcher else None)
                 metrics_file.write(json.dumps(last) + "\n")
                 metrics_file.flush()
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", acc0=f"{last['step_accuracies'][0]:.2f}",
                                 tok_s=f"{last['tokens_per_s']:.0f}")
-                if self.step % self.config.save_every == 0 or self.step == self.config.total_steps:
+                if self.step % self.config.save_every == 0 or self.step == end:
                     self.save_checkpoint()
         bar.close()
         export_dir = ckpt.export_draft(self.draft, self.output_dir / "draft", aux_layer_ids=self.model_info["aux_layer_ids"])
@@ -308,5 +356,9 @@ class Trainer:
 def train(config: TrainConfig, target=None, tokenizer=None) -> Trainer:
     """Build a ``Trainer`` and run it; returns the trainer (its draft, metrics file, checkpoints)."""
     trainer = Trainer(config, target=target, tokenizer=tokenizer)
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        if target is None and config.target_urls:
+            trainer.target.close()  # ends this client's session; the servers keep serving
     return trainer
