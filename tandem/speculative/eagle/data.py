@@ -186,6 +186,13 @@ def _render_ids(tokenizer, messages: Sequence[Message], add_generation_prompt: b
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def prompt_ids(tokenizer, messages: Sequence[Message]) -> torch.Tensor:
+    """``[1, S]`` int64: the conversation up to its first assistant turn, rendered with the generation
+    prompt, ready for decoding (what ``tandem eval`` feeds the target)."""
+    first_answer = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+    return torch.tensor([_render_ids(tokenizer, messages[:first_answer], add_generation_prompt=True)], dtype=torch.long)
+
+
 def end_of_turn_token_ids(tokenizer) -> set[int]:
     """Ids of the tokens that can close an assistant turn: the eos token plus the usual turn markers."""
     vocab = tokenizer.get_vocab()

@@ -1,0 +1,157 @@
+"""The TTT loss and the training loop: learning, metrics, bit-exact resume, speculative decoding."""
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import build_tiny_llama, build_tiny_tokenizer
+from tandem.speculative.eagle.decode import evaluate_speculative, greedy_decode, speculative_decode
+from tandem.speculative.eagle.draft import Eagle3DraftConfig, Eagle3DraftModel
+from tandem.speculative.eagle.recipe import TrainConfig, Trainer, lr_at
+from tandem.speculative.eagle.target import Eagle3TargetModel
+from tandem.speculative.eagle.trainer import soft_cross_entropy, ttt_loss
+from tandem.speculative.eagle.vocab import build_draft_vocab
+
+
+def peaked_target(seed: int = 0) -> Eagle3TargetModel:
+    """A tiny random target whose next-token distributions are peaked, so there is something to learn."""
+    model = build_tiny_llama(seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    return Eagle3TargetModel(model, aux_layer_ids=[0, 1, 2])
+
+
+def write_chat_data(path, count: int = 24):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        for i in range(count):
+            answer = " ".join(str((i * 7 + j) % 13) for j in range(12))
+            handle.write(json.dumps({"messages": [{"role": "user", "content": f"go {i}"},
+                                                  {"role": "assistant", "content": answer}]}) + "\n")
+    return path
+
+
+def tiny_run_config(tmp_path, **overrides) -> TrainConfig:
+    fields = dict(data=str(write_chat_data(tmp_path / "data.jsonl")), output_dir=str(tmp_path / "out"), total_steps=8,
+                  batch_size=4, max_seq_len=64, draft_vocab_size=120, warmup_steps=2, ttt_steps=3, save_every=4,
+                  show_progress=False, learning_rate=3e-3)
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def test_soft_cross_entropy_matches_formula_and_ignores_masked():
+    logits = torch.randn(1, 3, 4)
+    probs = torch.softmax(torch.randn(1, 3, 4), -1)
+    mask = torch.tensor([[True, False, True]])
+    expected = -(probs * torch.log_softmax(logits, -1)).sum(-1)[mask].mean()
+    torch.testing.assert_close(soft_cross_entropy(logits, probs, mask), expected)
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor():
+    config = TrainConfig(total_steps=100, warmup_steps=10, learning_rate=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, config) == pytest.approx(0.1) and lr_at(9, config) == pytest.approx(1.0)
+    assert lr_at(55, config) < lr_at(20, config)
+    assert lr_at(100, config) == pytest.approx(0.1)
+
+
+def test_a_few_steps_lower_the_loss_and_report_metrics():
+    torch.manual_seed(0)
+    target = peaked_target()
+    vocab = build_draft_vocab(torch.arange(320), 120)
+    target.set_vocab_mapping(vocab.selected_token_ids, vocab.selected_token_mask)
+    draft = Eagle3DraftModel(Eagle3DraftConfig.from_target_config(target.config, 120))
+    draft.set_vocab(vocab.d2t, vocab.t2d)
+    draft.seed_from_target(target.get_input_embeddings(), vocab.selected_token_ids)
+    ids = torch.randint(3, 250, (4, 24))
+    mask = torch.ones_like(ids)
+    supervision = target.supervise(ids, mask, mask)
+    optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=3e-3)
+    first = None
+    for _ in range(25):
+        result = ttt_loss(draft, supervision, mask, ttt_steps=3)
+        first = first or result
+        optimizer.zero_grad()
+        result.loss.backward()
+        optimizer.step()
+    assert result.loss.item() < 0.7 * first.loss.item()
+    assert result.step_losses.shape == (3,) and result.step_accuracies.shape == (3,)
+    assert result.step_accuracies[0] > first.step_accuracies[0]
+    assert 1.0 <= result.acceptance_length <= 4.0
+    assert not draft.embed_tokens.weight.requires_grad  # the embedding stays the target's
+
+
+def test_training_loop_writes_metrics_checkpoints_and_export(tmp_path):
+    trainer = Trainer(tiny_run_config(tmp_path), target=peaked_target(), tokenizer=build_tiny_tokenizer())
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert len(rows[0]["step_accuracies"]) == 3 and rows[0]["tokens_per_s"] > 0
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step_4.pt", "step_8.pt"]
+    assert (tmp_path / "out" / "draft" / "model.safetensors").is_file()
+
+
+def test_resume_is_bit_exact(tmp_path):
+    tokenizer = build_tiny_tokenizer()
+    straight = Trainer(tiny_run_config(tmp_path / "a", total_steps=8, save_every=4, grad_accum_steps=2),
+                       target=peaked_target(), tokenizer=tokenizer)
+    straight.train()
+
+    half = tiny_run_config(tmp_path / "b", total_steps=8, save_every=3, grad_accum_steps=2, stop_at_step=4)
+    Trainer(half, target=peaked_target(), tokenizer=tokenizer).train()
+    resumed = Trainer(tiny_run_config(tmp_path / "b", total_steps=8, save_every=4, grad_accum_steps=2, resume=True),
+                      target=peaked_target(), tokenizer=tokenizer)
+    resumed.train()
+    assert resumed.step == 8
+    for key, value in straight.draft.state_dict().items():
+        assert torch.equal(resumed.draft.state_dict()[key], value), key
+    losses = lambda d: [json.loads(l)["loss"] for l in (d / "out" / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_training_data_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n')
+    with pytest.raises(ValueError, match="bad.jsonl.*2"):
+        Trainer(tiny_run_config(tmp_path, data=str(bad)), target=peaked_target(), tokenizer=build_tiny_tokenizer())
+    with pytest.raises(ValueError, match="--data"):
+        Trainer(tiny_run_config(tmp_path, data=""), target=peaked_target(), tokenizer=build_tiny_tokenizer())
+
+
+@pytest.mark.parametrize("num_draft_tokens", [1, 3, 6])
+def test_speculative_decoding_equals_greedy_with_random_draft(num_draft_tokens):
+    target = peaked_target(seed=3)
+    torch.manual_seed(num_draft_tokens)
+    draft = Eagle3DraftModel(Eagle3DraftConfig.from_target_config(target.config, 320)).eval()
+    draft.seed_from_target(target.get_input_embeddings())
+    for prompt_len in (1, 5, 17):
+        prompt = torch.randint(3, 250, (1, prompt_len))
+        greedy = greedy_decode(target, prompt, 25)
+        spec = speculative_decode(target, draft, prompt, 25, num_draft_tokens)
+        assert spec.tokens == greedy.tokens
+        assert len(spec.tokens) == 25
+
+
+def test_trained_draft_is_accepted_and_still_exact(tmp_path):
+    """Train the draft on the target's own greedy continuations, then decode: same tokens, fewer forwards."""
+    target = peaked_target(seed=5)
+    prompts = [torch.randint(3, 250, (1, 6)) for _ in range(8)]
+    continuations = [torch.tensor([greedy_decode(target, p, 40).tokens]) for p in prompts]
+    ids = torch.cat([torch.cat([p, c], 1) for p, c in zip(prompts, continuations)])
+    mask = torch.ones_like(ids)
+    vocab = build_draft_vocab(torch.bincount(ids.flatten(), minlength=320), 320)
+    target.set_vocab_mapping(vocab.selected_token_ids, vocab.selected_token_mask)
+    torch.manual_seed(0)
+    draft = Eagle3DraftModel(Eagle3DraftConfig.from_target_config(target.config, 320))
+    draft.seed_from_target(target.get_input_embeddings(), vocab.selected_token_ids, seed_lm_head=True)
+    supervision = target.supervise(ids, mask, mask)
+    optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(60):
+        loss = ttt_loss(draft, supervision, mask, ttt_steps=3).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    summary, _ = evaluate_speculative(target, draft, prompts, max_new_tokens=40, num_draft_tokens=3, progress=False)
+    assert summary.outputs_match
+    assert summary.acceptance_length > 1.5
