@@ -1,0 +1,151 @@
+"""Disaggregated training end to end: a real ``tandem serve-target`` process on loopback and a tiny target.
+
+Remote training gives the very losses and draft weights of the in-process run: with prefetch, with a
+second trainer (``tandem train --target-url``, another process) on the same server at the same time,
+and across a server crash and restart mid-run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tandem.speculative.eagle.recipe import TrainConfig, train
+from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel, RetryPolicy
+from tests.conftest import build_tiny_tokenizer
+from tests.remote_utils import save_tiny_target, start_tiny_server
+
+pytestmark = pytest.mark.timeout(240)
+
+STEPS = 5
+
+
+def write_chat_data(path: Path, count: int = 16) -> Path:
+    with open(path, "w") as handle:
+        for i in range(count):
+            answer = " ".join(str((i * 7 + j) % 13) for j in range(10))
+            messages = [{"role": "user", "content": f"go {i}"}, {"role": "assistant", "content": answer}]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def run_config(root: Path, name: str, target_dir: Path, **overrides) -> TrainConfig:
+    fields = dict(
+        data=str(root / "data.jsonl"), output_dir=str(root / name), target=str(target_dir), total_steps=STEPS,
+        batch_size=4, max_seq_len=48, draft_vocab_size=120, warmup_steps=1, ttt_steps=2, save_every=100,
+        show_progress=False, learning_rate=3e-3,
+    )
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def losses(output_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def exported_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(output_dir / "draft" / "model.safetensors"))
+
+
+def assert_same_run(output_dir: Path, reference_dir: Path) -> None:
+    assert losses(output_dir) == losses(reference_dir)  # exact float equality, step by step
+    got, want = exported_weights(output_dir), exported_weights(reference_dir)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("remote_training")
+    write_chat_data(root / "data.jsonl")
+    return root
+
+
+@pytest.fixture(scope="module")
+def target_dir(root) -> Path:
+    return save_tiny_target(root / "target")
+
+
+@pytest.fixture(scope="module")
+def reference(root, target_dir) -> Path:
+    """The in-process run every remote run must reproduce bit for bit."""
+    trainer = train(run_config(root, "in_process", target_dir), tokenizer=build_tiny_tokenizer())
+    assert trainer.step == STEPS
+    return Path(trainer.output_dir)
+
+
+@pytest.fixture(scope="module")
+def server(root, target_dir):
+    holder = {"process": start_tiny_server(target_dir, root / "serve-target.log")}
+    yield holder
+    holder["process"].stop()
+
+
+def test_remote_training_is_bit_identical_to_in_process(root, target_dir, reference, server):
+    url = server["process"].url
+    trainer = train(run_config(root, "remote", target_dir, target_urls=[url], prefetch_depth=2), tokenizer=build_tiny_tokenizer())
+    assert trainer.step == STEPS
+    assert_same_run(root / "remote", reference)
+    log = server["process"].log_tail(100_000)
+    assert "POST /generate" in log and "status=200" in log  # one debug line per request
+    assert "disconnected" in log  # train() ended its session; the server is still up
+    assert server["process"].proc.poll() is None
+
+
+def test_two_trainers_share_one_server_and_both_match(root, target_dir, reference, server):
+    url = server["process"].url
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "tandem.cli", "--log-level", "WARNING", "train", "--data", str(root / "data.jsonl"),
+         "--output-dir", str(root / "cli"), "--target", str(target_dir), "--target-url", url, "--prefetch-depth", "2",
+         "--total-steps", str(STEPS), "--batch-size", "4", "--max-seq-len", "48", "--draft-vocab-size", "120",
+         "--warmup-steps", "1", "--ttt-steps", "2", "--save-every", "100", "--learning-rate", "3e-3",
+         "--no-show-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    trainer = train(run_config(root, "concurrent", target_dir, target_urls=[url]), tokenizer=build_tiny_tokenizer())
+    output, _ = cli.communicate(timeout=180)
+    assert cli.returncode == 0, output
+    assert trainer.step == STEPS
+    assert_same_run(root / "concurrent", reference)
+    assert_same_run(root / "cli", reference)
+
+
+def test_server_crash_and_restart_mid_training_is_retried_through(root, target_dir, reference, server):
+    """SIGKILL the server after a few requests, restart it on the same port; the run must not notice."""
+    port = server["process"].port
+    client = RemoteEagle3TargetModel(
+        server["process"].url, prefetch_depth=2, retry=RetryPolicy(max_retries=60, backoff_s=0.1, max_backoff_s=1.0)
+    )
+    restarted = threading.Event()
+    original_async = client.supervise_async
+    calls = {"n": 0}
+
+    def restart():
+        server["process"] = start_tiny_server(target_dir, root / "serve-target-2.log", "--exit-when-idle", port=port)
+        restarted.set()
+
+    def crash_on_third_call(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            server["process"].kill()
+            threading.Thread(target=restart, daemon=True).start()
+        return original_async(*args)
+
+    client.supervise_async = crash_on_third_call
+    trainer = train(run_config(root, "restarted", target_dir), target=client, tokenizer=build_tiny_tokenizer())
+    assert restarted.is_set() and trainer.step == STEPS
+    assert_same_run(root / "restarted", reference)
+    log = server["process"].log_tail(100_000)
+    assert "POST /set_vocab_mapping" in log  # the client taught the new server the vocabulary again
+    client.close()
+    # Started with --exit-when-idle: the last client's /disconnect stops it, with a summary.
+    assert server["process"].proc.wait(30) == 0
+    assert "served" in server["process"].log_tail() and "supervision" in server["process"].log_tail()
