@@ -398,6 +398,9 @@ def _make_request_handler(server_logic: TargetModelServer):
         def send_error(self, code, message=None, explain=None):
             # Malformed HTTP (bad request line, oversized headers, unknown method) gets JSON too.
             self.close_connection = True
+            # A garbled request line leaves the version at HTTP/0.9, which has no status line: answer 1.0.
+            if self.request_version == "HTTP/0.9":
+                self.request_version = "HTTP/1.0"
             body = protocol.error_body(int(code), message or explain or HTTPStatus(code).phrase)
             self.send_response(code, message)
             self.send_header("Content-Type", protocol.JSON_CONTENT_TYPE)
