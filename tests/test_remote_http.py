@@ -25,6 +25,8 @@ from tests.test_wire import MALFORMED
 pytestmark = pytest.mark.timeout(120)
 
 TOKEN = "test-token"
+# The in-process reference captures aux hidden states in shared hooks: one forward at a time.
+REFERENCE_LOCK = threading.Lock()
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,8 @@ def reference(target_dir):
 
 
 def expected_supervision(reference, mapping, batch):
-    return compute_supervision(reference, *mapping, *batch)
+    with REFERENCE_LOCK:
+        return compute_supervision(reference, *mapping, *batch)
 
 
 def raw_request(port, method, path, body=b"", headers=None, token=TOKEN):
