@@ -1,0 +1,106 @@
+"""Byte-level collectives the portable backend is built from.
+
+Every payload crosses the wire as `uint8` rows: gloo and NCCL both move bytes, so bf16, FP8 and int64
+travel unchanged on either backend, and one code path serves CPU and GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+# torch renamed all_gather_into_tensor to all_gather_single; take whichever this torch has.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def all_gather_ints(group: dist.ProcessGroup, values: torch.Tensor) -> torch.Tensor:
+    """
+    Gather one small int32 vector from every rank.
+
+    Arguments:
+        group: the process group.
+        values: `[n]` with `torch.int`, this rank's vector (same `n` on every rank).
+
+    Returns:
+        gathered: `[num_ranks, n]` with `torch.int`, row `i` from rank `i`.
+    """
+    world = group.size()
+    out = torch.empty(world * values.numel(), dtype=values.dtype, device=values.device)
+    _all_gather_flat(out, values.contiguous(), group=group)
+    return out.view(world, values.numel())
+
+
+def as_byte_rows(rows: torch.Tensor) -> torch.Tensor:
+    """View a contiguous `[n, ...]` tensor of any dtype as `[n, row_bytes]` uint8, without a copy."""
+    n = rows.size(0)
+    width = math.prod(rows.shape[1:]) * rows.element_size()
+    if n == 0 or width == 0:
+        # reshape(0, -1) is ambiguous, and an empty tensor has no bytes to reinterpret anyway.
+        return torch.empty(n, width, dtype=torch.uint8, device=rows.device)
+    return rows.reshape(n, -1).view(torch.uint8)
+
+
+def all_to_all_rows(
+    group: dist.ProcessGroup,
+    rows: torch.Tensor,
+    send_counts: Sequence[int],
+    recv_counts: Sequence[int],
+    out_rows: Optional[int] = None,
+) -> torch.Tensor:
+    """
+    Exchange variable-length blocks of rows: block `j` of `rows` goes to rank `j`.
+
+    Arguments:
+        group: the process group.
+        rows: `[sum(send_counts), ...]` of any dtype, contiguous, blocks ordered by destination rank.
+        send_counts: rows sent to each rank.
+        recv_counts: rows received from each rank.
+        out_rows: allocate this many output rows (>= `sum(recv_counts)`); the extra rows are zeroed.
+
+    Returns:
+        received: `[out_rows or sum(recv_counts), ...]` with `rows.dtype`, blocks ordered by source rank.
+    """
+    num_recv = int(sum(recv_counts))
+    total = num_recv if out_rows is None else out_rows
+    send = as_byte_rows(rows)
+    out = torch.empty(total, send.size(1), dtype=torch.uint8, device=rows.device)
+    if total > num_recv:
+        out[num_recv:].zero_()
+    if send.size(1) > 0:
+        dist.all_to_all_single(
+            out[:num_recv], send, output_split_sizes=list(recv_counts), input_split_sizes=list(send_counts), group=group
+        )
+    return _from_byte_rows(out, rows.dtype, rows.shape[1:])
+
+
+def _from_byte_rows(buf: torch.Tensor, dtype: torch.dtype, trailing: torch.Size) -> torch.Tensor:
+    if buf.numel() == 0:
+        return torch.empty(buf.size(0), *trailing, dtype=dtype, device=buf.device)
+    return buf.view(dtype).view(buf.size(0), *trailing)
+
+
+def pack_rows(tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[Tuple[torch.dtype, torch.Size]]]:
+    """
+    Concatenate several `[n, ...]` tensors column-wise as bytes, so small per-token metadata travels in
+    one collective instead of one per tensor.
+
+    Returns:
+        packed: `[n, total_bytes]` with `torch.uint8`.
+        specs: `(dtype, trailing shape)` of each tensor, for `unpack_rows`.
+    """
+    specs = [(t.dtype, t.shape[1:]) for t in tensors]
+    packed = torch.cat([as_byte_rows(t.contiguous()) for t in tensors], dim=1)
+    return packed, specs
+
+
+def unpack_rows(packed: torch.Tensor, specs: Sequence[Tuple[torch.dtype, torch.Size]]) -> List[torch.Tensor]:
+    """Split `pack_rows` output back into contiguous tensors."""
+    out, col = [], 0
+    for dtype, trailing in specs:
+        width = trailing.numel() * torch.empty((), dtype=dtype).element_size()
+        out.append(_from_byte_rows(packed[:, col : col + width].contiguous(), dtype, trailing))
+        col += width
+    return out
