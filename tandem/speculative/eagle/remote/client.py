@@ -92,16 +92,29 @@ class _ServerConnection:
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
 
-    def _connection(self) -> http.client.HTTPConnection:
+    def _connection(self, reuse: bool) -> http.client.HTTPConnection:
         with self._lock:
-            if self._idle:
+            if reuse and self._idle:
                 return self._idle.pop()
         cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
         return cls(self._host, self._port, timeout=self._timeout_s)
 
     def _once(self, method: str, endpoint: str, body: Sequence, headers: dict) -> tuple[int, bytearray]:
-        """One request on a pooled connection; ``(status, body)``. Raises OSError/HTTPException on I/O."""
-        conn = self._connection()
+        """One request; ``(status, body)``. Raises OSError/HTTPException on I/O failure.
+
+        A pooled connection the server has meanwhile closed (its idle timeout, a restart) fails at once;
+        that is no sign of trouble, so the request is sent again on a fresh connection without backoff.
+        """
+        with self._lock:
+            pooled = bool(self._idle)
+        try:
+            return self._exchange(self._connection(reuse=True), method, endpoint, body, headers)
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            if not pooled:
+                raise
+        return self._exchange(self._connection(reuse=False), method, endpoint, body, headers)
+
+    def _exchange(self, conn, method: str, endpoint: str, body: Sequence, headers: dict) -> tuple[int, bytearray]:
         try:
             conn.putrequest(method, f"{self._base_path}/{endpoint}", skip_accept_encoding=True)
             for name, value in {**self._headers, **headers, "Content-Length": str(wire.body_size(body))}.items():

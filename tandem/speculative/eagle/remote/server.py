@@ -571,5 +571,8 @@ def cmd_serve_target(args) -> int:
         exit_when_idle=args.exit_when_idle,
     )
     # The ready line goes to stdout: launchers (tandem demo, the tests) wait for it to learn the port.
-    serve(logic, args.host, args.port, on_ready=lambda host, port: print(READY_LINE.format(host=host, port=port), flush=True))
+    try:
+        serve(logic, args.host, args.port, on_ready=lambda host, port: print(READY_LINE.format(host=host, port=port), flush=True))
+    except OSError as exc:
+        raise ValueError(f"cannot serve on {args.host}:{args.port}: {exc}") from exc
     return 0
