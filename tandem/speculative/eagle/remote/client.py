@@ -253,7 +253,8 @@ class RemoteEagle3TargetModel:
             infos = [protocol.decode_json(s.request(protocol.EP_MODEL_INFO), f"{s.url} /model_info") for s in self._servers]
             for server, info in zip(self._servers[1:], infos[1:]):
                 if info != infos[0]:
-                    raise RemoteTargetError(server.url, protocol.EP_MODEL_INFO, f"serves a different model: {info} vs {infos[0]} at {self._servers[0].url}")
+                    message = f"serves a different model: {info} vs {infos[0]} at {self._servers[0].url}"
+                    raise RemoteTargetError(server.url, protocol.EP_MODEL_INFO, message)
             self._info = infos[0]
         return self._info
 
@@ -312,7 +313,9 @@ class RemoteEagle3TargetModel:
             raise RemoteTargetError(server.url, protocol.EP_GENERATE, f"answer lacks supervision tensors {missing}")
         return {k: tensors[k].to(self._device) for k in protocol.SUPERVISION_KEYS}
 
-    def generate_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def generate_batch(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Run the target remotely on one batch and return its supervision.
 
         Arguments:
@@ -381,7 +384,9 @@ class RemoteEagle3TargetModel:
             self._executor.shutdown(wait=True, cancel_futures=True)
         for server in self._servers:
             try:
-                server.request(protocol.EP_DISCONNECT, [b"{}"], content_type=protocol.JSON_CONTENT_TYPE, retry=RetryPolicy(max_retries=0))
+                server.request(
+                    protocol.EP_DISCONNECT, [b"{}"], content_type=protocol.JSON_CONTENT_TYPE, retry=RetryPolicy(max_retries=0)
+                )
             except RemoteTargetError as exc:
                 logger.debug("disconnect from %s failed: %s", server.url, exc)
             server.close()

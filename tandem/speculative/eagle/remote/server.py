@@ -191,7 +191,9 @@ class TargetModelServer:
 
     # ------------------------------------------------------------ dispatch
 
-    def handle(self, endpoint: str, raw: bytes, *, client_id: str = protocol.ANONYMOUS_CLIENT, client_wants_nccl: bool = False) -> Reply:
+    def handle(
+        self, endpoint: str, raw: bytes, *, client_id: str = protocol.ANONYMOUS_CLIENT, client_wants_nccl: bool = False
+    ) -> Reply:
         """Answer one routed, authorized request; ``RequestError`` for anything the client got wrong."""
         if endpoint not in protocol.PUBLIC_ENDPOINTS and endpoint != protocol.EP_DISCONNECT:
             self._session(client_id)
@@ -284,13 +286,17 @@ class TargetModelServer:
             self._stats.supervision_s += time.perf_counter() - start
         return {key: out[key] for key in protocol.SUPERVISION_KEYS}
 
-    def generate_buffers(self, raw: bytes, client_wants_nccl: bool, *, client_id: str = protocol.ANONYMOUS_CLIENT) -> tuple[list, bool]:
+    def generate_buffers(
+        self, raw: bytes, client_wants_nccl: bool, *, client_id: str = protocol.ANONYMOUS_CLIENT
+    ) -> tuple[list, bool]:
         """Like ``handle_generate`` but the body is a list of buffers referencing the tensors (no join)."""
         supervision = self.supervise(raw, client_id)
         # The process-group data plane is a later issue: every answer is the wire body for now.
         return wire.encode(supervision), False
 
-    def handle_generate(self, raw: bytes, client_wants_nccl: bool, *, client_id: str = protocol.ANONYMOUS_CLIENT) -> tuple[bytes, bool]:
+    def handle_generate(
+        self, raw: bytes, client_wants_nccl: bool, *, client_id: str = protocol.ANONYMOUS_CLIENT
+    ) -> tuple[bytes, bool]:
         """Run the target and serialize the supervision.
 
         Returns ``(body, used_nccl)``. With the process-group data plane the body would be the JSON
@@ -540,13 +546,15 @@ def add_serve_target_parser(subparsers) -> None:
     """Register ``tandem serve-target`` on the CLI's subparsers."""
     p = subparsers.add_parser("serve-target", help="serve a frozen target for remote training (tandem train --target-url)")
     p.add_argument("--model", default="default", help="target: default, an HF directory or a .gguf file (default: default)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 serves every interface, so set --token (default: 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="bind address; 0.0.0.0 serves every interface, so set --token (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8001, help="TCP port; 0 picks a free one and prints it (default: 8001)")
     p.add_argument("--token", default=None, help=f"require 'Authorization: Bearer TOKEN' (default: ${protocol.TOKEN_ENV} if set)")
     p.add_argument("--aux-layer-ids", type=int, nargs=3, default=None, help="the three captured layers (default: [1, L//2-1, L-4])")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="target dtype (default: float32)")
     p.add_argument("--device", default=None, help="where the target runs (default: cuda if available, else cpu)")
-    p.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20, help="request body limit in MiB (default: 64)")
+    p.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20,
+                   help="request body limit in MiB (default: 64)")
     p.add_argument("--exit-when-idle", action="store_true", help="exit when the last client disconnects")
     p.set_defaults(func=cmd_serve_target)
 
