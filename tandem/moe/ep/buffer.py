@@ -30,6 +30,7 @@ from .event import EventHandle, EventOverlap
 from .handle import DispatchHandle, LowLatencyHandle
 from .layout import dispatch_layout
 from .stream import CommStreams
+from .workspace import Workspace
 
 # DeepEP's tuned (num_sms, nvl_send, nvl_recv, rdma_send, rdma_recv) per group size, minus num_sms.
 _DISPATCH_CONFIGS = {
@@ -123,6 +124,7 @@ class Buffer:
         self.is_intranode = is_intranode
         self.runtime = None  # DeepEP's C++ runtime; the portable backend has none
         self._streams = CommStreams()
+        self._workspace = Workspace()
         self._ll_combine_buffer: Optional[torch.Tensor] = None
         self._destroyed = False
 
@@ -134,6 +136,7 @@ class Buffer:
             raise RuntimeError("destroy() needs Buffer(..., explicitly_destroy=True); otherwise the destructor releases it")
         self._check_alive()
         self._streams = CommStreams()
+        self._workspace.clear()
         self._ll_combine_buffer = None
         self._destroyed = True
 
@@ -331,7 +334,7 @@ class Buffer:
             handle = DispatchHandle(*handle[:6])
             _check_rows("x", data, handle.is_token_in_rank.size(0))
             (recv_x, recv_scales), event = self._streams.run(
-                lambda: normal.dispatch_cached(self.group, data, scales, handle),
+                lambda: normal.dispatch_cached(self.group, data, scales, handle, self._workspace),
                 data.device, previous_event, async_finish, allocate_on_comm_stream, (data, scales),
             )
             return _with_scales(recv_x, recv_scales), None, None, None, None, event
@@ -340,7 +343,7 @@ class Buffer:
         result, event = self._streams.run(
             lambda: normal.dispatch_fresh(
                 self.group, data, scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert,
-                expert_alignment, num_worst_tokens, num_channels,
+                expert_alignment, num_worst_tokens, num_channels, self._workspace,
             ),
             data.device, previous_event, async_finish, allocate_on_comm_stream,
             (data, scales, topk_idx, topk_weights, is_token_in_rank),
@@ -411,7 +414,7 @@ class Buffer:
             check_tensor("topk_weights", topk_weights, (torch.float32,), ndim=2)
         biases = _unpack_bias(bias, handle.is_token_in_rank.size(0), x.size(1))
         (combined, weights), event = self._streams.run(
-            lambda: normal.combine(self.group, x, handle, topk_weights, biases),
+            lambda: normal.combine(self.group, x, handle, topk_weights, biases, self._workspace),
             x.device, previous_event, async_finish, allocate_on_comm_stream, (x, topk_weights, *biases),
         )
         return combined, weights, event

@@ -52,7 +52,7 @@ def check_topk_idx(topk_idx: torch.Tensor, num_experts: int, rows: Optional[int]
     check_tensor("topk_idx", topk_idx, (torch.int64,), ndim=2, rows=rows)
     if topk_idx.numel() > 0:
         # One host sync; a bad id would otherwise silently land on the wrong rank.
-        lo, hi = int(topk_idx.min()), int(topk_idx.max())
+        lo, hi = (int(v) for v in torch.aminmax(topk_idx))
         if lo < -1 or hi >= num_experts:
             raise ValueError(f"topk_idx values must lie in [-1, {num_experts}); found range [{lo}, {hi}]")
 

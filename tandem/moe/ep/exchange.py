@@ -49,6 +49,7 @@ def all_to_all_rows(
     send_counts: Sequence[int],
     recv_counts: Sequence[int],
     out_rows: Optional[int] = None,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """
     Exchange variable-length blocks of rows: block `j` of `rows` goes to rank `j`.
@@ -59,6 +60,8 @@ def all_to_all_rows(
         send_counts: rows sent to each rank.
         recv_counts: rows received from each rank.
         out_rows: allocate this many output rows (>= `sum(recv_counts)`); the extra rows are zeroed.
+        out: receive into this `[out_rows or sum(recv_counts), ...]` tensor of `rows.dtype` instead of a
+            fresh one.
 
     Returns:
         received: `[out_rows or sum(recv_counts), ...]` with `rows.dtype`, blocks ordered by source rank.
@@ -66,14 +69,19 @@ def all_to_all_rows(
     num_recv = int(sum(recv_counts))
     total = num_recv if out_rows is None else out_rows
     send = as_byte_rows(rows)
-    out = torch.empty(total, send.size(1), dtype=torch.uint8, device=rows.device)
+    if out is None:
+        out = torch.empty(total, *rows.shape[1:], dtype=rows.dtype, device=rows.device)
+    if out.shape[0] != total or out.shape[1:] != rows.shape[1:] or out.dtype != rows.dtype:
+        raise ValueError(f"out must be {[total, *rows.shape[1:]]} {rows.dtype}, got {list(out.shape)} {out.dtype}")
+    received = as_byte_rows(out)
     if total > num_recv:
-        out[num_recv:].zero_()
+        received[num_recv:].zero_()
     if send.size(1) > 0:
         dist.all_to_all_single(
-            out[:num_recv], send, output_split_sizes=list(recv_counts), input_split_sizes=list(send_counts), group=group
+            received[:num_recv], send, output_split_sizes=list(recv_counts), input_split_sizes=list(send_counts),
+            group=group,
         )
-    return _from_byte_rows(out, rows.dtype, rows.shape[1:])
+    return out
 
 
 def _from_byte_rows(buf: torch.Tensor, dtype: torch.dtype, trailing: torch.Size) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from .exchange import all_gather_ints, all_to_all_rows, pack_rows, unpack_rows
 from .handle import DispatchHandle
+from .workspace import Workspace
 from .layout import (
     aligned_counts,
     channel_prefix_matrix,
@@ -49,6 +50,7 @@ def dispatch_fresh(
     expert_alignment: int,
     num_worst_tokens: int,
     num_channels: int,
+    workspace: Workspace,
 ):
     """Non-cached dispatch; returns DeepEP's first five outputs (recv_x, scales split out)."""
     rank, num_ranks = group.rank(), group.size()
@@ -69,7 +71,7 @@ def dispatch_fresh(
     out_rows = num_worst_tokens or None
 
     order = send_order(is_token_in_rank)
-    recv_x = all_to_all_rows(group, x.index_select(0, order), send_counts, recv_counts, out_rows)
+    recv_x = all_to_all_rows(group, _stage(workspace, x, order), send_counts, recv_counts, out_rows)
 
     meta = [order.to(torch.int32)[:, None]]
     if topk_idx is not None:
@@ -104,13 +106,17 @@ def dispatch_fresh(
 
 
 def dispatch_cached(
-    group: dist.ProcessGroup, x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: DispatchHandle
+    group: dist.ProcessGroup,
+    x: torch.Tensor,
+    x_scales: Optional[torch.Tensor],
+    handle: DispatchHandle,
+    workspace: Workspace,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Dispatch along a previous dispatch's layout: no counts exchange, one all-to-all of rows."""
     send_counts, recv_counts = _block_counts(handle, group.rank())
     out_rows = handle.recv_src_idx.size(0)
     order = send_order(handle.is_token_in_rank)
-    recv_x = all_to_all_rows(group, x.index_select(0, order), send_counts, recv_counts, out_rows)
+    recv_x = all_to_all_rows(group, _stage(workspace, x, order), send_counts, recv_counts, out_rows)
     recv_scales = None
     if x_scales is not None:
         recv_scales = all_to_all_rows(group, x_scales.index_select(0, order), send_counts, recv_counts, out_rows)
@@ -123,24 +129,76 @@ def combine(
     handle: DispatchHandle,
     topk_weights: Optional[torch.Tensor],
     biases: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]],
+    workspace: Workspace,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Send each received row back to its source and sum the copies of every token (fp32 accumulation)."""
     # The dispatch's directions reverse: what this rank received it now sends back.
     dispatch_sent, dispatch_received = _block_counts(handle, group.rank())
     num_recv = sum(dispatch_received)
-    num_tokens = handle.is_token_in_rank.size(0)
-    order = send_order(handle.is_token_in_rank)
+    num_tokens, hidden = handle.is_token_in_rank.size(0), x.size(1)
 
-    returned = all_to_all_rows(group, x[:num_recv].contiguous(), dispatch_received, dispatch_sent)
-    combined = torch.zeros(num_tokens, x.size(1), dtype=torch.float32, device=x.device)
-    combined.index_add_(0, order, returned.float())
-    for bias in biases:
-        if bias is not None:
-            combined += bias.float()
-
+    # One spare zero row at the end: tokens not sent to some rank read it instead of branching.
+    landing = workspace.get("combine_recv", (sum(dispatch_sent) + 1, hidden), x.dtype, x.device)
+    landing[-1].zero_()
+    all_to_all_rows(group, x[:num_recv], dispatch_received, dispatch_sent, out=landing[:-1])
+    combined = _sum_copies(workspace, landing, handle, biases)
     combined_weights = None
     if topk_weights is not None:
         returned_w = all_to_all_rows(group, topk_weights[:num_recv].contiguous(), dispatch_received, dispatch_sent)
         combined_weights = torch.zeros(num_tokens, topk_weights.size(1), dtype=torch.float32, device=x.device)
-        combined_weights.index_add_(0, order, returned_w)
-    return combined.to(x.dtype), combined_weights
+        combined_weights.index_add_(0, send_order(handle.is_token_in_rank), returned_w)
+    return combined, combined_weights
+
+
+def _stage(workspace: Workspace, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Gather the rows to send, in send order, into reused scratch (the collective needs them contiguous)."""
+    staged = workspace.get("send", (order.numel(), *x.shape[1:]), x.dtype, x.device)
+    return torch.index_select(x, 0, order, out=staged)
+
+
+_CHUNK_TOKENS = 256  # tokens reduced at a time on CPU: their fp32 partial sums stay in cache
+
+
+def _sum_copies(
+    workspace: Workspace,
+    landing: torch.Tensor,
+    handle: DispatchHandle,
+    biases: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]],
+) -> torch.Tensor:
+    """
+    Sum, in fp32, the copies of every token that came back, plus biases; cast once to the row dtype.
+
+    Arguments:
+        landing: `[num_returned + 1, hidden]`, the returned rows in send order, then one zero row.
+
+    Returns:
+        combined: `[num_tokens, hidden]` with `landing.dtype`.
+    """
+    is_token_in_rank, head = handle.is_token_in_rank, handle.send_head
+    num_tokens, hidden = head.size(0), landing.size(1)
+    zero_row = landing.size(0) - 1
+    sent = is_token_in_rank.sum(0)
+    block_start = (sent.cumsum(0) - sent).to(head.dtype)
+    # Row of each token's copy from each rank; valid rows sort before the zero row, so a chunk whose
+    # tokens went to at most k ranks needs only its first k columns.
+    position = torch.where(head >= 0, block_start[None, :] + head, torch.full_like(head, zero_row))
+    position = position.sort(dim=1).values.to(torch.int64)
+    copies = is_token_in_rank.sum(1)
+    step = _CHUNK_TOKENS if landing.device.type == "cpu" else max(num_tokens, 1)
+    rows = workspace.get("combine_rows", (min(step, num_tokens), hidden), landing.dtype, landing.device)
+    acc = workspace.get("combine_fp32", (min(step, num_tokens), hidden), torch.float32, landing.device)
+    out = torch.empty(num_tokens, hidden, dtype=landing.dtype, device=landing.device)
+    for begin in range(0, num_tokens, step):
+        end = min(begin + step, num_tokens)
+        n = end - begin
+        # Host read per chunk on CPU only (on CUDA there is a single chunk and all columns are used).
+        k = int(copies[begin:end].max()) if landing.device.type == "cpu" else head.size(1)
+        a, r = acc[:n], rows[:n]
+        a.copy_(torch.index_select(landing, 0, position[begin:end, 0], out=r))
+        for column in range(1, k):
+            a.add_(torch.index_select(landing, 0, position[begin:end, column], out=r))
+        for bias in biases:
+            if bias is not None:
+                a.add_(bias[begin:end])
+        out[begin:end].copy_(a)
+    return out
