@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--topk", type=int, default=4)
     parser.add_argument("--experts-per-rank", type=int, default=8)
-    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS / "ep_gloo.json")
     args = parser.parse_args()
