@@ -333,7 +333,7 @@ class Trainer:
         prefetcher = None
         if hasattr(self.target, "supervise_async"):
             prefetcher = SupervisionPrefetcher(self.target, self.micro_batch, self.config.prefetch_depth,
-                                               stop=self.config.total_steps * accum)
+                                               stop=min(self.config.total_steps, self.config.stop_at_step or self.config.total_steps) * accum)
         with open(metrics_path, "a") as metrics_file:
             end = min(self.config.total_steps, self.config.stop_at_step or self.config.total_steps)
             while self.step < end:
