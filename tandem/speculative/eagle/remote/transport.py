@@ -1,0 +1,351 @@
+"""The tensor data plane: a dedicated 2-rank process group between target server and training client.
+
+HTTP stays the control plane (input ids up, tensor metadata down); this group carries the large
+supervision tensors: NCCL between GPUs (NVLink within a node, RDMA/RoCE across nodes), gloo between
+CPUs, so the very same code path runs, and is tested, on a machine without a GPU.
+
+The group is built from its own ``TCPStore`` on ``nccl_port`` with torch's process-group classes
+(``ProcessGroup`` + ``ProcessGroupNCCL`` / ``ProcessGroupGloo``), never through
+``init_process_group``: it is independent of the training job's default group and is deliberately kept
+out of torch's registries (``_world.pg_map``, ``pg_names``, the C++ name registry). Were it registered,
+the trainer's ``destroy_process_group()`` would try to shut it down too and block on a server that is
+not taking part; as it is, ``destroy()`` has nothing to scrub and never waits for the peer.
+
+Failure safety (what the original design lacks): every operation runs under the group timeout; any
+failure tears the group down (which, on gloo, closes the sockets, so the peer fails at once instead of
+at its timeout) and raises :class:`TransportError`; the caller goes on over the wire format.
+
+Environment (read by :func:`nccl_enabled` and :func:`nccl_port_for`):
+
+- ``TANDEM_ENABLE_NCCL`` (or ``NEMO_EAGLE_ENABLE_NCCL``): ``1`` (default) to try the group, ``0`` to
+  force the wire format.
+- ``TANDEM_NCCL_PORT`` (or ``NEMO_EAGLE_NCCL_PORT``): base rendezvous port (default: HTTP port + 100).
+
+Hazard: like every ``torch.distributed`` group, the rendezvous store and the group's sockets are not
+authenticated (the bearer token protects HTTP only). Use the data plane on a trusted network.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from datetime import timedelta
+from typing import Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from tandem.speculative.eagle.remote.wire import CODE_TO_DTYPE
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["NCCLTransport", "TransportError", "nccl_enabled", "nccl_port_for"]
+
+# Dtypes NCCL has no type for (torch maps bool to uint8 itself, but says so nowhere): sent as uint8 views.
+_NCCL_UNSUPPORTED_DTYPES = frozenset({torch.int16, torch.int8, torch.bool})
+# gloo's send/recv move raw bytes: every wire dtype goes as it is.
+_UNSUPPORTED_DTYPES = {"nccl": _NCCL_UNSUPPORTED_DTYPES, "gloo": frozenset()}
+_ELEMENT_SIZE = {torch.int16: 2, torch.int8: 1, torch.bool: 1}
+_BACKENDS = ("nccl", "gloo")
+# The first message over a fresh group: proves both ranks reach each other with data, not just the store.
+_HANDSHAKE = 0x7A4E4D31
+_ENABLE_ENV = ("TANDEM_ENABLE_NCCL", "NEMO_EAGLE_ENABLE_NCCL")
+_PORT_ENV = ("TANDEM_NCCL_PORT", "NEMO_EAGLE_NCCL_PORT")
+
+
+class TransportError(RuntimeError):
+    """A data-plane operation failed or timed out; the group has been torn down."""
+
+
+def _first_env(names: Sequence[str], environ: Mapping[str, str]) -> Optional[str]:
+    for name in names:
+        value = environ.get(name)
+        if value not in (None, ""):
+            return value
+    return None
+
+
+def nccl_enabled(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """False when ``TANDEM_ENABLE_NCCL`` (else ``NEMO_EAGLE_ENABLE_NCCL``) is ``0``/``false``/``no``/``off``."""
+    value = _first_env(_ENABLE_ENV, os.environ if environ is None else environ)
+    return value is None or value.strip().lower() not in ("0", "false", "no", "off")
+
+
+def nccl_port_for(
+    http_port: int, server_index: int = 0, num_servers: int = 1, rank: int = 0, environ: Optional[Mapping[str, str]] = None
+) -> int:
+    """The rendezvous port a client proposes to server ``server_index`` (of ``num_servers``).
+
+    ``base + server_index + rank * num_servers``, where ``base`` is ``TANDEM_NCCL_PORT`` (else
+    ``NEMO_EAGLE_NCCL_PORT``, else the server's HTTP port + 100) and ``rank`` the client's data-parallel
+    rank: the ranks of one trainer sharing a server propose distinct ports. A port the server cannot use
+    (taken, or held by another client) makes it answer ``failed`` and that client uses the wire format.
+    """
+    value = _first_env(_PORT_ENV, os.environ if environ is None else environ)
+    try:
+        base = int(value) if value is not None else http_port + 100
+    except ValueError:
+        raise ValueError(f"{_PORT_ENV[0]} must be an integer port, got {value!r}") from None
+    port = base + server_index + rank * num_servers
+    if not 0 < port < 65536:
+        raise ValueError(f"data-plane port {port} (base {base}, server {server_index}, rank {rank}) is not a TCP port")
+    return port
+
+
+def _agree_backend(mine: str, theirs: str) -> str:
+    """Both ranks run this on the same two ``"name:fixed"`` strings, so both reach the same verdict.
+
+    A fixed (explicitly given) backend must be used as is; a derived one ("nccl" when this side's
+    tensors are on CUDA) gives way: NCCL only if both sides can, else gloo.
+    """
+    (a, a_fixed), (b, b_fixed) = [(s.split(":")[0], s.endswith(":1")) for s in sorted((mine, theirs))]
+    if a_fixed and b_fixed and a != b:
+        raise TransportError(f"backend mismatch: one side requires {a}, the other {b}")
+    if a_fixed or b_fixed:
+        return a if a_fixed else b
+    return "nccl" if a == b == "nccl" else "gloo"
+
+
+class NCCLTransport:
+    """A dedicated 2-rank group between server (rank 0) and client (rank 1).
+
+    Arguments:
+        nccl_port: TCP port of the rendezvous ``TCPStore`` (the server hosts it).
+        host: the server's hostname or IP (the rendezvous master).
+        is_server: True on the server (rank 0, sends), False on the client (rank 1, receives).
+        backend: ``"nccl"`` or ``"gloo"``; None derives it from ``device`` (CUDA -> nccl, else gloo) and
+            lets it give way to the peer's (NCCL only if both sides are on CUDA).
+        device: where this side's tensors live; received tensors are allocated there on NCCL, on the CPU
+            on gloo (default: the current CUDA device if ``backend="nccl"``, else the CPU).
+        rendezvous_id: namespaces the store keys, so a client that lands on another client's port finds
+            nothing there instead of joining its group.
+    """
+
+    def __init__(
+        self,
+        nccl_port: int,
+        host: str,
+        is_server: bool,
+        backend: Optional[str] = None,
+        *,
+        device: Optional[torch.device | str] = None,
+        rendezvous_id: str = "",
+    ):
+        if backend not in (None, *_BACKENDS):
+            raise ValueError(f"backend must be one of {_BACKENDS} or None, got {backend!r}")
+        self.nccl_port = int(nccl_port)
+        self.host = host
+        self.is_server = is_server
+        self._rank = 0 if is_server else 1
+        self._peer = 1 - self._rank
+        self._group_name = f"nemo_eagle_target_transfer_{nccl_port}"
+        self._rendezvous_id = rendezvous_id
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self._home = torch.device(device)
+        self._requested = backend
+        self.backend: Optional[str] = None  # the agreed one, once initialized
+        self.device = torch.device("cpu")  # where the group moves data; set by initialize
+        self._timeout = timedelta(seconds=120)
+        # _init_lock serialises initialize(); _state_lock only guards the swap of _pg/_store, so
+        # destroy() never waits for a rendezvous in progress.
+        self._init_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._pg: Optional[dist.ProcessGroup] = None
+        self._store: Optional[dist.Store] = None
+        self._destroyed = False
+
+    @property
+    def is_initialized(self) -> bool:
+        return self._pg is not None
+
+    # ------------------------------------------------------------ set-up
+
+    def initialize(self, timeout_seconds: int = 120) -> bool:
+        """Rendezvous with the peer, agree on the backend, build the group and exchange one handshake.
+
+        Blocks until both peers are connected or ``timeout_seconds`` have passed; the same timeout then
+        bounds every send and receive. Returns True on success, False on any failure (the caller falls
+        back to the wire format); never raises for a network problem.
+        """
+        with self._init_lock:
+            if self._pg is not None:
+                return True
+            if self._destroyed:
+                return False
+            self._timeout = timedelta(seconds=float(timeout_seconds))
+            try:
+                pg, store = self._build_group()
+            except Exception as exc:  # noqa: BLE001 - every failure means "use the wire format"
+                logger.warning("data plane on port %d (rank %d) not established: %s", self.nccl_port, self._rank, exc)
+                return False
+            with self._state_lock:
+                if self._destroyed:  # destroy() ran while we were connecting: do not resurrect
+                    _abort(pg)
+                    return False
+                self._pg, self._store = pg, store
+            logger.info("data plane: %s group on port %d, rank %d", self.backend, self.nccl_port, self._rank)
+            return True
+
+    def _build_group(self) -> tuple[dist.ProcessGroup, dist.Store]:
+        # The server hosts the store; binding fails at once if the port is taken. The client retries
+        # connecting until the timeout, so it may start before the server does.
+        store = dist.TCPStore(
+            self.host, self.nccl_port, world_size=2, is_master=self.is_server, timeout=self._timeout, wait_for_workers=True
+        )
+        prefix = dist.PrefixStore(f"{self._group_name}/{self._rendezvous_id}", store)
+        derived = "nccl" if self._home.type == "cuda" and dist.is_nccl_available() else "gloo"
+        mine = f"{self._requested or derived}:{int(self._requested is not None)}"
+        prefix.set(f"backend/{self._rank}", mine)
+        theirs = prefix.get(f"backend/{self._peer}").decode()
+        self.backend = _agree_backend(mine, theirs)
+        if self.backend == "nccl" and (self._home.type != "cuda" or not dist.is_nccl_available()):
+            raise TransportError(f"the peer requires nccl but this side's device is {self._home}")
+        self.device = self._home if self.backend == "nccl" else torch.device("cpu")
+        pg = self._make_process_group(prefix)
+        try:
+            self._handshake(pg)
+        except BaseException:
+            _abort(pg)
+            raise
+        return pg, store
+
+    def _make_process_group(self, store: dist.Store) -> dist.ProcessGroup:
+        """A 2-rank ``ProcessGroup`` with one backend for ``self.device``'s type (what ``init_process_group``
+        builds inside, minus the registration)."""
+        pg = dist.ProcessGroup(store, self._rank, 2)
+        if self.backend == "gloo":
+            options = dist.ProcessGroupGloo._Options()
+            options._timeout = self._timeout
+            options._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]
+            backend, backend_type = dist.ProcessGroupGloo(store, self._rank, 2, options), dist.ProcessGroup.BackendType.GLOO
+        else:
+            # The NCCL watchdog's default on a timeout (3) ends the whole process: a long-lived server
+            # must only lose this group (2 = abort the communicator). Read once, at construction.
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = self._timeout
+            backend, backend_type = dist.ProcessGroupNCCL(store, self._rank, 2, options), dist.ProcessGroup.BackendType.NCCL
+        pg._set_default_backend(backend_type)
+        backend._set_sequence_number_for_group()
+        pg._register_backend(self.device, backend_type, backend)
+        pg._set_group_name(self._group_name)
+        return pg
+
+    def _handshake(self, pg: dist.ProcessGroup) -> None:
+        token = torch.tensor([_HANDSHAKE if self.is_server else 0], dtype=torch.int64, device=self.device)
+        work = pg.send([token], self._peer, 0) if self.is_server else pg.recv([token], self._peer, 0)
+        self._wait(work, "handshake")
+        if not self.is_server and int(token.item()) != _HANDSHAKE:
+            raise TransportError(f"handshake received {int(token.item()):#x}, expected {_HANDSHAKE:#x}")
+
+    # ------------------------------------------------------------ transfer
+
+    def _require(self) -> dist.ProcessGroup:
+        pg = self._pg
+        if pg is None:
+            raise TransportError(f"data plane on port {self.nccl_port} is not initialized (or was destroyed)")
+        return pg
+
+    def _wait(self, work, what: str) -> None:
+        # wait(timeout) blocks the CPU on both backends (NCCL included) and raises on a failure.
+        if work.wait(self._timeout) is False:
+            raise TransportError(f"{what} timed out after {self._timeout.total_seconds():.0f} s")
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def _wire_view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` flattened on the group's device, as uint8 if the backend lacks its dtype (a view)."""
+        flat = tensor.detach().to(self.device).contiguous().reshape(-1)
+        return flat.view(torch.uint8) if flat.dtype in _UNSUPPORTED_DTYPES[self.backend] else flat
+
+    def send_tensors(self, tensor_dict: Mapping[str, Optional[torch.Tensor]], keys_order: Sequence[str]) -> None:
+        """Send the tensors (server side) in ``keys_order``; None entries and empty tensors are skipped.
+
+        Arguments:
+            tensor_dict: key -> tensor of any shape and wire v1 dtype, on any device (moved to the
+                group's device if needed), or None. Must match the metadata the client was given.
+            keys_order: the send order (``SUPERVISION_KEYS``); message ``i`` carries ``keys_order[i]``.
+
+        Raises ``TransportError`` (after tearing the group down) on a failure or a timeout.
+        """
+        pg = self._require()
+        pending = []
+        try:
+            for tag, key in enumerate(keys_order):
+                tensor = tensor_dict.get(key)
+                if tensor is None or tensor.numel() == 0:
+                    continue
+                payload = self._wire_view(tensor)
+                pending.append((key, payload, pg.send([payload], self._peer, tag)))  # payload kept alive
+            for key, _payload, work in pending:
+                self._wait(work, f"send of {key!r}")
+        except Exception as exc:
+            self.destroy()
+            raise TransportError(f"data plane on port {self.nccl_port}: send failed: {exc}") from exc
+
+    def recv_tensors(
+        self, metadata: Mapping[str, Optional[dict]], keys_order: Sequence[str]
+    ) -> dict[str, Optional[torch.Tensor]]:
+        """Receive the tensors (client side) described by ``metadata``, in ``keys_order``.
+
+        Arguments:
+            metadata: key -> ``{"dtype_code": int, "shape": [int, ...]}`` or None (as checked by
+                ``protocol.decode_nccl_metadata``).
+            keys_order: the order the server sends in.
+
+        Returns:
+            dict key -> tensor of that dtype and shape on ``self.device`` (None where the metadata says
+            None), in ``keys_order``. Raises ``TransportError`` (after tearing the group down) on a
+            failure or a timeout.
+        """
+        pg = self._require()
+        out: dict[str, Optional[torch.Tensor]] = {}
+        pending = []
+        try:
+            for tag, key in enumerate(keys_order):
+                entry = metadata.get(key)
+                if entry is None:
+                    out[key] = None
+                    continue
+                dtype = CODE_TO_DTYPE[entry["dtype_code"]]
+                out[key] = tensor = torch.empty([int(d) for d in entry["shape"]], dtype=dtype, device=self.device)
+                if tensor.numel():
+                    pending.append((key, pg.recv([self._wire_view(tensor)], self._peer, tag)))
+            for key, work in pending:
+                self._wait(work, f"receive of {key!r}")
+        except Exception as exc:
+            self.destroy()
+            raise TransportError(f"data plane on port {self.nccl_port}: receive failed: {exc}") from exc
+        return out
+
+    # ------------------------------------------------------------ teardown
+
+    def destroy(self) -> None:
+        """Abort the local communicator and drop the group and the store; idempotent.
+
+        The group is asymmetric: the client may leave long before the long-lived server, so a collective
+        shutdown (``destroy_process_group``) would hang. ``abort()`` never waits for the peer; dropping the
+        gloo backend closes its sockets, so a peer blocked in a transfer fails at once. Nothing was put in
+        torch's registries, so nothing is left there. An operation still running in another thread fails
+        by its timeout at the latest.
+        """
+        with self._state_lock:
+            self._destroyed = True
+            pg, store, self._pg, self._store = self._pg, self._store, None, None
+        if pg is not None:
+            _abort(pg)
+            logger.info("data plane on port %d (rank %d) torn down", self.nccl_port, self._rank)
+        del pg, store  # the master store's listening socket closes with it: the port is free again
+
+    def __repr__(self) -> str:
+        state = f"{self.backend} on {self.device}" if self.is_initialized else "not initialized"
+        return f"NCCLTransport(port={self.nccl_port}, host={self.host!r}, rank={self._rank}, {state})"
+
+
+def _abort(pg: dist.ProcessGroup) -> None:
+    try:
+        pg.abort()
+    except Exception as exc:  # noqa: BLE001 - teardown must go on; the group is dropped either way
+        logger.debug("abort of the data-plane group failed: %s", exc)
