@@ -161,12 +161,15 @@ def _read_tensor(reader: _Reader, key: str) -> torch.Tensor:
     dtype = CODE_TO_DTYPE[code]
     ndim = reader.unpack(_U8, f"ndim of {key!r}")
     shape = _read_shape(reader, ndim, key)
-    numel = 1
+    numel, bound = 1, 1
     for dim in shape:
         numel *= dim
+        bound *= max(dim, 1)
     itemsize = dtype.itemsize
-    if numel * itemsize > _INT64_MAX:
-        raise WireFormatError(f"tensor {key!r}: shape {shape} overflows int64 bytes")
+    # Zero dims count as 1 in the bound: torch still computes strides and a storage size from the other
+    # dims of an empty tensor, and [0, 2**62, 4] or [2**56, 2**56, 0] overflow there (RuntimeError).
+    if bound * itemsize > _INT64_MAX:
+        raise WireFormatError(f"tensor {key!r}: shape {shape} overflows int64 bytes (zero dims counted as 1)")
     nbytes_at = reader.pos
     nbytes = reader.unpack(_U64, f"nbytes of {key!r}")
     if nbytes != numel * itemsize:
