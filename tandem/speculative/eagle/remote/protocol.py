@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
+_INT64_MAX = 2**63 - 1
 
 # Endpoint names; the URL path is "/" + name.
 EP_HEALTH = "health"
@@ -91,8 +92,10 @@ def decode_json(raw: bytes, what: str = "body") -> dict:
     """Parse a JSON object body; ``ProtocolError`` naming ``what`` for anything else."""
     try:
         payload = json.loads(bytes(raw).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"{what} is not valid UTF-8 JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers bad UTF-8, bad JSON and integers past Python's digit limit; RecursionError
+        # nesting deeper than the stack. Both are the sender's fault (400), never the server's (500).
+        raise ProtocolError(f"{what} is not valid UTF-8 JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
     if not isinstance(payload, dict):
         raise ProtocolError(f"{what} must be a JSON object, got {type(payload).__name__}")
     return payload
@@ -140,10 +143,16 @@ def decode_nccl_metadata(raw: bytes) -> tuple[list[str], dict[str, Optional[dict
             continue
         shape = entry.get("shape") if isinstance(entry, dict) else None
         code = entry.get("dtype_code") if isinstance(entry, dict) else None
-        if code not in CODE_TO_DTYPE or isinstance(code, bool):
+        # isinstance first: a list is unhashable (TypeError in the dict lookup) and 1.0 would match code 1.
+        if not isinstance(code, int) or isinstance(code, bool) or code not in CODE_TO_DTYPE:
             raise ProtocolError(f"data-plane metadata: key {key!r} has unknown dtype_code {code!r}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise ProtocolError(f"data-plane metadata: key {key!r} has an invalid shape {shape!r}")
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if numel * CODE_TO_DTYPE[code].itemsize > _INT64_MAX:
+            raise ProtocolError(f"data-plane metadata: key {key!r} has a shape {shape!r} past int64 bytes")
     return keys_order, metadata
 
 
