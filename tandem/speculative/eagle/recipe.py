@@ -1,7 +1,8 @@
-"""The EAGLE-3 training loop: one process, target in-process or remote.
+"""The EAGLE-3 training loop: one process or data-parallel ranks (torchrun), target in-process or remote.
 
     tandem train --data chat.jsonl --out runs/my-draft --total-steps 400
     tandem train --data chat.jsonl --out runs/my-draft --resume        # continue from the last checkpoint
+    torchrun --nproc-per-node 8 -m tandem.train --data chat.jsonl ...  # DDP; see distributed.py
 
 The ``Trainer`` builds itself in named phases (target, data, vocabulary, draft, optimizer) and is a
 ``Stateful``: ``state_dict()`` holds everything a bit-exact resume needs (trainable weights, optimizer
@@ -14,7 +15,9 @@ import dataclasses
 import json
 import logging
 import math
+import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +27,12 @@ from tqdm.auto import tqdm
 
 from tandem.speculative.eagle import checkpoint as ckpt
 from tandem.speculative.eagle.data import ChatCollator, TokenizedChatDataset, batch_order, pad_token_id_for, read_chat_jsonl
+from tandem.speculative.eagle.distributed import (
+    DistributedContext, RankThroughput, current_context, init_distributed, servers_in_use, target_urls_for_rank,
+    throughput_summary,
+)
 from tandem.speculative.eagle.draft import Eagle3DraftConfig, Eagle3DraftModel
-from tandem.speculative.eagle.trainer import ttt_loss
+from tandem.speculative.eagle.trainer import TTTObjective, step_valid_counts
 from tandem.speculative.eagle.vocab import (
     build_draft_vocab, count_tokens, file_digest, load_draft_vocab, save_draft_vocab, vocab_fingerprint,
 )
@@ -54,7 +61,7 @@ class TrainConfig:
     max_seq_len: int = 256
     """Conversations are truncated to this many tokens."""
     batch_size: int = 4
-    """Sequences per micro-batch."""
+    """Sequences per micro-batch on each rank (the global batch is world_size times this)."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step."""
     total_steps: int = 200
@@ -109,16 +116,24 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.learning_rate * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
 
 
-def build_target(config: TrainConfig):
-    """The in-process target, or the remote client when ``target_urls`` is set."""
+def build_target(config: TrainConfig, distributed: DistributedContext | None = None):
+    """The in-process target, or the remote client when ``target_urls`` is set (rank r: its share of them)."""
+    distributed = distributed or DistributedContext()
     if config.target_urls:
+        import os
+        import socket
+
         from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel
 
-        return RemoteEagle3TargetModel(config.target_urls, prefetch_depth=config.prefetch_depth)
+        urls = target_urls_for_rank(config.target_urls, distributed.rank, distributed.world_size)
+        # The rank in the id makes the servers' per-client summary readable.
+        client_id = f"{socket.gethostname()}-rank{distributed.rank}-{os.getpid()}"
+        return RemoteEagle3TargetModel(urls, device=distributed.device, prefetch_depth=config.prefetch_depth,
+                                       client_id=client_id)
     from tandem.models import load_target
     from tandem.speculative.eagle.target import Eagle3TargetModel
 
-    model, _ = load_target(config.target)
+    model, _ = load_target(config.target, device=distributed.device)
     return Eagle3TargetModel(model, config.aux_layer_ids)
 
 
@@ -138,10 +153,24 @@ class SupervisionPrefetcher:
     def __init__(self, target, micro_batch, depth: int, stop: int):
         self.target, self.micro_batch, self.depth, self.stop = target, micro_batch, max(depth, 1), stop
         self.pending: dict[int, object] = {}
+        self.latency_s = 0.0
+        """Summed request-to-answer time of the completed requests (throughput report)."""
+        self.answered = 0
+        self._lock = threading.Lock()
 
     def _request(self, index: int):
         batch = self.micro_batch(index)
-        return self.target.supervise_async(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        future = self.target.supervise_async(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        future.add_done_callback(self._timer(time.perf_counter()))
+        return future
+
+    def _timer(self, submitted: float):
+        def done(future) -> None:
+            if not future.cancelled():
+                with self._lock:  # runs on the client's threads, several at once
+                    self.latency_s += time.perf_counter() - submitted
+                    self.answered += 1
+        return done
 
     def take(self, indices) -> list:
         """Futures for ``indices`` (consecutive), after requesting up to ``depth`` micro-batches beyond."""
@@ -162,13 +191,18 @@ class Trainer:
         config: the run's configuration.
         target: an ``Eagle3TargetModel`` or ``RemoteEagle3TargetModel``; built from ``config`` if None.
         tokenizer: built from ``config.tokenizer or config.target`` if None.
+        distributed: this rank's place in a data-parallel job (see ``distributed.py``); default: the
+            initialised default process group, else a single process.
     """
 
-    def __init__(self, config: TrainConfig, target=None, tokenizer=None):
+    def __init__(self, config: TrainConfig, target=None, tokenizer=None, distributed: DistributedContext | None = None):
         self.config = config
+        self.dist = distributed or current_context()
         self.output_dir = Path(config.output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:  # rank 0 alone writes files
+            self.output_dir.mkdir(parents=True, exist_ok=True)
         self.step = 0
+        self.throughput = RankThroughput()
         self._build_target(target, tokenizer)
         self._build_data()
         self._build_vocab()
@@ -180,7 +214,7 @@ class Trainer:
     def _build_target(self, target, tokenizer) -> None:
         from tandem.models import load_tokenizer
 
-        self.target = target if target is not None else build_target(self.config)
+        self.target = target if target is not None else build_target(self.config, self.dist)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.config.tokenizer or self.config.target)
         self.model_info = self.target.model_info()
 
@@ -189,11 +223,14 @@ class Trainer:
             raise ValueError("no training data: pass --data PATH (chat JSONL; see `tandem regenerate`)")
         records = read_chat_jsonl(self.config.data)
         self.dataset = TokenizedChatDataset.from_records(self.tokenizer, records, self.config.max_seq_len)
-        if len(self.dataset) < self.config.batch_size:
-            raise ValueError(f"{self.config.data}: {len(self.dataset)} usable conversations, fewer than batch_size={self.config.batch_size}")
+        self.global_batch_size = self.config.batch_size * self.dist.world_size
+        if len(self.dataset) < self.global_batch_size:
+            raise ValueError(f"{self.config.data}: {len(self.dataset)} usable conversations, fewer than the global batch "
+                             f"batch_size={self.config.batch_size} x world_size={self.dist.world_size}")
         self.collate = ChatCollator(pad_token_id=pad_token_id_for(self.tokenizer))
         self._epoch_orders: dict[int, list[list[int]]] = {}
-        logger.info("data: %d conversations, %d trained tokens", len(self.dataset), self.dataset.num_loss_tokens())
+        if self.dist.is_main:
+            logger.info("data: %d conversations, %d trained tokens", len(self.dataset), self.dataset.num_loss_tokens())
 
     def _build_vocab(self) -> None:
         vocab_size = self.model_info["vocab_size"]
@@ -202,11 +239,14 @@ class Trainer:
                                         tokenizer=type(self.tokenizer).__name__, tokens=len(self.tokenizer))
         cache_path = self.output_dir / "draft_vocab.safetensors"
         vocab = load_draft_vocab(cache_path, fingerprint)
-        if vocab is None:
-            samples = ((s["input_ids"], s["loss_mask"]) for s in self.dataset)
-            counts = count_tokens(samples, vocab_size)
+        # Every rank must take the same branch: the counting below is a collective.
+        if not self.dist.all_agree(vocab is not None):
+            # Rank r counts samples r, r+W, ...: disjoint shards covering the data, so the sum is the 1-rank count.
+            shard = (self.dataset[i] for i in range(self.dist.rank, len(self.dataset), self.dist.world_size))
+            counts = self.dist.all_reduce_sum(count_tokens(((s["input_ids"], s["loss_mask"]) for s in shard), vocab_size))
             vocab = build_draft_vocab(counts, self.config.draft_vocab_size, self.tokenizer.all_special_ids)
-            save_draft_vocab(vocab, cache_path, counts, fingerprint)
+            if self.dist.is_main:
+                save_draft_vocab(vocab, cache_path, counts, fingerprint)
         self.vocab = vocab
         self.target.set_vocab_mapping(vocab.selected_token_ids, vocab.selected_token_mask)
 
@@ -218,7 +258,9 @@ class Trainer:
         self.draft.set_vocab(self.vocab.d2t, self.vocab.t2d)
         self.draft.seed_from_target(self.target.get_input_embeddings().cpu(), self.vocab.selected_token_ids,
                                     seed_lm_head=self.config.seed_lm_head)
-        self.draft.train()
+        self.draft.to(self.dist.device).train()
+        # What the step runs: the TTT loss, in DDP when data parallel (gradients averaged in backward).
+        self.objective = self.dist.wrap(TTTObjective(self.draft, self.config.ttt_steps, self.config.ttt_decay))
 
     def _target_config(self):
         """The target's HF config: the in-process model's, or (remote target) read from the local spec."""
@@ -244,7 +286,8 @@ class Trainer:
     def state_dict(self) -> dict:
         trainable = {k: v for k, v in self.draft.state_dict().items() if k != "embed_tokens.weight"}
         return {"step": self.step, "draft": trainable, "optimizer": self.optimizer.state_dict(),
-                "rng": torch.get_rng_state(), "config": json.dumps(dataclasses.asdict(self.config))}
+                "rng": torch.get_rng_state(), "config": json.dumps(dataclasses.asdict(self.config)),
+                "world_size": self.dist.world_size, "global_batch_size": self.global_batch_size}
 
     def load_state_dict(self, state: dict) -> None:
         missing, unexpected = self.draft.load_state_dict(state["draft"], strict=False)
@@ -253,8 +296,30 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         self.step = int(state["step"])
+        self._explain_world_size_change(int(state.get("world_size", 1)), int(state.get("global_batch_size", self.global_batch_size)))
 
-    def save_checkpoint(self) -> Path:
+    def _explain_world_size_change(self, saved_world_size: int, saved_global_batch: int) -> None:
+        """Say what a resume at another world size keeps and what it changes (rank 0, once)."""
+        if not self.dist.is_main or saved_world_size == self.dist.world_size and saved_global_batch == self.global_batch_size:
+            return
+        kept = "weights, optimizer moments, step and learning-rate schedule carry over"
+        if saved_global_batch == self.global_batch_size:
+            logger.warning("resuming a %d-rank run on %d ranks with the same global batch %d: %s, and so does the data "
+                           "order (the same samples per step); only floating-point summation order changes",
+                           saved_world_size, self.dist.world_size, saved_global_batch, kept)
+            return
+        per_rank = saved_global_batch // self.dist.world_size if saved_global_batch % self.dist.world_size == 0 else None
+        hint = f"; pass --batch-size {per_rank} to keep global batch {saved_global_batch} and the data order" if per_rank else ""
+        logger.warning("resuming a run with global batch %d (%d ranks) at global batch %d (%d ranks x batch_size %d): "
+                       "%s, but each step now averages over %d sequences and the data order from step %d on is that of "
+                       "a global-batch-%d run (samples of the current epoch may be repeated or skipped)%s",
+                       saved_global_batch, saved_world_size, self.global_batch_size, self.dist.world_size,
+                       self.config.batch_size, kept, self.global_batch_size, self.step, self.global_batch_size, hint)
+
+    def save_checkpoint(self) -> Path | None:
+        """Rank 0 writes ``checkpoints/step_N.pt`` (every rank holds the same state); others return None."""
+        if not self.dist.is_main:
+            return None
         directory = self.output_dir / "checkpoints"
         path = directory / f"step_{self.step}.pt"
         ckpt.save_training_state(self.state_dict(), path)
@@ -265,24 +330,41 @@ class Trainer:
     def maybe_resume(self) -> bool:
         if not self.config.resume:
             return False
-        path = ckpt.latest_checkpoint(self.output_dir / "checkpoints")
-        if path is None:
-            logger.warning("--resume: no checkpoint under %s; starting from step 0", self.output_dir / "checkpoints")
+        directory = self.output_dir / "checkpoints"
+        # Rank 0 picks the checkpoint, so no rank resumes from another step.
+        latest = ckpt.latest_checkpoint(directory) if self.dist.is_main else None
+        step = self.dist.broadcast_int(int(latest.stem.split("_")[1]) if latest is not None else -1)
+        if step < 0:
+            logger.warning("--resume: no checkpoint under %s; starting from step 0", directory)
             return False
+        path = directory / f"step_{step}.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"rank {self.dist.rank}: cannot read {path}, which rank 0 resumes from: put "
+                                    f"--output-dir on a filesystem every node shares")
         self.load_state_dict(ckpt.load_training_state(path))
-        logger.info("resumed from %s at step %d", path, self.step)
+        if self.dist.is_main:
+            logger.info("resumed from %s at step %d", path, self.step)
         return True
 
     # --- the loop -----------------------------------------------------------------------------
 
     def micro_batch(self, index: int) -> dict[str, torch.Tensor]:
-        """The ``index``-th micro-batch of the run (epochs concatenated); a pure function of the config."""
-        per_epoch = len(batch_order(len(self.dataset), self.config.batch_size, self.config.seed, 0, drop_last=True))
+        """This rank's rows of the ``index``-th global micro-batch (epochs concatenated); a pure function of
+        the config and the world size.
+
+        A global micro-batch holds ``batch_size x world_size`` samples; rank r takes rows
+        ``r*batch_size : (r+1)*batch_size``, padded to the longest sample of the whole global batch, so
+        the ranks together see exactly the batches, and shapes, of one process at the global batch size.
+        """
+        size = self.global_batch_size
+        per_epoch = len(self.dataset) // size  # the full batches of batch_order(..., drop_last=True)
         epoch, within = divmod(index, per_epoch)
         if epoch not in self._epoch_orders:
-            self._epoch_orders = {epoch: batch_order(len(self.dataset), self.config.batch_size, self.config.seed,
-                                                     epoch, drop_last=True)}
-        return self.collate([self.dataset[i] for i in self._epoch_orders[epoch][within]])
+            self._epoch_orders = {epoch: batch_order(len(self.dataset), size, self.config.seed, epoch, drop_last=True)}
+        samples = [self.dataset[i] for i in self._epoch_orders[epoch][within]]
+        longest = max(len(sample["input_ids"]) for sample in samples)
+        first = self.dist.rank * self.config.batch_size
+        return dataclasses.replace(self.collate, pad_to=longest)(samples[first : first + self.config.batch_size])
 
     def train_step(self, batches: list[dict[str, torch.Tensor]], supervisions: list | None = None) -> dict:
         """One optimizer step over ``grad_accum_steps`` micro-batches; returns its metrics.
@@ -303,8 +385,12 @@ class Trainer:
             else:
                 supervision = self.target.supervise(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
             wait += time.perf_counter() - t0
-            result = ttt_loss(self.draft, supervision, batch["attention_mask"], self.config.ttt_steps, self.config.ttt_decay)
-            (result.loss / len(batches)).backward()
+            normalizers = self._global_valid_counts(supervision)
+            with self.dist.no_sync(self.objective, sync=k == len(batches) - 1):
+                result = self.objective(supervision, batch["attention_mask"], normalizers)
+                # Data parallel: the loss is this rank's share of the global mean, and DDP averages the
+                # gradients over W ranks, so W x share backpropagates the global mean's gradient.
+                (result.loss * self.dist.world_size / len(batches)).backward()
             results.append(result)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.draft.parameters(), self.config.max_grad_norm)
         self.optimizer.step()
@@ -312,53 +398,103 @@ class Trainer:
         self.step += 1
         elapsed = time.perf_counter() - started
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        self._count_throughput(tokens, elapsed, wait, synchronous=supervisions is None, requests=len(batches))
+        return self._step_metrics(lr, results, grad_norm, tokens, elapsed, wait)
+
+    def _global_valid_counts(self, supervision: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """``[K]`` positions each TTT step scores over the whole global micro-batch; None in one process."""
+        if not self.dist.enabled:
+            return None
+        return self.dist.all_reduce_sum(step_valid_counts(supervision["position_mask"], self.config.ttt_steps))
+
+    def _count_throughput(self, tokens: int, elapsed: float, wait: float, synchronous: bool, requests: int) -> None:
+        totals = self.throughput
+        totals.tokens, totals.step_s, totals.wait_s = totals.tokens + tokens, totals.step_s + elapsed, totals.wait_s + wait
+        if synchronous:  # a synchronous request's latency is the wait (prefetched ones are timed by the prefetcher)
+            totals.latency_s, totals.requests = totals.latency_s + wait, totals.requests + requests
+
+    def _step_metrics(self, lr: float, results: list, grad_norm: torch.Tensor, tokens: int, elapsed: float,
+                      wait: float) -> dict:
+        """The step's metrics row; data parallel: of the global batch (one all-reduce of a short vector)."""
+        k = self.config.ttt_steps
+        world = self.dist.world_size
+        local = torch.cat([
+            torch.tensor([float(r.loss.detach()) for r in results], dtype=torch.float64).mean().reshape(1),
+            torch.stack([r.step_losses for r in results]).double().mean(0).cpu(),
+            torch.stack([r.step_accuracies for r in results]).double().mean(0).cpu(),
+            torch.tensor([sum(r.acceptance_length for r in results) / len(results), tokens, wait / elapsed],
+                         dtype=torch.float64),
+        ])
+        # Losses and accuracies are per-rank shares of the global batch's (they add up); the simulated
+        # acceptance length and the wait share are averaged over ranks. A host sync, once per step.
+        total = self.dist.all_reduce_sum(local)
+        acceptance, global_tokens, wait_share = total[1 + 2 * k :].tolist()
         return {
-            "step": self.step, "lr": lr, "loss": mean([float(r.loss.detach()) for r in results]),
-            "step_accuracies": torch.stack([r.step_accuracies for r in results]).mean(0).tolist(),
-            "step_losses": torch.stack([r.step_losses for r in results]).mean(0).tolist(),
-            "sim_acceptance_length": mean([r.acceptance_length for r in results]),
-            "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": tokens / elapsed,
-            "supervision_wait_share": wait / elapsed, "step_time_s": elapsed,
+            "step": self.step, "lr": lr, "loss": total[0].item(), "step_accuracies": total[1 + k : 1 + 2 * k].tolist(),
+            "step_losses": total[1 : 1 + k].tolist(), "sim_acceptance_length": acceptance / world,
+            "grad_norm": float(grad_norm), "tokens": int(global_tokens), "tokens_per_s": global_tokens / elapsed,
+            "supervision_wait_share": wait_share / world, "step_time_s": elapsed,
         }
 
     def train(self) -> dict:
         """Run to ``total_steps``; checkpoint every ``save_every`` and at the end; export the draft."""
         self.maybe_resume()
-        metrics_path = self.output_dir / "metrics.jsonl"
+        main = self.dist.is_main
         accum = self.config.grad_accum_steps
+        end = min(self.config.total_steps, self.config.stop_at_step or self.config.total_steps)
         bar = tqdm(total=self.config.total_steps, initial=self.step, desc="train", unit="step",
-                   disable=not self.config.show_progress, dynamic_ncols=True)
+                   disable=not (self.config.show_progress and main), dynamic_ncols=True)
         last: dict = {}
         prefetcher = None
         if hasattr(self.target, "supervise_async"):
-            prefetcher = SupervisionPrefetcher(self.target, self.micro_batch, self.config.prefetch_depth,
-                                               stop=min(self.config.total_steps, self.config.stop_at_step or self.config.total_steps) * accum)
-        with open(metrics_path, "a") as metrics_file:
-            end = min(self.config.total_steps, self.config.stop_at_step or self.config.total_steps)
+            prefetcher = SupervisionPrefetcher(self.target, self.micro_batch, self.config.prefetch_depth, stop=end * accum)
+        with open(self.output_dir / "metrics.jsonl", "a") if main else nullcontext() as metrics_file:
             while self.step < end:
                 indices = range(self.step * accum, (self.step + 1) * accum)
                 batches = [self.micro_batch(i) for i in indices]
                 last = self.train_step(batches, prefetcher.take(indices) if prefetcher else None)
-                metrics_file.write(json.dumps(last) + "\n")
-                metrics_file.flush()
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(last) + "\n")
+                    metrics_file.flush()
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", acc0=f"{last['step_accuracies'][0]:.2f}",
                                 tok_s=f"{last['tokens_per_s']:.0f}")
                 if self.step % self.config.save_every == 0 or self.step == end:
                     self.save_checkpoint()
         bar.close()
-        export_dir = ckpt.export_draft(self.draft, self.output_dir / "draft", aux_layer_ids=self.model_info["aux_layer_ids"])
-        logger.info("exported the EAGLE-3 draft to %s", export_dir)
+        self._report_throughput(prefetcher)
+        if main:
+            export_dir = ckpt.export_draft(self.draft, self.output_dir / "draft", aux_layer_ids=self.model_info["aux_layer_ids"])
+            logger.info("exported the EAGLE-3 draft to %s", export_dir)
         return last
+
+    def _report_throughput(self, prefetcher: SupervisionPrefetcher | None) -> None:
+        """Each rank logs its speed and supervision wait; rank 0 adds the aggregate: target- or trainer-bound."""
+        if prefetcher is not None:
+            self.throughput.latency_s, self.throughput.requests = prefetcher.latency_s, prefetcher.answered
+        logger.info("%s", self.throughput.line(self.dist.rank))
+        rows = self.dist.gather_rows(self.throughput.as_tensor())  # a host sync, once per run
+        if self.dist.is_main:
+            if self.config.target_urls:
+                servers = servers_in_use(self.config.target_urls, self.dist.world_size)
+            else:
+                servers = len(getattr(self.target, "urls", []))
+            logger.info("%s", throughput_summary(rows, servers))
 
 
 def train(config: TrainConfig, target=None, tokenizer=None) -> Trainer:
-    """Build a ``Trainer`` and run it; returns the trainer (its draft, metrics file, checkpoints)."""
-    trainer = Trainer(config, target=target, tokenizer=tokenizer)
+    """Build a ``Trainer`` and run it; returns the trainer (its draft, metrics file, checkpoints).
+
+    Under torchrun (``WORLD_SIZE`` > 1) this joins the job's process group first and leaves it at the end.
+    """
+    distributed = init_distributed()
     try:
-        trainer.train()
+        trainer = Trainer(config, target=target, tokenizer=tokenizer, distributed=distributed)
+        try:
+            trainer.train()
+        finally:
+            if target is None and config.target_urls:
+                trainer.target.close()  # ends this client's session; the servers keep serving
     finally:
-        if target is None and config.target_urls:
-            trainer.target.close()  # ends this client's session; the servers keep serving
+        distributed.close()
     return trainer

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from tandem.speculative.eagle.draft import Eagle3DraftModel
 from tandem.speculative.eagle.target import shift_left
@@ -30,16 +31,30 @@ class TTTResult:
     valid_tokens: int
 
 
-def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over masked positions of ``-sum_v p(v) log q(v)``; logits/probs ``[B, S, Vd]``, mask ``[B, S]`` bool."""
+def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor, mask: torch.Tensor,
+                       count: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over masked positions of ``-sum_v p(v) log q(v)``; logits/probs ``[B, S, Vd]``, mask ``[B, S]`` bool.
+
+    ``count``: divide the sum by this instead of ``mask.sum()`` (data parallel: the global valid count).
+    """
     log_q = torch.log_softmax(logits.float(), dim=-1)
     per_position = -(target_probs * log_q).sum(-1)
-    count = mask.sum().clamp(min=1)
+    count = mask.sum().clamp(min=1) if count is None else count
     return (per_position * mask).sum() / count
 
 
+def step_valid_counts(position_mask: torch.Tensor, ttt_steps: int) -> torch.Tensor:
+    """``[K]`` long: positions ``ttt_loss`` scores at each step (step k sees the mask shifted left by k).
+
+    Arguments:
+        position_mask: ``[B, S, 1]`` or ``[B, S]`` bool, the supervision's position mask.
+    """
+    mask = position_mask.reshape(position_mask.shape[0], -1).bool()
+    return torch.stack([mask[:, k:].sum() for k in range(ttt_steps)])
+
+
 def ttt_loss(draft: Eagle3DraftModel, supervision: dict[str, torch.Tensor], attention_mask: torch.Tensor,
-             ttt_steps: int = 7, decay: float = 0.8) -> TTTResult:
+             ttt_steps: int = 7, decay: float = 0.8, loss_normalizers: torch.Tensor | None = None) -> TTTResult:
     """Unroll the draft ``ttt_steps`` times on one batch.
 
     Arguments:
@@ -50,6 +65,9 @@ def ttt_loss(draft: Eagle3DraftModel, supervision: dict[str, torch.Tensor], atte
         attention_mask: ``[B, S]`` 0/1, unshifted; padding keys are never attended.
         ttt_steps: K, the number of unrolled steps.
         decay: the loss weight ratio between consecutive steps.
+        loss_normalizers: ``[K]`` valid-position counts to divide step k's summed loss and correct count
+            by, instead of this batch's own (``step_valid_counts`` all-reduced over data-parallel ranks:
+            each rank's loss and accuracies are then its share of the global batch's, and they sum to it).
     """
     if ttt_steps < 1:
         raise ValueError(f"ttt_steps must be at least 1, got {ttt_steps}")
@@ -70,13 +88,14 @@ def ttt_loss(draft: Eagle3DraftModel, supervision: dict[str, torch.Tensor], atte
     for k in range(ttt_steps):
         hidden = draft.step(input_ids, hidden, positions + k, ttt_cache=ttt_cache, key_padding_mask=key_padding_mask)
         logits = draft.logits(hidden)
-        loss_k = soft_cross_entropy(logits, target_probs, position_mask)
+        count_k = None if loss_normalizers is None else loss_normalizers[k].to(device).clamp(min=1)
+        loss_k = soft_cross_entropy(logits, target_probs, position_mask, count_k)
         weighted = weighted + (decay ** k) * loss_k
         weights += decay ** k
         with torch.no_grad():
             correct = (logits.argmax(-1) == target_probs.argmax(-1)) & position_mask
             step_losses.append(loss_k.detach().float())
-            step_accuracies.append(correct.sum().float() / position_mask.sum().clamp(min=1))
+            step_accuracies.append(correct.sum().float() / (position_mask.sum().clamp(min=1) if count_k is None else count_k))
             valid_everywhere = valid_everywhere & position_mask
             still_correct = still_correct & correct
             chain_counts.append(still_correct)
@@ -94,3 +113,16 @@ def ttt_loss(draft: Eagle3DraftModel, supervision: dict[str, torch.Tensor], atte
         acceptance_length=acceptance,
         valid_tokens=int(supervision["position_mask"].sum()),
     )
+
+
+class TTTObjective(nn.Module):
+    """``ttt_loss`` as a module's ``forward``, so ``DistributedDataParallel`` can wrap it (DDP syncs
+    gradients for what runs inside its wrapped forward). Holds the draft; adds no parameters."""
+
+    def __init__(self, draft: Eagle3DraftModel, ttt_steps: int, decay: float):
+        super().__init__()
+        self.draft, self.ttt_steps, self.decay = draft, ttt_steps, decay
+
+    def forward(self, supervision: dict[str, torch.Tensor], attention_mask: torch.Tensor,
+                loss_normalizers: torch.Tensor | None = None) -> TTTResult:
+        return ttt_loss(self.draft, supervision, attention_mask, self.ttt_steps, self.decay, loss_normalizers)
