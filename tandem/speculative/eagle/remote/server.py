@@ -73,6 +73,8 @@ class _Stats:
     bytes_in: int = 0
     bytes_out: int = 0
     supervision_s: float = 0.0
+    batches_per_client: dict[str, int] = field(default_factory=dict)
+    """Supervised batches by client id (the ranks of a data-parallel trainer each have their own)."""
 
 
 def _decode_tensors(raw: bytes, expected: tuple[str, ...], what: str) -> dict[str, torch.Tensor]:
@@ -284,6 +286,7 @@ class TargetModelServer:
         with self._stats_lock:
             self._stats.batches += 1
             self._stats.supervision_s += time.perf_counter() - start
+            self._stats.batches_per_client[client_id] = self._stats.batches_per_client.get(client_id, 0) + 1
         return {key: out[key] for key in protocol.SUPERVISION_KEYS}
 
     def generate_buffers(
@@ -341,10 +344,12 @@ class TargetModelServer:
         with self._stats_lock:
             s = self._stats
             mean_ms = 1000.0 * s.supervision_s / s.batches if s.batches else 0.0
+            per_client = ", ".join(f"{client}: {count}" for client, count in sorted(s.batches_per_client.items()))
             return (
                 f"served {s.requests} requests ({s.errors} errors, {s.batches} batches), "
                 f"{s.bytes_in / 2**20:.1f} MiB in, {s.bytes_out / 2**20:.1f} MiB out, "
-                f"supervision {s.supervision_s:.2f} s ({mean_ms:.1f} ms/batch)"
+                f"supervision {s.supervision_s:.2f} s ({mean_ms:.1f} ms/batch); "
+                f"batches per client ({len(s.batches_per_client)}): {per_client or 'none'}"
             )
 
     def close(self) -> None:
