@@ -77,6 +77,9 @@ def _error_message(body: bytes) -> str:
 class _ServerConnection:
     """Keep-alive HTTP connections to one server: one per concurrent request, reused afterwards."""
 
+    # Where large answers are read into (set by the client; shared by its servers). None: a new buffer each.
+    receive_pool: Optional[wire.ReceivePool] = None
+
     def __init__(self, url: str, *, timeout_s: float, token: Optional[str], client_id: str, retry: RetryPolicy):
         parts = urlsplit(url if "://" in url else f"http://{url}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -123,7 +126,7 @@ class _ServerConnection:
             for buffer in body:
                 conn.send(buffer)
             response = conn.getresponse()
-            payload = _read_body(response)
+            payload = _read_body(response, self.receive_pool)
         except BaseException:
             conn.close()
             raise
@@ -172,16 +175,17 @@ class _ServerConnection:
             conn.close()
 
 
-def _read_body(response: http.client.HTTPResponse) -> bytearray:
-    """Read the whole response into one preallocated buffer (decoded tensors will view it in place)."""
+def _read_body(response: http.client.HTTPResponse, pool: Optional[wire.ReceivePool] = None) -> bytearray:
+    """Read the whole response into one preallocated buffer (decoded tensors will view it in place);
+    from ``pool`` when given, so that a large answer lands in memory without page faults."""
     if response.length is None:
         return bytearray(response.read())
-    body = bytearray(response.length)
+    body = pool.take(response.length) if pool is not None else bytearray(response.length)
     view, got = memoryview(body), 0
-    while got < len(body):
+    while got < len(view):
         n = response.readinto(view[got:])
         if not n:
-            raise http.client.IncompleteRead(b"", len(body) - got)
+            raise http.client.IncompleteRead(b"", len(view) - got)
         got += n
     return body
 
@@ -221,6 +225,10 @@ class RemoteEagle3TargetModel:
         self._servers = [
             _ServerConnection(u, timeout_s=timeout_s, token=token, client_id=self.client_id, retry=self.retry) for u in urls
         ]
+        # Answers alive at once: those in flight, the one being trained on and one the caller still holds.
+        receive_pool = wire.ReceivePool(capacity=prefetch_depth + 2)
+        for server in self._servers:
+            server.receive_pool = receive_pool
         self._device = torch.device(device)
         self.prefetch_depth = prefetch_depth
         self._round_robin = itertools.cycle(self._servers)
