@@ -1,0 +1,112 @@
+"""Compact supervision: the target's final hidden state instead of fp32 draft-vocabulary probabilities.
+
+The client's expansion must give the full encoding's supervision (probabilities within fp32 rounding,
+everything else bit for bit), training on it must give the full encoding's losses within 1e-5 relative,
+and the encoding is used only when a client asks for it and the target's logits allow it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from tandem.speculative.eagle import compact
+from tandem.speculative.eagle.recipe import TrainConfig, train
+from tandem.speculative.eagle.supervision import SUPERVISION_KEYS, compute_supervision
+from tandem.speculative.eagle.target import Eagle3TargetModel
+from tests.conftest import build_tiny_llama, build_tiny_tokenizer
+from tests.remote_utils import tiny_batch, tiny_vocab_mapping
+
+
+def supervise_both(target: Eagle3TargetModel, seed: int = 0):
+    ids, mask = tiny_vocab_mapping(draft_size=120, seed=seed)
+    batch = tiny_batch(batch=3, seq=20, seed=seed)
+    full = compute_supervision(target, ids, mask, *batch)
+    small = compact.compute_compact_supervision(target, ids, mask, *batch)
+    return full, small, compact.draft_lm_head(target.model, ids)
+
+
+def test_compact_answer_has_the_hidden_state_instead_of_the_probabilities():
+    target = Eagle3TargetModel(build_tiny_llama())
+    full, small, head = supervise_both(target)
+    assert list(small) == compact.COMPACT_SUPERVISION_KEYS
+    hidden = small[compact.FINAL_HIDDEN_KEY]
+    assert hidden.shape == (3, 20, target.config.hidden_size) and hidden.dtype == torch.float32
+    assert torch.equal(hidden[:, -1], torch.zeros_like(hidden[:, -1]))  # shifted with a zero tail, like the logits
+    assert head.shape == (120, target.config.hidden_size)
+
+
+def test_expanded_compact_supervision_equals_the_full_encoding():
+    target = Eagle3TargetModel(build_tiny_llama(seed=1))
+    full, small, head = supervise_both(target, seed=1)
+    expanded = compact.expand_supervision(small, head)
+    assert list(expanded) == SUPERVISION_KEYS
+    for key in ("aux_hidden_states", "position_mask", "input_ids", "loss_mask"):
+        assert expanded[key].dtype == full[key].dtype and torch.equal(expanded[key], full[key]), key
+    assert expanded["target_probs"].dtype == torch.float32
+    torch.testing.assert_close(expanded["target_probs"], full["target_probs"], rtol=1e-5, atol=1e-7)
+
+
+def test_position_mask_uses_the_argmax_over_the_full_vocabulary():
+    logits = torch.tensor([[[0.0, 5.0, 1.0], [3.0, 0.0, 1.0]]])
+    selected_mask = torch.tensor([True, False, True])
+    loss_mask = torch.tensor([[1, 1]])
+    # Position 0's argmax (id 1) is outside the draft vocabulary: not scored, though id 2 is the best inside.
+    assert compact.draft_position_mask(logits, selected_mask, loss_mask).squeeze(-1).tolist() == [[False, True]]
+
+
+@pytest.mark.parametrize("change", ["bias", "softcap"])
+def test_targets_whose_logits_are_not_linear_in_the_hidden_state_are_refused(change):
+    model = build_tiny_llama()
+    if change == "bias":
+        model.lm_head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    else:
+        model.config.final_logit_softcapping = 30.0
+    assert compact.output_projection(model) is None
+    with pytest.raises(ValueError, match="bias-free linear"):
+        compact.compute_compact_supervision(Eagle3TargetModel(model), *tiny_vocab_mapping(), *tiny_batch())
+
+
+def test_compact_is_at_least_3x_smaller_for_llama_8b():
+    sizes = compact.bytes_per_token(hidden=4096, draft_vocab=32000, target_itemsize=2)
+    assert sizes["full"] / sizes["compact"] >= 3.0
+
+
+class CompactInProcessTarget(Eagle3TargetModel):
+    """The in-process target answering through the compact encoding and the client's expansion."""
+
+    def supervise(self, input_ids, attention_mask, loss_mask):
+        small = compact.compute_compact_supervision(
+            self, self.selected_token_ids, self.selected_token_mask, input_ids, attention_mask, loss_mask
+        )
+        return compact.expand_supervision(small, compact.draft_lm_head(self.model, self.selected_token_ids))
+
+
+def write_chat_data(path, count: int = 16):
+    with open(path, "w") as handle:
+        for i in range(count):
+            answer = " ".join(str((i * 7 + j) % 13) for j in range(10))
+            messages = [{"role": "user", "content": f"go {i}"}, {"role": "assistant", "content": answer}]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def train_losses(tmp_path, name: str, target) -> list[float]:
+    config = TrainConfig(
+        data=str(write_chat_data(tmp_path / "data.jsonl")), output_dir=str(tmp_path / name), total_steps=6,
+        batch_size=4, max_seq_len=48, draft_vocab_size=120, warmup_steps=1, ttt_steps=3, save_every=100,
+        show_progress=False, learning_rate=3e-3,
+    )
+    train(config, target=target, tokenizer=build_tiny_tokenizer())
+    return [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_on_compact_supervision_matches_full_within_1e_5(tmp_path):
+    full = train_losses(tmp_path, "full", Eagle3TargetModel(build_tiny_llama(seed=2)))
+    small = train_losses(tmp_path, "compact", CompactInProcessTarget(build_tiny_llama(seed=2)))
+    assert len(full) == len(small) == 6
+    for step, (a, b) in enumerate(zip(full, small)):
+        assert abs(a - b) <= 1e-5 * abs(a), f"step {step}: full {a} vs compact {b}"
