@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 # An idle keep-alive connection holds a handler thread; drop it after this long (the client reconnects).
 DEFAULT_IDLE_TIMEOUT_S = 300.0
+# A request's whole body must arrive within this long once its headers have: a client that stalls or
+# trickles mid-body gets 408 and its thread back (the idle timeout alone restarts on every byte).
+DEFAULT_BODY_TIMEOUT_S = 60.0
 
 
 class RequestError(Exception):
@@ -379,14 +382,18 @@ def _send_buffers(sock: socket.socket, buffers: list) -> int:
     return total
 
 
-def _make_request_handler(server_logic: TargetModelServer):
+def _make_request_handler(
+    server_logic: TargetModelServer,
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+):
     """A ``BaseHTTPRequestHandler`` class bound to ``server_logic``: parse, check, read, answer, log."""
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: one connection carries a client's whole run
         server_version = "tandem-target/1"
         disable_nagle_algorithm = True  # small header writes must not wait for the peer's delayed ACK
-        timeout = DEFAULT_IDLE_TIMEOUT_S
+        timeout = idle_timeout_s  # socket timeout between requests and while reading headers
 
         def do_GET(self):
             self._serve("GET")
@@ -424,8 +431,13 @@ def _make_request_handler(server_logic: TargetModelServer):
         def _content_length(self) -> int:
             if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
                 raise RequestError(411, "chunked request bodies are not supported: send Content-Length")
-            value = self.headers.get("Content-Length", "0")
-            if not value.isdigit():
+            values = self.headers.get_all("Content-Length") or ["0"]
+            # Two different lengths let a proxy and this server split the stream differently (request
+            # smuggling); isascii: str.isdigit() also takes "\u00b2", which int() then refuses.
+            if len(set(values)) > 1:
+                raise RequestError(400, f"conflicting Content-Length headers {values}")
+            value = values[0].strip()
+            if not (value.isascii() and value.isdigit()):
                 raise RequestError(400, f"invalid Content-Length {value!r}")
             return int(value)
 
@@ -433,11 +445,24 @@ def _make_request_handler(server_logic: TargetModelServer):
             # One preallocated buffer, filled in place; wire.decode then views tensors inside it.
             body = bytearray(length)
             view, got = memoryview(body), 0
-            while got < length:
-                n = self.rfile.readinto(view[got:])
-                if not n:
-                    raise _ClientGone(f"body ended after {got} of {length} bytes")
-                got += n
+            deadline = time.monotonic() + body_timeout_s
+            try:
+                while got < length:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError
+                    # One deadline for the whole body; readinto1 makes at most one recv, so a client trickling
+                    # a byte at a time cannot keep one readinto (which loops until full) going past it.
+                    self.connection.settimeout(left)
+                    n = self.rfile.readinto1(view[got:])
+                    if not n:
+                        raise _ClientGone(f"body ended after {got} of {length} bytes")
+                    got += n
+            except TimeoutError:
+                raise RequestError(408, f"request body not received within {body_timeout_s:g} s: got {got} of "
+                                        f"{length} bytes") from None
+            finally:
+                self.connection.settimeout(self.timeout)
             return body
 
         def _serve(self, method: str) -> None:
@@ -505,6 +530,8 @@ def serve(
     port: int,
     *,
     on_ready: Optional[Callable[[str, int], None]] = None,
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> None:
     """Run the blocking HTTP server until stopped (Ctrl-C, SIGTERM, or the last client leaving with
     ``exit_when_idle``); then log the summary.
@@ -513,8 +540,10 @@ def serve(
         server_logic: the request logic.
         host: bind address (``127.0.0.1`` keeps the server private to the machine).
         port: TCP port; 0 picks a free one, reported to ``on_ready(host, port)`` once it accepts connections.
+        idle_timeout_s: a connection silent this long between requests (or within headers) is closed.
+        body_timeout_s: a request body not complete this long after its headers gets 408 and is closed.
     """
-    httpd = _HTTPServer((host, port), _make_request_handler(server_logic))
+    httpd = _HTTPServer((host, port), _make_request_handler(server_logic, idle_timeout_s, body_timeout_s))
     bound_host, bound_port = httpd.server_address[:2]
     restore = _stop_on_sigterm(server_logic.shutdown_event)
     loop = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="tandem-http", daemon=True)
@@ -560,6 +589,11 @@ def add_serve_target_parser(subparsers) -> None:
     p.add_argument("--device", default=None, help="where the target runs (default: cuda if available, else cpu)")
     p.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20,
                    help="request body limit in MiB (default: 64)")
+    p.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT_S,
+                   help="close a connection silent this many seconds between requests or within headers (default: 300)")
+    p.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                   help="answer 408 and close when a request body is not complete this many seconds after its "
+                        "headers (default: 60)")
     p.add_argument("--exit-when-idle", action="store_true", help="exit when the last client disconnects")
     p.set_defaults(func=cmd_serve_target)
 
@@ -585,7 +619,8 @@ def cmd_serve_target(args) -> int:
     )
     # The ready line goes to stdout: launchers (tandem demo, the tests) wait for it to learn the port.
     try:
-        serve(logic, args.host, args.port, on_ready=lambda host, port: print(READY_LINE.format(host=host, port=port), flush=True))
+        serve(logic, args.host, args.port, on_ready=lambda host, port: print(READY_LINE.format(host=host, port=port), flush=True),
+              idle_timeout_s=args.idle_timeout, body_timeout_s=args.body_timeout)
     except OSError as exc:
         raise ValueError(f"cannot serve on {args.host}:{args.port}: {exc}") from exc
     return 0
