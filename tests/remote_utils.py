@@ -31,11 +31,18 @@ def load_tiny_target(directory: Path):
     return Eagle3TargetModel(model)
 
 
-def start_tiny_server(directory: Path, log_path: Path, *extra: str, port: int = 0, token: str | None = None) -> TargetServerProcess:
-    """``tandem serve-target --model directory`` on loopback, logging at DEBUG to ``log_path``."""
+def start_tiny_server(
+    directory: Path, log_path: Path, *extra: str, port: int = 0, token: str | None = None, nccl_timeout_s: float | None = None
+) -> TargetServerProcess:
+    """``tandem serve-target --model directory`` on loopback, logging at DEBUG to ``log_path``.
+
+    The process-group data plane is off (``--no-nccl``: the tests of the HTTP body path stay on it)
+    unless ``nccl_timeout_s`` is given, which turns it on with that group timeout.
+    """
+    nccl = ("--no-nccl",) if nccl_timeout_s is None else ("--nccl", "--nccl-timeout", str(nccl_timeout_s))
     return start_target_server(
         str(directory), port=port, token=token, log_path=log_path, log_level="DEBUG",
-        extra_args=("--device", "cpu", *extra), startup_timeout_s=90,
+        extra_args=("--device", "cpu", *nccl, *extra), startup_timeout_s=90,
     )
 
 

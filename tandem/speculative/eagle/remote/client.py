@@ -12,7 +12,11 @@ training loop does not know which one it holds. Behind them:
   the server's message -- except a 409 from a server that restarted and forgot the draft vocabulary,
   which the client answers by sending the vocabulary again;
 - ``generate_batch_async`` keeps at most ``prefetch_depth`` requests in flight, so target inference
-  overlaps draft training without unbounded memory.
+  overlaps draft training without unbounded memory;
+- the supervision tensors come over a dedicated process group (:mod:`.transport`; NCCL between GPUs,
+  gloo between CPUs) when client and server both set one up, else in the HTTP body. A group that fails
+  mid-transfer is torn down and the batch is asked for again over HTTP: no batch is lost, and that
+  server is used over HTTP from then on.
 
     tandem train --target-url http://127.0.0.1:8001 --prefetch-depth 2
 """
@@ -35,6 +39,7 @@ from urllib.parse import urlsplit
 import torch
 
 from tandem.speculative.eagle.remote import protocol, wire
+from tandem.speculative.eagle.remote.transport import NCCLTransport, TransportError, nccl_enabled, nccl_port_for
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +91,10 @@ class _ServerConnection:
             raise ValueError(f"target URL must look like http://host:port, got {url!r}")
         self.url = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
         self._scheme, self._host, self._port = parts.scheme, parts.hostname, parts.port
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        # Set by the client when the process-group data plane is enabled.
+        self.data_plane: Optional[_DataPlane] = None
         self._base_path = parts.path.rstrip("/")
         self._timeout_s = timeout_s
         self._retry = retry
@@ -102,8 +111,8 @@ class _ServerConnection:
         cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
         return cls(self._host, self._port, timeout=self._timeout_s)
 
-    def _once(self, method: str, endpoint: str, body: Sequence, headers: dict) -> tuple[int, bytearray]:
-        """One request; ``(status, body)``. Raises OSError/HTTPException on I/O failure.
+    def _once(self, method: str, endpoint: str, body: Sequence, headers: dict) -> tuple[int, bytearray, bool]:
+        """One request; ``(status, body, data-plane header echoed)``. Raises OSError/HTTPException on I/O failure.
 
         A pooled connection the server has meanwhile closed (its idle timeout, a restart) fails at once;
         that is no sign of trouble, so the request is sent again on a fresh connection without backoff.
@@ -117,7 +126,7 @@ class _ServerConnection:
                 raise
         return self._exchange(self._connection(reuse=False), method, endpoint, body, headers)
 
-    def _exchange(self, conn, method: str, endpoint: str, body: Sequence, headers: dict) -> tuple[int, bytearray]:
+    def _exchange(self, conn, method: str, endpoint: str, body: Sequence, headers: dict) -> tuple[int, bytearray, bool]:
         try:
             conn.putrequest(method, f"{self._base_path}/{endpoint}", skip_accept_encoding=True)
             for name, value in {**self._headers, **headers, "Content-Length": str(wire.body_size(body))}.items():
@@ -135,7 +144,7 @@ class _ServerConnection:
         else:
             with self._lock:
                 self._idle.append(conn)
-        return response.status, payload
+        return response.status, payload, response.getheader(protocol.NCCL_HEADER) == "1"
 
     def request(
         self,
@@ -145,20 +154,26 @@ class _ServerConnection:
         method: str = "POST",
         content_type: str = protocol.WIRE_CONTENT_TYPE,
         retry: Optional[RetryPolicy] = None,
-    ) -> bytearray:
-        """Send one request with retries; returns the 200 body or raises ``RemoteTargetError``."""
-        headers = {"Content-Type": content_type}
+        headers: Optional[dict] = None,
+        with_nccl_flag: bool = False,
+    ) -> Union[bytearray, tuple[bytearray, bool]]:
+        """Send one request with retries; returns the 200 body or raises ``RemoteTargetError``.
+
+        With ``with_nccl_flag`` returns ``(body, flag)``, the flag True when the server echoed ``X-NeMo-NCCL: 1``
+        (the body is then data-plane metadata and the tensors follow over the group).
+        """
+        headers = {**(headers or {}), "Content-Type": content_type}
         delays = (retry or self._retry).delays()
         attempt = 0
         while True:
             attempt += 1
             try:
-                status, payload = self._once(method, endpoint, body, headers)
+                status, payload, nccl_flag = self._once(method, endpoint, body, headers)
             except (OSError, http.client.HTTPException) as exc:
                 failure = f"{type(exc).__name__}: {exc}"
             else:
                 if status == 200:
-                    return payload
+                    return (payload, nccl_flag) if with_nccl_flag else payload
                 if status < 500:
                     raise RemoteTargetError(self.url, endpoint, _error_message(payload), status)
                 failure = f"HTTP {status}: {_error_message(payload)}"
@@ -190,6 +205,67 @@ def _read_body(response: http.client.HTTPResponse, pool: Optional[wire.ReceivePo
     return body
 
 
+class _DataPlane:
+    """One server's process-group data plane, as the client sees it: set up once, given up for good on a failure.
+
+    ``lock`` makes transfers with this server one at a time (request, metadata, receive): the group pairs
+    sends and receives in order, so two interleaved transfers would swap tensors.
+    """
+
+    def __init__(self, port: int, timeout_s: float, device: torch.device):
+        self.port = port
+        self.timeout_s = timeout_s
+        self.device = device
+        self.lock = threading.Lock()
+        self.transport: Optional[NCCLTransport] = None
+        self.state = "new"  # -> "up" or "off"
+
+    @property
+    def active(self) -> bool:
+        return self.state != "off"
+
+    def ensure(self, server: "_ServerConnection") -> bool:
+        """True when the group is up (setting it up on first use). Call with ``lock`` held."""
+        if self.state == "new":
+            self.state = "up" if self._start(server) else "off"
+        return self.state == "up"
+
+    def _start(self, server: "_ServerConnection") -> bool:
+        """Our side of the rendezvous and ``/init_nccl`` at the same time; the group only if both succeed."""
+        rendezvous_id = uuid.uuid4().hex
+        transport = NCCLTransport(self.port, server.host, is_server=False, device=self.device, rendezvous_id=rendezvous_id)
+        outcome: dict[str, bool] = {}
+        ours = threading.Thread(
+            target=lambda: outcome.update(ok=transport.initialize(self.timeout_s)), name="tandem-rendezvous", daemon=True
+        )
+        ours.start()
+        body = protocol.encode_json({"nccl_port": self.port, "rendezvous_id": rendezvous_id})
+        try:
+            reply = server.request(protocol.EP_INIT_NCCL, [body], content_type=protocol.JSON_CONTENT_TYPE,
+                                   retry=RetryPolicy(max_retries=0))
+            status = protocol.decode_json(reply, "init_nccl answer").get("status")
+        except (RemoteTargetError, protocol.ProtocolError) as exc:
+            status = f"error: {exc}"
+        if status == protocol.NCCL_STATUS_OK:
+            ours.join(self.timeout_s + 5)  # the server's side is done, so ours ends now too
+            if outcome.get("ok"):
+                self.transport = transport
+                logger.info("target server %s: data plane up (%s group, port %d)", server.url, transport.backend, self.port)
+                return True
+        # Our rendezvous, if still waiting, gives up at its timeout in the background; nothing waits on it.
+        transport.destroy()
+        logger.info("target server %s: no data plane (server said %s); using HTTP bodies", server.url, status)
+        return False
+
+    def lose(self, server_url: str, reason: str) -> None:
+        """Tear the group down for good: this server is used over HTTP from now on."""
+        self.state = "off"
+        transport, self.transport = self.transport, None
+        if transport is not None:
+            transport.destroy()
+        logger.warning("target server %s: data plane lost (%s); using HTTP bodies from now on", server_url, reason)
+
+
 class RemoteEagle3TargetModel:
     """The frozen target on one or more remote servers, with ``Eagle3TargetModel``'s surface.
 
@@ -201,6 +277,12 @@ class RemoteEagle3TargetModel:
         token: bearer token; default ``$TANDEM_TOKEN``.
         client_id: this client's session id on the servers (default: host, pid and a random suffix).
         retry: retry/backoff policy for connection errors and 5xx.
+        enable_nccl: set up the process-group data plane with each server (default: ``TANDEM_ENABLE_NCCL``,
+            on unless 0; when off, ``/init_nccl`` is never sent).
+        nccl_timeout_s: limit of the data-plane rendezvous and of one transfer; a transfer past it is
+            given up and the batch asked for again over HTTP.
+        nccl_rank: this trainer's data-parallel rank, which picks its data-plane port (default: ``$RANK``
+            or 0; see ``transport.nccl_port_for``).
     """
 
     def __init__(
@@ -213,6 +295,9 @@ class RemoteEagle3TargetModel:
         token: Optional[str] = None,
         client_id: Optional[str] = None,
         retry: Optional[RetryPolicy] = None,
+        enable_nccl: Optional[bool] = None,
+        nccl_timeout_s: float = 120.0,
+        nccl_rank: Optional[int] = None,
     ):
         urls = [urls] if isinstance(urls, str) else list(urls)
         if not urls:
@@ -240,6 +325,13 @@ class RemoteEagle3TargetModel:
         self._info: Optional[dict] = None
         self._embeddings: Optional[torch.Tensor] = None
         self._closed = False
+        self._transfers = {"group": 0, "http": 0, "group_failures": 0}
+        self._transfers_lock = threading.Lock()
+        if nccl_enabled() if enable_nccl is None else enable_nccl:
+            rank = int(os.environ.get("RANK", "0")) if nccl_rank is None else nccl_rank
+            for index, server in enumerate(self._servers):
+                port = nccl_port_for(server.port, index, len(self._servers), rank)
+                server.data_plane = _DataPlane(port, nccl_timeout_s, self._device)
 
     @property
     def urls(self) -> list[str]:
@@ -303,15 +395,62 @@ class RemoteEagle3TargetModel:
         with self._round_robin_lock:
             return next(self._round_robin)
 
-    def _generate_on(self, server: _ServerConnection, body: Sequence) -> dict[str, torch.Tensor]:
+    @property
+    def transfer_counts(self) -> dict[str, int]:
+        """Batches received over a data-plane ``group`` and in ``http`` bodies, and ``group_failures``."""
+        with self._transfers_lock:
+            return dict(self._transfers)
+
+    def _count(self, kind: str) -> None:
+        with self._transfers_lock:
+            self._transfers[kind] += 1
+
+    def _request_generate(self, server: _ServerConnection, body: Sequence, headers: dict) -> tuple[bytearray, bool]:
+        """``/generate`` with retries; a 409 (restarted server) is answered with the vocabulary and retried."""
         try:
-            raw = server.request(protocol.EP_GENERATE, body)
+            return server.request(protocol.EP_GENERATE, body, headers=headers, with_nccl_flag=True)
         except RemoteTargetError as exc:
             if exc.status != 409 or self._vocab_body is None:
                 raise
             logger.warning("target server %s forgot the draft vocabulary (restarted?); sending it again", server.url)
             server.request(protocol.EP_SET_VOCAB_MAPPING, [self._vocab_body])
-            raw = server.request(protocol.EP_GENERATE, body)
+            return server.request(protocol.EP_GENERATE, body, headers=headers, with_nccl_flag=True)
+
+    def _generate_on(self, server: _ServerConnection, body: Sequence) -> dict[str, torch.Tensor]:
+        plane = server.data_plane
+        if plane is not None and plane.active:
+            with plane.lock:
+                if plane.ensure(server):
+                    got = self._generate_over_group(server, plane, body)
+                    if got is not None:
+                        return got
+                    self._count("group_failures")  # the batch did not arrive: ask for it again over HTTP
+        raw, _ = self._request_generate(server, body, {})
+        return self._decode_supervision(server, raw)
+
+    def _generate_over_group(
+        self, server: _ServerConnection, plane: _DataPlane, body: Sequence
+    ) -> Optional[dict[str, torch.Tensor]]:
+        """One batch over the group; None (the group torn down) if it did not arrive."""
+        raw, used_group = self._request_generate(server, body, {protocol.NCCL_HEADER: "1"})
+        if not used_group:
+            # The server has no group for us any more (it restarted, or gave up on a failed send).
+            plane.lose(server.url, "the server answered in the HTTP body")
+            return self._decode_supervision(server, raw)
+        try:
+            keys_order, metadata = protocol.decode_nccl_metadata(raw)
+            tensors = plane.transport.recv_tensors(metadata, keys_order)
+        except (protocol.ProtocolError, TransportError) as exc:
+            # Destroying our side closes the group's sockets: a server still sending fails at once.
+            plane.lose(server.url, str(exc))
+            return None
+        missing = [k for k in protocol.SUPERVISION_KEYS if tensors.get(k) is None]
+        if missing:
+            raise RemoteTargetError(server.url, protocol.EP_GENERATE, f"data plane lacks supervision tensors {missing}")
+        self._count("group")
+        return {k: tensors[k].to(self._device) for k in protocol.SUPERVISION_KEYS}
+
+    def _decode_supervision(self, server: _ServerConnection, raw: bytearray) -> dict[str, torch.Tensor]:
         try:
             tensors = wire.decode(raw)
         except wire.WireFormatError as exc:
@@ -319,6 +458,7 @@ class RemoteEagle3TargetModel:
         missing = [k for k in protocol.SUPERVISION_KEYS if tensors.get(k) is None]
         if missing:
             raise RemoteTargetError(server.url, protocol.EP_GENERATE, f"answer lacks supervision tensors {missing}")
+        self._count("http")
         return {k: tensors[k].to(self._device) for k in protocol.SUPERVISION_KEYS}
 
     def generate_batch(
@@ -397,6 +537,8 @@ class RemoteEagle3TargetModel:
                 )
             except RemoteTargetError as exc:
                 logger.debug("disconnect from %s failed: %s", server.url, exc)
+            if server.data_plane is not None and server.data_plane.transport is not None:
+                server.data_plane.transport.destroy()
             server.close()
 
     def __enter__(self) -> "RemoteEagle3TargetModel":

@@ -14,6 +14,7 @@ status; it becomes a JSON error body and the server keeps serving.
 
 from __future__ import annotations
 
+import argparse
 import hmac
 import logging
 import signal
@@ -28,6 +29,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from tandem.speculative.eagle.remote import protocol, wire
+from tandem.speculative.eagle.remote.transport import NCCLTransport, TransportError, nccl_enabled, nccl_port_for
 from tandem.speculative.eagle.supervision import compute_supervision
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,8 @@ DEFAULT_IDLE_TIMEOUT_S = 300.0
 # A request's whole body must arrive within this long once its headers have: a client that stalls or
 # trickles mid-body gets 408 and its thread back (the idle timeout alone restarts on every byte).
 DEFAULT_BODY_TIMEOUT_S = 60.0
+# Rendezvous and per-transfer limit of a client's data-plane group.
+DEFAULT_NCCL_TIMEOUT_S = 120.0
 
 
 class RequestError(Exception):
@@ -64,6 +68,18 @@ class _Session:
     selected_token_ids: Optional[torch.Tensor] = None
     selected_token_mask: Optional[torch.Tensor] = None
     last_seen: float = field(default_factory=time.monotonic)
+    # Its data-plane group, if /init_nccl set one up; None means the wire format.
+    transport: Optional[NCCLTransport] = None
+    # One transfer at a time on the group: two interleaved sends would pair with the wrong receives.
+    transfer_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class _PendingSend(NamedTuple):
+    """Supervision answered with metadata, to be sent over ``transport`` once the answer is flushed."""
+
+    client_id: str
+    transport: NCCLTransport
+    tensors: dict
 
 
 @dataclass
@@ -134,8 +150,12 @@ class TargetModelServer:
     Arguments:
         target_wrapper: a loaded ``Eagle3TargetModel`` (or anything with its ``generate_batch``,
             ``get_input_embeddings`` and ``model_info``).
-        nccl_port: TCP rendezvous port for the process-group data plane (not used while it is disabled).
+        nccl_port: rendezvous port of the data plane for a client that proposes none (clients of tandem and
+            of the original design always propose one in ``/init_nccl``).
         host: bind/advertise address (the rendezvous master for the data plane).
+        enable_nccl: offer the process-group data plane; off by default here, so the request logic alone
+            never opens ports (``tandem serve-target`` turns it on unless ``TANDEM_ENABLE_NCCL=0`` or ``--no-nccl``).
+        nccl_timeout_s: rendezvous limit and per-transfer limit of each client's group.
         token: if set, every endpoint but ``/health`` needs ``Authorization: Bearer <token>``.
         max_body_bytes: larger request bodies get 413 before they are read.
         exit_when_idle: set ``shutdown_event`` when the last client session disconnects.
@@ -150,6 +170,8 @@ class TargetModelServer:
         token: Optional[str] = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         exit_when_idle: bool = False,
+        enable_nccl: bool = False,
+        nccl_timeout_s: float = DEFAULT_NCCL_TIMEOUT_S,
     ):
         self.target_wrapper = target_wrapper
         self.nccl_port = nccl_port
@@ -167,6 +189,17 @@ class TargetModelServer:
         self._stats = _Stats()
         self._stats_lock = threading.Lock()
         self._closed = False
+        self._nccl_enabled = bool(enable_nccl)
+        self.nccl_timeout_s = float(nccl_timeout_s)
+        self._device = self._infer_device()
+        # Data-plane port -> the client holding it (or setting it up), under the sessions lock.
+        self._nccl_ports: dict[int, str] = {}
+        # Open HTTP connections per client id. A client with none left may be dead: its port goes to the
+        # next client that asks for it (its group is torn down then, not before: a client of the original
+        # design may open a connection per request and still be alive).
+        self._connections: dict[str, int] = {}
+        # The send queued by generate for flush_nccl_send, per handler thread (each serves one connection).
+        self._pending = threading.local()
     # ------------------------------------------------------------ checks before the body is read
 
     def route(self, method: str, path: str) -> str:
@@ -297,34 +330,139 @@ class TargetModelServer:
     ) -> tuple[list, bool]:
         """Like ``handle_generate`` but the body is a list of buffers referencing the tensors (no join)."""
         supervision = self.supervise(raw, client_id)
-        # The process-group data plane is a later issue: every answer is the wire body for now.
-        return wire.encode(supervision), False
+        transport = self._live_transport(client_id) if client_wants_nccl else None
+        if transport is None:
+            # No group for this client (never set up, or torn down): the wire body, without the header,
+            # tells the client to stop expecting the group.
+            return wire.encode(supervision), False
+        self._pending.send = _PendingSend(client_id, transport, supervision)
+        return [protocol.encode_nccl_metadata(supervision, protocol.SUPERVISION_KEYS)], True
 
     def handle_generate(
         self, raw: bytes, client_wants_nccl: bool, *, client_id: str = protocol.ANONYMOUS_CLIENT
     ) -> tuple[bytes, bool]:
         """Run the target and serialize the supervision.
 
-        Returns ``(body, used_nccl)``. With the process-group data plane the body would be the JSON
-        metadata only and the tensors queued for ``flush_nccl_send``; until it lands ``used_nccl`` is
-        False and the body is the wire format of the ``SUPERVISION_KEYS`` tensors.
+        Returns ``(body, used_nccl)``. When the client asked for the data plane and has a live group, the
+        body is the JSON metadata only and the tensors are queued for :meth:`flush_nccl_send` (sent after
+        the HTTP response is flushed, or the client, not yet receiving, would deadlock with us);
+        otherwise the body is the wire format of the ``SUPERVISION_KEYS`` tensors.
         """
         body, used_nccl = self.generate_buffers(raw, client_wants_nccl, client_id=client_id)
         return b"".join(body), used_nccl
 
     def handle_init_nccl(self, raw: bytes, *, client_id: str = protocol.ANONYMOUS_CLIENT) -> bytes:
-        if raw:
-            protocol.decode_json(raw, "init_nccl body")
-        return protocol.encode_json({"status": protocol.NCCL_STATUS_DISABLED})
+        """Set up this client's data-plane group on the port it proposes; blocks until the rendezvous ends.
+
+        Body ``{"nccl_port": int, "rendezvous_id": str (optional)}``. Answers ``ok``, ``already_initialized``
+        (this client has a live group), ``failed`` (port taken or held by another client, rendezvous or
+        handshake failed: the client uses the wire format) or ``disabled``.
+        """
+        payload = protocol.decode_json(raw, "init_nccl body") if raw else {}
+        port, rendezvous_id = _init_nccl_request(payload, self.nccl_port)
+        if not self._nccl_enabled:
+            return protocol.encode_json({"status": protocol.NCCL_STATUS_DISABLED})
+        session = self._session(client_id)
+        if not self._claim_port(port, client_id, session):
+            return protocol.encode_json(
+                {"status": protocol.NCCL_STATUS_ALREADY if session.transport is not None else protocol.NCCL_STATUS_FAILED}
+            )
+        transport = NCCLTransport(port, self.host, is_server=True, device=self._device, rendezvous_id=rendezvous_id)
+        ok = transport.initialize(timeout_seconds=self.nccl_timeout_s)
+        with self._sessions_lock:
+            if ok and self._sessions.get(client_id) is session:
+                session.transport = transport
+                logger.info("client %s: data plane up (%s group on port %d)", client_id, transport.backend, port)
+                return protocol.encode_json({"status": protocol.NCCL_STATUS_OK})
+            self._nccl_ports.pop(port, None)
+        transport.destroy()
+        return protocol.encode_json({"status": protocol.NCCL_STATUS_FAILED})
+
+    def _claim_port(self, port: int, client_id: str, session: _Session) -> bool:
+        """Reserve ``port`` for ``client_id``; False if it already has a live group or the port is in use.
+
+        A port held by a client with no open connection is taken back (that client is dead or gone; if it
+        comes back, its next request gets the wire format).
+        """
+        with self._sessions_lock:
+            if session.transport is not None and session.transport.is_initialized:
+                return False
+            holder = self._nccl_ports.get(port)
+            if holder is not None and holder != client_id and self._connections.get(holder, 0) == 0:
+                stale = self._sessions.get(holder)
+                if stale is not None and stale.transport is not None:
+                    self._nccl_ports[port] = client_id
+                    transport, stale.transport = stale.transport, None
+                    logger.warning("client %s left without a word; its data-plane port %d goes to %s", holder, port, client_id)
+                    transport.destroy()  # never blocks: it only aborts and drops the local group
+                    holder = None
+            if holder is not None:
+                logger.warning("client %s proposed data-plane port %d, which client %s holds", client_id, port, holder)
+                return False
+            self._nccl_ports[port] = client_id
+            return True
+
+    def _live_transport(self, client_id: str) -> Optional[NCCLTransport]:
+        with self._sessions_lock:
+            session = self._sessions.get(client_id)
+            transport = session.transport if session is not None else None
+        return transport if transport is not None and transport.is_initialized else None
+
+    def _drop_transport(self, client_id: str, reason: str, level: int = logging.WARNING) -> None:
+        """Tear down ``client_id``'s group (if any) and free its port; its session stays."""
+        with self._sessions_lock:
+            session = self._sessions.get(client_id)
+            transport = session.transport if session is not None else None
+            if transport is None:
+                return
+            session.transport = None
+            self._nccl_ports.pop(transport.nccl_port, None)
+        transport.destroy()
+        logger.log(level, "client %s: data plane torn down (%s); the wire format from now on", client_id, reason)
 
     def flush_nccl_send(self) -> None:
-        """Send the pending supervision over the data plane after the HTTP flush (nothing while disabled)."""
+        """Send the pending supervision over the data plane after the HTTP flush (no-op if none is pending).
+
+        A failed or timed-out send tears the client's group down -- the client's receive then fails at once
+        (gloo: the sockets close) or by its timeout (NCCL) -- and the client asks for the batch again over
+        the wire format. The server goes on serving everyone.
+        """
+        pending = getattr(self._pending, "send", None)
+        self._pending.send = None
+        if pending is None:
+            return
+        with self._sessions_lock:
+            session = self._sessions.get(pending.client_id)
+        lock = session.transfer_lock if session is not None else threading.Lock()
+        try:
+            with lock:
+                pending.transport.send_tensors(pending.tensors, protocol.SUPERVISION_KEYS)
+        except TransportError as exc:
+            self._drop_transport(pending.client_id, f"send failed: {exc}")
+
+    def discard_nccl_send(self) -> None:
+        """Forget the pending send: the metadata never reached the client, so nobody will receive."""
+        self._pending.send = None
+
+    def connection_opened(self, client_id: str) -> None:
+        with self._sessions_lock:
+            self._connections[client_id] = self._connections.get(client_id, 0) + 1
+
+    def connection_closed(self, client_id: str) -> None:
+        """A connection that carried ``client_id``'s requests closed (see ``_claim_port``)."""
+        with self._sessions_lock:
+            left = self._connections.get(client_id, 1) - 1
+            if left > 0:
+                self._connections[client_id] = left
+            else:
+                self._connections.pop(client_id, None)
 
     def handle_heartbeat(self, _raw: bytes = b"", *, client_id: str = protocol.ANONYMOUS_CLIENT) -> bytes:
         return protocol.encode_json({"status": "ok"})
 
     def handle_disconnect(self, _raw: bytes = b"", *, client_id: str = protocol.ANONYMOUS_CLIENT) -> bytes:
         """End this client's session; the server goes on unless it was told to exit when idle."""
+        self._drop_transport(client_id, "client disconnected", logging.INFO)
         with self._sessions_lock:
             self._sessions.pop(client_id, None)
             idle = not self._sessions
@@ -358,10 +496,27 @@ class TargetModelServer:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            for client_id in self.session_ids:
+                self._drop_transport(client_id, "server shutting down", logging.INFO)
             logger.info("target server: %s", self.summary())
+
+    def _infer_device(self) -> torch.device:
+        """Where the target's outputs live (the data plane's NCCL-or-gloo choice starts from it)."""
+        return torch.device(getattr(self.target_wrapper, "device", "cpu"))
 
 
 # ---------------------------------------------------------------- HTTP plumbing
+
+
+def _init_nccl_request(payload: dict, default_port: int) -> tuple[int, str]:
+    """``(port, rendezvous_id)`` of an ``/init_nccl`` body; ``RequestError`` 400 for bad values."""
+    port = payload.get("nccl_port", default_port)
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise RequestError(400, f"init_nccl: nccl_port must be a TCP port (1-65535), got {port!r}")
+    rendezvous_id = payload.get("rendezvous_id", "")
+    if not isinstance(rendezvous_id, str) or len(rendezvous_id) > 128 or not rendezvous_id.isprintable():
+        raise RequestError(400, "init_nccl: rendezvous_id must be a printable string of at most 128 characters")
+    return port, rendezvous_id
 
 
 class _ClientGone(Exception):
@@ -412,6 +567,16 @@ def _make_request_handler(
 
         def log_request(self, code="-", size="-"):
             pass  # _serve logs one line per request, with the client and the byte counts
+
+        def handle(self):
+            # One handler per connection: when it ends, tell the logic which clients it carried, so a
+            # client that died (all its connections closed) loses its data-plane group and frees the port.
+            self._client_ids: set[str] = set()
+            try:
+                super().handle()
+            finally:
+                for client_id in self._client_ids:
+                    server_logic.connection_closed(client_id)
 
         def send_error(self, code, message=None, explain=None):
             # Malformed HTTP (bad request line, oversized headers, unknown method) gets JSON too.
@@ -468,6 +633,9 @@ def _make_request_handler(
         def _serve(self, method: str) -> None:
             start = time.perf_counter()
             client_id = self.headers.get(protocol.CLIENT_ID_HEADER) or protocol.ANONYMOUS_CLIENT
+            if client_id not in self._client_ids:
+                self._client_ids.add(client_id)
+                server_logic.connection_opened(client_id)
             status, bytes_in, body_read = 200, 0, False
             try:
                 endpoint = server_logic.route(method, self.path)
@@ -488,9 +656,12 @@ def _make_request_handler(
                 logger.debug("client %s went away mid-request: %s", client_id, exc)
                 self.close_connection = True
                 return
+            self._answered = False
             bytes_out = self._answer(status, reply, client_id)
-            if status == 200:
-                server_logic.flush_nccl_send()
+            if status == 200 and self._answered:
+                server_logic.flush_nccl_send()  # the data plane's tensors go only after the metadata
+            else:
+                server_logic.discard_nccl_send()
             server_logic.record(status, bytes_in, bytes_out)
             logger.debug(
                 "%s %s client=%s status=%d in=%d out=%d %.1f ms",
@@ -508,7 +679,9 @@ def _make_request_handler(
                 if self.close_connection:
                     self.send_header("Connection", "close")
                 self.end_headers()
-                return _send_buffers(self.connection, reply.body)
+                sent = _send_buffers(self.connection, reply.body)
+                self._answered = True
+                return sent
             except OSError as exc:
                 # The client left mid-response (crash, timeout, Ctrl-C): its problem, not the server's.
                 logger.debug("client %s went away mid-response: %s", client_id, exc)
@@ -595,6 +768,11 @@ def add_serve_target_parser(subparsers) -> None:
                    help="answer 408 and close when a request body is not complete this many seconds after its "
                         "headers (default: 60)")
     p.add_argument("--exit-when-idle", action="store_true", help="exit when the last client disconnects")
+    p.add_argument("--nccl", action=argparse.BooleanOptionalAction, default=None,
+                   help="offer the process-group data plane to clients (default: on unless TANDEM_ENABLE_NCCL=0)")
+    p.add_argument("--nccl-timeout", type=float, default=DEFAULT_NCCL_TIMEOUT_S,
+                   help="seconds a client's data-plane rendezvous or one transfer may take before the group is torn "
+                        "down and that client goes on over HTTP (default: 120)")
     p.set_defaults(func=cmd_serve_target)
 
 
@@ -611,11 +789,13 @@ def cmd_serve_target(args) -> int:
         logger.warning("serving on %s without a token: anyone who reaches this port can use the target", args.host)
     logic = TargetModelServer(
         Eagle3TargetModel(model, args.aux_layer_ids),
-        nccl_port=args.port + 100,
+        nccl_port=nccl_port_for(args.port),
         host=args.host,
         token=token,
         max_body_bytes=int(args.max_body_mb * 2**20),
         exit_when_idle=args.exit_when_idle,
+        enable_nccl=nccl_enabled() if args.nccl is None else args.nccl,
+        nccl_timeout_s=args.nccl_timeout,
     )
     # The ready line goes to stdout: launchers (tandem demo, the tests) wait for it to learn the port.
     try:
