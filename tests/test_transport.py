@@ -1,0 +1,253 @@
+"""NCCLTransport on CPU through gloo, between real processes: every wire dtype, None and empty tensors,
+torch's registries left clean, a taken port, a peer that dies or stalls mid-transfer (bounded, torn
+down), and the environment rules. The peer (rank 0, the server side) runs in a child process; this
+process is the client (rank 1), or the server when the client is the one that dies."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tandem.speculative.eagle.remote import protocol
+from tandem.speculative.eagle.remote.transport import (
+    NCCLTransport, TransportError, _agree_backend, nccl_enabled, nccl_port_for,
+)
+from tandem.speculative.eagle.remote.wire import CODE_TO_DTYPE
+
+pytestmark = pytest.mark.timeout(60)
+
+TIMEOUT_S = 5  # group timeout: rendezvous and each transfer
+BIG = 8 * 2**20  # bytes: more than loopback socket buffers hold, so a send needs a live receiver
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sample_tensors(seed: int) -> dict:
+    """Every wire dtype, a 0-d tensor, shapes with zero elements and None entries."""
+    g = torch.Generator().manual_seed(seed)
+    out: dict = {}
+    for code, dtype in sorted(CODE_TO_DTYPE.items()):
+        values = torch.randn(3, 5, generator=g) * 100
+        out[f"t{code}_{str(dtype).removeprefix('torch.')}"] = (values > 0) if dtype == torch.bool else values.to(dtype)
+    out["scalar_i16"] = torch.tensor(-1234, dtype=torch.int16)
+    out["empty_bf16"] = torch.empty(0, 7, dtype=torch.bfloat16)
+    out["empty_bool"] = torch.empty(4, 0, 2, dtype=torch.bool)
+    out["none_a"] = None
+    out["tail_i8"] = torch.tensor([-128, -1, 0, 127], dtype=torch.int8)
+    out["none_b"] = None
+    return out
+
+
+def metadata_of(tensors: dict) -> tuple[list, dict]:
+    """What the server's ``/generate`` answer carries, through the real encoder and checking decoder."""
+    return protocol.decode_nccl_metadata(protocol.encode_nccl_metadata(tensors, list(tensors)))
+
+
+def registry_mentions(name: str) -> list:
+    c10d = dist.distributed_c10d
+    hits = [pg for pg, group_name in c10d._world.pg_names.items() if group_name == name]
+    try:
+        c10d._resolve_process_group(name)
+        hits.append("c10d name registry")
+    except Exception:  # noqa: BLE001 - unknown names raise
+        pass
+    return hits
+
+
+# ---------------------------------------------------------------- the peer process
+
+
+def _peer(port: int, is_server: bool, scenario: str) -> None:
+    torch.set_num_threads(1)
+    transport = NCCLTransport(port, "127.0.0.1", is_server=is_server)
+    if not transport.initialize(timeout_seconds=TIMEOUT_S):
+        os._exit(3)
+    if scenario == "send_samples":
+        for seed in (0, 1):  # two transfers on one group
+            tensors = sample_tensors(seed)
+            transport.send_tensors(tensors, list(tensors))
+        time.sleep(2)  # let the receiver finish before our sockets close
+    elif scenario == "stall":
+        time.sleep(60)  # alive, never sends: the receiver must give up by its timeout
+    elif scenario == "die":
+        os._exit(0)  # gone before the transfer: the sender must fail, not hang
+    os._exit(0)
+
+
+def start_peer(port: int, scenario: str, is_server: bool = True):
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "tandem.speculative.eagle.remote.transport"])
+    process = ctx.Process(target=_peer, args=(port, is_server, scenario), daemon=True)
+    process.start()
+    return process
+
+
+@pytest.fixture()
+def reaper():
+    processes = []
+    yield processes.append
+    for process in processes:
+        process.kill()
+        process.join(10)
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_every_wire_dtype_none_and_empty_shapes_round_trip_over_gloo(reaper):
+    port = free_port()
+    reaper(start_peer(port, "send_samples"))
+    client = NCCLTransport(port, "127.0.0.1", is_server=False)
+    assert client.initialize(timeout_seconds=TIMEOUT_S)
+    assert client.is_initialized and client.backend == "gloo" and client.device == torch.device("cpu")
+    for seed in (0, 1):
+        expected = sample_tensors(seed)
+        keys_order, metadata = metadata_of(expected)
+        got = client.recv_tensors(metadata, keys_order)
+        assert list(got) == list(expected)
+        for key, want in expected.items():
+            if want is None:
+                assert got[key] is None, key
+                continue
+            assert got[key].dtype == want.dtype and got[key].shape == want.shape, key
+            assert torch.equal(got[key], want), key
+    client.destroy()
+
+
+def test_destroy_leaves_no_registry_entry_is_idempotent_and_refuses_further_use(reaper):
+    port = free_port()
+    name = f"nemo_eagle_target_transfer_{port}"
+    reaper(start_peer(port, "send_samples"))
+    client = NCCLTransport(port, "127.0.0.1", is_server=False)
+    maps_before = (len(dist.distributed_c10d._world.pg_map), len(dist.distributed_c10d._world.pg_names))
+    assert client.initialize(timeout_seconds=TIMEOUT_S)
+    # Never registered: the training job's destroy_process_group() cannot trip over it.
+    assert registry_mentions(name) == [] and not dist.is_initialized()
+    keys_order, metadata = metadata_of(sample_tensors(0))
+    client.recv_tensors(metadata, keys_order)
+    started = time.monotonic()
+    client.destroy()
+    client.destroy()
+    assert time.monotonic() - started < 1.0  # never waits for the peer
+    assert not client.is_initialized and registry_mentions(name) == []
+    assert (len(dist.distributed_c10d._world.pg_map), len(dist.distributed_c10d._world.pg_names)) == maps_before
+    with pytest.raises(TransportError, match="not initialized"):
+        client.recv_tensors(metadata, keys_order)
+    assert client.initialize(timeout_seconds=TIMEOUT_S) is False  # destroyed for good
+
+
+def test_taken_port_makes_the_server_side_fail_fast():
+    with socket.socket() as squatter:
+        squatter.bind(("0.0.0.0", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        server = NCCLTransport(port, "127.0.0.1", is_server=True)
+        started = time.monotonic()
+        assert server.initialize(timeout_seconds=TIMEOUT_S) is False
+        assert time.monotonic() - started < TIMEOUT_S - 1  # a bind error, not a wait for the timeout
+        assert not server.is_initialized
+        server.destroy()
+
+
+def test_client_waiting_for_an_absent_server_gives_up_at_its_timeout():
+    client = NCCLTransport(free_port(), "127.0.0.1", is_server=False)
+    started = time.monotonic()
+    assert client.initialize(timeout_seconds=2) is False
+    assert 1.5 < time.monotonic() - started < 10
+
+
+def test_server_killed_mid_receive_fails_the_receiver_at_once_and_tears_down(reaper):
+    port = free_port()
+    peer = start_peer(port, "stall")
+    reaper(peer)
+    client = NCCLTransport(port, "127.0.0.1", is_server=False)
+    assert client.initialize(timeout_seconds=TIMEOUT_S)
+    keys_order, metadata = metadata_of({"big": torch.empty(BIG // 4), "small": torch.empty(3)})
+    threading.Timer(0.5, peer.kill).start()
+    started = time.monotonic()
+    with pytest.raises(TransportError, match="receive failed"):
+        client.recv_tensors(metadata, keys_order)
+    assert time.monotonic() - started < TIMEOUT_S  # the closed sockets say so before the timeout
+    assert not client.is_initialized
+
+
+def test_stalled_server_fails_the_receiver_by_the_group_timeout(reaper):
+    port = free_port()
+    reaper(start_peer(port, "stall"))
+    client = NCCLTransport(port, "127.0.0.1", is_server=False)
+    assert client.initialize(timeout_seconds=2)
+    keys_order, metadata = metadata_of({"x": torch.empty(10)})
+    started = time.monotonic()
+    with pytest.raises(TransportError, match="receive failed"):
+        client.recv_tensors(metadata, keys_order)
+    assert 1.5 < time.monotonic() - started < 8
+    assert not client.is_initialized
+
+
+def test_dead_client_fails_the_servers_send_and_frees_the_port_for_the_next(reaper):
+    port = free_port()
+    reaper(start_peer(port, "die", is_server=False))
+    server = NCCLTransport(port, "127.0.0.1", is_server=True)
+    assert server.initialize(timeout_seconds=TIMEOUT_S)
+    time.sleep(0.5)  # the client is gone
+    started = time.monotonic()
+    with pytest.raises(TransportError, match="send failed"):
+        server.send_tensors({"big": torch.zeros(BIG // 4)}, ["big"])
+    assert time.monotonic() - started < TIMEOUT_S + 2
+    assert not server.is_initialized
+    # The port is free again: the next client gets a working group on it.
+    reaper(start_peer(port, "die", is_server=False))
+    again = NCCLTransport(port, "127.0.0.1", is_server=True)
+    assert again.initialize(timeout_seconds=TIMEOUT_S)
+    again.destroy()
+
+
+def test_dtypes_nccl_lacks_travel_as_uint8_views_of_the_same_bytes():
+    transport = NCCLTransport(1, "127.0.0.1", is_server=True)
+    transport.backend, transport.device = "nccl", torch.device("cpu")  # no CUDA here: only the view logic
+    for dtype in (torch.int8, torch.int16, torch.bool):
+        tensor = torch.arange(6).reshape(2, 3).to(dtype)
+        view = transport._wire_view(tensor)
+        assert view.dtype == torch.uint8 and view.numel() == tensor.numel() * tensor.element_size()
+        assert torch.equal(view.view(dtype).reshape(2, 3), tensor)
+    for dtype in (torch.float32, torch.bfloat16, torch.int64, torch.uint8):
+        assert transport._wire_view(torch.zeros(2, 3, dtype=dtype)).dtype == dtype
+    transport.backend = "gloo"  # gloo moves raw bytes: nothing is reinterpreted
+    assert transport._wire_view(torch.zeros(4, dtype=torch.bool)).dtype == torch.bool
+
+
+def test_backend_agreement_is_symmetric_and_refuses_conflicts():
+    cases = {
+        ("nccl:0", "nccl:0"): "nccl", ("nccl:0", "gloo:0"): "gloo", ("gloo:0", "gloo:0"): "gloo",
+        ("nccl:1", "gloo:0"): "nccl", ("gloo:1", "nccl:0"): "gloo",
+    }
+    for (a, b), want in cases.items():
+        assert _agree_backend(a, b) == _agree_backend(b, a) == want, (a, b)
+    with pytest.raises(TransportError, match="mismatch"):
+        _agree_backend("nccl:1", "gloo:1")
+    with pytest.raises(ValueError, match="backend"):
+        NCCLTransport(1, "127.0.0.1", True, backend="mpi")
+
+
+def test_environment_switch_and_port_rule():
+    assert nccl_enabled({}) and nccl_enabled({"TANDEM_ENABLE_NCCL": "1"})
+    assert not nccl_enabled({"TANDEM_ENABLE_NCCL": "0"}) and not nccl_enabled({"NEMO_EAGLE_ENABLE_NCCL": "0"})
+    assert nccl_enabled({"TANDEM_ENABLE_NCCL": "1", "NEMO_EAGLE_ENABLE_NCCL": "0"})  # tandem's name wins
+    assert nccl_port_for(8001, environ={}) == 8101
+    assert nccl_port_for(8001, server_index=2, num_servers=3, environ={"NEMO_EAGLE_NCCL_PORT": "9000"}) == 9002
+    assert nccl_port_for(8001, server_index=1, num_servers=2, rank=3, environ={"TANDEM_NCCL_PORT": "9000"}) == 9007
+    with pytest.raises(ValueError, match="TANDEM_NCCL_PORT"):
+        nccl_port_for(8001, environ={"TANDEM_NCCL_PORT": "abc"})
+    with pytest.raises(ValueError, match="not a TCP port"):
+        nccl_port_for(65500, environ={})
