@@ -3,6 +3,7 @@
     tandem demo                                   # the whole story on SmolLM2-135M, a few minutes on CPU
     tandem regenerate --input train --output data/train.jsonl
     tandem train --data data/train.jsonl --output-dir runs/draft --total-steps 400
+    tandem train --nproc-per-node 8 --data data/train.jsonl --output-dir runs/draft   # DDP via torchrun
     tandem eval --draft runs/draft/draft --limit 20
     tandem serve-target --model default --port 8001
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from tandem.config_cli import add_config_arguments, config_from_args
@@ -38,15 +40,33 @@ def cmd_regenerate(args) -> int:
     return 0
 
 
+def _without_nproc_flag(train_argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in train_argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc-per-node":
+            skip = True
+        elif not arg.startswith("--nproc-per-node="):
+            kept.append(arg)
+    return kept
+
+
 def cmd_train(args) -> int:
     from tandem.speculative.eagle.recipe import TrainConfig, train
 
+    if args.nproc_per_node and "TORCHELASTIC_RUN_ID" not in os.environ:  # not yet under torchrun: become it
+        from tandem.train import relaunch_with_torchrun
+
+        train_argv = _without_nproc_flag(args.argv[args.argv.index("train") + 1 :])
+        return relaunch_with_torchrun(train_argv, args.nproc_per_node, args.log_level)
     base = TrainConfig.from_yaml(args.config) if args.config else None
     if args.target_url:
         args.target_urls = [*(args.target_urls or []), *args.target_url]
     config = config_from_args(TrainConfig, args, base)
     trainer = train(config)
-    print(f"trained {trainer.step} steps; draft exported to {trainer.output_dir / 'draft'}")
+    if trainer.dist.is_main:
+        print(f"trained {trainer.step} steps; draft exported to {trainer.output_dir / 'draft'}")
     return 0
 
 
@@ -102,7 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="a YAML file of TrainConfig fields; flags override it")
     add_config_arguments(p, TrainConfig)
     p.add_argument("--target-url", action="append", default=None, metavar="URL",
-                   help="a remote target server (tandem serve-target); repeat for several, used round-robin")
+                   help="a remote target server (tandem serve-target); repeat for several: each data-parallel "
+                        "rank gets its own share of them (round-robin by rank), one rank uses them all")
+    p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                   help="data parallel on this node: re-launch as `torchrun --standalone --nproc-per-node N "
+                        "-m tandem.train` with the other flags (default: one process)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="measure a draft by real speculative decoding: acceptance length and speed-up")
@@ -127,8 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    # Under torchrun every rank logs to the same terminal: say which rank speaks.
+    rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+                        format=f"%(asctime)s %(levelname)s {rank}%(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as error:

@@ -95,10 +95,10 @@ class DistributedContext:
         if not self.enabled:
             return module
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        # broadcast_buffers=False: the draft's buffers (vocabulary maps) are identical on every rank by
-        # construction; re-broadcasting them before every forward would be a wasted collective.
+        # The draft's buffers (vocabulary maps) are identical on every rank by construction;
+        # re-broadcasting them before every forward would be a wasted collective.
         return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, process_group=self.group,
-                                                   broadcast_buffers=False)
+                                                   forward_sync_buffers=False)
 
     @staticmethod
     def no_sync(module: nn.Module, sync: bool):

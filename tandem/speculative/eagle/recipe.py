@@ -122,12 +122,13 @@ def build_target(config: TrainConfig, distributed: DistributedContext | None = N
     if config.target_urls:
         import os
         import socket
+        import uuid
 
         from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel
 
         urls = target_urls_for_rank(config.target_urls, distributed.rank, distributed.world_size)
         # The rank in the id makes the servers' per-client summary readable.
-        client_id = f"{socket.gethostname()}-rank{distributed.rank}-{os.getpid()}"
+        client_id = f"{socket.gethostname()}-rank{distributed.rank}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         return RemoteEagle3TargetModel(urls, device=distributed.device, prefetch_depth=config.prefetch_depth,
                                        client_id=client_id)
     from tandem.models import load_target
