@@ -130,7 +130,7 @@ def build_target(config: TrainConfig, distributed: DistributedContext | None = N
         # The rank in the id makes the servers' per-client summary readable.
         client_id = f"{socket.gethostname()}-rank{distributed.rank}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         return RemoteEagle3TargetModel(urls, device=distributed.device, prefetch_depth=config.prefetch_depth,
-                                       client_id=client_id)
+                                       client_id=client_id, nccl_rank=distributed.rank)
     from tandem.models import load_target
     from tandem.speculative.eagle.target import Eagle3TargetModel
 
