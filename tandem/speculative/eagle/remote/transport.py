@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from datetime import timedelta
 from typing import Mapping, Optional, Sequence
 
@@ -175,11 +176,18 @@ class NCCLTransport:
             if self._destroyed:
                 return False
             self._timeout = timedelta(seconds=float(timeout_seconds))
-            try:
-                pg, store = self._build_group()
-            except Exception as exc:  # noqa: BLE001 - every failure means "use the wire format"
-                logger.warning("data plane on port %d (rank %d) not established: %s", self.nccl_port, self._rank, exc)
-                return False
+            deadline = time.monotonic() + float(timeout_seconds)
+            while True:
+                try:
+                    pg, store = self._build_group(timedelta(seconds=max(deadline - time.monotonic(), 0.1)))
+                    break
+                except Exception as exc:  # noqa: BLE001 - every failure means "use the wire format"
+                    # The client tries again while time is left: the port may still have been held by a
+                    # store the server was just closing (a dead client's), whose connection then dropped.
+                    if self.is_server or self._destroyed or deadline - time.monotonic() < 0.5:
+                        logger.warning("data plane on port %d (rank %d) not established: %s", self.nccl_port, self._rank, exc)
+                        return False
+                    time.sleep(0.2)
             with self._state_lock:
                 if self._destroyed:  # destroy() ran while we were connecting: do not resurrect
                     _abort(pg)
@@ -188,11 +196,12 @@ class NCCLTransport:
             logger.info("data plane: %s group on port %d, rank %d", self.backend, self.nccl_port, self._rank)
             return True
 
-    def _build_group(self) -> tuple[dist.ProcessGroup, dist.Store]:
+    def _build_group(self, rendezvous_timeout: timedelta) -> tuple[dist.ProcessGroup, dist.Store]:
         # The server hosts the store; binding fails at once if the port is taken. The client retries
         # connecting until the timeout, so it may start before the server does.
         store = dist.TCPStore(
-            self.host, self.nccl_port, world_size=2, is_master=self.is_server, timeout=self._timeout, wait_for_workers=True
+            self.host, self.nccl_port, world_size=2, is_master=self.is_server, timeout=rendezvous_timeout,
+            wait_for_workers=True,
         )
         prefix = dist.PrefixStore(f"{self._group_name}/{self._rendezvous_id}", store)
         derived = "nccl" if self._home.type == "cuda" and dist.is_nccl_available() else "gloo"
