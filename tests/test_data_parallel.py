@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -254,6 +256,26 @@ def test_torchrun_kill_then_resume_is_exact(root, two_ranks):
         if key in uninterrupted:
             assert torch.equal(value, torch.from_numpy(uninterrupted[key])), key
     assert losses(root / "killed") == losses(root / "dp_in_process")
+
+
+def test_one_rank_resumes_a_two_rank_checkpoint_and_says_what_changes(root, reference, two_ranks, caplog):
+    def resume_from_two_rank_step_2(name: str, batch_size: int) -> Trainer:
+        (root / name / "checkpoints").mkdir(parents=True)
+        shutil.copy(root / "dp_in_process" / "checkpoints" / "step_2.pt", root / name / "checkpoints")
+        return train(TrainConfig(**run_fields(root, name, batch_size=batch_size, resume=True)))
+
+    # Same global batch (1 rank x 4 = 2 ranks x 2): the run goes on as if nothing changed.
+    with caplog.at_level(logging.WARNING):
+        same = resume_from_two_rank_step_2("resized_same_global", GLOBAL_BATCH)
+    assert "2-rank run on 1 ranks with the same global batch 4" in caplog.text
+    assert "the data order (the same samples per step)" in caplog.text
+    assert_close_relative(same.draft.state_dict(), reference.draft.state_dict())
+    caplog.clear()
+    # Half the global batch: said plainly, with the flag that would keep it.
+    with caplog.at_level(logging.WARNING):
+        resume_from_two_rank_step_2("resized_half_global", GLOBAL_BATCH // 2)
+    assert "global batch 4 (2 ranks) at global batch 2 (1 ranks x batch_size 2)" in caplog.text
+    assert "pass --batch-size 4" in caplog.text
 
 
 # ---------------------------------------------------------------- pure helpers
