@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -251,3 +253,24 @@ def test_environment_switch_and_port_rule():
         nccl_port_for(8001, environ={"TANDEM_NCCL_PORT": "abc"})
     with pytest.raises(ValueError, match="not a TCP port"):
         nccl_port_for(65500, environ={})
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer of the GPU check")
+def test_gpu_check_script_says_cuda_is_absent_and_exits_0():
+    out = subprocess.run([sys.executable, "-m", "bench.gpu_check"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "CUDA is absent" in out.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_check_passes_on_cuda():
+    """CUDA supervision over HTTP and a gloo group on any GPU machine; the NCCL rows need two GPUs."""
+    out = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--repeats", "3"], cwd=REPO, capture_output=True,
+                         text=True, timeout=850)
+    assert out.returncode == 0, out.stdout + out.stderr[-4000:]
+    assert out.stdout.count("| PASS |") >= 2, out.stdout
