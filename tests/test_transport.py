@@ -274,3 +274,25 @@ def test_gpu_check_passes_on_cuda():
                          text=True, timeout=850)
     assert out.returncode == 0, out.stdout + out.stderr[-4000:]
     assert out.stdout.count("| PASS |") >= 2, out.stdout
+
+
+def test_init_nccl_checks_its_body_and_answers_disabled_when_off(tiny_llama):
+    from tandem.speculative.eagle.remote.server import RequestError, TargetModelServer
+    from tandem.speculative.eagle.target import Eagle3TargetModel
+
+    target = Eagle3TargetModel(tiny_llama)
+    on = TargetModelServer(target, nccl_port=0, enable_nccl=True, nccl_timeout_s=1)
+    for body in ({"nccl_port": 0}, {"nccl_port": 70000}, {"nccl_port": True}, {"nccl_port": "8101"},
+                 {"nccl_port": 8101, "rendezvous_id": 7}, {"nccl_port": 8101, "rendezvous_id": "x" * 200}):
+        with pytest.raises(RequestError) as info:
+            on.handle("init_nccl", protocol.encode_json(body), client_id="c")
+        assert info.value.status == 400, body
+    off = TargetModelServer(target, nccl_port=0)  # the logic object alone opens no ports
+    reply = off.handle("init_nccl", protocol.encode_json({"nccl_port": free_port()}), client_id="c")
+    assert protocol.decode_json(b"".join(reply.body)) == {"status": "disabled"}
+    # On, with nobody at the other end: "failed" by the group timeout, and the port is free again.
+    port = free_port()
+    reply = on.handle("init_nccl", protocol.encode_json({"nccl_port": port}), client_id="c")
+    assert protocol.decode_json(b"".join(reply.body)) == {"status": "failed"}
+    with socket.socket() as again:
+        again.bind(("0.0.0.0", port))
