@@ -94,19 +94,155 @@ def write_chat_data(path, count: int = 16):
     return path
 
 
-def train_losses(tmp_path, name: str, target) -> list[float]:
-    config = TrainConfig(
+def train_losses(tmp_path, name: str, target_model, **overrides) -> list[float]:
+    config = TrainConfig(**overrides,
         data=str(write_chat_data(tmp_path / "data.jsonl")), output_dir=str(tmp_path / name), total_steps=6,
         batch_size=4, max_seq_len=48, draft_vocab_size=120, warmup_steps=1, ttt_steps=3, save_every=100,
         show_progress=False, learning_rate=3e-3,
     )
-    train(config, target=target, tokenizer=build_tiny_tokenizer())
+    train(config, target=target_model, tokenizer=build_tiny_tokenizer())
     return [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_training_on_compact_supervision_matches_full_within_1e_5(tmp_path):
     full = train_losses(tmp_path, "full", Eagle3TargetModel(build_tiny_llama(seed=2)))
     small = train_losses(tmp_path, "compact", CompactInProcessTarget(build_tiny_llama(seed=2)))
+    assert len(full) == len(small) == 6
+    for step, (a, b) in enumerate(zip(full, small)):
+        assert abs(a - b) <= 1e-5 * abs(a), f"step {step}: full {a} vs compact {b}"
+
+
+# ---------------------------------------------------------------- negotiation (server logic, no sockets)
+
+
+def compact_server(model=None):
+    from tandem.speculative.eagle.remote.server import TargetModelServer
+
+    target = Eagle3TargetModel(model if model is not None else build_tiny_llama())
+    server = TargetModelServer(target, nccl_port=0)
+    return target, server
+
+
+def generate_body(seed: int = 0) -> bytes:
+    from tandem.speculative.eagle.remote import wire
+
+    input_ids, attention_mask, loss_mask = tiny_batch(seed=seed)
+    return wire.encode_to_bytes({"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask})
+
+
+def set_vocab(server, client_id: str = "c") -> torch.Tensor:
+    from tandem.speculative.eagle.remote import wire
+
+    ids, mask = tiny_vocab_mapping(draft_size=120)
+    body = wire.encode_to_bytes({"selected_token_ids": ids, "selected_token_mask": mask})
+    server.handle("set_vocab_mapping", body, client_id=client_id)
+    return ids
+
+
+def test_a_client_that_does_not_ask_gets_the_v1_answer_and_no_echo():
+    from tandem.speculative.eagle.remote import protocol, wire
+
+    _, server = compact_server()
+    set_vocab(server)
+    reply = server.handle(protocol.EP_GENERATE, generate_body(), client_id="c")
+    assert protocol.SUPERVISION_HEADER not in reply.headers
+    assert list(wire.decode(b"".join(reply.body))) == SUPERVISION_KEYS
+
+
+def test_a_client_that_asks_gets_the_compact_answer_echoed_and_the_lm_head_rows():
+    from tandem.speculative.eagle.remote import protocol, wire
+
+    target, server = compact_server()
+    ids = set_vocab(server)
+    reply = server.handle(protocol.EP_GENERATE, generate_body(), client_id="c", supervision_encoding="compact")
+    assert reply.headers[protocol.SUPERVISION_HEADER] == "compact"
+    answer = wire.decode(b"".join(reply.body))
+    assert list(answer) == compact.COMPACT_SUPERVISION_KEYS
+    head = wire.decode(b"".join(server.handle(protocol.EP_DRAFT_LM_HEAD, b"", client_id="c").body))["weight"]
+    assert torch.equal(head, target.model.lm_head.weight[ids])
+    full = compute_supervision(target, ids, tiny_vocab_mapping(draft_size=120)[1], *tiny_batch())
+    torch.testing.assert_close(compact.expand_supervision(answer, head)["target_probs"], full["target_probs"], rtol=1e-5, atol=1e-7)
+
+
+def test_a_target_without_exact_compact_form_answers_in_full_and_says_so():
+    from tandem.speculative.eagle.remote import protocol, wire
+    from tandem.speculative.eagle.remote.server import RequestError
+
+    model = build_tiny_llama()
+    model.config.final_logit_softcapping = 30.0
+    _, server = compact_server(model)
+    set_vocab(server)
+    reply = server.handle(protocol.EP_GENERATE, generate_body(), client_id="c", supervision_encoding="compact")
+    assert reply.headers[protocol.SUPERVISION_HEADER] == "full"
+    assert list(wire.decode(b"".join(reply.body))) == SUPERVISION_KEYS
+    with pytest.raises(RequestError) as info:
+        server.handle(protocol.EP_DRAFT_LM_HEAD, b"", client_id="c")
+    assert info.value.status == 400
+
+
+def test_bad_encoding_header_is_400_and_lm_head_before_vocabulary_is_409():
+    from tandem.speculative.eagle.remote import protocol
+    from tandem.speculative.eagle.remote.server import RequestError
+
+    _, server = compact_server()
+    with pytest.raises(RequestError) as info:
+        server.handle(protocol.EP_DRAFT_LM_HEAD, b"", client_id="c")
+    assert info.value.status == 409
+    set_vocab(server)
+    with pytest.raises(RequestError) as info:
+        server.handle(protocol.EP_GENERATE, generate_body(), client_id="c", supervision_encoding="tiny")
+    assert info.value.status == 400 and "X-Tandem-Supervision" in info.value.message
+
+
+# ---------------------------------------------------------------- end to end over real HTTP and the data plane
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from tests.remote_utils import save_tiny_target, start_tiny_server
+
+    root = tmp_path_factory.mktemp("compact_remote")
+    target_dir = save_tiny_target(root / "target", seed=3)
+    server = start_tiny_server(target_dir, root / "serve.log", nccl_timeout_s=60)
+    yield root, target_dir, server
+    server.stop()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("data_plane", [False, True], ids=["http", "group"])
+def test_remote_compact_supervision_equals_in_process_full(served, data_plane):
+    from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel
+    from tests.remote_utils import load_tiny_target
+
+    _, target_dir, server = served
+    reference = load_tiny_target(target_dir)
+    ids, mask = tiny_vocab_mapping(draft_size=120)
+    reference.set_vocab_mapping(ids, mask)
+    batch = tiny_batch(batch=2, seq=24, seed=5)
+    with RemoteEagle3TargetModel(server.url, supervision_encoding="compact", enable_nccl=data_plane) as client:
+        client.set_vocab_mapping(ids, mask)
+        got = client.generate_batch(*batch)
+        counts = client.transfer_counts
+    want = reference.supervise(*batch)
+    assert counts["group" if data_plane else "http"] == 1
+    assert list(got) == SUPERVISION_KEYS
+    for key in ("aux_hidden_states", "position_mask", "input_ids", "loss_mask"):
+        assert torch.equal(got[key], want[key]), key
+    torch.testing.assert_close(got["target_probs"], want["target_probs"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.timeout(240)
+def test_remote_training_with_compact_supervision_matches_in_process_within_1e_5(served):
+    from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel
+    from tests.remote_utils import load_tiny_target
+
+    root, target_dir, server = served
+    full = train_losses(root, "in_process", load_tiny_target(target_dir))
+    client = RemoteEagle3TargetModel(server.url, supervision_encoding="compact")
+    try:
+        small = train_losses(root, "remote_compact", client, target=str(target_dir))
+    finally:
+        client.close()
     assert len(full) == len(small) == 6
     for step, (a, b) in enumerate(zip(full, small)):
         assert abs(a - b) <= 1e-5 * abs(a), f"step {step}: full {a} vs compact {b}"

@@ -56,6 +56,9 @@ class TrainConfig:
     """Remote target servers (``tandem serve-target``); when set, no target is loaded here."""
     prefetch_depth: int = 2
     """Remote only: supervision requests kept in flight ahead of the training step."""
+    supervision_encoding: str = "full"
+    """Remote only: ``full`` (fp32 draft-vocabulary probabilities on the wire) or ``compact`` (the target's final
+    hidden state; the client computes the probabilities: ~4.6x fewer bytes a token for Llama-3.1-8B)."""
     aux_layer_ids: list[int] | None = None
     """Target layers whose outputs feed the draft; default ``[1, L//2-1, L-4]``."""
     max_seq_len: int = 256
@@ -130,7 +133,8 @@ def build_target(config: TrainConfig, distributed: DistributedContext | None = N
         # The rank in the id makes the servers' per-client summary readable.
         client_id = f"{socket.gethostname()}-rank{distributed.rank}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         return RemoteEagle3TargetModel(urls, device=distributed.device, prefetch_depth=config.prefetch_depth,
-                                       client_id=client_id, nccl_rank=distributed.rank)
+                                       client_id=client_id, nccl_rank=distributed.rank,
+                                       supervision_encoding=config.supervision_encoding)
     from tandem.models import load_target
     from tandem.speculative.eagle.target import Eagle3TargetModel
 

@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 
 import torch
 
+from tandem.speculative.eagle import compact
 from tandem.speculative.eagle.remote import protocol, wire
 from tandem.speculative.eagle.remote.transport import NCCLTransport, TransportError, nccl_enabled, nccl_port_for
 
@@ -283,6 +284,10 @@ class RemoteEagle3TargetModel:
             given up and the batch asked for again over HTTP.
         nccl_rank: this trainer's data-parallel rank, which picks its data-plane port (default: ``$RANK``
             or 0; see ``transport.nccl_port_for``).
+        supervision_encoding: ``"full"`` (v1: fp32 ``target_probs`` on the wire) or ``"compact"`` (the target's
+            final hidden state; this client computes ``target_probs`` from the draft vocabulary's ``lm_head``
+            rows, fetched once: about 4.6x fewer bytes a token for Llama-3.1-8B). A server that cannot answer
+            compactly answers in full; either way ``generate_batch`` returns the same dict.
     """
 
     def __init__(
@@ -298,7 +303,14 @@ class RemoteEagle3TargetModel:
         enable_nccl: Optional[bool] = None,
         nccl_timeout_s: float = 120.0,
         nccl_rank: Optional[int] = None,
+        supervision_encoding: str = protocol.ENCODING_FULL,
     ):
+        if supervision_encoding not in protocol.SUPERVISION_ENCODINGS:
+            raise ValueError(f"supervision_encoding must be one of {protocol.SUPERVISION_ENCODINGS}, got {supervision_encoding!r}")
+        self.supervision_encoding = supervision_encoding
+        # The draft vocabulary's lm_head rows [Vd, H], fetched at the first compact answer.
+        self._draft_head: Optional[torch.Tensor] = None
+        self._draft_head_lock = threading.Lock()
         urls = [urls] if isinstance(urls, str) else list(urls)
         if not urls:
             raise ValueError("RemoteEagle3TargetModel needs at least one server URL")
@@ -388,6 +400,7 @@ class RemoteEagle3TargetModel:
             server.request(protocol.EP_SET_VOCAB_MAPPING, [body])
         # Kept to send again to a server that restarted and forgot it (it answers /generate with 409).
         self._vocab_body = body
+        self._draft_head = None  # rows of the previous vocabulary
 
     # ------------------------------------------------------------ supervision
 
@@ -407,6 +420,8 @@ class RemoteEagle3TargetModel:
 
     def _request_generate(self, server: _ServerConnection, body: Sequence, headers: dict) -> tuple[bytearray, bool]:
         """``/generate`` with retries; a 409 (restarted server) is answered with the vocabulary and retried."""
+        if self.supervision_encoding != protocol.ENCODING_FULL:
+            headers = {**headers, protocol.SUPERVISION_HEADER: self.supervision_encoding}
         try:
             return server.request(protocol.EP_GENERATE, body, headers=headers, with_nccl_flag=True)
         except RemoteTargetError as exc:
@@ -444,22 +459,48 @@ class RemoteEagle3TargetModel:
             # Destroying our side closes the group's sockets: a server still sending fails at once.
             plane.lose(server.url, str(exc))
             return None
-        missing = [k for k in protocol.SUPERVISION_KEYS if tensors.get(k) is None]
-        if missing:
-            raise RemoteTargetError(server.url, protocol.EP_GENERATE, f"data plane lacks supervision tensors {missing}")
+        supervision = self._supervision_from(server, tensors, "data plane")
         self._count("group")
-        return {k: tensors[k].to(self._device) for k in protocol.SUPERVISION_KEYS}
+        return supervision
 
     def _decode_supervision(self, server: _ServerConnection, raw: bytearray) -> dict[str, torch.Tensor]:
         try:
             tensors = wire.decode(raw)
         except wire.WireFormatError as exc:
             raise RemoteTargetError(server.url, protocol.EP_GENERATE, f"malformed answer: {exc}") from None
-        missing = [k for k in protocol.SUPERVISION_KEYS if tensors.get(k) is None]
-        if missing:
-            raise RemoteTargetError(server.url, protocol.EP_GENERATE, f"answer lacks supervision tensors {missing}")
+        supervision = self._supervision_from(server, tensors, "answer")
         self._count("http")
-        return {k: tensors[k].to(self._device) for k in protocol.SUPERVISION_KEYS}
+        return supervision
+
+    def _supervision_from(self, server: _ServerConnection, tensors: dict, what: str) -> dict[str, torch.Tensor]:
+        """The ``SUPERVISION_KEYS`` dict on ``device`` from a full answer, or from a compact one (its keys say
+        which) by projecting the final hidden state onto the draft vocabulary here."""
+        compact_answer = compact.FINAL_HIDDEN_KEY in tensors
+        keys = compact.COMPACT_SUPERVISION_KEYS if compact_answer else protocol.SUPERVISION_KEYS
+        missing = [k for k in keys if tensors.get(k) is None]
+        if missing:
+            raise RemoteTargetError(server.url, protocol.EP_GENERATE, f"{what} lacks supervision tensors {missing}")
+        out = {k: tensors[k].to(self._device) for k in keys}
+        return compact.expand_supervision(out, self._draft_lm_head(server)) if compact_answer else out
+
+    def _draft_lm_head(self, server: _ServerConnection) -> torch.Tensor:
+        """``[Vd, H]`` the target's ``lm_head`` rows for the draft vocabulary, fetched once (every server
+        serves the same model, as ``model_info`` checked) and kept on ``device``."""
+        with self._draft_head_lock:
+            if self._draft_head is None:
+                try:
+                    raw = server.request(protocol.EP_DRAFT_LM_HEAD)
+                except RemoteTargetError as exc:
+                    if exc.status != 409 or self._vocab_body is None:
+                        raise
+                    server.request(protocol.EP_SET_VOCAB_MAPPING, [self._vocab_body])  # a restarted server
+                    raw = server.request(protocol.EP_DRAFT_LM_HEAD)
+                weight = wire.decode(raw).get(protocol.EMBEDDINGS_KEY)
+                if weight is None:
+                    raise RemoteTargetError(server.url, protocol.EP_DRAFT_LM_HEAD, "answer holds no 'weight' tensor")
+                # clone: the answer may sit in a pooled receive buffer, which must go back to the pool.
+                self._draft_head = weight.to(self._device, copy=True)
+            return self._draft_head
 
     def generate_batch(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor

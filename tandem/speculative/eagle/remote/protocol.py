@@ -40,9 +40,12 @@ EP_GENERATE = "generate"
 EP_INIT_NCCL = "init_nccl"
 EP_HEARTBEAT = "heartbeat"
 EP_DISCONNECT = "disconnect"
+# Tandem extension: the target's lm_head rows for the session's draft vocabulary (compact supervision).
+EP_DRAFT_LM_HEAD = "draft_lm_head"
 GET_ENDPOINTS = frozenset({EP_HEALTH})
 POST_ENDPOINTS = frozenset(
-    {EP_MODEL_INFO, EP_INPUT_EMBEDDINGS, EP_SET_VOCAB_MAPPING, EP_GENERATE, EP_INIT_NCCL, EP_HEARTBEAT, EP_DISCONNECT}
+    {EP_MODEL_INFO, EP_INPUT_EMBEDDINGS, EP_SET_VOCAB_MAPPING, EP_GENERATE, EP_INIT_NCCL, EP_HEARTBEAT, EP_DISCONNECT,
+     EP_DRAFT_LM_HEAD}
 )
 # Endpoints anyone may call without the bearer token (load balancers probe it).
 PUBLIC_ENDPOINTS = frozenset({EP_HEALTH})
@@ -54,6 +57,13 @@ AUTH_SCHEME = "Bearer"
 # Names one training client's session (e.g. its data-parallel rank); clients of the original design send
 # none and share the anonymous session.
 CLIENT_ID_HEADER = "X-Tandem-Client"
+# Tandem extension, negotiated per /generate request: a client sends "compact" to receive the target's final
+# hidden state instead of target_probs (see eagle/compact.py); the server echoes the encoding it used. A
+# client that sends nothing (every client of the original design) always gets the full v1 answer.
+SUPERVISION_HEADER = "X-Tandem-Supervision"
+ENCODING_FULL = "full"
+ENCODING_COMPACT = "compact"
+SUPERVISION_ENCODINGS = (ENCODING_FULL, ENCODING_COMPACT)
 ANONYMOUS_CLIENT = "anonymous"
 TOKEN_ENV = "TANDEM_TOKEN"
 

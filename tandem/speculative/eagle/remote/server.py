@@ -28,6 +28,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from tandem.speculative.eagle import compact
 from tandem.speculative.eagle.remote import protocol, wire
 from tandem.speculative.eagle.remote.transport import NCCLTransport, TransportError, nccl_enabled, nccl_port_for
 from tandem.speculative.eagle.supervision import compute_supervision
@@ -189,6 +190,8 @@ class TargetModelServer:
         self._stats = _Stats()
         self._stats_lock = threading.Lock()
         self._closed = False
+        # Compact supervision only where it is exact: logits a bias-free linear map of the final hidden state.
+        self.compact_supported = compact.output_projection(getattr(target_wrapper, "model", None)) is not None
         self._nccl_enabled = bool(enable_nccl)
         self.nccl_timeout_s = float(nccl_timeout_s)
         self._device = self._infer_device()
@@ -230,13 +233,17 @@ class TargetModelServer:
     # ------------------------------------------------------------ dispatch
 
     def handle(
-        self, endpoint: str, raw: bytes, *, client_id: str = protocol.ANONYMOUS_CLIENT, client_wants_nccl: bool = False
+        self, endpoint: str, raw: bytes, *, client_id: str = protocol.ANONYMOUS_CLIENT, client_wants_nccl: bool = False,
+        supervision_encoding: Optional[str] = None,
     ) -> Reply:
-        """Answer one routed, authorized request; ``RequestError`` for anything the client got wrong."""
+        """Answer one routed, authorized request; ``RequestError`` for anything the client got wrong.
+
+        ``supervision_encoding``: the ``X-Tandem-Supervision`` request header (None when absent).
+        """
         if endpoint not in protocol.PUBLIC_ENDPOINTS and endpoint != protocol.EP_DISCONNECT:
             self._session(client_id)
         try:
-            return self._dispatch(endpoint, raw, client_id, client_wants_nccl)
+            return self._dispatch(endpoint, raw, client_id, client_wants_nccl, supervision_encoding)
         except RequestError:
             raise
         except protocol.ProtocolError as exc:
@@ -245,12 +252,20 @@ class TargetModelServer:
             logger.exception("internal error serving /%s for client %s", endpoint, client_id)
             raise RequestError(500, f"internal error serving /{endpoint}: {type(exc).__name__}: {exc}") from exc
 
-    def _dispatch(self, endpoint: str, raw: bytes, client_id: str, client_wants_nccl: bool) -> Reply:
+    def _dispatch(
+        self, endpoint: str, raw: bytes, client_id: str, client_wants_nccl: bool, supervision_encoding: Optional[str] = None
+    ) -> Reply:
         if endpoint == protocol.EP_GENERATE:
-            body, used_nccl = self.generate_buffers(raw, client_wants_nccl, client_id=client_id)
+            use_compact = self._use_compact(supervision_encoding)
+            body, used_nccl = self.generate_buffers(raw, client_wants_nccl, client_id=client_id, compact_encoding=use_compact)
+            # Echo the encoding used only to a client that asked: v1 answers stay exactly v1.
+            echo = {} if supervision_encoding is None else {
+                protocol.SUPERVISION_HEADER: protocol.ENCODING_COMPACT if use_compact else protocol.ENCODING_FULL}
             if used_nccl:
-                return Reply(body, protocol.JSON_CONTENT_TYPE, {protocol.NCCL_HEADER: "1"})
-            return Reply(body, protocol.WIRE_CONTENT_TYPE, {})
+                return Reply(body, protocol.JSON_CONTENT_TYPE, {protocol.NCCL_HEADER: "1", **echo})
+            return Reply(body, protocol.WIRE_CONTENT_TYPE, echo)
+        if endpoint == protocol.EP_DRAFT_LM_HEAD:
+            return Reply(self.draft_lm_head_buffers(client_id), protocol.WIRE_CONTENT_TYPE, {})
         if endpoint == protocol.EP_INPUT_EMBEDDINGS:
             return Reply(self.input_embeddings_buffers(), protocol.WIRE_CONTENT_TYPE, {})
         json_handlers = {
@@ -306,8 +321,26 @@ class TargetModelServer:
         session.selected_token_mask = mask.clone()
         return protocol.encode_json({"status": "ok"})
 
-    def supervise(self, raw: bytes, client_id: str) -> dict[str, torch.Tensor]:
-        """Decode and check a ``/generate`` body and run ``compute_supervision`` under the generate lock."""
+    def _use_compact(self, supervision_encoding: Optional[str]) -> bool:
+        """Whether to answer compactly: the client asked and this target's logits allow it exactly."""
+        if supervision_encoding not in (None, *protocol.SUPERVISION_ENCODINGS):
+            raise RequestError(400, f"{protocol.SUPERVISION_HEADER} must be one of {list(protocol.SUPERVISION_ENCODINGS)}, "
+                                    f"got {supervision_encoding!r}")
+        return supervision_encoding == protocol.ENCODING_COMPACT and self.compact_supported
+
+    def draft_lm_head_buffers(self, client_id: str) -> list:
+        """Wire body ``{"weight": [Vd, H]}`` (target dtype): the ``lm_head`` rows of the session's draft vocabulary."""
+        ids = self._session(client_id).selected_token_ids
+        if ids is None:
+            raise RequestError(409, "draft_lm_head before set_vocab_mapping: send the draft vocabulary first")
+        if not self.compact_supported:
+            raise RequestError(400, "this target's logits are not a bias-free linear map of its final hidden state: "
+                                    "no compact supervision")
+        return wire.encode({protocol.EMBEDDINGS_KEY: compact.draft_lm_head(self.target_wrapper.model, ids)})
+
+    def supervise(self, raw: bytes, client_id: str, compact_encoding: bool = False) -> dict[str, torch.Tensor]:
+        """Decode and check a ``/generate`` body and run ``compute_supervision`` under the generate lock
+        (``compact.compute_compact_supervision`` with ``compact_encoding``)."""
         tensors = _decode_tensors(raw, protocol.REQUEST_KEYS, "generate")
         check_generate_inputs(tensors, self._vocab_size)
         session = self._session(client_id)
@@ -316,27 +349,29 @@ class TargetModelServer:
             raise RequestError(409, "generate before set_vocab_mapping: send the draft vocabulary first")
         start = time.perf_counter()
         with self.generate_lock:
-            out = compute_supervision(
+            supervise = compact.compute_compact_supervision if compact_encoding else compute_supervision
+            out = supervise(
                 self.target_wrapper, ids, mask, tensors["input_ids"].long(), tensors["attention_mask"], tensors["loss_mask"]
             )
         with self._stats_lock:
             self._stats.batches += 1
             self._stats.supervision_s += time.perf_counter() - start
             self._stats.batches_per_client[client_id] = self._stats.batches_per_client.get(client_id, 0) + 1
-        return {key: out[key] for key in protocol.SUPERVISION_KEYS}
+        keys = compact.COMPACT_SUPERVISION_KEYS if compact_encoding else protocol.SUPERVISION_KEYS
+        return {key: out[key] for key in keys}
 
     def generate_buffers(
-        self, raw: bytes, client_wants_nccl: bool, *, client_id: str = protocol.ANONYMOUS_CLIENT
+        self, raw: bytes, client_wants_nccl: bool, *, client_id: str = protocol.ANONYMOUS_CLIENT, compact_encoding: bool = False
     ) -> tuple[list, bool]:
         """Like ``handle_generate`` but the body is a list of buffers referencing the tensors (no join)."""
-        supervision = self.supervise(raw, client_id)
+        supervision = self.supervise(raw, client_id, compact_encoding)
         transport = self._live_transport(client_id) if client_wants_nccl else None
         if transport is None:
             # No group for this client (never set up, or torn down): the wire body, without the header,
             # tells the client to stop expecting the group.
             return wire.encode(supervision), False
         self._pending.send = _PendingSend(client_id, transport, supervision)
-        return [protocol.encode_nccl_metadata(supervision, protocol.SUPERVISION_KEYS)], True
+        return [protocol.encode_nccl_metadata(supervision, list(supervision))], True
 
     def handle_generate(
         self, raw: bytes, client_wants_nccl: bool, *, client_id: str = protocol.ANONYMOUS_CLIENT
@@ -436,7 +471,7 @@ class TargetModelServer:
         lock = session.transfer_lock if session is not None else threading.Lock()
         try:
             with lock:
-                pending.transport.send_tensors(pending.tensors, protocol.SUPERVISION_KEYS)
+                pending.transport.send_tensors(pending.tensors, list(pending.tensors))  # the metadata's order
         except TransportError as exc:
             self._drop_transport(pending.client_id, f"send failed: {exc}")
 
@@ -645,7 +680,8 @@ def _make_request_handler(
                 raw = self._read_body(length)
                 bytes_in, body_read = length, True
                 wants_nccl = self.headers.get(protocol.NCCL_HEADER) == "1"
-                reply = server_logic.handle(endpoint, raw, client_id=client_id, client_wants_nccl=wants_nccl)
+                reply = server_logic.handle(endpoint, raw, client_id=client_id, client_wants_nccl=wants_nccl,
+                                            supervision_encoding=self.headers.get(protocol.SUPERVISION_HEADER))
             except RequestError as exc:
                 status = exc.status
                 reply = Reply([protocol.error_body(exc.status, exc.message)], protocol.JSON_CONTENT_TYPE, {})
