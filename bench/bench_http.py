@@ -88,7 +88,8 @@ def bench_shape(shape: common.SupervisionShape, runs: int, warmup: int) -> list[
     raw_port = ready.get(timeout=120)
     ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq))
     mask = torch.ones_like(ids)
-    client = RemoteEagle3TargetModel(f"http://127.0.0.1:{http_port}", prefetch_depth=1)
+    # The HTTP body path is the figure: no process-group data plane.
+    client = RemoteEagle3TargetModel(f"http://127.0.0.1:{http_port}", prefetch_depth=1, enable_nccl=False)
     raw = socket.create_connection(("127.0.0.1", raw_port))
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     reused = common.fill(bytearray(nbytes))
