@@ -32,6 +32,7 @@ pytestmark = pytest.mark.timeout(240)
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
 GLOBAL_BATCH = 4
+ACCUM = 2  # micro-batches per step: DDP's no_sync path is part of every run
 RTOL = 1e-6
 
 
@@ -48,7 +49,7 @@ def write_chat_data(path: Path, count: int = 16) -> Path:
 def run_fields(root: Path, name: str, **overrides) -> dict:
     fields = dict(data=str(root / "data.jsonl"), output_dir=str(root / name), target=str(root / "target"),
                   total_steps=STEPS, batch_size=GLOBAL_BATCH, max_seq_len=48, draft_vocab_size=120, warmup_steps=1,
-                  ttt_steps=2, save_every=2, show_progress=False, learning_rate=3e-3)
+                  ttt_steps=2, grad_accum_steps=ACCUM, save_every=2, show_progress=False, learning_rate=3e-3)
     fields.update(overrides)
     return fields
 
@@ -211,9 +212,10 @@ def test_only_rank_zero_writes_files(root, two_ranks):
 
 def test_servers_count_batches_per_rank(servers, two_ranks):
     shared, other = (server.logic.summary() for server in servers)
-    # Shared run: both ranks on server 0, one session each, STEPS batches each. Server-each run: rank r on server r.
+    # Shared run: both ranks on server 0, a session each. Server-each run: rank r on server r.
     assert "rank0" in shared and "rank1" in shared and "rank1" in other
-    assert shared.count(f": {STEPS}") == 3 and other.count(f": {STEPS}") == 1, (shared, other)
+    per_rank = f": {STEPS * ACCUM}"  # supervised micro-batches of one rank's run
+    assert shared.count(per_rank) == 3 and other.count(per_rank) == 1, (shared, other)
 
 
 def _kill_after_first_checkpoint() -> None:
