@@ -166,7 +166,7 @@ def test_client_waiting_for_an_absent_server_gives_up_at_its_timeout():
     client = NCCLTransport(free_port(), "127.0.0.1", is_server=False)
     started = time.monotonic()
     assert client.initialize(timeout_seconds=2) is False
-    assert 1.5 < time.monotonic() - started < 10
+    assert 1.0 < time.monotonic() - started < 4.0  # about its timeout, never the minutes of a hang
 
 
 def test_server_killed_mid_receive_fails_the_receiver_at_once_and_tears_down(reaper):

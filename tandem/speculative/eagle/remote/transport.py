@@ -52,6 +52,8 @@ _BACKENDS = ("nccl", "gloo")
 # The first message over a fresh group: proves both ranks reach each other with data, not just the store.
 _HANDSHAKE = 0x7A4E4D31
 _ENABLE_ENV = ("TANDEM_ENABLE_NCCL", "NEMO_EAGLE_ENABLE_NCCL")
+# How long the server retries a rendezvous port that is in use (see initialize).
+_REBIND_GRACE_S = 1.0
 _PORT_ENV = ("TANDEM_NCCL_PORT", "NEMO_EAGLE_NCCL_PORT")
 
 
@@ -177,17 +179,19 @@ class NCCLTransport:
                 return False
             self._timeout = timedelta(seconds=float(timeout_seconds))
             deadline = time.monotonic() + float(timeout_seconds)
-            while True:
+            try:
+                store, prefix = self._rendezvous(deadline)
+                # The agreed backend's group gets what is left of the time (at least a second).
+                store.set_timeout(timedelta(seconds=max(deadline - time.monotonic(), 1.0)))
+                pg = self._make_process_group(prefix)
                 try:
-                    pg, store = self._build_group(timedelta(seconds=max(deadline - time.monotonic(), 0.1)))
-                    break
-                except Exception as exc:  # noqa: BLE001 - every failure means "use the wire format"
-                    # The client tries again while time is left: the port may still have been held by a
-                    # store the server was just closing (a dead client's), whose connection then dropped.
-                    if self.is_server or self._destroyed or deadline - time.monotonic() < 0.5:
-                        logger.warning("data plane on port %d (rank %d) not established: %s", self.nccl_port, self._rank, exc)
-                        return False
-                    time.sleep(0.2)
+                    self._handshake(pg)
+                except BaseException:
+                    _abort(pg)
+                    raise
+            except Exception as exc:  # noqa: BLE001 - every failure means "use the wire format"
+                logger.warning("data plane on port %d (rank %d) not established: %s", self.nccl_port, self._rank, exc)
+                return False
             with self._state_lock:
                 if self._destroyed:  # destroy() ran while we were connecting: do not resurrect
                     _abort(pg)
@@ -196,29 +200,50 @@ class NCCLTransport:
             logger.info("data plane: %s group on port %d, rank %d", self.backend, self.nccl_port, self._rank)
             return True
 
-    def _build_group(self, rendezvous_timeout: timedelta) -> tuple[dist.ProcessGroup, dist.Store]:
-        # The server hosts the store; binding fails at once if the port is taken. The client retries
-        # connecting until the timeout, so it may start before the server does.
-        store = dist.TCPStore(
-            self.host, self.nccl_port, world_size=2, is_master=self.is_server, timeout=rendezvous_timeout,
-            wait_for_workers=True,
-        )
-        prefix = dist.PrefixStore(f"{self._group_name}/{self._rendezvous_id}", store)
+    def _rendezvous(self, deadline: float) -> tuple[dist.Store, dist.Store]:
+        """Connect to the store and agree on the backend; ``(store, prefixed store)``. Retried while safe.
+
+        The client tries again while time is left: the port may still be held by a store the server is
+        just closing (a dead client's), whose connection then drops. The server gives a port it may itself
+        have just released a short grace to come free (sockets of a torn-down group linger briefly); a port
+        really taken fails after it. Nothing of the group is written to the store before this succeeds, so a
+        retry starts clean.
+        """
+        started = time.monotonic()
+        while True:
+            left = deadline - time.monotonic()
+            # A client store's connect retries internally and may take twice its timeout or more: give it
+            # a third of what is left, so initialize() returns about within its timeout.
+            timeout = timedelta(seconds=max(left if self.is_server else left / 3, 0.1))
+            try:
+                store = dist.TCPStore(
+                    self.host, self.nccl_port, world_size=2, is_master=self.is_server, timeout=timeout, wait_for_workers=True
+                )
+                prefix = dist.PrefixStore(f"{self._group_name}/{self._rendezvous_id}", store)
+                self._agree(prefix)
+                return store, prefix
+            except TransportError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - retried or re-raised below
+                in_use = "EADDRINUSE" in str(exc) or "already in use" in str(exc)
+                if self.is_server:
+                    retry = in_use and time.monotonic() - started < _REBIND_GRACE_S
+                else:
+                    retry = deadline - time.monotonic() > 0.5
+                if not retry or self._destroyed:
+                    raise
+            time.sleep(0.2)
+
+    def _agree(self, store: dist.Store) -> None:
+        """Publish this side's backend, read the peer's, settle ``self.backend`` and ``self.device``."""
         derived = "nccl" if self._home.type == "cuda" and dist.is_nccl_available() else "gloo"
         mine = f"{self._requested or derived}:{int(self._requested is not None)}"
-        prefix.set(f"backend/{self._rank}", mine)
-        theirs = prefix.get(f"backend/{self._peer}").decode()
+        store.set(f"backend/{self._rank}", mine)
+        theirs = store.get(f"backend/{self._peer}").decode()
         self.backend = _agree_backend(mine, theirs)
         if self.backend == "nccl" and (self._home.type != "cuda" or not dist.is_nccl_available()):
             raise TransportError(f"the peer requires nccl but this side's device is {self._home}")
         self.device = self._home if self.backend == "nccl" else torch.device("cpu")
-        pg = self._make_process_group(prefix)
-        try:
-            self._handshake(pg)
-        except BaseException:
-            _abort(pg)
-            raise
-        return pg, store
 
     def _make_process_group(self, store: dist.Store) -> dist.ProcessGroup:
         """A 2-rank ``ProcessGroup`` with one backend for ``self.device``'s type (what ``init_process_group``
@@ -290,9 +315,15 @@ class NCCLTransport:
                 pending.append((key, payload, pg.send([payload], self._peer, tag)))  # payload kept alive
             for key, _payload, work in pending:
                 self._wait(work, f"send of {key!r}")
-        except Exception as exc:
-            self.destroy()
-            raise TransportError(f"data plane on port {self.nccl_port}: send failed: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - re-raised below as TransportError
+            failure = f"{type(exc).__name__}: {exc}"
+        else:
+            return
+        # Outside the except block, with our references dropped: the traceback must not keep the dead
+        # group (and its store's port) alive.
+        pg = pending = None
+        self.destroy()
+        raise TransportError(f"data plane on port {self.nccl_port}: send failed: {failure}")
 
     def recv_tensors(
         self, metadata: Mapping[str, Optional[dict]], keys_order: Sequence[str]
@@ -324,10 +355,13 @@ class NCCLTransport:
                     pending.append((key, pg.recv([self._wire_view(tensor)], self._peer, tag)))
             for key, work in pending:
                 self._wait(work, f"receive of {key!r}")
-        except Exception as exc:
-            self.destroy()
-            raise TransportError(f"data plane on port {self.nccl_port}: receive failed: {exc}") from exc
-        return out
+        except Exception as exc:  # noqa: BLE001 - re-raised below as TransportError
+            failure = f"{type(exc).__name__}: {exc}"
+        else:
+            return out
+        pg = pending = out = None  # as in send_tensors
+        self.destroy()
+        raise TransportError(f"data plane on port {self.nccl_port}: receive failed: {failure}")
 
     # ------------------------------------------------------------ teardown
 
