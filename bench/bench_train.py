@@ -21,6 +21,7 @@ default: the gloo data plane, with the supervision encoding of the row.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tempfile
@@ -99,9 +100,45 @@ def summarize(rounds: list[dict], encoding: str) -> list[dict]:
 
 
 COLUMNS = (
-    ("encoding", "encoding", "s"), ("figure", "figure", "s"), ("remote", "ours", ".3f"), ("limit", "limit", "s"),
+    ("target layers", "target_layers", "d"), ("encoding", "encoding", "s"), ("figure", "figure", "s"), ("remote", "ours", ".3f"), ("limit", "limit", "s"),
     ("limit value", "limit_value", ".3f"), ("ratio", "ratio", ".2f"), ("meets", "meets_target", ""),
 )
+
+
+def pin_cores(server_pid: int, pin: bool) -> None:
+    """Trainer (and the in-process run) on core 0, server on core 1: the scheduler must not stack them on
+    one core while the other idles, which would charge the remote run for a placement accident."""
+    if not pin or not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        return
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    os.sched_setaffinity(0, {first})
+    os.sched_setaffinity(server_pid, {second})
+
+
+def bench_target(root: Path, data: Path, layers: int, args) -> list[dict]:
+    """Rounds of in-process and remote runs with a ``layers``-layer target; the table rows."""
+    from tandem.speculative.eagle.remote.launch import start_target_server
+
+    root.mkdir(parents=True)
+    (root / "data.jsonl").write_bytes(data.read_bytes())
+    target_dir = save_target(root / "target", layers, args.hidden)
+    server = start_target_server(str(target_dir), log_path=root / "serve.log", extra_args=("--device", "cpu"))
+    pin_cores(server.proc.pid, args.pin)
+    rounds: dict[str, list[dict]] = {encoding: [] for encoding in args.encodings}
+    try:
+        # Rounds: an in-process run, then each remote run, so each ratio compares runs minutes apart.
+        for r in range(args.runs):
+            local = run(root, f"in_process_{r}", target_dir, args)
+            for encoding in args.encodings:
+                remote = run(root, f"remote_{encoding}_{r}", target_dir, args, target_urls=[server.url],
+                             prefetch_depth=2, supervision_encoding=encoding)
+                rounds[encoding].append(round_figures(local, remote))
+    finally:
+        server.stop()
+    rows = [row for encoding in args.encodings for row in summarize(rounds[encoding], encoding)]
+    for row in rows:
+        row["target_layers"] = layers
+    return rows
 
 
 def main(argv=None) -> list[dict]:
@@ -111,33 +148,22 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--ttt-steps", type=int, default=7)
-    p.add_argument("--layers", type=int, default=8, help="target decoder layers")
+    p.add_argument("--layers", type=int, nargs="+", default=[8, 28],
+                   help="target decoder layers, one configuration each (default: 8 and 28: forward ~1/4 and ~1 step)")
     p.add_argument("--hidden", type=int, default=256, help="target (and draft) hidden size")
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True, help="one core each (default: on)")
     p.add_argument("--encodings", nargs="+", default=["full", "compact"], choices=["full", "compact"])
     args = common.settle(p.parse_args(argv))
     if args.quick:
-        args.runs, args.steps, args.skip, args.seq, args.ttt_steps, args.layers, args.hidden = 1, 3, 1, 48, 2, 4, 64
-    from tandem.speculative.eagle.remote.launch import start_target_server
-
+        args.runs, args.steps, args.skip, args.seq, args.ttt_steps, args.layers, args.hidden = 1, 3, 1, 48, 2, [4], 64
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the server: one core each
-    rounds: dict[str, list[dict]] = {encoding: [] for encoding in args.encodings}
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="tandem-bench-train-") as tmp:
         root = Path(tmp)
         write_chat_data(root / "data.jsonl", count=64, answer_chars=args.seq)
-        target_dir = save_target(root / "target", args.layers, args.hidden)
-        server = start_target_server(str(target_dir), log_path=root / "serve.log", extra_args=("--device", "cpu"))
-        try:
-            # Rounds: an in-process run, then each remote run, so each ratio compares runs minutes apart.
-            for r in range(args.runs):
-                local = run(root, f"in_process_{r}", target_dir, args)
-                for encoding in args.encodings:
-                    remote = run(root, f"remote_{encoding}_{r}", target_dir, args, target_urls=[server.url],
-                                 prefetch_depth=2, supervision_encoding=encoding)
-                    rounds[encoding].append(round_figures(local, remote))
-        finally:
-            server.stop()
-    rows = [row for encoding in args.encodings for row in summarize(rounds[encoding], encoding)]
+        for layers in args.layers:
+            rows += bench_target(root / f"layers_{layers}", root / "data.jsonl", layers, args)
     table = common.format_table(rows, COLUMNS)
     print(table)
     if common.should_write(args):
