@@ -268,11 +268,14 @@ class NCCLTransport:
         return pg
 
     def _handshake(self, pg: dist.ProcessGroup) -> None:
+        """The server sends a token, the client sends it back: both sides know the group carries data."""
         token = torch.tensor([_HANDSHAKE if self.is_server else 0], dtype=torch.int64, device=self.device)
-        work = pg.send([token], self._peer, 0) if self.is_server else pg.recv([token], self._peer, 0)
-        self._wait(work, "handshake")
-        if not self.is_server and int(token.item()) != _HANDSHAKE:
-            raise TransportError(f"handshake received {int(token.item()):#x}, expected {_HANDSHAKE:#x}")
+        steps = ("send", "recv") if self.is_server else ("recv", "send")
+        for step in steps:
+            work = pg.send([token], self._peer, 0) if step == "send" else pg.recv([token], self._peer, 0)
+            self._wait(work, f"handshake {step}")
+            if step == "recv" and int(token.item()) != _HANDSHAKE:
+                raise TransportError(f"handshake received {int(token.item()):#x}, expected {_HANDSHAKE:#x}")
 
     # ------------------------------------------------------------ transfer
 
