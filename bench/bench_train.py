@@ -15,8 +15,9 @@ of each kind back to back; each figure is the median over ``--runs`` rounds of t
 the median over the steps after the first ``--skip``: tokens/s remote vs in-process; the target's forward
 over the in-process training compute (the condition, at most 1); the remote step against its limit, the
 in-process step minus its supervision (training compute alone); and the share of the remote step the
-client spent blocked on supervision (the target: under 5%). Remote runs use what ``tandem train`` uses by
-default: the gloo data plane, with the supervision encoding of the row.
+client spent blocked on supervision (the target: under 5%). A first row measures what two processes can
+compute at once here against one (2.0 on two free cores): the ceiling of any gain from overlap. Remote
+runs use what ``tandem train`` uses by default: the gloo data plane, with the row's supervision encoding.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -105,6 +107,41 @@ COLUMNS = (
 )
 
 
+def _matmul_rate(core, seconds: float, queue) -> None:
+    if core is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    a = torch.randn(384, 384)
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        a @ a
+        n += 1
+    queue.put(n / seconds)
+
+
+def parallel_capacity(seconds: float = 2.0) -> dict:
+    """Combined matmul throughput of two single-thread processes on the two cores over that of one alone.
+
+    The ceiling of what overlapping the target with training can gain here: 2.0 on two free cores, about
+    1.0 where the two vCPUs share one physical core or the host is busy.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    cores = sorted(os.sched_getaffinity(0))[:2] if hasattr(os, "sched_getaffinity") else [None, None]
+    rates = {}
+    for label, use in (("one", cores[:1]), ("two", cores[:2])):
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=_matmul_rate, args=(c, seconds, queue)) for c in use]
+        for proc in procs:
+            proc.start()
+        rates[label] = sum(queue.get(timeout=60) for _ in procs)
+        for proc in procs:
+            proc.join()
+    return {"figure": "machine: 2 processes' compute / 1 process", "encoding": "-", "target_layers": None,
+            "ours": rates["two"] / rates["one"], "limit": "2.0 on two free cores", "limit_value": 2.0, "ratio": None}
+
+
 def pin_cores(server_pid: int, pin: bool) -> None:
     """Trainer (and the in-process run) on core 0, server on core 1: the scheduler must not stack them on
     one core while the other idles, which would charge the remote run for a placement accident."""
@@ -158,7 +195,7 @@ def main(argv=None) -> list[dict]:
         args.runs, args.steps, args.skip, args.seq, args.ttt_steps, args.layers, args.hidden = 1, 3, 1, 48, 2, [4], 64
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the server: one core each
-    rows: list[dict] = []
+    rows: list[dict] = [parallel_capacity(0.5 if args.quick else 2.0)]
     with tempfile.TemporaryDirectory(prefix="tandem-bench-train-") as tmp:
         root = Path(tmp)
         write_chat_data(root / "data.jsonl", count=64, answer_chars=args.seq)
