@@ -332,6 +332,15 @@ class Trainer:
             old.unlink()
         return path
 
+    def _trim_metrics(self, step: int) -> None:
+        """Drop metric rows past ``step``: those steps are redone after a resume, and each step should
+        appear once in ``metrics.jsonl``."""
+        path = self.output_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        ckpt.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
+
     def maybe_resume(self) -> bool:
         if not self.config.resume:
             return False
@@ -349,6 +358,7 @@ class Trainer:
         self.load_state_dict(ckpt.load_training_state(path))
         if self.dist.is_main:
             logger.info("resumed from %s at step %d", path, self.step)
+            self._trim_metrics(self.step)
         return True
 
     # --- the loop -----------------------------------------------------------------------------
