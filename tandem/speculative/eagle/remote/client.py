@@ -253,8 +253,12 @@ class _DataPlane:
                 self.transport = transport
                 logger.info("target server %s: data plane up (%s group, port %d)", server.url, transport.backend, self.port)
                 return True
-        # Our rendezvous, if still waiting, gives up at its timeout in the background; nothing waits on it.
+        # Our rendezvous, if still waiting, notices destroy() within about a second: wait for it, so no
+        # thread is left retrying inside torch's store code when the process exits (which can abort the
+        # process). One case cannot be waited for: a store client that reached a foreign listener on the
+        # port blocks in torch until that listener goes away; the daemon thread is then left behind.
         transport.destroy()
+        ours.join(2.0)
         logger.info("target server %s: no data plane (server said %s); using HTTP bodies", server.url, status)
         return False
 

@@ -52,8 +52,10 @@ _BACKENDS = ("nccl", "gloo")
 # The first message over a fresh group: proves both ranks reach each other with data, not just the store.
 _HANDSHAKE = 0x7A4E4D31
 _ENABLE_ENV = ("TANDEM_ENABLE_NCCL", "NEMO_EAGLE_ENABLE_NCCL")
-# How long the server retries a rendezvous port that is in use (see initialize).
+# How long the server retries a rendezvous port that is in use (see _rendezvous).
 _REBIND_GRACE_S = 1.0
+# Longest single blocking step of a rendezvous: destroy() is noticed within about twice this.
+_ATTEMPT_S = 0.5
 _PORT_ENV = ("TANDEM_NCCL_PORT", "NEMO_EAGLE_NCCL_PORT")
 
 
@@ -212,15 +214,15 @@ class NCCLTransport:
         started = time.monotonic()
         while True:
             left = deadline - time.monotonic()
-            # A client store's connect retries internally and may take twice its timeout or more: give it
-            # a third of what is left, so initialize() returns about within its timeout.
-            timeout = timedelta(seconds=max(left if self.is_server else left / 3, 0.1))
+            # Short attempts on the client (a store's connect retries internally and may take twice its
+            # timeout): it notices destroy() between them, so its thread never outlives the caller for long.
+            timeout = timedelta(seconds=max(left if self.is_server else min(left / 3, _ATTEMPT_S), 0.1))
             try:
                 store = dist.TCPStore(
                     self.host, self.nccl_port, world_size=2, is_master=self.is_server, timeout=timeout, wait_for_workers=True
                 )
                 prefix = dist.PrefixStore(f"{self._group_name}/{self._rendezvous_id}", store)
-                self._agree(prefix)
+                self._agree(prefix, deadline)
                 return store, prefix
             except TransportError:
                 raise
@@ -234,12 +236,20 @@ class NCCLTransport:
                     raise
             time.sleep(0.2)
 
-    def _agree(self, store: dist.Store) -> None:
+    def _agree(self, store: dist.Store, deadline: float) -> None:
         """Publish this side's backend, read the peer's, settle ``self.backend`` and ``self.device``."""
         derived = "nccl" if self._home.type == "cuda" and dist.is_nccl_available() else "gloo"
         mine = f"{self._requested or derived}:{int(self._requested is not None)}"
         store.set(f"backend/{self._rank}", mine)
-        theirs = store.get(f"backend/{self._peer}").decode()
+        key = f"backend/{self._peer}"
+        while True:  # in short waits, for the same reason as the short connects
+            try:
+                store.wait([key], timedelta(seconds=max(min(deadline - time.monotonic(), _ATTEMPT_S), 0.1)))
+                break
+            except dist.DistStoreError as exc:
+                if self._destroyed or time.monotonic() >= deadline or "timeout" not in str(exc):
+                    raise
+        theirs = store.get(key).decode()
         self.backend = _agree_backend(mine, theirs)
         if self.backend == "nccl" and (self._home.type != "cuda" or not dist.is_nccl_available()):
             raise TransportError(f"the peer requires nccl but this side's device is {self._home}")
