@@ -382,3 +382,32 @@ def outcomes(request):
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_buffer_behaviour(outcomes, scenario):
     assert_scenario(outcomes, scenario)
+
+
+# ----------------------------------------------------------------------------- combine reduction, one process
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("num_ranks", [2, 3])
+def test_combine_sum_of_distinct_copies_equals_fp32_accumulation(dtype, num_ranks):
+    # Distinct random copies with spread magnitudes (finite in fp16): the row-dtype fast path (at most two copies,
+    # no bias) and the fp32 path must both round the exact fp32 sum once.
+    from tandem.moe.ep.layout import send_head
+    from tandem.moe.ep.normal import _sum_copies
+    from tandem.moe.ep.workspace import Workspace
+
+    g = torch.Generator().manual_seed(num_ranks)
+    num_tokens = 600  # more than one CPU chunk
+    in_rank = torch.rand(num_tokens, num_ranks, generator=g) < 0.7
+    handle = DispatchHandle(*([None] * 4), in_rank, send_head(in_rank))
+    num_rows = int(in_rank.sum())
+    scale = torch.exp2(torch.randint(-8, 8, (num_rows, 1), generator=g).float())
+    landing = torch.cat([torch.randn(num_rows, 64, generator=g) * scale, torch.zeros(1, 64)]).to(dtype)
+    sent = in_rank.sum(0)
+    start = sent.cumsum(0) - sent
+    expected = torch.zeros(num_tokens, 64)
+    for r in range(num_ranks):
+        rows = landing[start[r] + handle.send_head[in_rank[:, r], r]].float()
+        expected[in_rank[:, r]] += rows
+    out = _sum_copies(Workspace(), landing, handle, (None, None))
+    assert out.dtype == dtype and torch.equal(out, expected.to(dtype))

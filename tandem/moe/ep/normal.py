@@ -188,12 +188,21 @@ def _sum_copies(
     rows = workspace.get("combine_rows", (min(step, num_tokens), hidden), landing.dtype, landing.device)
     acc = workspace.get("combine_fp32", (min(step, num_tokens), hidden), torch.float32, landing.device)
     out = torch.empty(num_tokens, hidden, dtype=landing.dtype, device=landing.device)
+    has_bias = any(b is not None for b in biases)
     for begin in range(0, num_tokens, step):
         end = min(begin + step, num_tokens)
         n = end - begin
         # Host read per chunk on CPU only (on CUDA there is a single chunk and all columns are used).
         k = int(copies[begin:end].max()) if landing.device.type == "cpu" else head.size(1)
         a, r = acc[:n], rows[:n]
+        if k <= 2 and not has_bias:
+            # One rounding of an exact fp32 sum either way: a 16-bit add computes in fp32 and rounds once,
+            # and the sum of two 16-bit floats is exact in fp32 (or its rounding cannot move the result),
+            # so adding in the row dtype equals fp32 accumulation here and saves two fp32 passes.
+            torch.index_select(landing, 0, position[begin:end, 0], out=out[begin:end])
+            if k == 2:
+                out[begin:end].add_(torch.index_select(landing, 0, position[begin:end, 1], out=r))
+            continue
         a.copy_(torch.index_select(landing, 0, position[begin:end, 0], out=r))
         for column in range(1, k):
             a.add_(torch.index_select(landing, 0, position[begin:end, column], out=r))
