@@ -411,3 +411,18 @@ def test_combine_sum_of_distinct_copies_equals_fp32_accumulation(dtype, num_rank
         expected[in_rank[:, r]] += rows
     out = _sum_copies(Workspace(), landing, handle, (None, None))
     assert out.dtype == dtype and torch.equal(out, expected.to(dtype))
+
+
+def test_local_self_block_plans_only_an_edge_self_block():
+    from tandem.moe.ep.exchange import local_self_block
+
+    first = local_self_block(0, [3, 4, 5], [3, 2, 1])
+    assert first.send_counts == [0, 4, 5] and first.recv_counts == [0, 2, 1]
+    assert (first.send, first.send_others, first.recv, first.recv_others) == ((0, 3), (3, 12), (0, 3), (3, 6))
+    last = local_self_block(2, [1, 2, 6], [4, 0, 6])
+    assert (last.send, last.send_others, last.recv, last.recv_others) == ((3, 9), (0, 3), (4, 10), (0, 4))
+    # Empty blocks around the middle rank put its self block at an edge of both sides.
+    middle = local_self_block(1, [0, 2, 0], [0, 2, 5])
+    assert (middle.send, middle.send_others, middle.recv, middle.recv_others) == ((0, 2), (2, 2), (0, 2), (2, 7))
+    assert local_self_block(1, [1, 2, 3], [1, 2, 3]) is None  # in the middle: the collective must carry it
+    assert local_self_block(0, [0, 2], [0, 2]) is None  # nothing to copy

@@ -7,7 +7,7 @@ travel unchanged on either backend, and one code path serves CPU and GPU.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -112,3 +112,60 @@ def unpack_rows(packed: torch.Tensor, specs: Sequence[Tuple[torch.dtype, torch.S
         out.append(_from_byte_rows(packed[:, col : col + width].contiguous(), dtype, trailing))
         col += width
     return out
+
+
+class SelfBlock(NamedTuple):
+    """
+    How an exchange can leave out the block a rank sends itself (see `local_self_block`).
+
+    Attributes:
+        send_counts: the split sizes to pass the collective, 0 for this rank.
+        recv_counts: the split sizes to pass the collective, 0 for this rank.
+        send: `(begin, end)` of the self block among the rows this rank sends.
+        recv: `(begin, end)` of the self block among the rows this rank receives.
+        send_others: `(begin, end)` of the sent rows the collective takes (every other rank's blocks).
+        recv_others: `(begin, end)` of the received rows the collective fills (every other source's block).
+    """
+
+    send_counts: List[int]
+    recv_counts: List[int]
+    send: Tuple[int, int]
+    recv: Tuple[int, int]
+    send_others: Tuple[int, int]
+    recv_others: Tuple[int, int]
+
+
+def _at_edge(counts: Sequence[int], rank: int) -> Optional[Tuple[Tuple[int, int], Tuple[int, int]]]:
+    """(self range, the others' range) when the self block is at either end of the rows, else None."""
+    begin, total, own = sum(counts[:rank]), sum(counts), counts[rank]
+    if begin == 0:
+        return (0, own), (own, total)
+    if begin + own == total:
+        return (begin, total), (0, begin)
+    return None
+
+
+def local_self_block(rank: int, send_counts: Sequence[int], recv_counts: Sequence[int]) -> Optional[SelfBlock]:
+    """
+    Plan an exchange whose self block is copied locally instead of through the collective.
+
+    A collective delivers a rank's rows to itself through the same path as to any peer (on gloo that costs
+    about as much as sending them: ~4 ms of a ~10 ms exchange of 16 MB between two ranks here), while a
+    local copy is one memcpy. The collective takes and fills one contiguous range each, so this works when
+    the self block sits at an end of both the sent and the received rows (always with two ranks, and for
+    the first and last rank otherwise); the decision is local, so ranks may differ.
+
+    Arguments:
+        rank: this rank.
+        send_counts: rows sent to each rank (blocks in rank order).
+        recv_counts: rows received from each rank (blocks in rank order).
+
+    Returns:
+        plan: a `SelfBlock`, or None when the self block is empty or in the middle of either side.
+    """
+    sent, received = _at_edge(send_counts, rank), _at_edge(recv_counts, rank)
+    if recv_counts[rank] == 0 or sent is None or received is None:
+        return None
+    send_counts, recv_counts = list(send_counts), list(recv_counts)
+    send_counts[rank] = recv_counts[rank] = 0
+    return SelfBlock(send_counts, recv_counts, sent[0], received[0], sent[1], received[1])

@@ -4,6 +4,8 @@ A fresh dispatch is three collectives: one small all-gather of per-expert and pe
 rank then knows the whole rank prefix matrix), one all-to-all of the token rows, and one all-to-all of the
 per-token metadata (top-k ids and weights, source index, FP8 scales) packed as bytes. A cached dispatch
 and a combine are one all-to-all of rows each (plus one for weights or scales when present).
+A rank's rows for itself skip the collective (a local gather or copy) whenever they sit at an end of
+what it sends and receives (`exchange.local_self_block`): always with two ranks.
 
 `all_to_all_single` takes its split sizes on the host, so each call makes one deliberate host sync to read
 the counts; DeepEP's notify kernel makes the same sync unless `num_worst_tokens` is given.
@@ -16,7 +18,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .exchange import all_gather_ints, all_to_all_rows, pack_rows, unpack_rows
+from .exchange import all_gather_ints, all_to_all_rows, local_self_block, pack_rows, unpack_rows
 from .handle import DispatchHandle
 from .workspace import Workspace
 from .layout import (
@@ -71,7 +73,7 @@ def dispatch_fresh(
     out_rows = num_worst_tokens or None
 
     order = send_order(is_token_in_rank)
-    recv_x = all_to_all_rows(group, _stage(workspace, x, order), send_counts, recv_counts, out_rows)
+    recv_x = _dispatch_rows(group, workspace, x, order, send_counts, recv_counts, out_rows)
 
     meta = [order.to(torch.int32)[:, None]]
     if topk_idx is not None:
@@ -116,7 +118,7 @@ def dispatch_cached(
     send_counts, recv_counts = _block_counts(handle, group.rank())
     out_rows = handle.recv_src_idx.size(0)
     order = send_order(handle.is_token_in_rank)
-    recv_x = all_to_all_rows(group, _stage(workspace, x, order), send_counts, recv_counts, out_rows)
+    recv_x = _dispatch_rows(group, workspace, x, order, send_counts, recv_counts, out_rows)
     recv_scales = None
     if x_scales is not None:
         recv_scales = all_to_all_rows(group, x_scales.index_select(0, order), send_counts, recv_counts, out_rows)
@@ -140,7 +142,13 @@ def combine(
     # One spare zero row at the end: tokens not sent to some rank read it instead of branching.
     landing = workspace.get("combine_recv", (sum(dispatch_sent) + 1, hidden), x.dtype, x.device)
     landing[-1].zero_()
-    all_to_all_rows(group, x[:num_recv], dispatch_received, dispatch_sent, out=landing[:-1])
+    plan = local_self_block(group.rank(), dispatch_received, dispatch_sent)
+    if plan is None:
+        all_to_all_rows(group, x[:num_recv], dispatch_received, dispatch_sent, out=landing[:-1])
+    else:
+        (sb, se), (rb, re), (ob, oe), (lb, le) = plan.send, plan.recv, plan.send_others, plan.recv_others
+        landing[rb:re].copy_(x[sb:se])
+        all_to_all_rows(group, x[ob:oe], plan.send_counts, plan.recv_counts, out=landing[lb:le])
     combined = _sum_copies(workspace, landing, handle, biases)
     combined_weights = None
     if topk_weights is not None:
@@ -148,6 +156,31 @@ def combine(
         combined_weights = torch.zeros(num_tokens, topk_weights.size(1), dtype=torch.float32, device=x.device)
         combined_weights.index_add_(0, send_order(handle.is_token_in_rank), returned_w)
     return combined, combined_weights
+
+
+def _dispatch_rows(
+    group: dist.ProcessGroup,
+    workspace: Workspace,
+    x: torch.Tensor,
+    order: torch.Tensor,
+    send_counts: List[int],
+    recv_counts: List[int],
+    out_rows: Optional[int],
+) -> torch.Tensor:
+    """Send `x[order]` in blocks; the rank's own block is gathered straight into the output when it can."""
+    plan = local_self_block(group.rank(), send_counts, recv_counts)
+    if plan is None:
+        return all_to_all_rows(group, _stage(workspace, x, order), send_counts, recv_counts, out_rows)
+    num_recv = sum(recv_counts)
+    total = out_rows or num_recv
+    recv_x = torch.empty(total, *x.shape[1:], dtype=x.dtype, device=x.device)
+    recv_x[num_recv:].zero_()
+    (sb, se), (rb, re), (ob, oe), (lb, le) = plan.send, plan.recv, plan.send_others, plan.recv_others
+    torch.index_select(x, 0, order[sb:se], out=recv_x[rb:re])
+    # The self block is at an end of the send order, so the others' rows are one contiguous range of it.
+    staged = _stage(workspace, x, order[ob:oe])
+    all_to_all_rows(group, staged, plan.send_counts, plan.recv_counts, out=recv_x[lb:le])
+    return recv_x
 
 
 def _stage(workspace: Workspace, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
