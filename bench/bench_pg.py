@@ -6,7 +6,8 @@ A server process holds one realistic ``/generate`` answer (full encoding, 2048 t
 Llama-3.1-8B shapes) and serves it two ways on request, over one control socket:
 
 - ``g``: ``NCCLTransport.send_tensors`` over the 2-rank gloo group, received by ``recv_tensors`` (which
-  allocates the tensors, as the client needs them);
+  carves the tensors from its receive pool: the previous answer is dropped, so its buffer is reused with
+  no page faults, as in a training client that lets go of each batch's supervision);
 - ``r``: the limit, ``sendall`` of the same number of bytes on the control socket, read by ``recv_into``
   a preallocated buffer (reused: the floor; and new each time: what returning fresh memory costs).
 

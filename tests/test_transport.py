@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 from tandem.speculative.eagle.remote import protocol
 from tandem.speculative.eagle.remote.transport import (
-    NCCLTransport, TransportError, _agree_backend, nccl_enabled, nccl_port_for,
+    NCCLTransport, ReceiveBufferPool, TransportError, _agree_backend, nccl_enabled, nccl_port_for,
 )
 from tandem.speculative.eagle.remote.wire import CODE_TO_DTYPE
 
@@ -75,8 +75,8 @@ def _peer(port: int, is_server: bool, scenario: str) -> None:
     transport = NCCLTransport(port, "127.0.0.1", is_server=is_server)
     if not transport.initialize(timeout_seconds=TIMEOUT_S):
         os._exit(3)
-    if scenario == "send_samples":
-        for seed in (0, 1):  # two transfers on one group
+    if scenario in ("send_samples", "send_thrice"):
+        for seed in (0, 1) if scenario == "send_samples" else (0, 1, 2):  # transfers on one group
             tensors = sample_tensors(seed)
             transport.send_tensors(tensors, list(tensors))
         time.sleep(2)  # let the receiver finish before our sockets close
@@ -147,6 +147,59 @@ def test_destroy_leaves_no_registry_entry_is_idempotent_and_refuses_further_use(
     with pytest.raises(TransportError, match="not initialized"):
         client.recv_tensors(metadata, keys_order)
     assert client.initialize(timeout_seconds=TIMEOUT_S) is False  # destroyed for good
+
+
+def storage_address(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def test_pool_never_hands_out_a_buffer_while_anything_carved_from_it_is_alive():
+    pool = ReceiveBufferPool(capacity=2, min_bytes=0)
+    first = pool.take(1000)
+    address = storage_address(first)
+    # Each of these, alone, keeps the buffer busy: a derived view, a NumPy array, the storage object.
+    holders = [
+        lambda t: t[100:200].view(torch.int32).reshape(5, 5),
+        lambda t: t[:8].numpy(),
+        lambda t: t.untyped_storage(),
+    ]
+    for make in holders:
+        held = make(first)
+        del first
+        other = pool.take(1000)
+        assert storage_address(other) != address, make  # busy: a second pooled buffer
+        del other, held
+        first = pool.take(1000)  # both free, equally large: the first in the pool, the one held before
+        assert storage_address(first) == address and len(pool) == 2, make
+    # Every pooled buffer busy: a one-off, never a buffer in use.
+    busy = [first, pool.take(1000)]
+    assert storage_address(pool.take(1000)) not in {storage_address(b) for b in busy}
+    assert len(pool) == 2
+
+
+def test_received_tensors_reuse_pooled_memory_only_after_the_previous_result_is_gone(reaper):
+    port = free_port()
+    reaper(start_peer(port, "send_thrice"))
+    pool = ReceiveBufferPool(capacity=4, min_bytes=0)
+    client = NCCLTransport(port, "127.0.0.1", is_server=False, receive_pool=pool)
+    assert client.initialize(timeout_seconds=TIMEOUT_S)
+    keys_order, metadata = metadata_of(sample_tensors(0))
+    first = client.recv_tensors(metadata, keys_order)
+    key = "t0_float32"
+    kept = first[key][1:].clone(), first[key][1:]  # only a view of one tensor survives the dict
+    first_address = storage_address(kept[1])
+    del first
+    second = client.recv_tensors(metadata, keys_order)
+    assert storage_address(second[key]) != first_address  # the first result is alive: not reused
+    assert torch.equal(kept[1], kept[0]) and torch.equal(second[key], sample_tensors(1)[key])
+    second_address = storage_address(second[key])
+    del kept, second
+    third = client.recv_tensors(metadata, keys_order)
+    assert storage_address(third[key]) in (first_address, second_address)  # nothing alive: reused
+    assert len(pool) == 2
+    for name, want in sample_tensors(2).items():
+        assert (third[name] is None) if want is None else torch.equal(third[name], want), name
+    client.destroy()
 
 
 def test_taken_port_makes_the_server_side_fail_fast():

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -41,7 +42,7 @@ from tandem.speculative.eagle.remote.wire import CODE_TO_DTYPE
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NCCLTransport", "TransportError", "nccl_enabled", "nccl_port_for"]
+__all__ = ["NCCLTransport", "ReceiveBufferPool", "TransportError", "nccl_enabled", "nccl_port_for"]
 
 # Dtypes NCCL has no type for (torch maps bool to uint8 itself, but says so nowhere): sent as uint8 views.
 _NCCL_UNSUPPORTED_DTYPES = frozenset({torch.int16, torch.int8, torch.bool})
@@ -57,6 +58,8 @@ _REBIND_GRACE_S = 1.0
 # Longest single blocking step of a rendezvous: destroy() is noticed within about twice this.
 _ATTEMPT_S = 0.5
 _PORT_ENV = ("TANDEM_NCCL_PORT", "NEMO_EAGLE_NCCL_PORT")
+# Offset alignment of the tensors carved from one pooled receive buffer (a cache line: every dtype's alignment).
+_CARVE_ALIGN = 64
 
 
 class TransportError(RuntimeError):
@@ -112,6 +115,71 @@ def _agree_backend(mine: str, theirs: str) -> str:
     return "nccl" if a == b == "nccl" else "gloo"
 
 
+class ReceiveBufferPool:
+    """Flat ``uint8`` receive buffers reused across transfers, so a large receive costs no page faults.
+
+    A fresh 300 MB CPU tensor costs one page fault per 4 KiB page on first touch, which more than halves
+    gloo's loopback throughput; memory written before costs none. (The CUDA caching allocator already
+    recycles device memory, so the transport pools CPU receives only.) :meth:`take` hands out a buffer
+    again only once nothing references it: every tensor carved from it shares its storage, and the
+    storage's use count -- which counts every tensor, view, slice, NumPy array or DLPack capsule of it --
+    together with the refcount of its Python storage object tells exactly when all are gone. Answers vary
+    in size with the batch's padded length, so a transfer takes the smallest free buffer that fits.
+
+    Hazard: the memory of a received tensor is reused by a later transfer as soon as no Python-visible
+    object holds it. A raw address (``data_ptr()`` handed to C code, ``ctypes``) does not count: copy the
+    tensor (``.clone()``) before keeping only its address. Do not ``resize_``/``set_`` a received tensor.
+
+    Arguments:
+        capacity: buffers kept; at least the answers alive at once (transfers in flight + those in use).
+            When every pooled buffer is in use a transfer gets a one-off buffer.
+        min_bytes: smaller transfers get a one-off buffer (their page faults do not matter).
+    """
+
+    def __init__(self, capacity: int = 4, min_bytes: int = 4 << 20):
+        self.capacity = capacity
+        self.min_bytes = min_bytes
+        self._buffers: list[tuple[torch.Tensor, tuple[int, int]]] = []  # (buffer, its unreferenced counts)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _counts(buffer: torch.Tensor) -> tuple[int, int]:
+        """``(storage use count, refcount of its Python storage object)``, both measured the same way."""
+        storage = buffer.untyped_storage()
+        return torch._C._storage_Use_Count(storage._cdata), sys.getrefcount(storage)
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """``[nbytes]`` uint8 CPU tensor: the head of a free pooled buffer when large, else a new one.
+
+        Not zeroed: the receiver overwrites every byte it hands out.
+        """
+        if nbytes < self.min_bytes:
+            return torch.empty(nbytes, dtype=torch.uint8)
+        with self._lock:
+            best, free = None, None
+            for index, (buffer, unreferenced) in enumerate(self._buffers):
+                if self._counts(buffer) != unreferenced:
+                    continue  # a tensor carved from it (or the storage itself) is still alive somewhere
+                free = index
+                if buffer.numel() >= nbytes and (best is None or buffer.numel() < self._buffers[best][0].numel()):
+                    best = index
+            if best is not None:
+                return self._buffers[best][0][:nbytes]
+            # Headroom, so that a slightly longer batch next time still fits.
+            grown = torch.empty(nbytes + nbytes // 8, dtype=torch.uint8)
+            entry = (grown, self._counts(grown))
+            if free is not None:
+                self._buffers[free] = entry  # the free one was too small: replace it
+            elif len(self._buffers) < self.capacity:
+                self._buffers.append(entry)
+            else:
+                return torch.empty(nbytes, dtype=torch.uint8)  # every pooled buffer is in use: a one-off
+            return grown[:nbytes]
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+
 class NCCLTransport:
     """A dedicated 2-rank group between server (rank 0) and client (rank 1).
 
@@ -125,6 +193,10 @@ class NCCLTransport:
             on gloo (default: the current CUDA device if ``backend="nccl"``, else the CPU).
         rendezvous_id: namespaces the store keys, so a client that lands on another client's port finds
             nothing there instead of joining its group.
+        receive_pool: where :meth:`recv_tensors` carves CPU tensors from: True (default) a
+            :class:`ReceiveBufferPool` of this transport's own, or a given pool, or None/False for fresh
+            tensors each time. See the pool's hazard: a received tensor's memory is reused once nothing
+            references it any more.
     """
 
     def __init__(
@@ -136,6 +208,7 @@ class NCCLTransport:
         *,
         device: Optional[torch.device | str] = None,
         rendezvous_id: str = "",
+        receive_pool: ReceiveBufferPool | bool | None = True,
     ):
         if backend not in (None, *_BACKENDS):
             raise ValueError(f"backend must be one of {_BACKENDS} or None, got {backend!r}")
@@ -160,6 +233,10 @@ class NCCLTransport:
         self._pg: Optional[dist.ProcessGroup] = None
         self._store: Optional[dist.Store] = None
         self._destroyed = False
+        # ``is`` tests: an empty pool has len() 0 and must not count as "no pool".
+        # Fault injection (tests and the soak only): the next send tears the group down mid-transfer.
+        self._teardown_next_send = False
+        self._receive_pool = ReceiveBufferPool() if receive_pool is True else None if receive_pool is False else receive_pool
 
     @property
     def is_initialized(self) -> bool:
@@ -326,6 +403,10 @@ class NCCLTransport:
                     continue
                 payload = self._wire_view(tensor)
                 pending.append((key, payload, pg.send([payload], self._peer, tag)))  # payload kept alive
+                if self._teardown_next_send:  # an injected fault: one tensor out, then the group goes
+                    self._teardown_next_send = False
+                    self._wait(pending[-1][2], f"send of {key!r}")
+                    raise TransportError(f"fault injected: group torn down after sending {key!r}")
             for key, _payload, work in pending:
                 self._wait(work, f"send of {key!r}")
         except Exception as exc:  # noqa: BLE001 - re-raised below as TransportError
@@ -337,6 +418,13 @@ class NCCLTransport:
         pg = pending = None
         self.destroy()
         raise TransportError(f"data plane on port {self.nccl_port}: send failed: {failure}")
+
+    def inject_teardown_fault(self) -> None:
+        """Testing only: make the next :meth:`send_tensors` tear the group down mid-transfer -- after its
+        first tensor is out, before the rest -- exactly as a failed send does (the peer's receive fails,
+        and this side raises ``TransportError``). Nothing calls it unless a server was started with
+        ``--enable-fault-injection``."""
+        self._teardown_next_send = True
 
     def recv_tensors(
         self, metadata: Mapping[str, Optional[dict]], keys_order: Sequence[str]
@@ -357,14 +445,10 @@ class NCCLTransport:
         out: dict[str, Optional[torch.Tensor]] = {}
         pending = []
         try:
+            out = self._allocate(metadata, keys_order)
             for tag, key in enumerate(keys_order):
-                entry = metadata.get(key)
-                if entry is None:
-                    out[key] = None
-                    continue
-                dtype = CODE_TO_DTYPE[entry["dtype_code"]]
-                out[key] = tensor = torch.empty([int(d) for d in entry["shape"]], dtype=dtype, device=self.device)
-                if tensor.numel():
+                tensor = out[key]
+                if tensor is not None and tensor.numel():
                     pending.append((key, pg.recv([self._wire_view(tensor)], self._peer, tag)))
             for key, work in pending:
                 self._wait(work, f"receive of {key!r}")
@@ -375,6 +459,35 @@ class NCCLTransport:
         pg = pending = out = None  # as in send_tensors
         self.destroy()
         raise TransportError(f"data plane on port {self.nccl_port}: receive failed: {failure}")
+
+    def _allocate(
+        self, metadata: Mapping[str, Optional[dict]], keys: Sequence[str]
+    ) -> dict[str, Optional[torch.Tensor]]:
+        """Uninitialized tensors for ``metadata`` (key -> tensor, None where it says None), in ``keys``' order.
+
+        On the CPU they are carved, at ``_CARVE_ALIGN``-aligned offsets, from one buffer of the receive
+        pool (no page faults once it has been used); on CUDA (and without a pool) each is a fresh
+        ``torch.empty`` (the caching allocator already recycles device memory).
+        """
+        shapes = {}
+        for key in keys:
+            entry = metadata.get(key)
+            if entry is not None:
+                shapes[key] = ([int(d) for d in entry["shape"]], CODE_TO_DTYPE[entry["dtype_code"]])
+        out: dict[str, Optional[torch.Tensor]] = dict.fromkeys(keys)
+        if self._receive_pool is None or self.device.type != "cpu":
+            out.update({k: torch.empty(shape, dtype=dtype, device=self.device) for k, (shape, dtype) in shapes.items()})
+            return out
+        offsets, end = {}, 0
+        for key, (shape, dtype) in shapes.items():
+            offsets[key] = end
+            nbytes = dtype.itemsize * _numel(shape)
+            end += -(-nbytes // _CARVE_ALIGN) * _CARVE_ALIGN
+        buffer = self._receive_pool.take(end)
+        for key, (shape, dtype) in shapes.items():
+            nbytes = dtype.itemsize * _numel(shape)
+            out[key] = buffer[offsets[key] : offsets[key] + nbytes].view(dtype).view(shape)
+        return out
 
     # ------------------------------------------------------------ teardown
 
@@ -398,6 +511,13 @@ class NCCLTransport:
     def __repr__(self) -> str:
         state = f"{self.backend} on {self.device}" if self.is_initialized else "not initialized"
         return f"NCCLTransport(port={self.nccl_port}, host={self.host!r}, rank={self._rank}, {state})"
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _abort(pg: dist.ProcessGroup) -> None:
