@@ -9,8 +9,11 @@ random Llama of the tests as the target. Faults, each fired when a client's metr
   and teach the new server the draft vocabulary again;
 - ``kill_client``: SIGKILL a client, start it again with ``--resume`` (it continues from its last
   checkpoint and redoes the steps after it);
-- ``teardown_pg``: tear down a client's process-group data plane mid-transfer. It needs a hook into a
-  live server's group that this tree does not have, so it is reported as skipped, with the reason.
+- ``teardown_pg``: tear down a client's process-group data plane mid-transfer: the server runs with the
+  data plane on and ``--enable-fault-injection``, and SIGUSR1 makes its next data-plane send stop after
+  the first tensor and tear the group down; the client falls back to HTTP and asks for that batch again.
+  Clients never set a group up again with a server that lost theirs (or with a restarted one), so this
+  fault comes first in the default schedule.
 
 At the end every client must have applied every step exactly once: its metrics, keeping the last row of
 a step a resumed run redid, hold steps 1..N once each with the very losses of a fault-free run (a lost or
@@ -83,12 +86,12 @@ class SoakReport:
 
 
 def default_schedule(steps: int, save_every: int) -> list[Fault]:
-    """Server kill, client kill + resume, group teardown, spread over the run (each after a checkpoint)."""
+    """Group teardown (while the data plane is up), server kill, client kill + resume, spread over the run."""
     s = max(save_every + 1, 2)
     return [
+        Fault(kind="teardown_pg", watch="a", at_step=max(min(s // 2, steps - 2), 1)),
         Fault(kind="kill_server", watch="a", at_step=min(s, steps - 2)),
         Fault(kind="kill_client", watch="b", at_step=min(s + save_every, steps - 2), target="b"),
-        Fault(kind="teardown_pg", watch="a", at_step=min(s + 2 * save_every, steps - 2)),
         *([Fault(kind="kill_client", watch="a", at_step=steps - save_every // 2 - 1, target="a")] if steps >= 4 * save_every else []),
     ]
 
@@ -181,6 +184,14 @@ def count_requests(log_paths: list[Path]) -> int:
 
 # ---------------------------------------------------------------- the soak
 
+# What the server logs when an armed fault cuts a data-plane send short (server.flush_nccl_send).
+_TEARDOWN_LINE = "fault injection: tearing down client"
+
+
+def start_server(target_dir: Path, log_path: Path, port: int = 0) -> TargetServerProcess:
+    """The tiny target with the process-group data plane on and fault injection enabled (SIGUSR1)."""
+    return start_tiny_server(target_dir, log_path, "--enable-fault-injection", port=port, nccl_timeout_s=30)
+
 
 @dataclass
 class _Cluster:
@@ -205,7 +216,7 @@ class _Cluster:
         started = time.monotonic()
         self.server.kill()
         self.server_logs.append(self.root / f"server-{len(self.server_logs)}.log")
-        self.server = start_tiny_server(self.target_dir, self.server_logs[-1], port=self.server.port)
+        self.server = start_server(self.target_dir, self.server_logs[-1], port=self.server.port)
         return time.monotonic() - started
 
     def stop(self) -> None:
@@ -231,7 +242,8 @@ def _fire(fault: Fault, cluster: _Cluster) -> None:
         cluster.launch(fault.target, resume=True)
         fault.outcome = f"injected: SIGKILL at step {killed_at}, started again with --resume"
     elif fault.kind == "teardown_pg":
-        fault.outcome = "skipped: transport not available"  # refined once the server logs are read
+        cluster.server.proc.send_signal(signal.SIGUSR1)  # armed: the next data-plane send is cut short
+        fault.outcome = "armed: no data-plane send followed"  # refined once the server logs are read
     else:
         raise ValueError(f"unknown fault kind {fault.kind!r}")
 
@@ -257,12 +269,18 @@ def _account(report: SoakReport, cluster: _Cluster) -> None:
     """Requests, recoveries and the teardown_pg verdict from the server logs and the client exits."""
     report.requests_served = count_requests(cluster.server_logs)
     logs = [p.read_text(errors="replace") for p in cluster.server_logs if p.exists()]
-    data_plane_used = any("data plane up" in text for text in logs)
+    torn_down = [line for text in logs for line in text.splitlines() if _TEARDOWN_LINE in line]
+    fell_back = [name for name in CLIENTS
+                 if "data plane lost" in (cluster.root / f"client-{name}.log").read_text(errors="replace")]
     for index, fault in enumerate(report.faults):
         if fault.kind == "teardown_pg":
-            fault.outcome = ("skipped: no hook tears down a live server's group from outside; the kills above "
-                             "took live groups down with their peer" if data_plane_used else
-                             "skipped: transport not available (this server answers over the wire format only)")
+            if torn_down:
+                client = re.search(r"client (\S+)'s", torn_down.pop(0))
+                fault.outcome = f"injected: client {client.group(1) if client else '?'}'s group torn down mid-send"
+                # Recovered: a client lost its group, went on over HTTP and finished.
+                report.recoveries += bool(fell_back) and all(cluster.clients[n].returncode == 0 for n in fell_back)
+            elif not any("data plane up" in text for text in logs):
+                fault.outcome = "missed: no client had a data-plane group"
         elif fault.outcome.startswith("injected"):
             if fault.kind == "kill_server":
                 # Recovered: the restarted server (log index+1 of the kills so far) supervised batches.
@@ -283,7 +301,7 @@ def run_soak(root: Path, steps: int = 12, save_every: int = 3, schedule: list[Fa
     with open(root / "fault_free.log", "w") as log:
         reference = subprocess.Popen(train_command(root, "fault_free", target_dir, steps, save_every),
                                      stdout=log, stderr=subprocess.STDOUT)
-    cluster = _Cluster(root, target_dir, steps, save_every, start_tiny_server(target_dir, root / "server-0.log"),
+    cluster = _Cluster(root, target_dir, steps, save_every, start_server(target_dir, root / "server-0.log"),
                        [root / "server-0.log"])
     try:
         for name in CLIENTS:

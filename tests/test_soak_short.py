@@ -1,6 +1,6 @@
-"""A shortened ``bench/soak.py``: one server, two training clients, the server killed and restarted and a
-client killed and resumed mid-run; every step is applied exactly once and the final weights equal a
-fault-free run bit for bit."""
+"""A shortened ``bench/soak.py``: one server (data plane on), two training clients; a client's process group
+torn down mid-transfer, the server killed and restarted and a client killed and resumed mid-run; every step
+is applied exactly once and the final weights equal a fault-free run bit for bit."""
 
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ from bench.soak import Fault, run_soak
 pytestmark = pytest.mark.timeout(400)
 
 
-def test_soak_with_server_and_client_kills_loses_and_repeats_nothing(tmp_path):
+def test_soak_with_group_teardown_server_and_client_kills_loses_and_repeats_nothing(tmp_path):
     schedule = [
+        Fault(kind="teardown_pg", watch="a", at_step=1),  # first: clients never rebuild a lost group
         Fault(kind="kill_server", watch="a", at_step=3),
         Fault(kind="kill_client", watch="b", at_step=5, target="b"),
-        Fault(kind="teardown_pg", watch="a", at_step=6),
     ]
     report = run_soak(tmp_path, steps=8, save_every=2, schedule=schedule, time_limit_s=360)
     print(report.summary())
     assert report.ok, report.summary()
-    assert [f.outcome.split(":")[0] for f in report.faults] == ["injected", "injected", "skipped"], report.summary()
-    assert report.recoveries == 2 and report.requests_served > 2 * 8
+    assert [f.outcome.split(":")[0] for f in report.faults] == ["injected"] * 3, report.summary()
+    assert "torn down mid-send" in report.faults[0].outcome
+    assert report.recoveries == 3 and report.requests_served > 2 * 8
     assert report.exactly_once and report.weights_equal and report.final_loss_diff == 0.0

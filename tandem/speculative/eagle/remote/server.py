@@ -160,6 +160,7 @@ class TargetModelServer:
         token: if set, every endpoint but ``/health`` needs ``Authorization: Bearer <token>``.
         max_body_bytes: larger request bodies get 413 before they are read.
         exit_when_idle: set ``shutdown_event`` when the last client session disconnects.
+        fault_injection: testing only (``--enable-fault-injection``): :meth:`arm_teardown_fault` works.
     """
 
     def __init__(
@@ -173,8 +174,11 @@ class TargetModelServer:
         exit_when_idle: bool = False,
         enable_nccl: bool = False,
         nccl_timeout_s: float = DEFAULT_NCCL_TIMEOUT_S,
+        fault_injection: bool = False,
     ):
         self.target_wrapper = target_wrapper
+        self.fault_injection = fault_injection
+        self._teardown_armed = threading.Event()
         self.nccl_port = nccl_port
         self.host = host
         self.token = token or None
@@ -471,9 +475,21 @@ class TargetModelServer:
         lock = session.transfer_lock if session is not None else threading.Lock()
         try:
             with lock:
+                if self._teardown_armed.is_set():
+                    self._teardown_armed.clear()
+                    logger.warning("fault injection: tearing down client %s's data plane mid-transfer", pending.client_id)
+                    pending.transport.inject_teardown_fault()
                 pending.transport.send_tensors(pending.tensors, list(pending.tensors))  # the metadata's order
         except TransportError as exc:
             self._drop_transport(pending.client_id, f"send failed: {exc}")
+
+    def arm_teardown_fault(self) -> None:
+        """Testing only: the next data-plane send (any client's) tears its group down mid-transfer. The
+        client must fall back to HTTP and ask for that batch again. Refused unless ``fault_injection``."""
+        if not self.fault_injection:
+            raise RuntimeError("fault injection is off (start the server with --enable-fault-injection)")
+        self._teardown_armed.set()
+        logger.warning("fault injection: armed; the next data-plane send tears its group down mid-transfer")
 
     def discard_nccl_send(self) -> None:
         """Forget the pending send: the metadata never reached the client, so nobody will receive."""
@@ -809,6 +825,10 @@ def add_serve_target_parser(subparsers) -> None:
     p.add_argument("--nccl-timeout", type=float, default=DEFAULT_NCCL_TIMEOUT_S,
                    help="seconds a client's data-plane rendezvous or one transfer may take before the group is torn "
                         "down and that client goes on over HTTP (default: 120)")
+    p.add_argument("--enable-fault-injection", action="store_true",
+                   help="TESTING ONLY (bench/soak.py): on SIGUSR1, tear down the process-group data plane in the "
+                        "middle of the next data-plane send, so the client must fall back to HTTP and ask for that "
+                        "batch again. Never use it in production (default: off)")
     p.set_defaults(func=cmd_serve_target)
 
 
@@ -832,7 +852,11 @@ def cmd_serve_target(args) -> int:
         exit_when_idle=args.exit_when_idle,
         enable_nccl=nccl_enabled() if args.nccl is None else args.nccl,
         nccl_timeout_s=args.nccl_timeout,
+        fault_injection=args.enable_fault_injection,
     )
+    if args.enable_fault_injection:  # from outside, at a moment of the tester's choosing (the soak's schedule)
+        signal.signal(signal.SIGUSR1, lambda signum, frame: logic.arm_teardown_fault())
+        logger.warning("fault injection enabled: SIGUSR1 tears down the next data-plane send mid-transfer")
     # The ready line goes to stdout: launchers (tandem demo, the tests) wait for it to learn the port.
     try:
         serve(logic, args.host, args.port, on_ready=lambda host, port: print(READY_LINE.format(host=host, port=port), flush=True),
