@@ -74,17 +74,9 @@ COLUMNS = (
 
 
 def main(argv=None) -> list[dict]:
-    args = common.settle(common.parser(__doc__.split("\n")[0], runs=9).parse_args(argv))
-    rows = [row for shape in common.bench_shapes(args.quick) for row in bench_shape(shape, args.runs, args.warmup)]
-    for row in rows:
-        row["MB"] = row["bytes"] / 1e6
     columns = [(h, "MB" if k == "bytes" else k, f) for h, k, f in COLUMNS]
-    table = common.format_table(rows, columns)
-    print(table)
-    if common.should_write(args):
-        path = common.write_report("bench_wire", "wire v1 encode/decode vs memcpy", rows, vars(args), args.out, table)
-        print(f"wrote {path}")
-    return rows
+    return common.run_shape_bench("bench_wire", "wire v1 encode/decode vs memcpy", __doc__.split("\n")[0],
+                                  bench_shape, argv, columns=columns)
 
 
 if __name__ == "__main__":

@@ -210,3 +210,25 @@ def fill(buffer: bytearray, value: int = 1) -> bytearray:
     """Write every page of ``buffer`` so that timed code never pays its first-touch page faults."""
     np.frombuffer(buffer, dtype=np.uint8)[:] = value
     return buffer
+
+
+TRANSFER_COLUMNS = (
+    ("shape", "shape", "s"), ("figure", "figure", "s"), ("MB", "MB", ",.0f"), ("GB/s", "GB_per_s", ".2f"),
+    ("limit", "limit", "s"), ("limit GB/s", "limit_GB_per_s", ".2f"), ("ratio", "ratio", ".2f"),
+    ("target", "target", ".1f"), ("meets", "meets_target", ""),
+)
+
+
+def run_shape_bench(name: str, title: str, description: str, bench_shape, argv=None,
+                    columns: Sequence[tuple[str, str, str]] = TRANSFER_COLUMNS, runs: int = 9) -> list[dict]:
+    """The ``main`` of a per-shape benchmark: parse flags, run ``bench_shape(shape, runs, warmup)`` for
+    each supervision shape, print the table and write ``bench/results/<name>.json``."""
+    args = settle(parser(description, runs=runs).parse_args(argv))
+    rows = [row for shape in bench_shapes(args.quick) for row in bench_shape(shape, args.runs, args.warmup)]
+    for row in rows:
+        row["MB"] = row["bytes"] / 1e6
+    table = format_table(rows, columns)
+    print(table)
+    if should_write(args):
+        print(f"wrote {write_report(name, title, rows, vars(args), args.out, table)}")
+    return rows

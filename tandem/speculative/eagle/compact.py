@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from tandem.speculative.eagle.supervision import SUPERVISION_KEYS
+from tandem.speculative.eagle.supervision import SUPERVISION_KEYS, draft_position_mask
 from tandem.speculative.eagle.target import shift_left
 
 FINAL_HIDDEN_KEY = "final_hidden_states"
@@ -64,13 +64,6 @@ def draft_lm_head(model: nn.Module, selected_token_ids: torch.Tensor) -> torch.T
     if head is None:
         raise ValueError(f"{type(model).__name__}: logits are not a bias-free linear map of the final hidden state")
     return head.weight.detach()[selected_token_ids.to(head.weight.device, torch.long)].contiguous()
-
-
-def draft_position_mask(logits: torch.Tensor, selected_token_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """``[B, S, 1]`` bool: the full-vocabulary argmax lies in the draft vocabulary and the position is
-    trained. The same expression as ``supervision.compute_target_distribution``, without the softmax."""
-    top = logits.argmax(dim=-1)
-    return (selected_token_mask[top] & loss_mask.bool()).unsqueeze(-1)
 
 
 @torch.no_grad()

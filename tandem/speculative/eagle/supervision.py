@@ -31,10 +31,16 @@ def compute_target_distribution(
         position_mask: ``[B, S, 1]`` bool, True where the target's full-vocabulary argmax is in the
             draft vocabulary and the position is trained; the draft is only scored there.
     """
-    top = logits.argmax(dim=-1)
-    position_mask = (selected_token_mask[top] & loss_mask.bool()).unsqueeze(-1)
+    position_mask = draft_position_mask(logits, selected_token_mask, loss_mask)
     target_probs = torch.softmax(logits[..., selected_token_ids].float(), dim=-1)
     return target_probs, position_mask
+
+
+def draft_position_mask(logits: torch.Tensor, selected_token_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, S, 1]`` bool: the target's full-vocabulary argmax lies in the draft vocabulary and the
+    position is trained. ``logits [B, S, V]``, ``selected_token_mask [V]`` bool, ``loss_mask [B, S]``."""
+    top = logits.argmax(dim=-1)
+    return (selected_token_mask[top] & loss_mask.bool()).unsqueeze(-1)
 
 
 def compute_supervision(
