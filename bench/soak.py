@@ -209,7 +209,10 @@ class _Cluster:
         log = open(self.root / f"client-{name}.log", "a")
         cmd = train_command(self.root, name, self.target_dir, self.steps, self.save_every,
                             target_url=self.server.url, resume=resume)
-        self.clients[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        # Each trainer is rank 0 of its own job, so both would propose the same data-plane port, and the
+        # second one's rendezvous can break the first's group: give each client a port of its own.
+        env = {**os.environ, "TANDEM_NCCL_PORT": str(self.server.port + 100 + CLIENTS.index(name))}
+        self.clients[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
 
     def restart_server(self) -> float:
