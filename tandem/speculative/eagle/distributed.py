@@ -234,5 +234,10 @@ def throughput_summary(rows: torch.Tensor, num_servers: int) -> str:
     if target_bound:
         return head + (f"target-bound: about {balance:.2f} servers per trainer ({max(round(balance * world_size), 1)} "
                        f"for {world_size} trainers) would balance it (now {num_servers / world_size:.2f})")
-    return head + (f"trainer-bound: about {balance:.2f} servers per trainer would keep up "
-                   f"(now {num_servers / world_size:.2f})")
+    if balance <= 1.0:
+        return head + (f"trainer-bound: about {balance:.2f} servers per trainer would keep up "
+                       f"(now {num_servers / world_size:.2f})")
+    # Waiting is rare yet a request takes longer than a step: prefetch hides the latency (which includes
+    # queueing behind the previous request), so the servers keep up and more of them would only idle.
+    return head + (f"trainer-bound: the server(s) keep up, prefetch hiding {latency_s.mean().item():.2f} s of request "
+                   f"latency; more servers would not speed this run up")
