@@ -84,7 +84,7 @@ def cmd_eval(args) -> int:
     target = Eagle3TargetModel(model, args.aux_layer_ids)
     records = read_chat_jsonl(_resolve_prompts(args.prompts), limit=args.limit)
     prompts = [prompt_ids(tokenizer, r.messages) for r in records]
-    summary, _ = evaluate_speculative(target, draft, prompts, args.max_new_tokens, args.draft_tokens,
+    summary = evaluate_speculative(target, draft, prompts, args.max_new_tokens, args.draft_tokens,
                                       stop_ids={tokenizer.eos_token_id})
     print(json.dumps(summary.to_dict(), indent=2))
     return 0 if summary.outputs_match else 1

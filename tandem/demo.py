@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ class DemoConfig:
     """Answer length when regenerating the training set."""
     regen_batch_size: int = 16
     """Conversations generated together."""
-    total_steps: int = 150
+    total_steps: int = 200
     """Training steps (about 2.5 s each on two CPU cores: the target's forward plus the draft's step)."""
     batch_size: int = 4
     """Sequences per step."""
@@ -96,7 +97,7 @@ def _plot(metrics_path: Path, png_path: Path) -> None:
 def run_demo(config: DemoConfig) -> int:
     from tandem.models import load_target
     from tandem.speculative.eagle.data import default_prompt_path, prompt_ids, read_chat_jsonl
-    from tandem.speculative.eagle.decode import evaluate_speculative
+    from tandem.speculative.eagle.decode import evaluate_drafts
     from tandem.speculative.eagle.recipe import TrainConfig, Trainer
     from tandem.speculative.eagle.target import Eagle3TargetModel
 
@@ -112,6 +113,9 @@ def run_demo(config: DemoConfig) -> int:
         draft_vocab_size=config.draft_vocab_size, ttt_steps=config.ttt_steps, warmup_steps=max(config.total_steps // 20, 1),
         save_every=max(config.total_steps // 4, 1),
     )
+    if (out / "train").exists():
+        logger.info("removing the previous demo run's %s (the demo always trains from scratch)", out / "train")
+        shutil.rmtree(out / "train")
     server = None
     if config.remote:
         from tandem.speculative.eagle.remote.launch import start_target_server
@@ -133,10 +137,9 @@ def run_demo(config: DemoConfig) -> int:
     records = read_chat_jsonl(default_prompt_path("heldout"), limit=config.eval_prompts)
     prompts = [prompt_ids(tokenizer, r.messages) for r in records]
     stop = {tokenizer.eos_token_id}
-    untrained, greedy = evaluate_speculative(target, untrained_draft, prompts, config.eval_max_new_tokens,
-                                             config.draft_tokens, stop)
-    trained, _ = evaluate_speculative(target, trainer.draft, prompts, config.eval_max_new_tokens, config.draft_tokens,
-                                      stop, greedy_results=greedy)
+    results = evaluate_drafts(target, {"untrained": untrained_draft, "trained": trainer.draft}, prompts,
+                              config.eval_max_new_tokens, config.draft_tokens, stop)
+    untrained, trained = results["untrained"], results["trained"]
     summary = {
         "config": asdict(config), "train_seconds": train_seconds, "total_seconds": time.perf_counter() - started,
         "untrained": untrained.to_dict(), "trained": trained.to_dict(),

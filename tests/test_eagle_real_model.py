@@ -41,7 +41,7 @@ def test_default_target_short_train_and_real_speculative_eval(smollm2, tmp_path)
     config_json = json.loads((tmp_path / "run" / "draft" / "config.json").read_text())
     assert config_json["vocab_size"] == 49152 and config_json["draft_vocab_size"] == 2048
     prompts = [prompt_ids(tokenizer, r.messages) for r in read_chat_jsonl(default_prompt_path("heldout"), limit=2)]
-    summary, _ = evaluate_speculative(target, draft, prompts, max_new_tokens=16, num_draft_tokens=3,
+    summary = evaluate_speculative(target, draft, prompts, max_new_tokens=16, num_draft_tokens=3,
                                       stop_ids={tokenizer.eos_token_id}, progress=False)
     assert summary.outputs_match  # speculative output is the target's greedy output, token for token
     assert summary.acceptance_length >= 1.0

@@ -152,6 +152,6 @@ def test_trained_draft_is_accepted_and_still_exact(tmp_path):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    summary, _ = evaluate_speculative(target, draft, prompts, max_new_tokens=40, num_draft_tokens=3, progress=False)
+    summary = evaluate_speculative(target, draft, prompts, max_new_tokens=40, num_draft_tokens=3, progress=False)
     assert summary.outputs_match
     assert summary.acceptance_length > 1.5

@@ -152,30 +152,16 @@ class EvalSummary:
         return dict(self.__dict__)
 
 
-def evaluate_speculative(target: Eagle3TargetModel, draft: Eagle3DraftModel, prompts: list[torch.Tensor],
-                         max_new_tokens: int = 64, num_draft_tokens: int = 4, stop_ids: set[int] = frozenset(),
-                         greedy_results: list[DecodeResult] | None = None, progress: bool = True) -> tuple[EvalSummary, list[DecodeResult]]:
-    """Decode every prompt (``[1, S]`` long each) plainly and speculatively; compare and time them.
-
-    ``greedy_results`` reuses an earlier plain run (the baseline does not depend on the draft).
-    Returns the summary and the greedy results (to pass back in for the next draft).
-    """
-    from tqdm.auto import tqdm
-
-    draft = draft.eval()
-    if greedy_results is None:
-        greedy_results = [greedy_decode(target, p, max_new_tokens, stop_ids)
-                          for p in tqdm(prompts, desc="greedy", disable=not progress, leave=False)]
-    spec_results = [speculative_decode(target, draft, p, max_new_tokens, num_draft_tokens, stop_ids)
-                    for p in tqdm(prompts, desc="speculative", disable=not progress, leave=False)]
+def summarize(greedy_results: list[DecodeResult], spec_results: list[DecodeResult]) -> EvalSummary:
+    """Acceptance length and speed-up of one draft's decodes against plain decodes of the same prompts."""
     # Both sides generate the first token in the prefill; acceptance counts the forwards after it.
     new_tokens = sum(len(r.tokens) - 1 for r in spec_results)
     verify_forwards = sum(r.target_forwards - 1 for r in spec_results)
     greedy_time = sum(r.wall_s for r in greedy_results)
     spec_time = sum(r.wall_s for r in spec_results)
     total_tokens = sum(len(r.tokens) for r in spec_results)
-    summary = EvalSummary(
-        prompts=len(prompts),
+    return EvalSummary(
+        prompts=len(spec_results),
         new_tokens=total_tokens,
         acceptance_length=new_tokens / max(verify_forwards, 1),
         speedup=greedy_time / max(spec_time, 1e-9),
@@ -183,4 +169,32 @@ def evaluate_speculative(target: Eagle3TargetModel, draft: Eagle3DraftModel, pro
         greedy_tokens_per_s=sum(len(r.tokens) for r in greedy_results) / max(greedy_time, 1e-9),
         speculative_tokens_per_s=total_tokens / max(spec_time, 1e-9),
     )
-    return summary, greedy_results
+
+
+def evaluate_drafts(target: Eagle3TargetModel, drafts: dict[str, Eagle3DraftModel], prompts: list[torch.Tensor],
+                    max_new_tokens: int = 64, num_draft_tokens: int = 4, stop_ids: set[int] = frozenset(),
+                    progress: bool = True) -> dict[str, EvalSummary]:
+    """Decode every prompt (``[1, S]`` long each) plainly and with each draft, and compare.
+
+    The decodes of one prompt run back to back (plain, then each draft), so a shared, noisy machine
+    slows every side of a comparison alike: the speed-ups are ratios taken at the same moment.
+    """
+    from tqdm.auto import tqdm
+
+    for draft in drafts.values():
+        draft.eval()
+    greedy: list[DecodeResult] = []
+    speculative: dict[str, list[DecodeResult]] = {name: [] for name in drafts}
+    for prompt in tqdm(prompts, desc="decode", unit="prompt", disable=not progress, leave=False):
+        greedy.append(greedy_decode(target, prompt, max_new_tokens, stop_ids))
+        for name, draft in drafts.items():
+            speculative[name].append(speculative_decode(target, draft, prompt, max_new_tokens, num_draft_tokens, stop_ids))
+    return {name: summarize(greedy, results) for name, results in speculative.items()}
+
+
+def evaluate_speculative(target: Eagle3TargetModel, draft: Eagle3DraftModel, prompts: list[torch.Tensor],
+                         max_new_tokens: int = 64, num_draft_tokens: int = 4, stop_ids: set[int] = frozenset(),
+                         progress: bool = True) -> EvalSummary:
+    """``evaluate_drafts`` for a single draft."""
+    return evaluate_drafts(target, {"draft": draft}, prompts, max_new_tokens, num_draft_tokens, stop_ids,
+                           progress)["draft"]

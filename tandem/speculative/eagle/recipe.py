@@ -341,6 +341,16 @@ class Trainer:
         kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
         ckpt.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
 
+    def _check_fresh_output_dir(self) -> None:
+        """A run from step 0 must not mix with an earlier run's checkpoints and metrics (a later
+        ``--resume`` would pick the wrong checkpoint); refuse rather than delete anything."""
+        old = ckpt.latest_checkpoint(self.output_dir / "checkpoints")
+        if old is not None and not self.config.resume:
+            raise ValueError(f"{self.output_dir} already holds checkpoints of another run ({old.name}): pass --resume "
+                             f"to continue it, or choose a new --output-dir")
+        if self.dist.is_main:
+            (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)
+
     def maybe_resume(self) -> bool:
         if not self.config.resume:
             return False
@@ -453,7 +463,8 @@ class Trainer:
 
     def train(self) -> dict:
         """Run to ``total_steps``; checkpoint every ``save_every`` and at the end; export the draft."""
-        self.maybe_resume()
+        if not self.maybe_resume():
+            self._check_fresh_output_dir()
         main = self.dist.is_main
         accum = self.config.grad_accum_steps
         end = min(self.config.total_steps, self.config.stop_at_step or self.config.total_steps)
