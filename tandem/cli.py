@@ -64,7 +64,9 @@ def cmd_train(args) -> int:
     if args.target_url:
         args.target_urls = [*(args.target_urls or []), *args.target_url]
     config = config_from_args(TrainConfig, args, base)
-    trainer = train(config)
+    from tandem.targets import build_target
+
+    trainer = train(config, target_factory=build_target)
     if trainer.dist.is_main:
         print(f"trained {trainer.step} steps; draft exported to {trainer.output_dir / 'draft'}")
     return 0

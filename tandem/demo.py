@@ -100,6 +100,7 @@ def run_demo(config: DemoConfig) -> int:
     from tandem.speculative.eagle.decode import evaluate_drafts
     from tandem.speculative.eagle.recipe import TrainConfig, Trainer
     from tandem.speculative.eagle.target import Eagle3TargetModel
+    from tandem.targets import build_target
 
     started = time.perf_counter()
     out = Path(config.out)
@@ -123,7 +124,8 @@ def run_demo(config: DemoConfig) -> int:
         server = start_target_server(config.target, log_path=out / "serve-target.log")
         train_config.target_urls = [server.url]
     try:
-        trainer = Trainer(train_config, target=None if config.remote else target, tokenizer=tokenizer)
+        trainer = Trainer(train_config, target=None if config.remote else target, tokenizer=tokenizer,
+                          target_factory=build_target)
         # The untrained baseline is the draft exactly as training starts (same seed, same seeding).
         untrained_draft = copy.deepcopy(trainer.draft)
         train_started = time.perf_counter()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tandem.speculative.eagle.recipe import train
+from tandem.targets import build_target
 from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel, RetryPolicy
 from tandem.speculative.eagle.remote.launch import TargetServerProcess
 from tandem.speculative.eagle.remote.transport import NCCLTransport
@@ -78,7 +79,7 @@ def check_batches(client: RemoteEagle3TargetModel, expected, count: int = 2) -> 
 
 
 def test_remote_training_over_the_group_is_bit_identical_to_in_process(root, target_dir, server):
-    reference = train(run_config(root, "in_process", target_dir), tokenizer=build_tiny_tokenizer())
+    reference = train(run_config(root, "in_process", target_dir), tokenizer=build_tiny_tokenizer(), target_factory=build_target)
     client = RemoteEagle3TargetModel(server.url, prefetch_depth=2, nccl_timeout_s=GROUP_TIMEOUT_S)
     trainer = train(run_config(root, "over_group", target_dir), target=client, tokenizer=build_tiny_tokenizer())
     assert trainer.step == STEPS

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from tandem.speculative.eagle import checkpoint as ckpt
 from tandem.speculative.eagle.data import ChatCollator, TokenizedChatDataset, batch_order, pad_token_id_for, read_chat_jsonl
 from tandem.speculative.eagle.distributed import (
-    DistributedContext, RankThroughput, current_context, init_distributed, servers_in_use, target_urls_for_rank,
+    DistributedContext, RankThroughput, current_context, init_distributed, servers_in_use,
     throughput_summary,
 )
 from tandem.speculative.eagle.draft import Eagle3DraftConfig, Eagle3DraftModel
@@ -119,29 +119,6 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.learning_rate * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
 
 
-def build_target(config: TrainConfig, distributed: DistributedContext | None = None):
-    """The in-process target, or the remote client when ``target_urls`` is set (rank r: its share of them)."""
-    distributed = distributed or DistributedContext()
-    if config.target_urls:
-        import os
-        import socket
-        import uuid
-
-        from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel
-
-        urls = target_urls_for_rank(config.target_urls, distributed.rank, distributed.world_size)
-        # The rank in the id makes the servers' per-client summary readable.
-        client_id = f"{socket.gethostname()}-rank{distributed.rank}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        return RemoteEagle3TargetModel(urls, device=distributed.device, prefetch_depth=config.prefetch_depth,
-                                       client_id=client_id, nccl_rank=distributed.rank,
-                                       supervision_encoding=config.supervision_encoding)
-    from tandem.models import load_target
-    from tandem.speculative.eagle.target import Eagle3TargetModel
-
-    model, _ = load_target(config.target, device=distributed.device)
-    return Eagle3TargetModel(model, config.aux_layer_ids)
-
-
 class SupervisionPrefetcher:
     """Requests the supervision of the next ``depth`` micro-batches ahead of the step that needs them.
 
@@ -194,13 +171,18 @@ class Trainer:
 
     Arguments:
         config: the run's configuration.
-        target: an ``Eagle3TargetModel`` or ``RemoteEagle3TargetModel``; built from ``config`` if None.
+        target: an ``Eagle3TargetModel`` or ``RemoteEagle3TargetModel`` (anything with ``supervise``,
+            ``get_input_embeddings``, ``set_vocab_mapping``, ``model_info``).
         tokenizer: built from ``config.tokenizer or config.target`` if None.
+        target_factory: ``(config, distributed) -> target`` when ``target`` is None;
+            ``tandem.targets.build_target`` is the one the CLI uses. The recipe itself never imports the
+            remote package: ``remote/`` depends on ``eagle/``, not the reverse.
         distributed: this rank's place in a data-parallel job (see ``distributed.py``); default: the
             initialised default process group, else a single process.
     """
 
-    def __init__(self, config: TrainConfig, target=None, tokenizer=None, distributed: DistributedContext | None = None):
+    def __init__(self, config: TrainConfig, target=None, tokenizer=None, distributed: DistributedContext | None = None,
+                 target_factory=None):
         self.config = config
         self.dist = distributed or current_context()
         self.output_dir = Path(config.output_dir)
@@ -208,7 +190,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self.step = 0
         self.throughput = RankThroughput()
-        self._build_target(target, tokenizer)
+        self._build_target(target, tokenizer, target_factory)
         self._build_data()
         self._build_vocab()
         self._build_draft()
@@ -216,10 +198,15 @@ class Trainer:
 
     # --- phases -------------------------------------------------------------------------------
 
-    def _build_target(self, target, tokenizer) -> None:
+    def _build_target(self, target, tokenizer, target_factory) -> None:
         from tandem.models import load_tokenizer
 
-        self.target = target if target is not None else build_target(self.config, self.dist)
+        if target is None:
+            if target_factory is None:
+                raise ValueError("no target: pass target=, or target_factory= (tandem.targets.build_target builds "
+                                 "the in-process or remote target a TrainConfig names)")
+            target = target_factory(self.config, self.dist)
+        self.target = target
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.config.tokenizer or self.config.target)
         self.model_info = self.target.model_info()
 
@@ -508,14 +495,15 @@ class Trainer:
             logger.info("%s", throughput_summary(rows, servers))
 
 
-def train(config: TrainConfig, target=None, tokenizer=None) -> Trainer:
+def train(config: TrainConfig, target=None, tokenizer=None, target_factory=None) -> Trainer:
     """Build a ``Trainer`` and run it; returns the trainer (its draft, metrics file, checkpoints).
 
     Under torchrun (``WORLD_SIZE`` > 1) this joins the job's process group first and leaves it at the end.
     """
     distributed = init_distributed()
     try:
-        trainer = Trainer(config, target=target, tokenizer=tokenizer, distributed=distributed)
+        trainer = Trainer(config, target=target, tokenizer=tokenizer, distributed=distributed,
+                          target_factory=target_factory)
         try:
             trainer.train()
         finally:

@@ -1,0 +1,34 @@
+"""Which target a training run talks to: the in-process model, or remote servers (``--target-url``).
+
+This lives above ``speculative/eagle`` so that the training recipe never imports the remote package
+(``remote/`` depends on ``eagle/``, never the reverse); the CLI, ``python -m tandem.train`` and the demo
+hand ``build_target`` to the recipe as its ``target_factory``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+from tandem.speculative.eagle.distributed import DistributedContext, target_urls_for_rank
+from tandem.speculative.eagle.recipe import TrainConfig
+
+
+def build_target(config: TrainConfig, distributed: DistributedContext | None = None):
+    """The in-process target, or the remote client when ``target_urls`` is set (rank r: its share of them)."""
+    distributed = distributed or DistributedContext()
+    if config.target_urls:
+        from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel
+
+        urls = target_urls_for_rank(config.target_urls, distributed.rank, distributed.world_size)
+        # The rank in the id makes the servers' per-client summary readable.
+        client_id = f"{socket.gethostname()}-rank{distributed.rank}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        return RemoteEagle3TargetModel(urls, device=distributed.device, prefetch_depth=config.prefetch_depth,
+                                       client_id=client_id, nccl_rank=distributed.rank,
+                                       supervision_encoding=config.supervision_encoding)
+    from tandem.models import load_target
+    from tandem.speculative.eagle.target import Eagle3TargetModel
+
+    model, _ = load_target(config.target, device=distributed.device)
+    return Eagle3TargetModel(model, config.aux_layer_ids)
