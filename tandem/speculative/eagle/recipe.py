@@ -500,6 +500,10 @@ def train(config: TrainConfig, target=None, tokenizer=None, target_factory=None)
 
     Under torchrun (``WORLD_SIZE`` > 1) this joins the job's process group first and leaves it at the end.
     """
+    if target is None and target_factory is None:
+        # The entry point's convenience: the CLI's own factory (in-process or remote, from the config).
+        # Imported here, not at the top, so that importing the recipe never loads the remote package.
+        from tandem.targets import build_target as target_factory
     distributed = init_distributed()
     try:
         trainer = Trainer(config, target=target, tokenizer=tokenizer, distributed=distributed,
