@@ -12,7 +12,7 @@ hidden state at i, and predicts token i+2.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -22,16 +22,11 @@ from tandem.speculative.eagle.target import Eagle3TargetModel
 
 @dataclass
 class DecodeResult:
-    """tokens: the new token ids. target_forwards: forwards after the prefill. wall_s: seconds."""
+    """tokens: the new token ids. target_forwards: target forwards, the prefill included. wall_s: seconds."""
 
     tokens: list[int]
     target_forwards: int
     wall_s: float
-    accepted_per_forward: list[int] = field(default_factory=list)
-
-    @property
-    def acceptance_length(self) -> float:
-        return len(self.tokens) / max(self.target_forwards, 1)
 
 
 def crop_cache(cache, keep_length: int) -> None:
@@ -45,17 +40,12 @@ def crop_cache(cache, keep_length: int) -> None:
         cache.crop(-remove)
 
 
-def _target_forward(target: Eagle3TargetModel, input_ids: torch.Tensor, cache):
-    """One cached target forward: ``(logits [1, n, V], aux [1, n, 3H])`` for ``input_ids [1, n]``."""
-    outputs = target.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
-    return outputs.logits, target._capture.take()
-
-
-def _truncate(tokens: list[int], max_new_tokens: int, stop_ids: set[int]) -> tuple[list[int], bool]:
+def _truncate(tokens: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
+    """``tokens`` cut after the first stop token and to ``max_new_tokens``."""
     for i, token in enumerate(tokens[:max_new_tokens]):
         if token in stop_ids:
-            return tokens[: i + 1], True
-    return tokens[:max_new_tokens], len(tokens) >= max_new_tokens
+            return tokens[: i + 1]
+    return tokens[:max_new_tokens]
 
 
 @torch.no_grad()
@@ -66,15 +56,15 @@ def greedy_decode(target: Eagle3TargetModel, input_ids: torch.Tensor, max_new_to
 
     started = time.perf_counter()
     cache = DynamicCache()
-    logits, _ = _target_forward(target, input_ids.to(target.device), cache)
+    logits, _ = target.forward_cached(input_ids.to(target.device), cache)
     tokens = [int(logits[0, -1].argmax())]
     forwards = 0
     while len(tokens) < max_new_tokens and tokens[-1] not in stop_ids:
-        logits, _ = _target_forward(target, torch.tensor([[tokens[-1]]], device=target.device), cache)
+        logits, _ = target.forward_cached(torch.tensor([[tokens[-1]]], device=target.device), cache)
         tokens.append(int(logits[0, -1].argmax()))
         forwards += 1
     # The first token comes from the prefill; count it as that forward's output.
-    return DecodeResult(tokens, forwards + 1, time.perf_counter() - started, [1] * (forwards + 1))
+    return DecodeResult(tokens, forwards + 1, time.perf_counter() - started)
 
 
 def _draft_chain(draft: Eagle3DraftModel, new_tokens: torch.Tensor, new_aux: torch.Tensor, start: int,
@@ -106,23 +96,23 @@ def speculative_decode(target: Eagle3TargetModel, draft: Eagle3DraftModel, input
     device = target.device
     input_ids = input_ids.to(device)
     cache, draft_cache = DynamicCache(), DraftKVCache()
-    logits, aux = _target_forward(target, input_ids, cache)
+    logits, aux = target.forward_cached(input_ids, cache)
     next_token = logits[0, -1].argmax().view(1, 1)
-    tokens, accepted_counts = [int(next_token)], [1]
+    tokens, forwards = [int(next_token)], 1  # the prefill counts as a forward, as in greedy_decode
     pending_tokens = torch.cat([input_ids[:, 1:], next_token], dim=1)  # tokens i+1 for aux positions i
     pending_aux, pending_start = aux, 0
     while len(tokens) < max_new_tokens and tokens[-1] not in stop_ids:
         proposal = _draft_chain(draft, pending_tokens, pending_aux, pending_start, draft_cache, num_draft_tokens)
         committed = cache.get_seq_length()
         verify_ids = torch.tensor([[int(next_token)] + proposal], device=device)
-        logits, aux = _target_forward(target, verify_ids, cache)
+        logits, aux = target.forward_cached(verify_ids, cache)
         greedy = logits[0].argmax(-1).tolist()
         accepted = 0
         while accepted < len(proposal) and proposal[accepted] == greedy[accepted]:
             accepted += 1
         new = proposal[:accepted] + [greedy[accepted]]
         tokens.extend(new)
-        accepted_counts.append(len(new))
+        forwards += 1
         crop_cache(cache, committed + 1 + accepted)
         pending_start = committed
         pending_aux = aux[:, : accepted + 1]
@@ -130,8 +120,8 @@ def speculative_decode(target: Eagle3TargetModel, draft: Eagle3DraftModel, input
         next_token = pending_tokens[:, -1:]
         if any(t in stop_ids for t in new):
             break
-    tokens, _ = _truncate(tokens, max_new_tokens, stop_ids)
-    return DecodeResult(tokens, len(accepted_counts), time.perf_counter() - started, accepted_counts)
+    tokens = _truncate(tokens, max_new_tokens, stop_ids)
+    return DecodeResult(tokens, forwards, time.perf_counter() - started)
 
 
 @dataclass

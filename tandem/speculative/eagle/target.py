@@ -158,6 +158,19 @@ class Eagle3TargetModel:
             attention_mask=attention_mask,
         )
 
+    @torch.no_grad()
+    def forward_cached(self, input_ids: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoding forward with a transformers KV ``cache`` (it grows by the new positions).
+
+        Arguments:
+            input_ids: ``[B, n]`` long, the positions after those already in ``cache``.
+
+        Returns:
+            logits ``[B, n, V]`` and aux hidden states ``[B, n, 3H]``, neither shifted.
+        """
+        outputs = self.model(input_ids=input_ids.to(self.device), past_key_values=cache, use_cache=True)
+        return outputs.logits, self._capture.take()
+
     def set_vocab_mapping(self, selected_token_ids: torch.Tensor, selected_token_mask: torch.Tensor) -> None:
         """Fix the draft vocabulary: ``selected_token_ids [Vd]`` long, ``selected_token_mask [V]`` bool."""
         vocab_size = self.config.vocab_size

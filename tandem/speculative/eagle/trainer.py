@@ -21,14 +21,13 @@ class TTTResult:
     """loss: scalar (with grad). step_losses / step_accuracies: ``[K]`` fp32 (no grad).
 
     acceptance_length: simulated ``1 + sum_k P(steps 0..k all correct)`` over positions valid at every
-    step (a proxy; ``decode.py`` measures the real thing). valid_tokens: positions scored at step 0.
+    step (a proxy; ``decode.py`` measures the real thing).
     """
 
     loss: torch.Tensor
     step_losses: torch.Tensor
     step_accuracies: torch.Tensor
     acceptance_length: float
-    valid_tokens: int
 
 
 def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor, mask: torch.Tensor,
@@ -111,7 +110,6 @@ def ttt_loss(draft: Eagle3DraftModel, supervision: dict[str, torch.Tensor], atte
         step_losses=torch.stack(step_losses),
         step_accuracies=torch.stack(step_accuracies),
         acceptance_length=acceptance,
-        valid_tokens=int(supervision["position_mask"].sum()),
     )
 
 
