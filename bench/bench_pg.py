@@ -106,25 +106,9 @@ def _numel(shape) -> int:
     return n
 
 
-COLUMNS = (
-    ("shape", "shape", "s"), ("figure", "figure", "s"), ("MB", "MB", ",.0f"), ("GB/s", "GB_per_s", ".2f"),
-    ("limit", "limit", "s"), ("limit GB/s", "limit_GB_per_s", ".2f"), ("ratio", "ratio", ".2f"),
-    ("target", "target", ".1f"), ("meets", "meets_target", ""),
-)
-
-
 def main(argv=None) -> list[dict]:
-    args = common.settle(common.parser(__doc__.split("\n")[0], runs=9).parse_args(argv))
-    rows = [row for shape in common.bench_shapes(args.quick) for row in bench_shape(shape, args.runs, args.warmup)]
-    for row in rows:
-        row["MB"] = row["bytes"] / 1e6
-    table = common.format_table(rows, COLUMNS)
-    print(table)
-    if common.should_write(args):
-        path = common.write_report("bench_pg", "gloo process-group data plane vs a raw TCP socket", rows, vars(args),
-                                   args.out, table)
-        print(f"wrote {path}")
-    return rows
+    return common.run_shape_bench("bench_pg", "gloo process-group data plane vs a raw TCP socket",
+                                  __doc__.split("\n")[0], bench_shape, argv)
 
 
 if __name__ == "__main__":
