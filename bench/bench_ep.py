@@ -1,6 +1,7 @@
 """Dispatch + combine bandwidth of tandem.moe.ep.Buffer against raw `all_to_all_single` on gloo.
 
-    .venv/bin/python -m bench.bench_ep            # 2 and 4 ranks, writes bench/results/ep_gloo.json
+    .venv/bin/python -m bench.bench_ep            # 2 and 4 ranks, writes bench/results/bench_ep.json
+    .venv/bin/python -m bench.bench_ep --quick    # smoke run: tiny shapes, 2 ranks, nothing written
 
 For each group size the ranks run, interleaved in one loop: a fresh dispatch (layout included) plus
 combine, a cached dispatch plus combine, and two limits, each two raw `all_to_all_single` calls moving
@@ -9,27 +10,35 @@ caller of the collective, and the Buffer, returns new tensors), one reusing prea
 floor no API that returns fresh tensors can reach). Each iteration's time is the slowest rank's; the
 table reports medians and the ratio limit/ours (1.0 means the buffer costs nothing over the raw
 collective; the target is at least 0.8).
+
+The ranks run with glibc's allocator told to keep freed memory (`MALLOC_MMAP_THRESHOLD_`,
+`MALLOC_TRIM_THRESHOLD_`, unless already set), as PyTorch's caching allocator does on a GPU. With the
+defaults, a fresh multi-MB tensor is sometimes mmapped and page-faulted in and sometimes reused, depending
+on the sizes freed just before (glibc moves its threshold as it goes); the limit then swung between
+runs by up to 50 %, and a ratio against it measured glibc, not the exchange.
+
+Alongside, each rank times the local work the raw collective does not do, on the same data: the layout
+(`get_dispatch_layout`), the gather of the rows to send, and the combine's fp32 reduction of the returned
+copies, one rank at a time. Here all ranks share one physical core, so these add up across ranks
+instead of overlapping: their sum is a floor under ours minus the limit.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import statistics
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bench import common
 from tandem.moe.ep import Buffer
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
+from tandem.moe.ep.layout import send_order
+from tandem.moe.ep.normal import _sum_copies
+from tandem.moe.ep.workspace import Workspace
 
 def _slowest(seconds: float) -> float:
     t = torch.tensor([seconds], dtype=torch.float64)
@@ -85,16 +94,48 @@ def _rank_bench(rank: int, world: int, args) -> dict:
         back = torch.empty(sum(send_counts), row_bytes, dtype=torch.uint8)
         dist.all_to_all_single(back, there, send_counts, recv_counts)
 
-    times = {"raw_fresh": [], "raw_preallocated": [], "fresh": [], "cached": []}
+    # The local work alone, on the same routing: what no raw collective does.
+    order = send_order(handle.is_token_in_rank)
+    gathered = torch.empty(order.numel(), args.hidden, dtype=x.dtype)
+    landing = torch.randn(order.numel() + 1, args.hidden).to(x.dtype)
+    scratch = Workspace()
+
+    def layout():
+        buffer.get_dispatch_layout(topk_idx, num_experts)
+
+    def gather():
+        torch.index_select(x, 0, order, out=gathered)
+
+    def reduction():
+        _sum_copies(scratch, landing, handle, (None, None))
+
+    times = {name: [] for name in ("raw_fresh", "raw_preallocated", "fresh", "cached")}
+    local = {name: [] for name in ("layout", "gather", "reduction")}
     steps = (("raw_fresh", raw_fresh), ("raw_preallocated", raw_preallocated), ("fresh", fresh), ("cached", cached))
     for i in range(args.warmup + args.runs):
         for name, fn in steps:
             t = _timed(fn)
             if i >= args.warmup:
                 times[name].append(t)
+        for name, fn in (("layout", layout), ("gather", gather), ("reduction", reduction)):
+            for turn in range(world):  # one rank at a time: its own cost, not its share of a busy core
+                dist.barrier()
+                if turn == rank:
+                    start = time.perf_counter()
+                    fn()
+                    if i >= args.warmup:
+                        local[name].append(time.perf_counter() - start)
+    # Every rank's median local time, so the table can show their sum across ranks.
+    local_medians = torch.tensor([statistics.median(local[k]) for k in local], dtype=torch.float64)
+    all_local = [torch.empty_like(local_medians) for _ in range(world)]
+    dist.all_gather(all_local, local_medians)
     moved = torch.tensor([2 * row_bytes * sum(send_counts)], dtype=torch.float64)
     dist.all_reduce(moved)
-    return {"times": times, "bytes_moved_all_ranks": float(moved)}
+    per_rank = torch.stack(all_local)  # [rank, part]
+    return {
+        "times": times, "bytes_moved_all_ranks": float(moved),
+        "local_work_s": {k: per_rank[:, j].tolist() for j, k in enumerate(local)},
+    }
 
 
 def _worker(rank: int, world: int, port: int, args, queue) -> None:
@@ -117,7 +158,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Keep freed memory in the process (see the module docstring); 32 MiB is glibc's largest mmap threshold.
+_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
+
+
 def run(world: int, args) -> dict:
+    """Spawn `world` gloo ranks, run the interleaved loop, and return rank 0's report."""
+    for key, value in _ALLOCATOR_ENV.items():
+        os.environ.setdefault(key, value)  # read by each spawned rank's allocator at start-up
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
@@ -127,46 +175,64 @@ def run(world: int, args) -> dict:
     out = queue.get(timeout=1800)
     for p in procs:
         p.join()
-    med = {k: statistics.median(v) for k, v in out["times"].items()}
     rows = []
     for name, label in (("fresh", "layout + dispatch + combine"), ("cached", "cached dispatch + combine")):
         for limit, limit_label in (("raw_fresh", "raw a2a x2, new outputs"), ("raw_preallocated", "raw a2a x2, reused buffers")):
-            rows.append({
-                "figure": label, "ranks": world, "median_s": med[name], "limit": limit_label,
-                "limit_median_s": med[limit], "ratio": med[limit] / med[name],
-                "runs": out["times"][name], "limit_runs": out["times"][limit],
-                "bytes_moved_all_ranks": out["bytes_moved_all_ranks"],
-            })
-    return {"rows": rows}
+            rows.append(common.ratio_row(
+                label, out["times"][name], limit_label, out["times"][limit], int(out["bytes_moved_all_ranks"]),
+                target=TARGET, ranks=world,
+            ))
+    work = out["local_work_s"]
+    local = {"ranks": world, "median_s_per_rank": work}
+    for part in work:
+        local[f"{part}_max_ms"] = max(work[part]) * 1e3
+        local[f"{part}_sum_ms"] = sum(work[part]) * 1e3
+    local["limit_ms"] = common.median(out["times"]["raw_preallocated"]) * 1e3
+    local["budget_ms"] = local["limit_ms"] * (1 / TARGET - 1)  # what ours may add to the limit and still meet it
+    return {"rows": rows, "local_work": local}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--tokens", type=int, default=2048, help="tokens per rank")
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--topk", type=int, default=4)
-    parser.add_argument("--experts-per-rank", type=int, default=8)
-    parser.add_argument("--runs", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS / "ep_gloo.json")
-    args = parser.parse_args()
+TARGET = 0.8
+COLUMNS = (
+    ("figure", "figure", "s"), ("ranks", "ranks", "d"), ("MB", "MB", ",.1f"), ("ours ms", "ms", ".1f"),
+    ("limit", "limit", "s"), ("limit ms", "limit_ms", ".1f"), ("ratio", "ratio", ".2f"),
+    ("target", "target", ".1f"), ("meets", "meets_target", ""),
+)
+LOCAL_COLUMNS = (
+    ("ranks", "ranks", "d"), ("layout ms", "layout_max_ms", ".2f"), ("(sum)", "layout_sum_ms", ".1f"),
+    ("row gather ms", "gather_max_ms", ".2f"), ("(sum)", "gather_sum_ms", ".1f"),
+    ("fp32 reduction ms", "reduction_max_ms", ".2f"), ("(sum)", "reduction_sum_ms", ".1f"),
+    ("limit ms", "limit_ms", ".1f"), ("0.8x budget ms", "budget_ms", ".1f"),
+)
 
-    rows = [row for world in args.ranks for row in run(world, args)["rows"]]
-    print(f"{'figure':<28} {'ranks':>5} {'MB moved':>9} {'ours ms':>8} {'limit ms':>9} {'ratio':>6}   limit")
-    for r in rows:
-        print(f"{r['figure']:<28} {r['ranks']:>5} {r['bytes_moved_all_ranks'] / 1e6:>9.1f} "
-              f"{r['median_s'] * 1e3:>8.1f} {r['limit_median_s'] * 1e3:>9.1f} {r['ratio']:>6.2f}   {r['limit']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    report = {
-        "benchmark": "tandem.moe.ep dispatch+combine vs raw all_to_all_single (gloo, CPU)",
-        "ratio": "limit median time / ours median time on the same bytes (higher is better, 1.0 = no overhead)",
-        "config": config, "torch": torch.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "rows": rows,
-    }
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+
+def main(argv=None) -> list[dict]:
+    parser = common.parser(__doc__.split("\n")[0], runs=15, warmup=2)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4], help="group sizes (default: 2 4)")
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens per rank (default: 2048)")
+    parser.add_argument("--hidden", type=int, default=2048, help="hidden size, bf16 rows (default: 2048)")
+    parser.add_argument("--topk", type=int, default=4, help="experts per token (default: 4)")
+    parser.add_argument("--experts-per-rank", type=int, default=8, help="(default: 8)")
+    args = common.settle(parser.parse_args(argv))
+    if args.quick:
+        args.tokens, args.hidden, args.ranks, args.warmup = 128, 256, [2], 1
+
+    results = [run(world, args) for world in args.ranks]
+    rows = [row for result in results for row in result["rows"]]
+    for row in rows:
+        row["MB"], row["ms"], row["limit_ms"] = row["bytes"] / 1e6, row["median_s"] * 1e3, row["limit_median_s"] * 1e3
+    local = [result["local_work"] for result in results]
+    table = common.format_table(rows, COLUMNS)
+    local_table = common.format_table(local, LOCAL_COLUMNS)
+    print(table)
+    print("\nLocal work no raw collective does, each rank timed alone (slowest rank; sum over ranks, which share "
+          "one core here):\n" + local_table)
+    if common.should_write(args):
+        title = "tandem.moe.ep dispatch+combine vs raw all_to_all_single (gloo, CPU)"
+        notes = [f"allocator: {k}={os.environ.get(k)}" for k in _ALLOCATOR_ENV] + ["local work:\n" + local_table]
+        rows_out = rows + [{"figure": "local work", **entry} for entry in local]
+        print(f"wrote {common.write_report('bench_ep', title, rows_out, vars(args), args.out, table, notes)}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from tandem.moe.ep import Buffer, Config, EventOverlap, get_low_latency_rdma_size_hint
 from tandem.moe.ep.exchange import pack_rows, unpack_rows
-from tandem.moe.ep.layout import channel_prefix_matrix, dispatch_layout, send_head, send_order
+from tandem.moe.ep.layout import channel_prefix_matrix, dispatch_layout, send_head, send_order, token_prefix
 
 
 def test_config_is_positional_and_aligns_rdma_recv_tokens():
@@ -76,9 +76,16 @@ def test_layout_and_send_order_against_loops():
     for r in range(num_ranks):
         sent = [t for t in range(num_tokens) if in_rank[t, r]]
         assert [int(head[t, r]) for t in sent] == list(range(len(sent)))
+    assert torch.equal(head[~in_rank], torch.full_like(head[~in_rank], -1))
     chan = channel_prefix_matrix(in_rank, 4)  # channels own tokens [0,4) [4,8) [8,12) [12,13)
     assert chan[:, -1].tolist() == per_rank.tolist()
     assert chan[:, 1].tolist() == in_rank[:8].sum(0).tolist()
+    # The dispatch computes the running counts once and hands them to both.
+    prefix = token_prefix(in_rank)
+    assert prefix.shape == (num_tokens + 1, num_ranks) and prefix[0].eq(0).all()
+    assert torch.equal(prefix[1:], in_rank.int().cumsum(0).int())
+    assert torch.equal(send_head(in_rank, prefix), head)
+    assert torch.equal(channel_prefix_matrix(in_rank, 4, prefix), chan)
 
 
 def test_rdma_rank_counts_above_one_node():

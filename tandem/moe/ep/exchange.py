@@ -12,25 +12,34 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-# torch renamed all_gather_into_tensor to all_gather_single; take whichever this torch has.
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
-
-def all_gather_ints(group: dist.ProcessGroup, values: torch.Tensor) -> torch.Tensor:
+def start_all_gather_ints(group: dist.ProcessGroup, values: torch.Tensor) -> Tuple[torch.Tensor, dist.Work]:
     """
-    Gather one small int32 vector from every rank.
+    Start gathering one small int32 vector from every rank; read the result after `work.wait()`.
 
     Arguments:
         group: the process group.
         values: `[n]` with `torch.int`, this rank's vector (same `n` on every rank).
 
     Returns:
-        gathered: `[num_ranks, n]` with `torch.int`, row `i` from rank `i`.
+        gathered: `[num_ranks, n]` with `torch.int`, row `i` from rank `i` once the work is done.
+        work: the collective in flight.
     """
+    # An all-to-all of the vector repeated once per rank rather than an all-gather: gloo's all-gather passes
+    # blocks around the ranks in dependent steps, each waiting for the next rank to wake up, while the
+    # all-to-all has every message in flight at once (4 ranks on 2 vCPUs, ranks arriving 0.3 ms apart:
+    # 4.5 ms against 2.9 ms; equal at 2 ranks). The extra bytes are num_ranks small vectors.
     world = group.size()
     out = torch.empty(world * values.numel(), dtype=values.dtype, device=values.device)
-    _all_gather_flat(out, values.contiguous(), group=group)
-    return out.view(world, values.numel())
+    work = dist.all_to_all_single(out, values.contiguous().repeat(world), group=group, async_op=True)
+    return out.view(world, values.numel()), work
+
+
+def all_gather_ints(group: dist.ProcessGroup, values: torch.Tensor) -> torch.Tensor:
+    """`start_all_gather_ints`, waited for: `[num_ranks, n]` with `torch.int`, row `i` from rank `i`."""
+    gathered, work = start_all_gather_ints(group, values)
+    work.wait()
+    return gathered
 
 
 def as_byte_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -43,16 +52,19 @@ def as_byte_rows(rows: torch.Tensor) -> torch.Tensor:
     return rows.reshape(n, -1).view(torch.uint8)
 
 
-def all_to_all_rows(
+def start_all_to_all_rows(
     group: dist.ProcessGroup,
     rows: torch.Tensor,
     send_counts: Sequence[int],
     recv_counts: Sequence[int],
     out_rows: Optional[int] = None,
     out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+) -> Tuple[torch.Tensor, Optional[dist.Work]]:
     """
-    Exchange variable-length blocks of rows: block `j` of `rows` goes to rank `j`.
+    Start exchanging variable-length blocks of rows: block `j` of `rows` goes to rank `j`.
+
+    The caller overlaps its own work with the transfer and calls `work.wait()` before reading the output
+    or writing `rows` (work is None when there is nothing to move).
 
     Arguments:
         group: the process group.
@@ -65,6 +77,7 @@ def all_to_all_rows(
 
     Returns:
         received: `[out_rows or sum(recv_counts), ...]` with `rows.dtype`, blocks ordered by source rank.
+        work: the collective in flight, or None.
     """
     num_recv = int(sum(recv_counts))
     total = num_recv if out_rows is None else out_rows
@@ -76,11 +89,27 @@ def all_to_all_rows(
     received = as_byte_rows(out)
     if total > num_recv:
         received[num_recv:].zero_()
-    if send.size(1) > 0:
-        dist.all_to_all_single(
+    work = None
+    if send.size(1) > 0:  # every rank has the same row width, so all call or none do
+        work = dist.all_to_all_single(
             received[:num_recv], send, output_split_sizes=list(recv_counts), input_split_sizes=list(send_counts),
-            group=group,
+            group=group, async_op=True,
         )
+    return out, work
+
+
+def all_to_all_rows(
+    group: dist.ProcessGroup,
+    rows: torch.Tensor,
+    send_counts: Sequence[int],
+    recv_counts: Sequence[int],
+    out_rows: Optional[int] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """`start_all_to_all_rows`, waited for: the received `[out_rows or sum(recv_counts), ...]` rows."""
+    out, work = start_all_to_all_rows(group, rows, send_counts, recv_counts, out_rows, out)
+    if work is not None:
+        work.wait()
     return out
 
 

@@ -75,28 +75,56 @@ def send_order(is_token_in_rank: torch.Tensor) -> torch.Tensor:
     return is_token_in_rank.t().nonzero()[:, 1]
 
 
-def send_head(is_token_in_rank: torch.Tensor) -> torch.Tensor:
-    """`[num_tokens, num_ranks]` with `torch.int`: each token's row within its block to each rank, or -1."""
-    position = is_token_in_rank.to(torch.int32).cumsum(0) - 1
-    return torch.where(is_token_in_rank, position, torch.full_like(position, -1))
+def token_prefix(is_token_in_rank: torch.Tensor) -> torch.Tensor:
+    """
+    Arguments:
+        is_token_in_rank: `[num_tokens, num_ranks]` with `torch.bool`.
+
+    Returns:
+        prefix: `[num_tokens + 1, num_ranks]` with `torch.int`, row `t` counts the tokens before `t` that go
+            to each rank (`send_head` and `channel_prefix_matrix` both read it).
+    """
+    prefix = torch.zeros(is_token_in_rank.size(0) + 1, is_token_in_rank.size(1), dtype=torch.int32,
+                         device=is_token_in_rank.device)
+    torch.cumsum(is_token_in_rank, 0, dtype=torch.int32, out=prefix[1:])
+    return prefix
 
 
-def channel_prefix_matrix(is_token_in_rank: torch.Tensor, num_channels: int) -> torch.Tensor:
+def send_head(is_token_in_rank: torch.Tensor, prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """
+    Arguments:
+        is_token_in_rank: `[num_tokens, num_ranks]` with `torch.bool`.
+        prefix: its `token_prefix`, when already computed.
+
+    Returns:
+        head: `[num_tokens, num_ranks]` with `torch.int`, each token's row within its block to each rank, or -1.
+    """
+    if prefix is None:
+        prefix = token_prefix(is_token_in_rank)
+    return torch.where(is_token_in_rank, prefix[:-1], torch.full_like(prefix[:-1], -1))
+
+
+def channel_prefix_matrix(
+    is_token_in_rank: torch.Tensor, num_channels: int, prefix: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """
     Per destination rank, the inclusive count of tokens over channels `0..c`, where channel `c` owns
     tokens `[c * ceil(T / C), (c + 1) * ceil(T / C))` as in DeepEP's kernels.
 
+    Arguments:
+        is_token_in_rank: `[num_tokens, num_ranks]` with `torch.bool`.
+        num_channels: the number of channels `C`.
+        prefix: its `token_prefix`, when already computed.
+
     Returns:
         prefix: `[num_ranks, num_channels]` with `torch.int`.
     """
-    num_tokens, num_ranks = is_token_in_rank.shape
+    if prefix is None:
+        prefix = token_prefix(is_token_in_rank)
+    num_tokens = prefix.size(0) - 1
     per_channel = max(-(-num_tokens // num_channels), 1)
-    ends = torch.clamp(torch.arange(1, num_channels + 1, device=is_token_in_rank.device) * per_channel, max=num_tokens)
-    cumulative = torch.cat(
-        [torch.zeros(1, num_ranks, dtype=torch.int32, device=is_token_in_rank.device),
-         is_token_in_rank.to(torch.int32).cumsum(0, dtype=torch.int32)]
-    )
-    return cumulative[ends].t().contiguous()
+    ends = torch.clamp(torch.arange(1, num_channels + 1, device=prefix.device) * per_channel, max=num_tokens)
+    return prefix[ends].t().contiguous()
 
 
 def recv_channel_prefix_matrix(all_channel_prefix: torch.Tensor, rank: int) -> torch.Tensor:

@@ -1,11 +1,16 @@
 """High-throughput dispatch and combine on `all_to_all_single`.
 
-A fresh dispatch is three collectives: one small all-gather of per-expert and per-channel counts (every
-rank then knows the whole rank prefix matrix), one all-to-all of the token rows, and one all-to-all of the
-per-token metadata (top-k ids and weights, source index, FP8 scales) packed as bytes. A cached dispatch
-and a combine are one all-to-all of rows each (plus one for weights or scales when present).
+A fresh dispatch is three collectives: one small exchange of per-expert and per-channel counts (every
+rank then knows the whole rank prefix matrix), then two at once: the token rows, and the per-token
+metadata (top-k ids and weights, source index, FP8 scales) packed as bytes. A cached dispatch and a
+combine are one all-to-all of rows each (plus one in parallel for weights or scales when present).
 A rank's rows for itself skip the collective (a local gather or copy) whenever they sit at an end of
-what it sends and receives (`exchange.local_self_block`): always with two ranks.
+what it sends and receives (`exchange.local_self_block`): always with two ranks, and for the first and
+last rank of any group.
+
+Every collective is started asynchronously and the local work that does not need its result runs while
+it is in flight: the rows to send are gathered while the counts travel, the self block is copied and
+the metadata unpacked while the rows travel.
 
 `all_to_all_single` takes its split sizes on the host, so each call makes one deliberate host sync to read
 the counts; DeepEP's notify kernel makes the same sync unless `num_worst_tokens` is given.
@@ -18,7 +23,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .exchange import all_gather_ints, all_to_all_rows, local_self_block, pack_rows, unpack_rows
+from .exchange import local_self_block, pack_rows, start_all_gather_ints, start_all_to_all_rows, unpack_rows
 from .handle import DispatchHandle
 from .workspace import Workspace
 from .layout import (
@@ -28,6 +33,7 @@ from .layout import (
     send_head,
     send_order,
     to_local_experts,
+    token_prefix,
 )
 
 
@@ -58,23 +64,16 @@ def dispatch_fresh(
     rank, num_ranks = group.rank(), group.size()
     num_experts = num_tokens_per_expert.numel()
     num_local_experts = num_experts // num_ranks
-    channels = channel_prefix_matrix(is_token_in_rank, num_channels)
+    prefix = token_prefix(is_token_in_rank)
+    channels = channel_prefix_matrix(is_token_in_rank, num_channels, prefix)
+    gathered, counts_in_flight = start_all_gather_ints(
+        group, torch.cat([num_tokens_per_expert.to(torch.int32), channels.flatten()])
+    )
 
-    gathered = all_gather_ints(group, torch.cat([num_tokens_per_expert.to(torch.int32), channels.flatten()]))
-    all_channels = gathered[:, num_experts:].view(num_ranks, num_ranks, num_channels)
-    counts = all_channels[:, :, -1]  # [src, dst]
-    rank_prefix = counts.cumsum(0, dtype=torch.int32)
-    local_expert_counts = gathered[:, rank * num_local_experts : (rank + 1) * num_local_experts].sum(0)
-    host = torch.cat([counts[rank], counts[:, rank], local_expert_counts]).tolist()  # host sync
-    send_counts, recv_counts = host[:num_ranks], host[num_ranks : 2 * num_ranks]
-    num_recv = sum(recv_counts)
-    if num_worst_tokens and num_recv > num_worst_tokens:
-        raise ValueError(f"rank {rank} receives {num_recv} tokens, more than num_worst_tokens={num_worst_tokens}")
-    out_rows = num_worst_tokens or None
-
+    # While the counts travel: everything that needs only this rank's routing (the row gather is most of it).
     order = send_order(is_token_in_rank)
-    recv_x = _dispatch_rows(group, workspace, x, order, send_counts, recv_counts, out_rows)
-
+    send_counts = channels[:, -1].tolist()  # host sync: split sizes
+    staged = _stage_before_counts(workspace, x, order, send_counts, rank)
     meta = [order.to(torch.int32)[:, None]]
     if topk_idx is not None:
         meta.append(topk_idx.index_select(0, order))
@@ -83,7 +82,26 @@ def dispatch_fresh(
     if x_scales is not None:
         meta.append(x_scales.index_select(0, order))
     packed, specs = pack_rows(meta)
-    recv_meta = unpack_rows(all_to_all_rows(group, packed, send_counts, recv_counts, out_rows), specs)
+    head = send_head(is_token_in_rank, prefix)
+    counts_in_flight.wait()
+
+    all_channels = gathered[:, num_experts:].view(num_ranks, num_ranks, num_channels)
+    counts = all_channels[:, :, -1]  # [src, dst]
+    rank_prefix = counts.cumsum(0, dtype=torch.int32)
+    local_expert_counts = gathered[:, rank * num_local_experts : (rank + 1) * num_local_experts].sum(0)
+    host = torch.cat([counts[:, rank], local_expert_counts]).tolist()  # host sync
+    recv_counts = host[:num_ranks]
+    num_recv = sum(recv_counts)
+    if num_worst_tokens and num_recv > num_worst_tokens:
+        raise ValueError(f"rank {rank} receives {num_recv} tokens, more than num_worst_tokens={num_worst_tokens}")
+    out_rows = num_worst_tokens or None
+
+    # Rows and metadata travel together (two collectives in flight at once); the self block is gathered
+    # and the small metadata unpacked while the rows are still on their way.
+    recv_x, rows_in_flight = _start_rows(group, workspace, x, order, send_counts, recv_counts, out_rows, staged)
+    recv_packed, meta_in_flight = start_all_to_all_rows(group, packed, send_counts, recv_counts, out_rows)
+    _finish(meta_in_flight)
+    recv_meta = unpack_rows(recv_packed, specs)
 
     recv_src_idx = recv_meta.pop(0)[:, 0]
     recv_src_idx[num_recv:] = -1
@@ -95,15 +113,16 @@ def dispatch_fresh(
         recv_topk_idx, recv_topk_weights = to_local_experts(raw_idx, raw_weights, rank, num_local_experts)
     recv_scales = recv_meta.pop(0) if x_scales is not None else None
 
-    per_expert = [] if num_worst_tokens else aligned_counts(host[2 * num_ranks :], expert_alignment)
+    per_expert = [] if num_worst_tokens else aligned_counts(host[num_ranks:], expert_alignment)
     handle = DispatchHandle(
         rank_prefix_matrix=rank_prefix,
         channel_prefix_matrix=channels,
         recv_channel_prefix_matrix=recv_channel_prefix_matrix(all_channels, rank),
         recv_src_idx=recv_src_idx,
         is_token_in_rank=is_token_in_rank,
-        send_head=send_head(is_token_in_rank),
+        send_head=head,
     )
+    _finish(rows_in_flight)
     return recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert, handle
 
 
@@ -118,10 +137,14 @@ def dispatch_cached(
     send_counts, recv_counts = _block_counts(handle, group.rank())
     out_rows = handle.recv_src_idx.size(0)
     order = send_order(handle.is_token_in_rank)
-    recv_x = _dispatch_rows(group, workspace, x, order, send_counts, recv_counts, out_rows)
-    recv_scales = None
+    recv_x, rows_in_flight = _start_rows(group, workspace, x, order, send_counts, recv_counts, out_rows)
+    recv_scales, scales_in_flight = None, None
     if x_scales is not None:
-        recv_scales = all_to_all_rows(group, x_scales.index_select(0, order), send_counts, recv_counts, out_rows)
+        recv_scales, scales_in_flight = start_all_to_all_rows(
+            group, x_scales.index_select(0, order), send_counts, recv_counts, out_rows
+        )
+    _finish(rows_in_flight)
+    _finish(scales_in_flight)
     return recv_x, recv_scales
 
 
@@ -142,23 +165,60 @@ def combine(
     # One spare zero row at the end: tokens not sent to some rank read it instead of branching.
     landing = workspace.get("combine_recv", (sum(dispatch_sent) + 1, hidden), x.dtype, x.device)
     landing[-1].zero_()
+    weights_in_flight = None
+    if topk_weights is not None:
+        returned_w, weights_in_flight = start_all_to_all_rows(
+            group, topk_weights[:num_recv].contiguous(), dispatch_received, dispatch_sent
+        )
     plan = local_self_block(group.rank(), dispatch_received, dispatch_sent)
     if plan is None:
-        all_to_all_rows(group, x[:num_recv], dispatch_received, dispatch_sent, out=landing[:-1])
+        _, rows_in_flight = start_all_to_all_rows(
+            group, x[:num_recv], dispatch_received, dispatch_sent, out=landing[:-1]
+        )
     else:
         (sb, se), (rb, re), (ob, oe), (lb, le) = plan.send, plan.recv, plan.send_others, plan.recv_others
-        landing[rb:re].copy_(x[sb:se])
-        all_to_all_rows(group, x[ob:oe], plan.send_counts, plan.recv_counts, out=landing[lb:le])
+        _, rows_in_flight = start_all_to_all_rows(
+            group, x[ob:oe], plan.send_counts, plan.recv_counts, out=landing[lb:le]
+        )
+        landing[rb:re].copy_(x[sb:se])  # while the others' rows travel
+    _finish(rows_in_flight)
     combined = _sum_copies(workspace, landing, handle, biases)
     combined_weights = None
     if topk_weights is not None:
-        returned_w = all_to_all_rows(group, topk_weights[:num_recv].contiguous(), dispatch_received, dispatch_sent)
+        _finish(weights_in_flight)
         combined_weights = torch.zeros(num_tokens, topk_weights.size(1), dtype=torch.float32, device=x.device)
         combined_weights.index_add_(0, send_order(handle.is_token_in_rank), returned_w)
     return combined, combined_weights
 
 
-def _dispatch_rows(
+def _finish(work: Optional[dist.Work]) -> None:
+    if work is not None:
+        work.wait()
+
+
+def _self_stays_local(rank: int, num_ranks: int) -> bool:
+    """
+    Whether this rank's block for itself is at an end of both what it sends and what it receives
+    whatever the other ranks send: true for the first and the last rank (blocks are in rank order).
+    """
+    return num_ranks > 1 and rank in (0, num_ranks - 1)
+
+
+def _stage_before_counts(
+    workspace: Workspace, x: torch.Tensor, order: torch.Tensor, send_counts: List[int], rank: int
+) -> Optional[torch.Tensor]:
+    """
+    Gather the rows for the other ranks before the receive counts are known, when the plan of
+    `local_self_block` is already certain (`_self_stays_local`); None otherwise (staged later).
+    """
+    if not _self_stays_local(rank, len(send_counts)) or send_counts[rank] == 0:
+        return None
+    begin = sum(send_counts[:rank])
+    others = order[send_counts[rank]:] if begin == 0 else order[:begin]
+    return _stage(workspace, x, others)
+
+
+def _start_rows(
     group: dist.ProcessGroup,
     workspace: Workspace,
     x: torch.Tensor,
@@ -166,21 +226,29 @@ def _dispatch_rows(
     send_counts: List[int],
     recv_counts: List[int],
     out_rows: Optional[int],
-) -> torch.Tensor:
-    """Send `x[order]` in blocks; the rank's own block is gathered straight into the output when it can."""
+    staged: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Optional[dist.Work]]:
+    """
+    Start sending `x[order]` in blocks; the rank's own block is gathered straight into the output while
+    the others travel, when it can be (`local_self_block`).
+
+    Arguments:
+        staged: the other ranks' rows already gathered by `_stage_before_counts`, or None.
+    """
     plan = local_self_block(group.rank(), send_counts, recv_counts)
     if plan is None:
-        return all_to_all_rows(group, _stage(workspace, x, order), send_counts, recv_counts, out_rows)
+        return start_all_to_all_rows(group, _stage(workspace, x, order), send_counts, recv_counts, out_rows)
     num_recv = sum(recv_counts)
     total = out_rows or num_recv
     recv_x = torch.empty(total, *x.shape[1:], dtype=x.dtype, device=x.device)
     recv_x[num_recv:].zero_()
     (sb, se), (rb, re), (ob, oe), (lb, le) = plan.send, plan.recv, plan.send_others, plan.recv_others
-    torch.index_select(x, 0, order[sb:se], out=recv_x[rb:re])
     # The self block is at an end of the send order, so the others' rows are one contiguous range of it.
-    staged = _stage(workspace, x, order[ob:oe])
-    all_to_all_rows(group, staged, plan.send_counts, plan.recv_counts, out=recv_x[lb:le])
-    return recv_x
+    if staged is None:
+        staged = _stage(workspace, x, order[ob:oe])
+    _, work = start_all_to_all_rows(group, staged, plan.send_counts, plan.recv_counts, out=recv_x[lb:le])
+    torch.index_select(x, 0, order[sb:se], out=recv_x[rb:re])
+    return recv_x, work
 
 
 def _stage(workspace: Workspace, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
