@@ -78,7 +78,7 @@ def cmd_eval(args) -> int:
     from tandem.models import load_target
     from tandem.speculative.eagle.checkpoint import load_exported_draft
     from tandem.speculative.eagle.data import prompt_ids, read_chat_jsonl
-    from tandem.speculative.eagle.decode import evaluate_speculative
+    from tandem.speculative.eagle.decode import evaluate_speculative, teacher_forced_accuracy
     from tandem.speculative.eagle.target import Eagle3TargetModel
 
     model, tokenizer = load_target(args.model)
@@ -86,9 +86,12 @@ def cmd_eval(args) -> int:
     target = Eagle3TargetModel(model, args.aux_layer_ids)
     records = read_chat_jsonl(_resolve_prompts(args.prompts), limit=args.limit)
     prompts = [prompt_ids(tokenizer, r.messages) for r in records]
-    summary = evaluate_speculative(target, draft, prompts, args.max_new_tokens, args.draft_tokens,
-                                      stop_ids={tokenizer.eos_token_id})
-    print(json.dumps(summary.to_dict(), indent=2))
+    stop_ids = {tokenizer.eos_token_id}
+    summary = evaluate_speculative(target, draft, prompts, args.max_new_tokens, args.draft_tokens, stop_ids=stop_ids)
+    result = summary.to_dict()
+    if args.step0_accuracy:
+        result["step0_accuracy"] = teacher_forced_accuracy(target, draft, prompts, args.max_new_tokens, stop_ids)
+    print(json.dumps(result, indent=2))
     return 0 if summary.outputs_match else 1
 
 
@@ -139,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default: 64)")
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round (default: 4)")
     p.add_argument("--aux-layer-ids", type=int, nargs=3, default=None, help="the layers the draft was trained on")
+    p.add_argument("--step0-accuracy", action="store_true",
+                   help="also report how often the draft's first proposal is the target's greedy next token, "
+                        "teacher-forced on the target's continuations of the same prompts; compare "
+                        "--prompts train with --prompts heldout to see whether a draft memorised its data")
     p.set_defaults(func=cmd_eval)
 
     try:

@@ -55,6 +55,8 @@ class DemoConfig:
     """Tokens the draft proposes per verification."""
     remote: bool = True
     """Train against a `tandem serve-target` subprocess on loopback (the disaggregated path)."""
+    generalisation_prompts: int = 8
+    """Training and held-out prompts each on which the trained draft's step-0 accuracy is compared (0: skip)."""
 
 
 def _prepare_data(config: DemoConfig, model, tokenizer, out: Path) -> Path:
@@ -97,7 +99,7 @@ def _plot(metrics_path: Path, png_path: Path) -> None:
 def run_demo(config: DemoConfig) -> int:
     from tandem.models import load_target
     from tandem.speculative.eagle.data import default_prompt_path, prompt_ids, read_chat_jsonl
-    from tandem.speculative.eagle.decode import evaluate_drafts
+    from tandem.speculative.eagle.decode import evaluate_drafts, teacher_forced_accuracy
     from tandem.speculative.eagle.recipe import TrainConfig, Trainer
     from tandem.speculative.eagle.target import Eagle3TargetModel
     from tandem.targets import build_target
@@ -142,10 +144,23 @@ def run_demo(config: DemoConfig) -> int:
     results = evaluate_drafts(target, {"untrained": untrained_draft, "trained": trainer.draft}, prompts,
                               config.eval_max_new_tokens, config.draft_tokens, stop)
     untrained, trained = results["untrained"], results["trained"]
+    generalisation = None
+    if config.generalisation_prompts:
+        # The same measurement on prompts the draft trained on and on held-out ones: a large gap means
+        # the run memorised its training conversations rather than learning the target.
+        n = config.generalisation_prompts
+        seen = [prompt_ids(tokenizer, r.messages) for r in read_chat_jsonl(default_prompt_path("train"), limit=n)]
+        generalisation = {
+            "prompts": n, "max_new_tokens": config.eval_max_new_tokens,
+            "train_step0_accuracy": teacher_forced_accuracy(target, trainer.draft, seen, config.eval_max_new_tokens, stop),
+            "heldout_step0_accuracy": teacher_forced_accuracy(target, trainer.draft, prompts[:n],
+                                                              config.eval_max_new_tokens, stop),
+        }
     summary = {
         "config": asdict(config), "train_seconds": train_seconds, "total_seconds": time.perf_counter() - started,
         "untrained": untrained.to_dict(), "trained": trained.to_dict(),
         "acceptance_ratio": trained.acceptance_length / untrained.acceptance_length,
+        "generalisation": generalisation,
         "exported_draft": str(out / "train" / "draft"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -163,4 +178,9 @@ def _print_table(summary: dict, out: Path) -> None:
     print(f"{'plain greedy':18} {'1.00':>18} {'1.00x':>9} {summary['trained']['greedy_tokens_per_s']:>7.1f}")
     print(f"\ntrained / untrained acceptance: {summary['acceptance_ratio']:.2f}x   "
           f"training {summary['train_seconds']:.0f} s, demo {summary['total_seconds']:.0f} s")
+    gen = summary.get("generalisation")
+    if gen:
+        print(f"trained draft's step-0 accuracy on the target's greedy continuations (teacher-forced, "
+              f"{gen['prompts']} prompts each): training prompts {gen['train_step0_accuracy']:.2f}, "
+              f"held-out {gen['heldout_step0_accuracy']:.2f}")
     print(f"draft: {summary['exported_draft']}   plot: {out / 'training.png'}   summary: {out / 'summary.json'}")

@@ -155,3 +155,75 @@ def test_trained_draft_is_accepted_and_still_exact(tmp_path):
     summary = evaluate_speculative(target, draft, prompts, max_new_tokens=40, num_draft_tokens=3, progress=False)
     assert summary.outputs_match
     assert summary.acceptance_length > 1.5
+
+
+def test_teacher_forced_proposals_are_the_decoders_first_proposals():
+    # The held-out accuracy the demo reports is only meaningful if it measures what decoding does: the
+    # first proposal the decoder makes after each committed prefix, built incrementally through its caches.
+    from transformers import DynamicCache
+
+    from tandem.speculative.eagle.decode import _draft_chain, teacher_forced_proposals
+    from tandem.speculative.eagle.draft import DraftKVCache
+
+    target = peaked_target(seed=4)
+    torch.manual_seed(1)
+    draft = Eagle3DraftModel(Eagle3DraftConfig.from_target_config(target.config, 320)).eval()
+    draft.seed_from_target(target.get_input_embeddings())
+    prompt = torch.randint(3, 250, (1, 4))
+    ids = torch.cat([prompt, torch.tensor([greedy_decode(target, prompt, 10).tokens])], dim=1)
+    proposals = teacher_forced_proposals(target, draft, ids)
+    assert proposals.shape == (ids.shape[1] - 1,)
+    for committed in range(2, ids.shape[1] + 1):
+        # The decoder's state with ids[:committed] committed: prefill of all but the last, which is pending.
+        _, aux = target.forward_cached(ids[:, : committed - 1], DynamicCache())
+        with torch.no_grad():
+            first = _draft_chain(draft, ids[:, 1:committed], aux, 0, DraftKVCache(), num_draft_tokens=1)[0]
+        assert first == int(proposals[committed - 2])
+
+
+def test_teacher_forced_accuracy_of_a_trained_draft_beats_a_random_one():
+    from tandem.speculative.eagle.decode import teacher_forced_accuracy
+
+    target = peaked_target(seed=5)
+    prompts = [torch.randint(3, 250, (1, 6)) for _ in range(6)]
+    continuations = [torch.tensor([greedy_decode(target, p, 30).tokens]) for p in prompts]
+    ids = torch.cat([torch.cat([p, c], 1) for p, c in zip(prompts, continuations)])
+    mask = torch.ones_like(ids)
+    vocab = build_draft_vocab(torch.bincount(ids.flatten(), minlength=320), 320)
+    target.set_vocab_mapping(vocab.selected_token_ids, vocab.selected_token_mask)
+    torch.manual_seed(0)
+    draft = Eagle3DraftModel(Eagle3DraftConfig.from_target_config(target.config, 320))
+    draft.seed_from_target(target.get_input_embeddings(), vocab.selected_token_ids, seed_lm_head=True)
+    before = teacher_forced_accuracy(target, draft, prompts, max_new_tokens=30)
+    supervision = target.supervise(ids, mask, mask)
+    optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=3e-3)
+    draft.train()
+    for _ in range(40):
+        loss = ttt_loss(draft, supervision, mask, ttt_steps=1).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = teacher_forced_accuracy(target, draft, prompts, max_new_tokens=30)
+    assert 0.0 <= before < 0.5 < after <= 1.0
+
+
+def test_eval_command_reports_acceptance_and_step0_accuracy(tmp_path, capsys):
+    # `tandem eval --step0-accuracy` end to end on a saved tiny target and an exported (untrained) draft.
+    from tests.remote_utils import save_tiny_target
+    from tandem.cli import main
+    from tandem.models import load_target
+    from tandem.speculative.eagle.checkpoint import export_draft
+
+    target_dir = save_tiny_target(tmp_path / "target")
+    model, _ = load_target(str(target_dir))
+    torch.manual_seed(0)
+    draft = Eagle3DraftModel(Eagle3DraftConfig.from_target_config(model.config, 320))
+    export_draft(draft, tmp_path / "draft")
+    prompts = write_chat_data(tmp_path / "prompts.jsonl", count=3)
+    code = main(["--log-level", "WARNING", "eval", "--draft", str(tmp_path / "draft"), "--model", str(target_dir),
+                 "--prompts", str(prompts), "--limit", "3", "--max-new-tokens", "8", "--draft-tokens", "2",
+                 "--step0-accuracy"])
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index("{"):])
+    assert code == 0 and report["outputs_match"] and report["prompts"] == 3
+    assert report["acceptance_length"] >= 1.0 and 0.0 <= report["step0_accuracy"] <= 1.0

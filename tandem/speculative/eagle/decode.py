@@ -188,3 +188,47 @@ def evaluate_speculative(target: Eagle3TargetModel, draft: Eagle3DraftModel, pro
     """``evaluate_drafts`` for a single draft."""
     return evaluate_drafts(target, {"draft": draft}, prompts, max_new_tokens, num_draft_tokens, stop_ids,
                            progress)["draft"]
+
+
+@torch.no_grad()
+def teacher_forced_proposals(target: Eagle3TargetModel, draft: Eagle3DraftModel, ids: torch.Tensor) -> torch.Tensor:
+    """
+    The draft's first proposal after every prefix of ``ids``, all in one target and one draft forward.
+
+    Arguments:
+        ids: ``[1, S]`` long, a token sequence (S >= 2).
+
+    Returns:
+        proposals: ``[S - 1]`` long target token ids; entry ``i`` is what ``speculative_decode`` would propose
+        first with ``ids[:, : i + 2]`` committed (the draft reads token ``i + 1`` and the target's aux
+        hidden states up to position ``i``), i.e. its guess for token ``i + 2``. The last entry guesses
+        past the end of ``ids``.
+    """
+    from transformers import DynamicCache
+
+    ids = ids.to(target.device)
+    _, aux = target.forward_cached(ids, DynamicCache())
+    positions = torch.arange(ids.shape[1] - 1, device=ids.device).unsqueeze(0)
+    hidden = draft.step(ids[:, 1:], draft.project_aux(aux[:, :-1]), positions, kv_cache=DraftKVCache())
+    return draft.draft_to_target(draft.logits(hidden)[0].argmax(-1))
+
+
+def teacher_forced_accuracy(target: Eagle3TargetModel, draft: Eagle3DraftModel, prompts: list[torch.Tensor],
+                            max_new_tokens: int = 64, stop_ids: set[int] = frozenset()) -> float:
+    """
+    How often the draft's first proposal is the target's greedy next token, over the target's own greedy
+    continuations of ``prompts`` (each ``[1, S]`` long): the training metric "step-0 accuracy", measured
+    on any prompts. On held-out prompts it tells generalisation from memorisation: a draft that has
+    learned its training conversations by heart scores far higher on them than on new ones.
+    """
+    draft.eval()
+    hits = total = 0
+    for prompt in prompts:
+        continuation = greedy_decode(target, prompt, max_new_tokens, stop_ids).tokens
+        ids = torch.cat([prompt.to(target.device), torch.tensor([continuation], device=target.device)], dim=1)
+        proposals = teacher_forced_proposals(target, draft, ids)
+        # Guesses for the continuation's tokens after its first (which the prefill produces, not a draft).
+        guessed = torch.arange(prompt.shape[1] - 1, ids.shape[1] - 2, device=ids.device)
+        hits += int((proposals[guessed] == ids[0, guessed + 2]).sum())
+        total += guessed.numel()
+    return hits / max(total, 1)
