@@ -113,6 +113,31 @@ def test_taken_port_falls_back_to_the_wire_format_at_once(server, expected, monk
     assert "not established" in server.log_tail(200_000)
 
 
+def test_two_jobs_proposing_the_same_port_each_get_a_group(server, expected, monkeypatch):
+    # Two independent trainers (each RANK 0) on one server propose the same data-plane port: the server
+    # refuses the second at once with "port_in_use", and the second proposes the port 1000 above.
+    from tandem.speculative.eagle.remote.client import _PORT_RETRY_STRIDE
+
+    while True:
+        base = free_port()
+        try:
+            with socket.socket() as probe:
+                probe.bind(("0.0.0.0", base + _PORT_RETRY_STRIDE))
+            break
+        except OSError:
+            continue
+    monkeypatch.setenv("TANDEM_NCCL_PORT", str(base))
+    with client_for(server.url) as first, client_for(server.url) as second:
+        check_batches(first, expected, count=1)
+        check_batches(second, expected)
+        check_batches(first, expected)
+        assert first.transfer_counts == {"group": 3, "http": 0, "group_failures": 0}
+        assert second.transfer_counts == {"group": 2, "http": 0, "group_failures": 0}
+    log = server.log_tail(200_000)
+    assert f"client {second.client_id} proposed data-plane port {base}, which client {first.client_id} holds" in log
+    assert f"client {second.client_id}: data plane up (gloo group on port {base + _PORT_RETRY_STRIDE})" in log
+
+
 # A server whose sends wait: the test kills it after the metadata went out and before the tensors did.
 SLOW_SEND_SERVER = """
 import sys, time, logging

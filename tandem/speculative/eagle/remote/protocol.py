@@ -79,6 +79,9 @@ NCCL_STATUS_OK = "ok"
 NCCL_STATUS_ALREADY = "already_initialized"
 NCCL_STATUS_FAILED = "failed"
 NCCL_STATUS_DISABLED = "disabled"
+# Extension (a v1 client ignores it): why a "failed" answer failed, when the server knows. A port another
+# client's group holds is worth another try on another port; anything else is not.
+NCCL_REASON_PORT_IN_USE = "port_in_use"
 
 
 class ProtocolError(ValueError):

@@ -394,8 +394,9 @@ class TargetModelServer:
         """Set up this client's data-plane group on the port it proposes; blocks until the rendezvous ends.
 
         Body ``{"nccl_port": int, "rendezvous_id": str (optional)}``. Answers ``ok``, ``already_initialized``
-        (this client has a live group), ``failed`` (port taken or held by another client, rendezvous or
-        handshake failed: the client uses the wire format) or ``disabled``.
+        (this client has a live group), ``failed`` (port taken, rendezvous or handshake failed: the client
+        uses the wire format; with ``"reason": "port_in_use"`` when another client's group holds the port,
+        answered at once, so that the client can propose another) or ``disabled``.
         """
         payload = protocol.decode_json(raw, "init_nccl body") if raw else {}
         port, rendezvous_id = _init_nccl_request(payload, self.nccl_port)
@@ -403,8 +404,10 @@ class TargetModelServer:
             return protocol.encode_json({"status": protocol.NCCL_STATUS_DISABLED})
         session = self._session(client_id)
         if not self._claim_port(port, client_id, session):
+            if session.transport is not None:
+                return protocol.encode_json({"status": protocol.NCCL_STATUS_ALREADY})
             return protocol.encode_json(
-                {"status": protocol.NCCL_STATUS_ALREADY if session.transport is not None else protocol.NCCL_STATUS_FAILED}
+                {"status": protocol.NCCL_STATUS_FAILED, "reason": protocol.NCCL_REASON_PORT_IN_USE}
             )
         transport = NCCLTransport(port, self.host, is_server=True, device=self._device, rendezvous_id=rendezvous_id)
         ok = transport.initialize(timeout_seconds=self.nccl_timeout_s)
