@@ -164,7 +164,7 @@ class SelfBlock(NamedTuple):
     recv_others: Tuple[int, int]
 
 
-def _at_edge(counts: Sequence[int], rank: int) -> Optional[Tuple[Tuple[int, int], Tuple[int, int]]]:
+def self_block_at_edge(counts: Sequence[int], rank: int) -> Optional[Tuple[Tuple[int, int], Tuple[int, int]]]:
     """(self range, the others' range) when the self block is at either end of the rows, else None."""
     begin, total, own = sum(counts[:rank]), sum(counts), counts[rank]
     if begin == 0:
@@ -192,7 +192,7 @@ def local_self_block(rank: int, send_counts: Sequence[int], recv_counts: Sequenc
     Returns:
         plan: a `SelfBlock`, or None when the self block is empty or in the middle of either side.
     """
-    sent, received = _at_edge(send_counts, rank), _at_edge(recv_counts, rank)
+    sent, received = self_block_at_edge(send_counts, rank), self_block_at_edge(recv_counts, rank)
     if recv_counts[rank] == 0 or sent is None or received is None:
         return None
     send_counts, recv_counts = list(send_counts), list(recv_counts)

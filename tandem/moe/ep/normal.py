@@ -23,7 +23,14 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .exchange import local_self_block, pack_rows, start_all_gather_ints, start_all_to_all_rows, unpack_rows
+from .exchange import (
+    local_self_block,
+    pack_rows,
+    self_block_at_edge,
+    start_all_gather_ints,
+    start_all_to_all_rows,
+    unpack_rows,
+)
 from .handle import DispatchHandle
 from .workspace import Workspace
 from .layout import (
@@ -213,9 +220,8 @@ def _stage_before_counts(
     """
     if not _self_stays_local(rank, len(send_counts)) or send_counts[rank] == 0:
         return None
-    begin = sum(send_counts[:rank])
-    others = order[send_counts[rank]:] if begin == 0 else order[:begin]
-    return _stage(workspace, x, others)
+    _, (begin, end) = self_block_at_edge(send_counts, rank)  # the same range local_self_block will pick
+    return _stage(workspace, x, order[begin:end])
 
 
 def _start_rows(

@@ -256,7 +256,7 @@ class _DataPlane:
         logger.info("target server %s: no data plane (server said %s); using HTTP bodies", server.url, status)
         return False
 
-    def _start_on(self, server: "_ServerConnection", port: int) -> tuple[str, Optional[str]]:
+    def _start_on(self, server: "_ServerConnection", port: int) -> tuple[Optional[str], Optional[str]]:
         """``/init_nccl`` on ``port`` and our side of the rendezvous; ``(status, reason)`` of the server's answer.
 
         The request goes first: a refusal (port held, data plane disabled) comes back at once, before our
