@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import shutil
@@ -64,12 +65,15 @@ def _prepare_data(config: DemoConfig, model, tokenizer, out: Path) -> Path:
 
     path = out / "train_regenerated.jsonl"
     stamp = out / "train_regenerated.json"
-    wanted = {"target": config.target, "prompts": config.train_prompts, "max_new_tokens": config.regen_max_new_tokens}
+    prompts = default_prompt_path("train")
+    # The prompt file's digest too: a changed prompt set must be regenerated, not silently reused.
+    wanted = {"target": config.target, "prompts": config.train_prompts, "max_new_tokens": config.regen_max_new_tokens,
+              "prompt_set_sha256": hashlib.sha256(prompts.read_bytes()).hexdigest()}
     if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         logger.info("reusing regenerated training data %s", path)
         return path
     logger.info("regenerating the training answers with the target (cached for later runs)")
-    regenerate_file(model, tokenizer, default_prompt_path("train"), path, max_new_tokens=config.regen_max_new_tokens,
+    regenerate_file(model, tokenizer, prompts, path, max_new_tokens=config.regen_max_new_tokens,
                     batch_size=config.regen_batch_size, limit=config.train_prompts or None)
     stamp.write_text(json.dumps(wanted))
     return path

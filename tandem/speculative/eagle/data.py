@@ -164,7 +164,7 @@ def write_jsonl(path: str | Path, records: Iterable[ChatRecord]) -> int:
 
 
 def default_prompt_path(split: str) -> Path:
-    """The shipped prompt set: ``"train"`` (about 85%) or ``"heldout"`` (about 15%), messages JSONL.
+    """The shipped prompt set: ``"train"`` (about 89%) or ``"heldout"`` (about 11%), messages JSONL.
 
     User turns only (plus a few system prompts and multi-turn conversations whose assistant turns
     are placeholders); every line has a ``"category"``. Regenerate it before training on it.
