@@ -133,11 +133,12 @@ def test_speculative_decoding_equals_greedy_with_random_draft(num_draft_tokens):
         assert len(spec.tokens) == 25
 
 
-def test_trained_draft_is_accepted_and_still_exact(tmp_path):
-    """Train the draft on the target's own greedy continuations, then decode: same tokens, fewer forwards."""
+def on_own_continuations(num_prompts: int, new_tokens: int):
+    """A peaked tiny target, random prompts, the supervision of its own greedy continuations of them, and a
+    fresh draft whose vocabulary comes from those tokens: ``(target, draft, prompts, supervision, mask)``."""
     target = peaked_target(seed=5)
-    prompts = [torch.randint(3, 250, (1, 6)) for _ in range(8)]
-    continuations = [torch.tensor([greedy_decode(target, p, 40).tokens]) for p in prompts]
+    prompts = [torch.randint(3, 250, (1, 6)) for _ in range(num_prompts)]
+    continuations = [torch.tensor([greedy_decode(target, p, new_tokens).tokens]) for p in prompts]
     ids = torch.cat([torch.cat([p, c], 1) for p, c in zip(prompts, continuations)])
     mask = torch.ones_like(ids)
     vocab = build_draft_vocab(torch.bincount(ids.flatten(), minlength=320), 320)
@@ -145,13 +146,24 @@ def test_trained_draft_is_accepted_and_still_exact(tmp_path):
     torch.manual_seed(0)
     draft = Eagle3DraftModel(Eagle3DraftConfig.from_target_config(target.config, 320))
     draft.seed_from_target(target.get_input_embeddings(), vocab.selected_token_ids, seed_lm_head=True)
-    supervision = target.supervise(ids, mask, mask)
+    return target, draft, prompts, target.supervise(ids, mask, mask), mask
+
+
+def fit(draft, supervision, mask, steps: int, ttt_steps: int) -> None:
+    """``steps`` AdamW steps of the TTT loss on one batch."""
     optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=3e-3)
-    for _ in range(60):
-        loss = ttt_loss(draft, supervision, mask, ttt_steps=3).loss
+    draft.train()
+    for _ in range(steps):
+        loss = ttt_loss(draft, supervision, mask, ttt_steps=ttt_steps).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+
+
+def test_trained_draft_is_accepted_and_still_exact(tmp_path):
+    """Train the draft on the target's own greedy continuations, then decode: same tokens, fewer forwards."""
+    target, draft, prompts, supervision, mask = on_own_continuations(num_prompts=8, new_tokens=40)
+    fit(draft, supervision, mask, steps=60, ttt_steps=3)
     summary = evaluate_speculative(target, draft, prompts, max_new_tokens=40, num_draft_tokens=3, progress=False)
     assert summary.outputs_match
     assert summary.acceptance_length > 1.5
@@ -184,25 +196,9 @@ def test_teacher_forced_proposals_are_the_decoders_first_proposals():
 def test_teacher_forced_accuracy_of_a_trained_draft_beats_a_random_one():
     from tandem.speculative.eagle.decode import teacher_forced_accuracy
 
-    target = peaked_target(seed=5)
-    prompts = [torch.randint(3, 250, (1, 6)) for _ in range(6)]
-    continuations = [torch.tensor([greedy_decode(target, p, 30).tokens]) for p in prompts]
-    ids = torch.cat([torch.cat([p, c], 1) for p, c in zip(prompts, continuations)])
-    mask = torch.ones_like(ids)
-    vocab = build_draft_vocab(torch.bincount(ids.flatten(), minlength=320), 320)
-    target.set_vocab_mapping(vocab.selected_token_ids, vocab.selected_token_mask)
-    torch.manual_seed(0)
-    draft = Eagle3DraftModel(Eagle3DraftConfig.from_target_config(target.config, 320))
-    draft.seed_from_target(target.get_input_embeddings(), vocab.selected_token_ids, seed_lm_head=True)
+    target, draft, prompts, supervision, mask = on_own_continuations(num_prompts=6, new_tokens=30)
     before = teacher_forced_accuracy(target, draft, prompts, max_new_tokens=30)
-    supervision = target.supervise(ids, mask, mask)
-    optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=3e-3)
-    draft.train()
-    for _ in range(40):
-        loss = ttt_loss(draft, supervision, mask, ttt_steps=1).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    fit(draft, supervision, mask, steps=40, ttt_steps=1)
     after = teacher_forced_accuracy(target, draft, prompts, max_new_tokens=30)
     assert 0.0 <= before < 0.5 < after <= 1.0
 
