@@ -48,11 +48,7 @@ COLUMNS = (
 def main(argv=None) -> list[dict]:
     args = common.settle(common.parser(__doc__.split("\n")[0], runs=1, warmup=0).parse_args(argv))
     rows = [row for shape in common.bench_shapes(args.quick) for row in bench_shape(shape)]
-    table = common.format_table(rows, COLUMNS)
-    print(table)
-    if common.should_write(args):
-        path = common.write_report("bench_bytes", "bytes on the wire per supervised token", rows, vars(args), args.out, table)
-        print(f"wrote {path}")
+    common.publish("bench_bytes", "bytes on the wire per supervised token", rows, args, common.format_table(rows, COLUMNS))
     return rows
 
 

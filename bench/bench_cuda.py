@@ -103,10 +103,7 @@ def main(argv=None) -> list[dict]:
         row["MB"] = row["bytes"] / 1e6
     device = torch.cuda.get_device_name(0)
     table = f"device: {device}\n\n" + common.format_table(rows, COLUMNS)
-    print(table)
-    if common.should_write(args):
-        path = common.write_report("bench_cuda", f"GPU data path on {device}", rows, vars(args), args.out, table)
-        print(f"wrote {path}")
+    common.publish("bench_cuda", f"GPU data path on {device}", rows, args, table)
     return rows
 
 

@@ -222,16 +222,13 @@ def main(argv=None) -> list[dict]:
     for row in rows:
         row["MB"], row["ms"], row["limit_ms"] = row["bytes"] / 1e6, row["median_s"] * 1e3, row["limit_median_s"] * 1e3
     local = [result["local_work"] for result in results]
-    table = common.format_table(rows, COLUMNS)
-    local_table = common.format_table(local, LOCAL_COLUMNS)
-    print(table)
-    print("\nLocal work no raw collective does, each rank timed alone (slowest rank; sum over ranks, which share "
-          "one core here):\n" + local_table)
-    if common.should_write(args):
-        title = "tandem.moe.ep dispatch+combine vs raw all_to_all_single (gloo, CPU)"
-        notes = [f"allocator: {k}={os.environ.get(k)}" for k in _ALLOCATOR_ENV] + ["local work:\n" + local_table]
-        rows_out = rows + [{"figure": "local work", **entry} for entry in local]
-        print(f"wrote {common.write_report('bench_ep', title, rows_out, vars(args), args.out, table, notes)}")
+    table = (common.format_table(rows, COLUMNS) + "\n\nLocal work no raw collective does, each rank timed alone "
+             "(slowest rank; sum over ranks, which share one core here):\n" + common.format_table(local, LOCAL_COLUMNS))
+    common.publish(
+        "bench_ep", "tandem.moe.ep dispatch+combine vs raw all_to_all_single (gloo, CPU)",
+        rows + [{"figure": "local work", **entry} for entry in local], args, table,
+        notes=[f"allocator: {k}={os.environ.get(k)}" for k in _ALLOCATOR_ENV],
+    )
     return rows
 
 

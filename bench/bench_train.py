@@ -201,11 +201,8 @@ def main(argv=None) -> list[dict]:
         write_chat_data(root / "data.jsonl", count=64, answer_chars=args.seq)
         for layers in args.layers:
             rows += bench_target(root / f"layers_{layers}", root / "data.jsonl", layers, args)
-    table = common.format_table(rows, COLUMNS)
-    print(table)
-    if common.should_write(args):
-        path = common.write_report("bench_train", "remote training with prefetch vs in-process", rows, vars(args), args.out, table)
-        print(f"wrote {path}")
+    common.publish("bench_train", "remote training with prefetch vs in-process", rows, args,
+                   common.format_table(rows, COLUMNS))
     return rows
 
 

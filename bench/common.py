@@ -201,6 +201,15 @@ def should_write(args: argparse.Namespace) -> bool:
     return not args.quick or args.out is not None
 
 
+def publish(name: str, title: str, rows: list[dict], args: argparse.Namespace, table: str,
+            notes: Sequence[str] = ()) -> None:
+    """Print a benchmark's table, then write ``bench/results/<name>.json`` unless this is a quick run
+    (``should_write``) and say where."""
+    print(table)
+    if should_write(args):
+        print(f"wrote {write_report(name, title, rows, vars(args), args.out, table, notes)}")
+
+
 def buffer_address(buffer) -> int:
     """The address of a buffer's first byte (to tell a view of a tensor's memory from a copy)."""
     return int(np.frombuffer(buffer, dtype=np.uint8).ctypes.data) if memoryview(buffer).nbytes else 0
@@ -227,8 +236,5 @@ def run_shape_bench(name: str, title: str, description: str, bench_shape, argv=N
     rows = [row for shape in bench_shapes(args.quick) for row in bench_shape(shape, args.runs, args.warmup)]
     for row in rows:
         row["MB"] = row["bytes"] / 1e6
-    table = format_table(rows, columns)
-    print(table)
-    if should_write(args):
-        print(f"wrote {write_report(name, title, rows, vars(args), args.out, table)}")
+    publish(name, title, rows, args, format_table(rows, columns))
     return rows
