@@ -87,7 +87,8 @@ def cmd_eval(args) -> int:
     records = read_chat_jsonl(_resolve_prompts(args.prompts), limit=args.limit)
     prompts = [prompt_ids(tokenizer, r.messages) for r in records]
     stop_ids = {tokenizer.eos_token_id}
-    summary = evaluate_speculative(target, draft, prompts, args.max_new_tokens, args.draft_tokens, stop_ids=stop_ids)
+    summary = evaluate_speculative(target, draft, prompts, args.max_new_tokens, args.draft_tokens, stop_ids=stop_ids,
+                                   min_confidence=args.min_confidence)
     result = summary.to_dict()
     if args.step0_accuracy:
         result["step0_accuracy"] = teacher_forced_accuracy(target, draft, prompts, args.max_new_tokens, stop_ids)
@@ -175,7 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default="heldout", help="chat JSONL, or 'heldout' / 'train' (default: heldout)")
     p.add_argument("--limit", type=int, default=20, help="number of prompts (default: 20)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default: 64)")
-    p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round (default: 4)")
+    p.add_argument("--draft-tokens", type=int, default=4, help="most tokens the draft proposes per round (default: 4)")
+    p.add_argument("--min-confidence", type=float, default=0.0,
+                   help="dynamic draft length: stop a round's chain once the draft's probability of its next token "
+                        "is below this (the output is unchanged; 0 always drafts --draft-tokens) (default: 0)")
     p.add_argument("--aux-layer-ids", type=int, nargs=3, default=None, help="the layers the draft was trained on")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="target dtype, and the draft's for decoding (default: auto)")

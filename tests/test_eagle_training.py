@@ -169,6 +169,19 @@ def test_trained_draft_is_accepted_and_still_exact(tmp_path):
     assert summary.acceptance_length > 1.5
 
 
+def test_dynamic_draft_length_drafts_less_and_stays_exact():
+    target, draft, prompts, supervision, mask = on_own_continuations(num_prompts=4, new_tokens=30)
+    fit(draft, supervision, mask, steps=30, ttt_steps=3)
+    draft.eval()
+    for prompt in prompts:
+        greedy = greedy_decode(target, prompt, 30)
+        fixed = speculative_decode(target, draft, prompt, 30, num_draft_tokens=5)
+        dynamic = speculative_decode(target, draft, prompt, 30, num_draft_tokens=5, min_confidence=0.9)
+        assert fixed.tokens == dynamic.tokens == greedy.tokens
+        assert fixed.drafted == 5 * (fixed.target_forwards - 1)  # every round drafts the full chain
+        assert dynamic.drafted < fixed.drafted
+
+
 def test_teacher_forced_proposals_are_the_decoders_first_proposals():
     # The held-out accuracy the demo reports is only meaningful if it measures what decoding does: the
     # first proposal the decoder makes after each committed prefix, built incrementally through its caches.
