@@ -550,6 +550,19 @@ class _Progress:
         self.bar.close()
 
 
+def _decode_friendly_attention(model) -> str | None:
+    """Switch a CPU model to eager attention for batched one-token decoding steps; returns the implementation to
+    restore (None: nothing changed). Measured on SmolLM2-135M, bf16, batch 64: PyTorch's fused CPU attention
+    kernel spends ~3.5 ms a layer on a one-token query over a short cache, and a decoding step under eager
+    attention took 0.55-0.8x the time (it pays off for long queries, not for these)."""
+    current = getattr(model.config, "_attn_implementation", None)
+    device = next(model.parameters()).device
+    if device.type != "cpu" or current != "sdpa" or not hasattr(model, "set_attn_implementation"):
+        return None
+    model.set_attn_implementation("eager")
+    return current
+
+
 def _copy_record(record: ChatRecord | Sequence[Message]) -> ChatRecord:
     if isinstance(record, ChatRecord):
         return ChatRecord([dict(m) for m in record.messages], dict(record.extra))
@@ -579,6 +592,7 @@ def regenerate(
     progress = _Progress(sum(len(p) for p in pending), show_progress)
     model_was_training = model.training
     model.eval()
+    attention = _decode_friendly_attention(model)
     try:
         for round_index in range(max((len(p) for p in pending), default=0)):
             jobs = []
@@ -597,6 +611,8 @@ def regenerate(
     finally:
         progress.close()
         model.train(model_was_training)
+        if attention is not None:
+            model.set_attn_implementation(attention)
     logger.info("regenerated %d assistant turns, %d tokens", progress.bar.n, progress.tokens)
     return conversations
 

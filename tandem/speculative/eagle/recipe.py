@@ -250,6 +250,10 @@ class Trainer:
             vocab = build_draft_vocab(counts, self.config.draft_vocab_size, self.tokenizer.all_special_ids)
             if self.dist.is_main:
                 save_draft_vocab(vocab, cache_path, counts, fingerprint)
+                # Every trained token outside the draft vocabulary is a certain rejection when decoding.
+                covered = float(counts[vocab.selected_token_ids].sum()) / max(float(counts.sum()), 1.0)
+                logger.info("draft vocabulary: %d tokens cover %.1f %% of the trained tokens",
+                            vocab.draft_vocab_size, 100 * covered)
         self.vocab = vocab
         self.target.set_vocab_mapping(vocab.selected_token_ids, vocab.selected_token_mask)
         self.supervision_cache = None
