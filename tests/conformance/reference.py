@@ -6,7 +6,6 @@ by itself and compares its own slice. Nothing here communicates or shares code w
 
 from __future__ import annotations
 
-import math
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -151,6 +150,3 @@ def worst_case_expanded_rows(num_ranks: int, max_tokens: int, num_topk: int, num
     rows = num_ranks * max_tokens * min(num_topk, num_local) + (alignment - 1) * num_local
     return align(rows, alignment)
 
-
-def ulp_tolerance(dtype: torch.dtype) -> float:
-    return math.ldexp(1.0, -torch.finfo(dtype).nmant)
