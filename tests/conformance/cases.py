@@ -319,12 +319,14 @@ def case_v2_combine_follows_the_reference_order_bit_for_bit(ctx: Ctx):
     got = dispatch_inputs(ctx, [RankInput(i.x.to(dtype), i.topk_idx, i.topk_weights) for i in inputs])
     y = _local_partials(ctx, got, dtype)
     g = torch.Generator().manual_seed(120 + ctx.rank)
-    bias = tuple((torch.randn(x.size(0), HIDDEN, generator=g) * torch.exp2(
+    b0, b1 = ((torch.randn(x.size(0), HIDDEN, generator=g) * torch.exp2(
         torch.randint(-20, 21, (x.size(0), HIDDEN), generator=g))).to(dtype) for _ in range(2))
-    combined, _ = ctx.adapter.combine(ctx.to(y), got.handle, bias=ctx.to(bias))
     values = selection_values(ctx.rank * MAX_TOKENS + torch.arange(x.size(0)), TOPK, HIDDEN, dtype)
-    expected = ordered_reference_combine(values, idx, EXPERTS_PER_RANK, bias, reduce_per_rank=True)
-    assert torch.equal(combined.cpu(), expected), (combined.cpu().float() - expected.float()).abs().max()
+    for bias in (None, b0, (b0, b1)):
+        combined, _ = ctx.adapter.combine(ctx.to(y), got.handle, bias=ctx.to(bias))
+        expected = ordered_reference_combine(values, idx, EXPERTS_PER_RANK,
+                                             bias if isinstance(bias, tuple) else (bias,), reduce_per_rank=True)
+        assert torch.equal(combined.cpu(), expected), (combined.cpu().float() - expected.float()).abs().max()
 
 
 def case_v2_expanded_layout_and_its_combines(ctx: Ctx):

@@ -23,6 +23,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from . import reduction
 from .exchange import (
     local_self_block,
     pack_rows,
@@ -214,17 +215,19 @@ def combine(
     bias_first: bool = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """
-    Send each received row back to its source and sum the copies of every token (fp32 accumulation).
+    Send each received row back to its source and sum the copies of every token (fp32 accumulation,
+    rounded once; `reduction.py` says in which order and how).
 
     Arguments:
-        copy_order, bias_first: the summation order, see `_sum_copies` (default: rank order, bias last).
+        copy_order, bias_first: DeepEP V2's summation order (see `reduction.sum_sorted`); without them,
+            a token's own copy first, then the other ranks' in rank order, then the biases.
     """
     # The dispatch's directions reverse: what this rank received it now sends back.
     dispatch_sent, dispatch_received = _block_counts(handle, group.rank())
     num_recv = sum(dispatch_received)
     num_tokens, hidden = handle.is_token_in_rank.size(0), x.size(1)
 
-    # One spare zero row at the end: tokens not sent to some rank read it instead of branching.
+    # One spare zero row at the end: the gather reduction reads it for ranks a token was not sent to.
     landing = workspace.get("combine_recv", (sum(dispatch_sent) + 1, hidden), x.dtype, x.device)
     landing[-1].zero_()
     weights_in_flight = None
@@ -233,6 +236,9 @@ def combine(
             group, topk_weights[:num_recv].contiguous(), dispatch_received, dispatch_sent
         )
     plan = local_self_block(group.rank(), dispatch_received, dispatch_sent)
+    token_of_row = send_order(handle.is_token_in_rank)  # the token each returned row belongs to
+    mode = reduction.choose(handle.is_token_in_rank, biases, x.dtype, x.device, copy_order is not None, bias_first)
+    combined = None
     if plan is None:
         _, rows_in_flight = start_all_to_all_rows(
             group, x[:num_recv], dispatch_received, dispatch_sent, out=landing[:-1]
@@ -242,14 +248,22 @@ def combine(
         _, rows_in_flight = start_all_to_all_rows(
             group, x[ob:oe], plan.send_counts, plan.recv_counts, out=landing[lb:le]
         )
-        landing[rb:re].copy_(x[sb:se])  # while the others' rows travel
+        # While the others' rows travel: the own copies, added from x or copied next to the others.
+        if mode == reduction.OWN_FIRST:
+            combined = reduction.start_own_first(token_of_row[rb:re], x[sb:se], num_tokens)
+        else:
+            landing[rb:re].copy_(x[sb:se])
     _finish(rows_in_flight)
-    combined = _sum_copies(workspace, landing, handle, biases, copy_order, bias_first)
+    if combined is not None:
+        (lb, le) = plan.recv_others
+        combined.index_add_(0, token_of_row[lb:le], landing[lb:le])
+    else:
+        combined = reduction.reduce(mode, workspace, landing, handle, token_of_row, biases, copy_order, bias_first)
     combined_weights = None
     if topk_weights is not None:
         _finish(weights_in_flight)
         combined_weights = torch.zeros(num_tokens, topk_weights.size(1), dtype=torch.float32, device=x.device)
-        combined_weights.index_add_(0, send_order(handle.is_token_in_rank), returned_w)
+        combined_weights.index_add_(0, token_of_row, returned_w)
     return combined, combined_weights
 
 
@@ -316,79 +330,3 @@ def _stage(workspace: Workspace, x: torch.Tensor, order: torch.Tensor) -> torch.
     """Gather the rows to send, in send order, into reused scratch (the collective needs them contiguous)."""
     staged = workspace.get("send", (order.numel(), *x.shape[1:]), x.dtype, x.device)
     return torch.index_select(x, 0, order, out=staged)
-
-
-_CHUNK_TOKENS = 256  # tokens reduced at a time on CPU: their fp32 partial sums stay in cache
-
-
-def _sum_copies(
-    workspace: Workspace,
-    landing: torch.Tensor,
-    handle: DispatchHandle,
-    biases: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]],
-    copy_order: Optional[torch.Tensor] = None,
-    bias_first: bool = False,
-) -> torch.Tensor:
-    """
-    Sum, in fp32, the copies of every token that came back, plus biases; cast once to the row dtype.
-
-    Arguments:
-        landing: `[num_returned + 1, hidden]`, the returned rows in send order, then one zero row.
-        copy_order: `[num_tokens, num_ranks]` integer keys: each token's copies are added in ascending key
-            order (ties by rank); None adds them in rank order. Keys of ranks a token was not sent to are
-            ignored.
-        bias_first: start from the biases' fp32 sum and add the copies to it (DeepEP V2's reference);
-            otherwise the biases are added after the copies.
-
-    Returns:
-        combined: `[num_tokens, hidden]` with `landing.dtype`.
-    """
-    is_token_in_rank, head = handle.is_token_in_rank, handle.send_head
-    num_tokens, hidden = head.size(0), landing.size(1)
-    zero_row = landing.size(0) - 1
-    sent = is_token_in_rank.sum(0)
-    block_start = (sent.cumsum(0) - sent).to(head.dtype)
-    # Row of each token's copy from each rank; valid rows sort before the zero row, so a chunk whose
-    # tokens went to at most k ranks needs only its first k columns.
-    position = torch.where(head >= 0, block_start[None, :] + head, torch.full_like(head, zero_row))
-    if copy_order is None:
-        position = position.sort(dim=1).values.to(torch.int64)
-    else:
-        key = torch.where(is_token_in_rank, copy_order.to(torch.int64), torch.iinfo(torch.int64).max)
-        position = position.gather(1, key.argsort(dim=1, stable=True)).to(torch.int64)
-    copies = is_token_in_rank.sum(1)
-    step = _CHUNK_TOKENS if landing.device.type == "cpu" else max(num_tokens, 1)
-    rows = workspace.get("combine_rows", (min(step, num_tokens), hidden), landing.dtype, landing.device)
-    acc = workspace.get("combine_fp32", (min(step, num_tokens), hidden), torch.float32, landing.device)
-    out = torch.empty(num_tokens, hidden, dtype=landing.dtype, device=landing.device)
-    has_bias = any(b is not None for b in biases)
-    for begin in range(0, num_tokens, step):
-        end = min(begin + step, num_tokens)
-        n = end - begin
-        # Host read per chunk on CPU only (on CUDA there is a single chunk and all columns are used).
-        k = int(copies[begin:end].max()) if landing.device.type == "cpu" else head.size(1)
-        a, r = acc[:n], rows[:n]
-        if k <= 2 and not has_bias:
-            # One rounding of an exact fp32 sum either way: a 16-bit add computes in fp32 and rounds once,
-            # and the sum of two 16-bit floats is exact in fp32 (or its rounding cannot move the result),
-            # so adding in the row dtype equals fp32 accumulation here and saves two fp32 passes.
-            torch.index_select(landing, 0, position[begin:end, 0], out=out[begin:end])
-            if k == 2:
-                out[begin:end].add_(torch.index_select(landing, 0, position[begin:end, 1], out=r))
-            continue
-        present = [bias[begin:end] for bias in biases if bias is not None]
-        if bias_first and present:
-            a.copy_(present[0])
-            for bias in present[1:]:
-                a.add_(bias)
-            first = 0
-        else:
-            a.copy_(torch.index_select(landing, 0, position[begin:end, 0], out=r))
-            first = 1
-        for column in range(first, k):
-            a.add_(torch.index_select(landing, 0, position[begin:end, column], out=r))
-        if not bias_first:
-            for bias in present:
-                a.add_(bias)
-        out[begin:end].copy_(a)
-    return out
