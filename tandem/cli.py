@@ -4,7 +4,8 @@
     tandem regenerate --input train --output data/train.jsonl
     tandem train --data data/train.jsonl --output-dir runs/draft --total-steps 400
     tandem train --nproc-per-node 8 --data data/train.jsonl --output-dir runs/draft   # DDP via torchrun
-    tandem eval --draft runs/draft/draft --limit 20
+    tandem eval --draft runs/draft/eagle3-draft --limit 20
+    tandem export --draft runs/draft/eagle3-draft --format speculators --output runs/draft/eagle3-speculators
     tandem serve-target --model default --port 8001
 """
 
@@ -68,7 +69,9 @@ def cmd_train(args) -> int:
 
     trainer = train(config, target_factory=build_target)
     if trainer.dist.is_main:
-        print(f"trained {trainer.step} steps; draft exported to {trainer.output_dir / 'draft'}")
+        from tandem.speculative.eagle.checkpoint import EXPORT_DIRNAME
+
+        print(f"trained {trainer.step} steps; draft exported to {trainer.output_dir / EXPORT_DIRNAME}")
     return 0
 
 
@@ -76,14 +79,15 @@ def cmd_eval(args) -> int:
     import torch
 
     from tandem.models import load_target
-    from tandem.speculative.eagle.checkpoint import load_exported_draft
+    from tandem.speculative.eagle.checkpoint import exported_aux_layer_ids, load_exported_draft
     from tandem.speculative.eagle.data import prompt_ids, read_chat_jsonl
     from tandem.speculative.eagle.decode import evaluate_speculative, teacher_forced_accuracy
     from tandem.speculative.eagle.target import Eagle3TargetModel
 
     model, tokenizer = load_target(args.model)
     draft = load_exported_draft(args.draft)
-    target = Eagle3TargetModel(model, args.aux_layer_ids)
+    # The layers the draft was trained on, as its export records them, unless told otherwise.
+    target = Eagle3TargetModel(model, args.aux_layer_ids or exported_aux_layer_ids(args.draft))
     records = read_chat_jsonl(_resolve_prompts(args.prompts), limit=args.limit)
     prompts = [prompt_ids(tokenizer, r.messages) for r in records]
     stop_ids = {tokenizer.eos_token_id}
@@ -93,6 +97,28 @@ def cmd_eval(args) -> int:
         result["step0_accuracy"] = teacher_forced_accuracy(target, draft, prompts, args.max_new_tokens, stop_ids)
     print(json.dumps(result, indent=2))
     return 0 if summary.outputs_match else 1
+
+
+def cmd_export(args) -> int:
+    import json as _json
+    from pathlib import Path
+
+    from tandem.speculative.eagle import checkpoint as ckpt
+
+    source = Path(args.draft)
+    draft = ckpt.load_exported_draft(source)
+    record = ckpt.read_export_record(source)
+    target = (record or {}).get("target") or {}
+    stored = _json.loads((source / "config.json").read_text())
+    stored_dtype = stored.get("torch_dtype") or (stored.get("transformer_layer_config") or {}).get("torch_dtype")
+    dtype = ckpt.parse_dtype(args.export_dtype or target.get("dtype") or stored_dtype or "float32")
+    aux_layer_ids = ckpt.exported_aux_layer_ids(source)
+    verifier = args.verifier or target.get("name") or ""
+    out = ckpt.export_draft(draft, args.output, dtype, aux_layer_ids, export_format=args.format, record=record,
+                            verifier=verifier, verifier_architectures=target.get("architectures"),
+                            speculative_tokens=args.speculative_tokens)
+    print(f"exported {source} as {args.format} ({ckpt.dtype_name(dtype)}) to {out}")
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -141,12 +167,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=20, help="number of prompts (default: 20)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default: 64)")
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round (default: 4)")
-    p.add_argument("--aux-layer-ids", type=int, nargs=3, default=None, help="the layers the draft was trained on")
+    p.add_argument("--aux-layer-ids", type=int, nargs=3, default=None, help="the layers the draft was trained on (default: those its export records)")
     p.add_argument("--step0-accuracy", action="store_true",
                    help="also report how often the draft's first proposal is the target's greedy next token, "
                         "teacher-forced on the target's continuations of the same prompts; compare "
                         "--prompts train with --prompts heldout to see whether a draft memorised its data")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write an exported draft again in another format or dtype (sglang | speculators)")
+    p.add_argument("--draft", required=True, help="an exported EAGLE-3 directory (either format)")
+    p.add_argument("--output", required=True, help="where to write the draft")
+    p.add_argument("--format", default="sglang", choices=["sglang", "speculators"],
+                   help="sglang: LlamaForCausalLMEagle3, loaded by SGLang and vLLM; speculators: vLLM's native "
+                        "format (vllm-project/speculators) (default: sglang)")
+    p.add_argument("--export-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default: the target's, as recorded at training; else the draft's own)")
+    p.add_argument("--verifier", default=None,
+                   help="speculators format: the target's name or path (default: the one recorded at training)")
+    p.add_argument("--speculative-tokens", type=int, default=3,
+                   help="speculators format: tokens proposed per step when vLLM is not told (default: 3)")
+    p.set_defaults(func=cmd_export)
 
     try:
         from tandem.speculative.eagle.remote.server import add_serve_target_parser

@@ -251,7 +251,7 @@ def test_torchrun_kill_then_resume_is_exact(root, two_ranks):
     assert "throughput: 2 trainer(s), in-process target" in resumed.stderr  # rank 0's aggregate line
     from safetensors.torch import load_file
 
-    exported = load_file(str(root / "killed" / "draft" / "model.safetensors"))
+    exported = load_file(str(root / "killed" / "eagle3-draft" / "model.safetensors"))
     uninterrupted = two_ranks[0]["dp_in_process"]["weights"]
     assert "fc.weight" in exported and "midlayer.self_attn.q_proj.weight" in exported
     for key, value in exported.items():

@@ -51,7 +51,7 @@ def losses(output_dir: Path) -> list[float]:
 
 
 def exported_weights(output_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(output_dir / "draft" / "model.safetensors"))
+    return load_file(str(output_dir / "eagle3-draft" / "model.safetensors"))
 
 
 def assert_same_run(output_dir: Path, reference_dir: Path) -> None:

@@ -96,7 +96,18 @@ class TrainConfig:
     """End this run at this step (checkpointed) though the schedule spans total_steps: for time-boxed jobs."""
     resume: bool = False
     """Continue from the newest checkpoint in ``output_dir/checkpoints``."""
+    export_format: str = "sglang"
+    """The exported draft's format: ``sglang`` (SGLang and vLLM load it) or ``speculators`` (vLLM's native one)."""
+    export_dtype: str | None = None
+    """The exported weights' dtype: float32, bfloat16 or float16 (default: the target's, as engines expect)."""
     show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        # Checked here, not after hours of training at export time.
+        if self.export_format not in ckpt.EXPORT_FORMATS:
+            raise ValueError(f"export_format must be one of {ckpt.EXPORT_FORMATS}, got {self.export_format!r}")
+        if self.export_dtype is not None:
+            ckpt.parse_dtype(self.export_dtype)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
@@ -477,9 +488,21 @@ class Trainer:
         bar.close()
         self._report_throughput(prefetcher)
         if main:
-            export_dir = ckpt.export_draft(self.draft, self.output_dir / "draft", aux_layer_ids=self.model_info["aux_layer_ids"])
-            logger.info("exported the EAGLE-3 draft to %s", export_dir)
+            logger.info("exported the EAGLE-3 draft to %s", self.export())
         return last
+
+    def export(self, out_dir: str | Path | None = None) -> Path:
+        """Write the draft for serving engines (``output_dir/eagle3-draft`` by default; see ``checkpoint.py``)
+        in ``export_format``, in ``export_dtype`` or else the target's dtype."""
+        dtype = self.config.export_dtype or getattr(self.target, "dtype", None) or torch.float32
+        target_model_config = getattr(getattr(self.target, "model", None), "config", None)
+        return ckpt.export_draft(
+            self.draft, out_dir or self.output_dir / ckpt.EXPORT_DIRNAME, ckpt.parse_dtype(dtype),
+            self.model_info["aux_layer_ids"], export_format=self.config.export_format,
+            verifier=self.model_info.get("name") or self.config.tokenizer or self.config.target,
+            verifier_architectures=list(getattr(target_model_config, "architectures", None) or []),
+            speculative_tokens=self.config.ttt_steps,
+        )
 
     def _report_throughput(self, prefetcher: SupervisionPrefetcher | None) -> None:
         """Each rank logs its speed and supervision wait; rank 0 adds the aggregate: target- or trainer-bound."""
