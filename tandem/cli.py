@@ -75,6 +75,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _check_draft_target(draft_dir, model, tokenizer, aux_layer_ids, spec: str, allow: bool, what: str) -> None:
+    """The target ``model`` must be the one the exported draft records it was trained against."""
+    from tandem.speculative.eagle import identity
+    from tandem.speculative.eagle.checkpoint import read_export_record
+
+    record = read_export_record(draft_dir)
+    if record is None or not record.get("target"):
+        logger.warning("%s: %s records no target (exported before tandem recorded one): it cannot be checked",
+                       what, draft_dir)
+        return
+    current = identity.target_identity(model, aux_layer_ids, name=spec, tokenizer=tokenizer)
+    identity.check_same_target(record["target"], current, what=what, allow=allow)
+
+
 def cmd_eval(args) -> int:
     import torch
 
@@ -88,6 +102,8 @@ def cmd_eval(args) -> int:
     draft = load_exported_draft(args.draft)
     # The layers the draft was trained on, as its export records them, unless told otherwise.
     target = Eagle3TargetModel(model, args.aux_layer_ids or exported_aux_layer_ids(args.draft))
+    _check_draft_target(args.draft, model, tokenizer, target.aux_layer_ids, args.model, args.allow_target_mismatch,
+                        f"tandem eval of {args.draft} on {args.model}")
     records = read_chat_jsonl(_resolve_prompts(args.prompts), limit=args.limit)
     prompts = [prompt_ids(tokenizer, r.messages) for r in records]
     stop_ids = {tokenizer.eos_token_id}
@@ -113,7 +129,13 @@ def cmd_export(args) -> int:
     stored_dtype = stored.get("torch_dtype") or (stored.get("transformer_layer_config") or {}).get("torch_dtype")
     dtype = ckpt.parse_dtype(args.export_dtype or target.get("dtype") or stored_dtype or "float32")
     aux_layer_ids = ckpt.exported_aux_layer_ids(source)
-    verifier = args.verifier or target.get("name") or ""
+    if args.model:
+        from tandem.models import load_target
+
+        model, tokenizer = load_target(args.model)
+        _check_draft_target(source, model, tokenizer, aux_layer_ids, args.model, args.allow_target_mismatch,
+                            f"tandem export of {source} for {args.model}")
+    verifier = args.verifier or args.model or target.get("name") or ""
     out = ckpt.export_draft(draft, args.output, dtype, aux_layer_ids, export_format=args.format, record=record,
                             verifier=verifier, verifier_architectures=target.get("architectures"),
                             speculative_tokens=args.speculative_tokens)
@@ -168,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default: 64)")
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round (default: 4)")
     p.add_argument("--aux-layer-ids", type=int, nargs=3, default=None, help="the layers the draft was trained on (default: those its export records)")
+    p.add_argument("--allow-target-mismatch", action="store_true",
+                   help="evaluate on a target other than the one the draft was trained against, on purpose")
     p.add_argument("--step0-accuracy", action="store_true",
                    help="also report how often the draft's first proposal is the target's greedy next token, "
                         "teacher-forced on the target's continuations of the same prompts; compare "
@@ -186,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speculators format: the target's name or path (default: the one recorded at training)")
     p.add_argument("--speculative-tokens", type=int, default=3,
                    help="speculators format: tokens proposed per step when vLLM is not told (default: 3)")
+    p.add_argument("--model", default=None,
+                   help="the target the draft will be served with: checked against the one it was trained against")
+    p.add_argument("--allow-target-mismatch", action="store_true",
+                   help="export for a --model other than the target the draft was trained against, on purpose")
     p.set_defaults(func=cmd_export)
 
     try:
