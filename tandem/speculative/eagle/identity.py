@@ -58,7 +58,7 @@ def weights_digest(model: nn.Module) -> str:
     for name, param in model.named_parameters():
         values = param.detach().to(torch.bfloat16).contiguous().cpu()
         digest.update(f"{name}:{list(values.shape)};".encode())
-        digest.update(values.view(torch.uint8).numpy().tobytes())
+        digest.update(memoryview(values.view(torch.uint8).numpy()))  # hashed in place, not copied
     return digest.hexdigest()[:16]
 
 
