@@ -113,15 +113,16 @@ def speculators_adapter(config: dict) -> dict:
 SGLANG_SOURCES = (
     Source(SGLANG, "python/sglang/srt/model_executor/model_runner.py", "0005834cdb2a5b7472789ccbf0d3361b5cf853b8",
            "ModelRunner.__init__: eagle_config['eagle_aux_hidden_state_layer_ids'], None on any error"),
-    Source(SGLANG, "python/sglang/srt/models/llama.py", "(every target model)",
+    Source(SGLANG, "python/sglang/srt/models/*.py", "not pinned: the same lines in every target model read",
            "set_eagle3_layers_to_capture: layers_to_capture = [val + 1 for val in layer_ids], "
-           "default [2, L//2, L-3]; LlamaModel.forward appends hidden_states + residual before layer i"),
+           "default [2, L//2, L-3]; the decoder loop appends hidden_states + residual before layer i"),
     Source(SGLANG, "python/sglang/srt/models/llama_eagle3.py", "03d5a7771f6082e7737a5f19cae7d1e863087013",
            "LlamaForCausalLMEagle3.load_weights: d2t -> hot_token_id = d2t + arange, t2d skipped, stacked qkv/gate_up, "
            "'model.' prefixed unless a parameter, unknown names dropped; LlamaDecoderLayer.forward: residual = "
            "hidden_states before hidden_norm; lm_head = embed_tokens when tie_word_embeddings"),
-    Source(SGLANG, "python/sglang/srt/speculative/eagle_utils.py", "(draft hidden width)",
-           "num_aux = num_aux_hidden_states, else len(eagle_config ids), else len(top-level ids), else 3"),
+    Source(SGLANG, "python/sglang/srt/speculative/", "not pinned: the file was not identified",
+           "draft input width: num_aux = num_aux_hidden_states, else len(eagle_config ids), else len(top-level "
+           "ids), else 3"),
 )
 VLLM_LOADER_SOURCES = (
     Source(VLLM, "vllm/model_executor/models/llama_eagle3.py", "00bd1493b3e82d6c13c68ee8a0e1c5a96707e190",
@@ -130,11 +131,11 @@ VLLM_LOADER_SOURCES = (
            "LlamaDecoderLayer: norm_before_residual = getattr(config, 'norm_before_residual', False)"),
     Source(VLLM, "vllm/model_executor/models/llama_eagle3.py", "0.33.0 (as the issue reads it)",
            "draft_id_to_target_id is None when draft_vocab_size == the target's vocab: an unexpected d2t raises"),
-    Source(VLLM, "vllm/model_executor/models/llama.py", "(every target model)",
+    Source(VLLM, "vllm/model_executor/models/*.py", "not pinned: the same lines in every target model read",
            "LlamaModel.forward: aux_hidden_states.append(hidden_states + residual) when idx in "
            "aux_hidden_state_layers, before layer idx runs; default (2, L//2, L-3)"),
 )
-VLLM_V1_SOURCE = Source(VLLM, "vllm/v1/worker/gpu_model_runner.py", "(V1 runner)",
+VLLM_V1_SOURCE = Source(VLLM, "vllm/v1/worker/gpu_model_runner.py", "not pinned: as the issue and the copies read",
                         "GPUModelRunner._get_eagle3_aux_layers_from_config: top-level eagle_aux_hidden_state_layer_ids, "
                         "else eagle_config['eagle_aux_hidden_state_layer_ids'], used as-is")
 VLLM_V2_SOURCE = Source(VLLM, "vllm/v1/worker/gpu/spec_decode/eagle/eagle3_utils.py",

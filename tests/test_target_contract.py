@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel, Retr
 from tandem.speculative.eagle.remote.server import TargetModelServer
 from tandem.speculative.eagle.target import Eagle3TargetModel
 from tests.conftest import build_tiny_llama, build_tiny_tokenizer
-from tests.remote_utils import save_tiny_target, start_tiny_server
+from tests.remote_utils import restart_on_call, save_tiny_target, start_tiny_server
 from tests.test_eagle_training import tiny_run_config, write_chat_data
 
 pytestmark = pytest.mark.timeout(300)
@@ -106,20 +105,7 @@ def test_a_server_restarted_with_another_model_mid_run_stops_the_run(targets):
     port = holder["process"].port
     client = RemoteEagle3TargetModel(holder["process"].url, prefetch_depth=2, enable_nccl=False,
                                      retry=RetryPolicy(max_retries=60, backoff_s=0.1, max_backoff_s=1.0))
-    original_async, calls, restarted = client.supervise_async, {"n": 0}, threading.Event()
-
-    def restart_with_the_other_model():
-        holder["process"] = start_tiny_server(targets["b"], root / "after.log", port=port)
-        restarted.set()
-
-    def crash_on_third_call(*args):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            holder["process"].kill()
-            threading.Thread(target=restart_with_the_other_model, daemon=True).start()
-        return original_async(*args)
-
-    client.supervise_async = crash_on_third_call
+    restarted = restart_on_call(client, holder, 3, lambda: start_tiny_server(targets["b"], root / "after.log", port=port))
     config = tiny_run_config(root / "restarted", data=str(root / "data.jsonl"), target=str(targets["a"]),
                              total_steps=8, save_every=100)
     try:
