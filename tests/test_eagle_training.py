@@ -35,7 +35,7 @@ def write_chat_data(path, count: int = 24):
 def tiny_run_config(tmp_path, **overrides) -> TrainConfig:
     fields = dict(data=str(write_chat_data(tmp_path / "data.jsonl")), output_dir=str(tmp_path / "out"), total_steps=8,
                   batch_size=4, max_seq_len=64, draft_vocab_size=120, warmup_steps=2, ttt_steps=3, save_every=4,
-                  show_progress=False, learning_rate=3e-3)
+                  show_progress=False, learning_rate=3e-3, dtype="float32")
     fields.update(overrides)
     return TrainConfig(**fields)
 
@@ -167,6 +167,19 @@ def test_trained_draft_is_accepted_and_still_exact(tmp_path):
     summary = evaluate_speculative(target, draft, prompts, max_new_tokens=40, num_draft_tokens=3, progress=False)
     assert summary.outputs_match
     assert summary.acceptance_length > 1.5
+
+
+def test_dynamic_draft_length_drafts_less_and_stays_exact():
+    target, draft, prompts, supervision, mask = on_own_continuations(num_prompts=4, new_tokens=30)
+    fit(draft, supervision, mask, steps=30, ttt_steps=3)
+    draft.eval()
+    for prompt in prompts:
+        greedy = greedy_decode(target, prompt, 30)
+        fixed = speculative_decode(target, draft, prompt, 30, num_draft_tokens=5)
+        dynamic = speculative_decode(target, draft, prompt, 30, num_draft_tokens=5, min_confidence=0.9)
+        assert fixed.tokens == dynamic.tokens == greedy.tokens
+        assert fixed.drafted == 5 * (fixed.target_forwards - 1)  # every round drafts the full chain
+        assert dynamic.drafted < fixed.drafted
 
 
 def test_teacher_forced_proposals_are_the_decoders_first_proposals():

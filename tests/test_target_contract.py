@@ -196,3 +196,16 @@ def test_export_refuses_another_target_unless_allowed(exported, targets, caplog)
     assert main([*args, "--model", str(targets["a"])]) == 0
     assert json.loads((out / "config.json").read_text())["speculators_config"]["verifier"]["name_or_path"] == str(targets["a"])
     assert read_export_record(out) == read_export_record(exported)  # the record travels with the draft
+
+
+def test_the_supervision_cache_keeps_models_of_one_shape_apart(tmp_path):
+    # model_info and dtype alone cannot tell two models of the same shape apart; the weights digest does.
+    from tandem.speculative.eagle.supervision_cache import SupervisionCache, cache_identity
+
+    ids = torch.arange(120)
+    directories = set()
+    for seed in (0, 1):
+        target = Eagle3TargetModel(build_tiny_llama(seed=seed), [0, 1, 2])
+        cached_for = cache_identity(target, ids, identity.identity_of(target))
+        directories.add(SupervisionCache(tmp_path, cached_for).directory)
+    assert len(directories) == 2

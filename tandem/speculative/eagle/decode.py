@@ -11,6 +11,7 @@ hidden state at i, and predicts token i+2.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -22,11 +23,13 @@ from tandem.speculative.eagle.target import Eagle3TargetModel
 
 @dataclass
 class DecodeResult:
-    """tokens: the new token ids. target_forwards: target forwards, the prefill included. wall_s: seconds."""
+    """tokens: the new token ids. target_forwards: target forwards, the prefill included. wall_s: seconds.
+    drafted: tokens the draft proposed (0 for plain decoding)."""
 
     tokens: list[int]
     target_forwards: int
     wall_s: float
+    drafted: int = 0
 
 
 def crop_cache(cache, keep_length: int) -> None:
@@ -68,14 +71,22 @@ def greedy_decode(target: Eagle3TargetModel, input_ids: torch.Tensor, max_new_to
 
 
 def _draft_chain(draft: Eagle3DraftModel, new_tokens: torch.Tensor, new_aux: torch.Tensor, start: int,
-                 cache: DraftKVCache, num_draft_tokens: int) -> list[int]:
-    """Extend the draft cache with committed positions, then draft a chain of target token ids."""
+                 cache: DraftKVCache, num_draft_tokens: int, min_confidence: float = 0.0) -> list[int]:
+    """Extend the draft cache with committed positions, then draft a chain of target token ids.
+
+    The chain stops early (after at least one token) once the draft's probability of its next token falls
+    below ``min_confidence``: a token that will likely be rejected costs a draft step and a longer verification.
+    """
     positions = torch.arange(start, start + new_tokens.shape[1], device=new_tokens.device).unsqueeze(0)
     hidden = draft.step(new_tokens, draft.project_aux(new_aux), positions, kv_cache=cache)[:, -1:]
     committed = cache.length
     proposal = []
     for j in range(num_draft_tokens):
-        token = draft.draft_to_target(draft.logits(hidden)[0, -1].argmax())
+        logits = draft.logits(hidden)[0, -1]
+        best = logits.argmax()
+        if j > 0 and min_confidence > 0 and float(torch.softmax(logits.float(), -1)[best]) < min_confidence:
+            break
+        token = draft.draft_to_target(best)
         proposal.append(int(token))
         if j + 1 < num_draft_tokens:
             position = torch.tensor([[committed + j]], device=new_tokens.device)
@@ -86,8 +97,12 @@ def _draft_chain(draft: Eagle3DraftModel, new_tokens: torch.Tensor, new_aux: tor
 
 @torch.no_grad()
 def speculative_decode(target: Eagle3TargetModel, draft: Eagle3DraftModel, input_ids: torch.Tensor,
-                       max_new_tokens: int, num_draft_tokens: int = 4, stop_ids: set[int] = frozenset()) -> DecodeResult:
-    """Greedy speculative decoding of ``input_ids [1, S]`` long; output equals ``greedy_decode``'s."""
+                       max_new_tokens: int, num_draft_tokens: int = 4, stop_ids: set[int] = frozenset(),
+                       min_confidence: float = 0.0) -> DecodeResult:
+    """Greedy speculative decoding of ``input_ids [1, S]`` long; output equals ``greedy_decode``'s.
+
+    ``num_draft_tokens`` is the longest chain; with ``min_confidence`` > 0 a round drafts fewer tokens when the
+    draft is unsure (dynamic draft length), which never changes the output, only the cost."""
     from transformers import DynamicCache
 
     if num_draft_tokens < 1:
@@ -98,11 +113,13 @@ def speculative_decode(target: Eagle3TargetModel, draft: Eagle3DraftModel, input
     cache, draft_cache = DynamicCache(), DraftKVCache()
     logits, aux = target.forward_cached(input_ids, cache)
     next_token = logits[0, -1].argmax().view(1, 1)
-    tokens, forwards = [int(next_token)], 1  # the prefill counts as a forward, as in greedy_decode
+    tokens, forwards, drafted = [int(next_token)], 1, 0  # the prefill counts as a forward, as in greedy_decode
     pending_tokens = torch.cat([input_ids[:, 1:], next_token], dim=1)  # tokens i+1 for aux positions i
     pending_aux, pending_start = aux, 0
     while len(tokens) < max_new_tokens and tokens[-1] not in stop_ids:
-        proposal = _draft_chain(draft, pending_tokens, pending_aux, pending_start, draft_cache, num_draft_tokens)
+        proposal = _draft_chain(draft, pending_tokens, pending_aux, pending_start, draft_cache, num_draft_tokens,
+                                min_confidence)
+        drafted += len(proposal)
         committed = cache.get_seq_length()
         verify_ids = torch.tensor([[int(next_token)] + proposal], device=device)
         logits, aux = target.forward_cached(verify_ids, cache)
@@ -121,7 +138,15 @@ def speculative_decode(target: Eagle3TargetModel, draft: Eagle3DraftModel, input
         if any(t in stop_ids for t in new):
             break
     tokens = _truncate(tokens, max_new_tokens, stop_ids)
-    return DecodeResult(tokens, forwards, time.perf_counter() - started)
+    return DecodeResult(tokens, forwards, time.perf_counter() - started, drafted)
+
+
+def for_decoding(draft: Eagle3DraftModel, dtype: torch.dtype) -> Eagle3DraftModel:
+    """The draft as decoding runs it: in eval mode and in the target's ``dtype`` (a bf16 target gets a bf16
+    draft, as a serving engine runs it); a copy when that changes the dtype, so fp32 master weights stay."""
+    if draft.fc.weight.dtype != dtype:
+        draft = copy.deepcopy(draft).to(dtype)
+    return draft.eval()
 
 
 @dataclass
@@ -163,7 +188,7 @@ def summarize(greedy_results: list[DecodeResult], spec_results: list[DecodeResul
 
 def evaluate_drafts(target: Eagle3TargetModel, drafts: dict[str, Eagle3DraftModel], prompts: list[torch.Tensor],
                     max_new_tokens: int = 64, num_draft_tokens: int = 4, stop_ids: set[int] = frozenset(),
-                    progress: bool = True) -> dict[str, EvalSummary]:
+                    progress: bool = True, min_confidence: float = 0.0) -> dict[str, EvalSummary]:
     """Decode every prompt (``[1, S]`` long each) plainly and with each draft, and compare.
 
     The decodes of one prompt run back to back (plain, then each draft), so a shared, noisy machine
@@ -171,23 +196,23 @@ def evaluate_drafts(target: Eagle3TargetModel, drafts: dict[str, Eagle3DraftMode
     """
     from tqdm.auto import tqdm
 
-    for draft in drafts.values():
-        draft.eval()
+    drafts = {name: for_decoding(draft, target.dtype) for name, draft in drafts.items()}
     greedy: list[DecodeResult] = []
     speculative: dict[str, list[DecodeResult]] = {name: [] for name in drafts}
     for prompt in tqdm(prompts, desc="decode", unit="prompt", disable=not progress, leave=False):
         greedy.append(greedy_decode(target, prompt, max_new_tokens, stop_ids))
         for name, draft in drafts.items():
-            speculative[name].append(speculative_decode(target, draft, prompt, max_new_tokens, num_draft_tokens, stop_ids))
+            speculative[name].append(speculative_decode(target, draft, prompt, max_new_tokens, num_draft_tokens, stop_ids,
+                                                        min_confidence))
     return {name: summarize(greedy, results) for name, results in speculative.items()}
 
 
 def evaluate_speculative(target: Eagle3TargetModel, draft: Eagle3DraftModel, prompts: list[torch.Tensor],
                          max_new_tokens: int = 64, num_draft_tokens: int = 4, stop_ids: set[int] = frozenset(),
-                         progress: bool = True) -> EvalSummary:
+                         progress: bool = True, min_confidence: float = 0.0) -> EvalSummary:
     """``evaluate_drafts`` for a single draft."""
     return evaluate_drafts(target, {"draft": draft}, prompts, max_new_tokens, num_draft_tokens, stop_ids,
-                           progress)["draft"]
+                           progress, min_confidence)["draft"]
 
 
 @torch.no_grad()
@@ -221,7 +246,7 @@ def teacher_forced_accuracy(target: Eagle3TargetModel, draft: Eagle3DraftModel, 
     on any prompts. On held-out prompts it tells generalisation from memorisation: a draft that has
     learned its training conversations by heart scores far higher on them than on new ones.
     """
-    draft.eval()
+    draft = for_decoding(draft, target.dtype)
     hits = total = 0
     for prompt in prompts:
         continuation = greedy_decode(target, prompt, max_new_tokens, stop_ids).tokens

@@ -505,10 +505,12 @@ class RemoteEagle3TargetModel:
         with self._transfers_lock:
             self._transfers[kind] += 1
 
-    def _request_generate(self, server: _ServerConnection, body: Sequence, headers: dict) -> tuple[bytearray, bool]:
+    def _request_generate(self, server: _ServerConnection, body: Sequence, headers: dict,
+                          encoding: Optional[str] = None) -> tuple[bytearray, bool]:
         """``/generate`` with retries; a 409 (restarted server) is answered with the vocabulary and retried."""
-        if self.supervision_encoding != protocol.ENCODING_FULL:
-            headers = {**headers, protocol.SUPERVISION_HEADER: self.supervision_encoding}
+        encoding = encoding or self.supervision_encoding
+        if encoding != protocol.ENCODING_FULL:
+            headers = {**headers, protocol.SUPERVISION_HEADER: encoding}
         try:
             return server.request(protocol.EP_GENERATE, body, headers=headers, with_nccl_flag=True)
         except RemoteTargetError as exc:
@@ -609,6 +611,37 @@ class RemoteEagle3TargetModel:
         return self._generate_on(self._next_server(), body)
 
     supervise = generate_batch
+
+    def supervise_compact(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """One batch in the compact encoding, as the server sent it: ``compact.COMPACT_SUPERVISION_KEYS``
+        on ``device`` (``final_hidden_states [B, S, H]`` in place of ``target_probs``), over HTTP whatever
+        this client's ``supervision_encoding``; arguments as ``generate_batch``. The supervision cache
+        stores these. A target that cannot answer compactly is an error."""
+        server = self._next_server()
+        body = wire.encode({"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask})
+        raw, _ = self._request_generate(server, body, {}, encoding=protocol.ENCODING_COMPACT)
+        try:
+            tensors = wire.decode(raw)
+        except wire.WireFormatError as exc:
+            raise RemoteTargetError(server.url, protocol.EP_GENERATE, f"malformed answer: {exc}") from None
+        if compact.FINAL_HIDDEN_KEY not in tensors:
+            raise RemoteTargetError(server.url, protocol.EP_GENERATE, "the target cannot answer in the compact "
+                                    "encoding (its logits are not a bias-free linear map of its final hidden state)")
+        self._count("http")
+        # copy: the answer may sit in a pooled receive buffer, which must go back to the pool.
+        return {k: self._checked(server, tensors, k).to(self._device, copy=True) for k in compact.COMPACT_SUPERVISION_KEYS}
+
+    @staticmethod
+    def _checked(server: _ServerConnection, tensors: dict, key: str) -> torch.Tensor:
+        if tensors.get(key) is None:
+            raise RemoteTargetError(server.url, protocol.EP_GENERATE, f"answer lacks supervision tensor {key!r}")
+        return tensors[key]
+
+    def draft_lm_head(self) -> torch.Tensor:
+        """``[Vd, H]`` (target dtype) the target's ``lm_head`` rows of the draft vocabulary, fetched once."""
+        return self._draft_lm_head(self._servers[0])
 
     def generate_batch_async(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
