@@ -159,7 +159,7 @@ def effective_history(rows: list[dict]) -> tuple[list[dict], list[str]]:
 
 
 def exported(output_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(output_dir / "draft" / "model.safetensors"))
+    return load_file(str(output_dir / "eagle3-draft" / "model.safetensors"))
 
 
 def check_client(output_dir: Path, reference_dir: Path, steps: int) -> tuple[bool, bool, float, list[str]]:

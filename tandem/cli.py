@@ -4,7 +4,8 @@
     tandem regenerate --input train --output data/train.jsonl
     tandem train --data data/train.jsonl --output-dir runs/draft --total-steps 400
     tandem train --nproc-per-node 8 --data data/train.jsonl --output-dir runs/draft   # DDP via torchrun
-    tandem eval --draft runs/draft/draft --limit 20
+    tandem eval --draft runs/draft/eagle3-draft --limit 20
+    tandem export --draft runs/draft/eagle3-draft --format speculators --output runs/draft/eagle3-speculators
     tandem serve-target --model default --port 8001
 """
 
@@ -68,22 +69,41 @@ def cmd_train(args) -> int:
 
     trainer = train(config, target_factory=build_target)
     if trainer.dist.is_main:
-        print(f"trained {trainer.step} steps; draft exported to {trainer.output_dir / 'draft'}")
+        from tandem.speculative.eagle.checkpoint import EXPORT_DIRNAME
+
+        print(f"trained {trainer.step} steps; draft exported to {trainer.output_dir / EXPORT_DIRNAME}")
     return 0
+
+
+def _check_draft_target(draft_dir, model, tokenizer, aux_layer_ids, spec: str, allow: bool, what: str) -> None:
+    """The target ``model`` must be the one the exported draft records it was trained against."""
+    from tandem.speculative.eagle import identity
+    from tandem.speculative.eagle.checkpoint import read_export_record
+
+    record = read_export_record(draft_dir)
+    if record is None or not record.get("target"):
+        logger.warning("%s: %s records no target (exported before tandem recorded one): it cannot be checked",
+                       what, draft_dir)
+        return
+    current = identity.target_identity(model, aux_layer_ids, name=spec, tokenizer=tokenizer)
+    identity.check_same_target(record["target"], current, what=what, allow=allow)
 
 
 def cmd_eval(args) -> int:
     import torch
 
     from tandem.models import load_target
-    from tandem.speculative.eagle.checkpoint import load_exported_draft
+    from tandem.speculative.eagle.checkpoint import exported_aux_layer_ids, load_exported_draft
     from tandem.speculative.eagle.data import prompt_ids, read_chat_jsonl
     from tandem.speculative.eagle.decode import evaluate_speculative, teacher_forced_accuracy
     from tandem.speculative.eagle.target import Eagle3TargetModel
 
     model, tokenizer = load_target(args.model, dtype=args.dtype)
     draft = load_exported_draft(args.draft)
-    target = Eagle3TargetModel(model, args.aux_layer_ids)
+    # The layers the draft was trained on, as its export records them, unless told otherwise.
+    target = Eagle3TargetModel(model, args.aux_layer_ids or exported_aux_layer_ids(args.draft))
+    _check_draft_target(args.draft, model, tokenizer, target.aux_layer_ids, args.model, args.allow_target_mismatch,
+                        f"tandem eval of {args.draft} on {args.model}")
     records = read_chat_jsonl(_resolve_prompts(args.prompts), limit=args.limit)
     prompts = [prompt_ids(tokenizer, r.messages) for r in records]
     stop_ids = {tokenizer.eos_token_id}
@@ -94,6 +114,34 @@ def cmd_eval(args) -> int:
         result["step0_accuracy"] = teacher_forced_accuracy(target, draft, prompts, args.max_new_tokens, stop_ids)
     print(json.dumps(result, indent=2))
     return 0 if summary.outputs_match else 1
+
+
+def cmd_export(args) -> int:
+    import json as _json
+    from pathlib import Path
+
+    from tandem.speculative.eagle import checkpoint as ckpt
+
+    source = Path(args.draft)
+    draft = ckpt.load_exported_draft(source)
+    record = ckpt.read_export_record(source)
+    target = (record or {}).get("target") or {}
+    stored = _json.loads((source / "config.json").read_text())
+    stored_dtype = stored.get("torch_dtype") or (stored.get("transformer_layer_config") or {}).get("torch_dtype")
+    dtype = ckpt.parse_dtype(args.export_dtype or target.get("dtype") or stored_dtype or "float32")
+    aux_layer_ids = ckpt.exported_aux_layer_ids(source)
+    if args.model:
+        from tandem.models import load_target
+
+        model, tokenizer = load_target(args.model)
+        _check_draft_target(source, model, tokenizer, aux_layer_ids, args.model, args.allow_target_mismatch,
+                            f"tandem export of {source} for {args.model}")
+    verifier = args.verifier or args.model or target.get("name") or ""
+    out = ckpt.export_draft(draft, args.output, dtype, aux_layer_ids, export_format=args.format, record=record,
+                            verifier=verifier, verifier_architectures=target.get("architectures"),
+                            speculative_tokens=args.speculative_tokens)
+    print(f"exported {source} as {args.format} ({ckpt.dtype_name(dtype)}) to {out}")
+    return 0
 
 
 def cmd_cache_supervision(args) -> int:
@@ -180,7 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-confidence", type=float, default=0.0,
                    help="dynamic draft length: stop a round's chain once the draft's probability of its next token "
                         "is below this (the output is unchanged; 0 always drafts --draft-tokens) (default: 0)")
-    p.add_argument("--aux-layer-ids", type=int, nargs=3, default=None, help="the layers the draft was trained on")
+    p.add_argument("--aux-layer-ids", type=int, nargs=3, default=None,
+                   help="the layers the draft was trained on (default: those its export records)")
+    p.add_argument("--allow-target-mismatch", action="store_true",
+                   help="evaluate on a target other than the one the draft was trained against, on purpose")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="target dtype, and the draft's for decoding (default: auto)")
     p.add_argument("--step0-accuracy", action="store_true",
@@ -188,6 +239,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "teacher-forced on the target's continuations of the same prompts; compare "
                         "--prompts train with --prompts heldout to see whether a draft memorised its data")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write an exported draft again in another format or dtype (sglang | speculators)")
+    p.add_argument("--draft", required=True, help="an exported EAGLE-3 directory (either format)")
+    p.add_argument("--output", required=True, help="where to write the draft")
+    p.add_argument("--format", default="sglang", choices=["sglang", "speculators"],
+                   help="sglang: LlamaForCausalLMEagle3, loaded by SGLang and vLLM; speculators: vLLM's native "
+                        "format (vllm-project/speculators) (default: sglang)")
+    p.add_argument("--export-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default: the target's, as recorded at training; else the draft's own)")
+    p.add_argument("--verifier", default=None,
+                   help="speculators format: the target's name or path (default: the one recorded at training)")
+    p.add_argument("--speculative-tokens", type=int, default=3,
+                   help="speculators format: tokens proposed per step when vLLM is not told (default: 3)")
+    p.add_argument("--model", default=None,
+                   help="the target the draft will be served with: checked against the one it was trained against")
+    p.add_argument("--allow-target-mismatch", action="store_true",
+                   help="export for a --model other than the target the draft was trained against, on purpose")
+    p.set_defaults(func=cmd_export)
 
     try:
         from tandem.speculative.eagle.remote.server import add_serve_target_parser

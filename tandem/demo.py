@@ -195,7 +195,7 @@ def run_demo(config: DemoConfig) -> int:
         "untrained": untrained.to_dict(), "trained": trained.to_dict(),
         "acceptance_ratio": trained.acceptance_length / untrained.acceptance_length,
         "generalisation": generalisation,
-        "exported_draft": str(out / "train" / "draft"),
+        "exported_draft": str(out / "train" / "eagle3-draft"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print_table(summary, out)

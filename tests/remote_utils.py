@@ -6,7 +6,9 @@ The tiny random Llama of ``conftest`` is saved as an HF directory, so the server
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -45,6 +47,26 @@ def start_tiny_server(
         str(directory), port=port, token=token, log_path=log_path, log_level="DEBUG",
         extra_args=("--device", "cpu", "--dtype", dtype, *nccl, *extra), startup_timeout_s=90,
     )
+
+
+def restart_on_call(client, holder: dict, call: int, restart: Callable[[], TargetServerProcess]) -> threading.Event:
+    """Make ``client``'s ``call``-th ``supervise_async`` SIGKILL ``holder["process"]`` and put ``restart()`` in
+    its place, started in a thread while the run goes on (a crash mid-run); the event is set once it serves."""
+    original, calls, restarted = client.supervise_async, {"n": 0}, threading.Event()
+
+    def start() -> None:
+        holder["process"] = restart()
+        restarted.set()
+
+    def crashing(*args):
+        calls["n"] += 1
+        if calls["n"] == call:
+            holder["process"].kill()
+            threading.Thread(target=start, daemon=True).start()
+        return original(*args)
+
+    client.supervise_async = crashing
+    return restarted
 
 
 def tiny_vocab_mapping(draft_size: int = 200, seed: int = 0, vocab_size: int = TINY_VOCAB_SIZE):

@@ -1,7 +1,7 @@
 """Data-parallel draft training on real gloo ranks, against one process at the same global batch.
 
 Two ranks at ``batch_size`` 2 (global batch 4) must give the losses and final weights of one process at
-``batch_size`` 4 (within 1e-6 relative): with in-process targets, with both ranks on one remote server,
+``batch_size`` 4 (within 1e-5 relative): with in-process targets, with both ranks on one remote server,
 and with one server each. Only rank 0 writes files. A torchrun job killed after a checkpoint and resumed
 with ``tandem train --nproc-per-node 2 --resume`` ends bit-identical to the uninterrupted two-rank run.
 """
@@ -33,7 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
 GLOBAL_BATCH = 4
 ACCUM = 2  # micro-batches per step: DDP's no_sync path is part of every run
-RTOL = 1e-6
+# Summation-order noise after AdamW (see assert_close_relative): measured up to 1.8e-6 (v_proj) with the
+# tiny 4-layer target's aux layers [0, 1, 2] (every engine captures them; the earlier [0, 2, 3] gave < 1e-6).
+RTOL = 1e-5
 
 
 def write_chat_data(path: Path, count: int = 16) -> Path:
@@ -252,7 +254,7 @@ def test_torchrun_kill_then_resume_is_exact(root, two_ranks):
     assert "throughput: 2 trainer(s), in-process target" in resumed.stderr  # rank 0's aggregate line
     from safetensors.torch import load_file
 
-    exported = load_file(str(root / "killed" / "draft" / "model.safetensors"))
+    exported = load_file(str(root / "killed" / "eagle3-draft" / "model.safetensors"))
     uninterrupted = two_ranks[0]["dp_in_process"]["weights"]
     assert "fc.weight" in exported and "midlayer.self_attn.q_proj.weight" in exported
     for key, value in exported.items():

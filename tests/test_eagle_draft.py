@@ -93,11 +93,73 @@ def test_export_keys_config_and_round_trip(tmp_path):
                 "rope_theta", "max_position_embeddings"):
         assert key in config
     assert config["vocab_size"] == 50 and config["draft_vocab_size"] == 20 and config["target_hidden_size"] == 24
-    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 5, 9]
+    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 5, 9]  # SGLang's numbering
+    assert config["eagle_aux_hidden_state_layer_ids"] == [2, 6, 10]  # vLLM's: id k is the input of layer k
+    assert config["torch_dtype"] == "float32"
     loaded = load_exported_draft(out)
     for key, value in draft.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     assert not loaded.embed_tokens.weight.requires_grad
+
+
+def test_whole_vocabulary_draft_is_exported_without_d2t_t2d_and_loads_back(tmp_path):
+    # vLLM keeps no draft-to-target map when Vd == V and refuses a d2t then; tandem's loader takes its absence.
+    torch.manual_seed(0)
+    draft = Eagle3DraftModel(tiny_config(draft_vocab_size=50))
+    out = export_draft(draft, tmp_path / "d", aux_layer_ids=[0, 1, 2])
+    from safetensors.torch import load_file
+
+    assert not {"d2t", "t2d"} & set(load_file(str(out / "model.safetensors")))
+    loaded = load_exported_draft(out)
+    assert torch.equal(loaded.d2t, torch.zeros(50, dtype=torch.long)) and bool(loaded.t2d.all())
+    assert torch.equal(loaded.lm_head.weight, draft.lm_head.weight)
+
+
+def test_reduced_vocabulary_without_d2t_is_refused(tmp_path):
+    out = export_draft(Eagle3DraftModel(tiny_config()), tmp_path / "d", aux_layer_ids=[0, 1, 2])
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(out / "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if k not in ("d2t", "t2d")}, str(out / "model.safetensors"))
+    with pytest.raises(ValueError, match="no d2t but its draft vocabulary"):
+        load_exported_draft(out)
+
+
+def test_export_in_bfloat16_keeps_a_bfloat16_embedding_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    draft = Eagle3DraftModel(tiny_config())
+    embedding = torch.randn(50, 32).to(torch.bfloat16)  # a bf16 target's embedding, as the draft is seeded
+    draft.seed_from_target(embedding)
+    out = export_draft(draft, tmp_path / "d", torch.bfloat16, aux_layer_ids=[0, 1, 2])
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(out / "model.safetensors"))
+    assert tensors["fc.weight"].dtype == torch.bfloat16 and tensors["d2t"].dtype == torch.int64
+    assert torch.equal(tensors["embed_tokens.weight"], embedding)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_speculators_format_round_trips_and_names_layers_the_vllm_way(tmp_path):
+    torch.manual_seed(0)
+    draft = Eagle3DraftModel(tiny_config())
+    out = export_draft(draft, tmp_path / "s", aux_layer_ids=[1, 5, 9], export_format="speculators",
+                       verifier="org/target", verifier_architectures=["LlamaForCausalLM"], speculative_tokens=4)
+    config = json.loads((out / "config.json").read_text())
+    assert config["speculators_model_type"] == "eagle3" and config["norm_before_residual"] is False
+    assert config["eagle_aux_hidden_state_layer_ids"] == [2, 6, 10]
+    assert config["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 4
+    assert config["transformer_layer_config"]["num_hidden_layers"] == 1
+    from safetensors.torch import load_file
+
+    assert any(k.startswith("layers.0.") for k in load_file(str(out / "model.safetensors")))
+    loaded = load_exported_draft(out)
+    for key, value in draft.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    from tandem.speculative.eagle.checkpoint import exported_aux_layer_ids
+
+    assert exported_aux_layer_ids(out) == [1, 5, 9]
+    with pytest.raises(ValueError, match="needs the aux layer ids and the verifier"):
+        export_draft(draft, tmp_path / "t", aux_layer_ids=[1, 5, 9], export_format="speculators")
 
 
 def test_export_omits_target_hidden_size_when_equal(tmp_path):

@@ -37,8 +37,8 @@ def test_default_target_short_train_and_real_speculative_eval(smollm2, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
 
-    draft = load_exported_draft(tmp_path / "run" / "draft")
-    config_json = json.loads((tmp_path / "run" / "draft" / "config.json").read_text())
+    draft = load_exported_draft(tmp_path / "run" / "eagle3-draft")
+    config_json = json.loads((tmp_path / "run" / "eagle3-draft" / "config.json").read_text())
     assert config_json["vocab_size"] == 49152 and config_json["draft_vocab_size"] == 2048
     prompts = [prompt_ids(tokenizer, r.messages) for r in read_chat_jsonl(default_prompt_path("heldout"), limit=2)]
     summary = evaluate_speculative(target, draft, prompts, max_new_tokens=16, num_draft_tokens=3,

@@ -5,7 +5,7 @@ import torch
 
 from tests.conftest import build_tiny_llama
 from tandem.speculative.eagle.target import (
-    Eagle3TargetModel, VocabMappingMissingError, default_aux_layer_ids, shift_left,
+    Eagle3TargetModel, VocabMappingMissingError, capturable_layers, default_aux_layer_ids, shift_left,
 )
 
 
@@ -50,10 +50,26 @@ def test_shift_left_keeps_trailing_dims():
 def test_default_aux_layer_ids():
     assert default_aux_layer_ids(30) == [1, 14, 26]
     assert default_aux_layer_ids(32) == [1, 15, 28]
-    small = default_aux_layer_ids(4)
-    assert len(set(small)) == 3 and all(0 <= i < 4 for i in small)
-    with pytest.raises(ValueError, match="three distinct"):
-        default_aux_layer_ids(2)
+    assert default_aux_layer_ids(7) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("num_layers", [4, 5, 6])
+def test_shallow_targets_get_three_layers_every_engine_captures(num_layers):
+    # Engines record layer inputs inside their decoder loop: the last layer's output is never captured.
+    ids = default_aux_layer_ids(num_layers)
+    assert len(set(ids)) == 3 and all(i in capturable_layers(num_layers) for i in ids)
+    assert max(ids) == num_layers - 2
+
+
+def test_targets_too_shallow_for_three_capturable_layers_are_refused():
+    for num_layers in (2, 3):
+        with pytest.raises(ValueError, match="three distinct aux layers whose outputs a serving engine can capture"):
+            default_aux_layer_ids(num_layers)
+
+
+def test_the_last_layer_is_refused_as_an_aux_layer():
+    with pytest.raises(ValueError, match="last layer: no serving engine captures its output"):
+        Eagle3TargetModel(build_tiny_llama(), aux_layer_ids=[0, 1, 3])
 
 
 def test_bad_aux_layer_ids_are_refused():

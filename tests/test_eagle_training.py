@@ -89,7 +89,7 @@ def test_training_loop_writes_metrics_checkpoints_and_export(tmp_path):
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert len(rows[0]["step_accuracies"]) == 3 and rows[0]["tokens_per_s"] > 0
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step_4.pt", "step_8.pt"]
-    assert (tmp_path / "out" / "draft" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "eagle3-draft" / "model.safetensors").is_file()
 
 
 def test_resume_is_bit_exact(tmp_path):
@@ -252,3 +252,16 @@ def test_eval_command_reports_acceptance_and_step0_accuracy(tmp_path, capsys):
     report = json.loads(out[out.index("{"):])
     assert code == 0 and report["outputs_match"] and report["prompts"] == 3
     assert report["acceptance_length"] >= 1.0 and 0.0 <= report["step0_accuracy"] <= 1.0
+
+
+def test_the_run_exports_in_the_targets_dtype_unless_told(tmp_path):
+    # SGLang's --dtype auto turned a float32 draft beside a bfloat16 target into float16: export the target's.
+    from safetensors.torch import load_file
+
+    model = build_tiny_llama(seed=1).to(torch.bfloat16)
+    trainer = Trainer(tiny_run_config(tmp_path), target=Eagle3TargetModel(model, [0, 1, 2]), tokenizer=build_tiny_tokenizer())
+    tensors = load_file(str(trainer.export() / "model.safetensors"))
+    assert tensors["fc.weight"].dtype == torch.bfloat16
+    assert torch.equal(tensors["embed_tokens.weight"], model.get_input_embeddings().weight)  # lossless
+    trainer.config.export_dtype = "float32"
+    assert load_file(str(trainer.export(tmp_path / "fp32") / "model.safetensors"))["fc.weight"].dtype == torch.float32

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from safetensors.torch import load_file
 from tandem.speculative.eagle.recipe import TrainConfig, train
 from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel, RetryPolicy
 from tests.conftest import build_tiny_tokenizer
-from tests.remote_utils import save_tiny_target, start_tiny_server
+from tests.remote_utils import restart_on_call, save_tiny_target, start_tiny_server
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -51,7 +50,7 @@ def losses(output_dir: Path) -> list[float]:
 
 
 def exported_weights(output_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(output_dir / "draft" / "model.safetensors"))
+    return load_file(str(output_dir / "eagle3-draft" / "model.safetensors"))
 
 
 def assert_same_run(output_dir: Path, reference_dir: Path) -> None:
@@ -124,22 +123,8 @@ def test_server_crash_and_restart_mid_training_is_retried_through(root, target_d
     client = RemoteEagle3TargetModel(
         server["process"].url, prefetch_depth=2, retry=RetryPolicy(max_retries=60, backoff_s=0.1, max_backoff_s=1.0)
     )
-    restarted = threading.Event()
-    original_async = client.supervise_async
-    calls = {"n": 0}
-
-    def restart():
-        server["process"] = start_tiny_server(target_dir, root / "serve-target-2.log", "--exit-when-idle", port=port)
-        restarted.set()
-
-    def crash_on_third_call(*args):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            server["process"].kill()
-            threading.Thread(target=restart, daemon=True).start()
-        return original_async(*args)
-
-    client.supervise_async = crash_on_third_call
+    restarted = restart_on_call(client, server, 3, lambda: start_tiny_server(
+        target_dir, root / "serve-target-2.log", "--exit-when-idle", port=port))
     trainer = train(run_config(root, "restarted", target_dir), target=client, tokenizer=build_tiny_tokenizer())
     assert restarted.is_set() and trainer.step == STEPS
     assert_same_run(root / "restarted", reference)

@@ -26,6 +26,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from tandem.speculative.eagle import checkpoint as ckpt
+from tandem.speculative.eagle import identity
 from tandem.speculative.eagle.data import ChatCollator, TokenizedChatDataset, batch_order, pad_token_id_for, read_chat_jsonl
 from tandem.speculative.eagle.distributed import (
     DistributedContext, RankThroughput, current_context, init_distributed, servers_in_use,
@@ -107,7 +108,21 @@ class TrainConfig:
     """End this run at this step (checkpointed) though the schedule spans total_steps: for time-boxed jobs."""
     resume: bool = False
     """Continue from the newest checkpoint in ``output_dir/checkpoints``."""
+    export_format: str = "sglang"
+    """The exported draft's format: ``sglang`` (SGLang and vLLM load it) or ``speculators`` (vLLM's native one)."""
+    export_dtype: str | None = None
+    """The exported weights' dtype: float32, bfloat16 or float16 (default: the target's, as engines expect)."""
+    allow_target_mismatch: bool = False
+    """Accept on purpose a target that is not the one the run was trained against (``--resume``), or a
+    tokenizer other than the target's; without it either is an error."""
     show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        # Checked here, not after hours of training at export time.
+        if self.export_format not in ckpt.EXPORT_FORMATS:
+            raise ValueError(f"export_format must be one of {ckpt.EXPORT_FORMATS}, got {self.export_format!r}")
+        if self.export_dtype is not None:
+            ckpt.parse_dtype(self.export_dtype)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
@@ -220,6 +235,19 @@ class Trainer:
         self.target = target
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.config.tokenizer or self.config.target)
         self.model_info = self.target.model_info()
+        self._check_target_identity()
+
+    def _check_target_identity(self) -> None:
+        """Learn the target's identity (see ``identity.py``); the data must be tokenized by the target's tokenizer."""
+        self.target_identity = identity.identity_of(self.target, tokenizer=self.tokenizer)
+        identity.check_same_target({"tokenizer_digest": identity.tokenizer_digest(self.tokenizer)}, self.target_identity,
+                                   what="the training tokenizer and the target's", fields=("tokenizer_digest",),
+                                   allow=self.config.allow_target_mismatch)
+
+    @property
+    def record(self) -> dict:
+        """What checkpoints and the exported draft record about this run: target identity, aux ids, vocabulary."""
+        return identity.run_record(self.target_identity, self.vocab.selected_token_ids)
 
     def _build_data(self) -> None:
         if not self.config.data:
@@ -258,8 +286,8 @@ class Trainer:
         self.target.set_vocab_mapping(vocab.selected_token_ids, vocab.selected_token_mask)
         self.supervision_cache = None
         if self.config.supervision_cache:
-            identity = cache_identity(self.target, vocab.selected_token_ids)
-            self.supervision_cache = SupervisionCache(self.config.supervision_cache, identity)
+            cached_for = cache_identity(self.target, vocab.selected_token_ids, self.target_identity)
+            self.supervision_cache = SupervisionCache(self.config.supervision_cache, cached_for)
             if self.dist.is_main:
                 logger.info("supervision cache: %s", self.supervision_cache.directory)
 
@@ -310,9 +338,12 @@ class Trainer:
         trainable = {k: v for k, v in self.draft.state_dict().items() if k != "embed_tokens.weight"}
         return {"step": self.step, "draft": trainable, "optimizer": self.optimizer.state_dict(),
                 "rng": torch.get_rng_state(), "config": json.dumps(dataclasses.asdict(self.config)),
-                "world_size": self.dist.world_size, "global_batch_size": self.global_batch_size}
+                "world_size": self.dist.world_size, "global_batch_size": self.global_batch_size,
+                "record": json.dumps(self.record)}
 
     def load_state_dict(self, state: dict) -> None:
+        saved = json.loads(state["record"]) if "record" in state else None
+        identity.check_run_record(saved, self.record, what="--resume", allow=self.config.allow_target_mismatch)
         missing, unexpected = self.draft.load_state_dict(state["draft"], strict=False)
         if unexpected or any(k != "embed_tokens.weight" for k in missing):
             raise ValueError(f"checkpoint does not fit this draft: missing {missing}, unexpected {unexpected}")
@@ -535,9 +566,19 @@ class Trainer:
         if self.supervision_cache is not None:
             logger.info("%s", self.supervision_cache.summary())
         if main:
-            export_dir = ckpt.export_draft(self.draft, self.output_dir / "draft", aux_layer_ids=self.model_info["aux_layer_ids"])
-            logger.info("exported the EAGLE-3 draft to %s", export_dir)
+            logger.info("exported the EAGLE-3 draft to %s", self.export())
         return last
+
+    def export(self, out_dir: str | Path | None = None) -> Path:
+        """Write the draft for serving engines (``output_dir/eagle3-draft`` by default; see ``checkpoint.py``)
+        in ``export_format``, in ``export_dtype`` or else the target's dtype."""
+        dtype = self.config.export_dtype or getattr(self.target, "dtype", None) or torch.float32
+        return ckpt.export_draft(
+            self.draft, out_dir or self.output_dir / ckpt.EXPORT_DIRNAME, ckpt.parse_dtype(dtype),
+            self.model_info["aux_layer_ids"], export_format=self.config.export_format, record=self.record,
+            verifier=self.target_identity.get("name") or self.config.tokenizer or self.config.target,
+            verifier_architectures=self.target_identity.get("architectures"), speculative_tokens=self.config.ttt_steps,
+        )
 
     def _report_throughput(self, prefetcher: SupervisionPrefetcher | None) -> None:
         """Each rank logs its speed and supervision wait; rank 0 adds the aggregate: target- or trainer-bound."""

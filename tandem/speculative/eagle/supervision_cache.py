@@ -166,11 +166,15 @@ class SupervisionCache:
         return f"supervision cache {self.directory}: {self.hits} hits, {self.misses} computed ({share:.0f} % from disk)"
 
 
-def cache_identity(target, selected_token_ids: torch.Tensor) -> dict:
-    """What a cache entry depends on besides its sample: the target (its ``model_info``, whatever identity
-    fields it reports, and its dtype) and the draft vocabulary."""
+def cache_identity(target, selected_token_ids: torch.Tensor, target_identity: dict | None = None) -> dict:
+    """What a cache entry depends on besides its sample: the target (its ``model_info``, its dtype and, when
+    known, the identity fields that tell one model's weights and tokenizer from another's of the same
+    shape: see ``identity.py``) and the draft vocabulary."""
     info = dict(target.model_info())
     info["dtype"] = str(target.dtype).removeprefix("torch.")
+    for field in ("weights_digest", "tokenizer_digest"):
+        if (target_identity or {}).get(field) is not None:
+            info[field] = target_identity[field]
     return {"target": info, "draft_vocab_sha256": vocab_digest(selected_token_ids.cpu())}
 
 

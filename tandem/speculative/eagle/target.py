@@ -37,23 +37,41 @@ class TargetBatch(NamedTuple):
     attention_mask: torch.Tensor
 
 
+def capturable_layers(num_layers: int) -> range:
+    """The decoder layers whose output every serving engine can capture: ``0 .. L-2``.
+
+    SGLang and vLLM both record a layer's *input* inside their decoder loop (the output of the layer
+    before it), so the output of the last layer, which is no later layer's input, is never captured.
+    """
+    return range(max(num_layers - 1, 0))
+
+
 def default_aux_layer_ids(num_layers: int) -> list[int]:
-    """EAGLE-3's low/middle/high layers ``[1, L//2 - 1, L - 4]``; a spread of three for shallow models."""
-    if num_layers < 3:
-        raise ValueError(f"EAGLE-3 needs three distinct aux layers; the target has only {num_layers}")
+    """EAGLE-3's low/middle/high layers ``[1, L//2 - 1, L - 4]``; for shallow targets, where those
+    collide, three spread over the capturable layers ``0 .. L-2`` (see ``capturable_layers``)."""
+    last = num_layers - 2
+    if last < 2:
+        raise ValueError(f"EAGLE-3 needs three distinct aux layers whose outputs a serving engine can capture "
+                         f"(layers 0 .. L-2: the last layer's output is never captured); the target has only "
+                         f"{num_layers} layers")
     ids = [1, num_layers // 2 - 1, num_layers - 4]
-    if len(set(ids)) == 3 and all(0 <= i < num_layers for i in ids):
+    if len(set(ids)) == 3 and all(0 <= i <= last for i in ids):
         return ids
-    return [0, num_layers // 2, num_layers - 1]
+    return [0, last // 2, last]
 
 
 def validate_aux_layer_ids(aux_layer_ids: list[int], num_layers: int) -> list[int]:
+    """Three distinct layers in ``capturable_layers(num_layers)``; a clear error otherwise."""
     ids = [int(i) for i in aux_layer_ids]
     if len(ids) != 3 or len(set(ids)) != 3:
         raise ValueError(f"aux_layer_ids must be three distinct layer indices, got {ids}")
     bad = [i for i in ids if not 0 <= i < num_layers]
     if bad:
         raise ValueError(f"aux_layer_ids {bad} out of range for a target with {num_layers} layers")
+    if num_layers - 1 in ids:
+        raise ValueError(f"aux layer {num_layers - 1} is the target's last layer: no serving engine captures its output "
+                         f"(SGLang and vLLM record layer inputs), so a draft trained on it would be served other "
+                         f"states; choose layers in 0 .. {num_layers - 2}")
     return ids
 
 

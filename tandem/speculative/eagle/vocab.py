@@ -3,7 +3,10 @@
 EAGLE-3 shrinks the draft's ``lm_head`` to ``Vd`` of the target's ``V`` tokens. Order of selection:
 special tokens first, then the trained (loss-masked) tokens by descending count (ties: lower id first),
 then the lowest unused ids to fill ``Vd``. Two mapping tensors travel with the exported draft:
-``d2t[i] = selected[i] - i`` (the offset form vLLM reads) and ``t2d = selected_token_mask`` (SGLang).
+``d2t[i] = selected[i] - i``, which both SGLang and vLLM read (target id = draft id + ``d2t[draft id]``),
+and ``t2d = selected_token_mask``, which both skip (it is written for tools that use it). When the draft
+vocabulary is the whole target vocabulary neither is written: vLLM then keeps no mapping and refuses a
+``d2t`` it did not expect (see ``checkpoint.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ class DraftVocab:
     def t2d(self) -> torch.Tensor:
         """``[V]`` bool, True for target ids in the draft vocabulary."""
         return self.selected_token_mask
+
+    @property
+    def is_identity(self) -> bool:
+        """True when every target token is a draft token in its own place (``Vd == V``, no remapping)."""
+        return self.draft_vocab_size == self.target_vocab_size and bool(
+            torch.equal(self.selected_token_ids, torch.arange(self.draft_vocab_size)))
 
     @property
     def draft_vocab_size(self) -> int:
@@ -95,6 +104,13 @@ def build_draft_vocab(counts: torch.Tensor, draft_vocab_size: int, special_token
 def vocab_fingerprint(**facts) -> str:
     """A short hash of what a vocabulary was built from (data file contents, tokenizer, sizes)."""
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def vocab_digest(selected_token_ids: torch.Tensor) -> str:
+    """A short hash of a draft vocabulary (its ``selected_token_ids [Vd]``, in order): two runs that
+    chose the same tokens in the same order, and so the same ``lm_head`` rows, have the same digest."""
+    ids = selected_token_ids.detach().to("cpu", torch.int64).contiguous()
+    return hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
 
 
 def file_digest(path: str | Path) -> str:

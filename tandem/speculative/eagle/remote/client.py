@@ -33,16 +33,19 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 from urllib.parse import urlsplit
 
 import torch
 
-from tandem.speculative.eagle import compact
+from tandem.speculative.eagle import compact, identity
 from tandem.speculative.eagle.remote import protocol, wire
 from tandem.speculative.eagle.remote.transport import NCCLTransport, TransportError, nccl_enabled, nccl_port_for
 
 logger = logging.getLogger(__name__)
+
+# The version-1 fields of a /model_info answer; the others are tandem's identity extras.
+MODEL_INFO_V1_FIELDS = ("num_hidden_layers", "hidden_size", "vocab_size", "aux_layer_ids")
 
 
 class RemoteTargetError(RuntimeError):
@@ -85,6 +88,9 @@ class _ServerConnection:
 
     # Where large answers are read into (set by the client; shared by its servers). None: a new buffer each.
     receive_pool: Optional[wire.ReceivePool] = None
+    # Called with (server, connection) for every new connection before its first request (set by the client
+    # once the run's target identity is known): a server that came back serving another model is caught here.
+    on_new_connection: Optional[Callable[["_ServerConnection", http.client.HTTPConnection], None]] = None
 
     def __init__(self, url: str, *, timeout_s: float, token: Optional[str], client_id: str, retry: RetryPolicy):
         parts = urlsplit(url if "://" in url else f"http://{url}")
@@ -110,7 +116,14 @@ class _ServerConnection:
             if reuse and self._idle:
                 return self._idle.pop()
         cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-        return cls(self._host, self._port, timeout=self._timeout_s)
+        conn = cls(self._host, self._port, timeout=self._timeout_s)
+        if self.on_new_connection is not None:
+            try:
+                self.on_new_connection(self, conn)
+            except BaseException:
+                conn.close()
+                raise
+        return conn
 
     def _once(self, method: str, endpoint: str, body: Sequence, headers: dict) -> tuple[int, bytearray, bool]:
         """One request; ``(status, body, data-plane header echoed)``. Raises OSError/HTTPException on I/O failure.
@@ -127,7 +140,10 @@ class _ServerConnection:
                 raise
         return self._exchange(self._connection(reuse=False), method, endpoint, body, headers)
 
-    def _exchange(self, conn, method: str, endpoint: str, body: Sequence, headers: dict) -> tuple[int, bytearray, bool]:
+    def _exchange(self, conn, method: str, endpoint: str, body: Sequence, headers: dict,
+                  pool: bool = True) -> tuple[int, bytearray, bool]:
+        """One request on ``conn``; afterwards ``conn`` goes back to the idle pool (unless ``pool`` is False:
+        its caller goes on using it) or is closed when the server said so."""
         try:
             conn.putrequest(method, f"{self._base_path}/{endpoint}", skip_accept_encoding=True)
             for name, value in {**self._headers, **headers, "Content-Length": str(wire.body_size(body))}.items():
@@ -142,7 +158,7 @@ class _ServerConnection:
             raise
         if response.will_close:
             conn.close()
-        else:
+        elif pool:
             with self._lock:
                 self._idle.append(conn)
         return response.status, payload, response.getheader(protocol.NCCL_HEADER) == "1"
@@ -406,19 +422,45 @@ class RemoteEagle3TargetModel:
         return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
     def _model_info(self) -> dict:
+        """The servers' ``/model_info``, fetched once; every server must serve the same target (``identity``),
+        and from then on each new connection to a server is checked to still reach it."""
         if self._info is None:
             infos = [protocol.decode_json(s.request(protocol.EP_MODEL_INFO), f"{s.url} /model_info") for s in self._servers]
+            first = identity.reported_identity(infos[0])
             for server, info in zip(self._servers[1:], infos[1:]):
-                if info != infos[0]:
+                identity.check_same_target(first, identity.reported_identity(info), fields=identity.SAME_SERVING_FIELDS,
+                                           what=f"target server {server.url} and {self._servers[0].url} in one run")
+                if any(info[k] != infos[0][k] for k in MODEL_INFO_V1_FIELDS):
                     message = f"serves a different model: {info} vs {infos[0]} at {self._servers[0].url}"
                     raise RemoteTargetError(server.url, protocol.EP_MODEL_INFO, message)
             self._info = infos[0]
+            for server in self._servers:
+                server.on_new_connection = self._verify_connection
         return self._info
+
+    def _verify_connection(self, server: _ServerConnection, conn: http.client.HTTPConnection) -> None:
+        """A new connection to ``server`` (after the first: a reconnect, or a restarted server) must reach the
+        target this run started with; otherwise the run stops here, naming both, instead of training on."""
+        status, payload, _ = server._exchange(conn, "POST", protocol.EP_MODEL_INFO, (),
+                                              {"Content-Type": protocol.JSON_CONTENT_TYPE}, pool=False)
+        if status >= 500:  # not up yet: an I/O-like failure, retried with backoff like any other
+            raise ConnectionError(f"/model_info answered HTTP {status} on a new connection")
+        if status != 200:
+            raise RemoteTargetError(server.url, protocol.EP_MODEL_INFO, _error_message(payload), status)
+        info = protocol.decode_json(payload, f"{server.url} /model_info")
+        identity.check_same_target(identity.reported_identity(self._info), identity.reported_identity(info),
+                                   fields=identity.SAME_SERVING_FIELDS,
+                                   what=f"target server {server.url} changed during the run (checked on reconnect)")
+
+    def identity(self) -> dict:
+        """The target's identity as the servers report it (``identity.IDENTITY_FIELDS``; None where a server of
+        the original design does not say)."""
+        return identity.reported_identity(self._model_info())
 
     def model_info(self) -> dict:
         """``{num_hidden_layers, hidden_size, vocab_size, aux_layer_ids}``; every server must agree."""
         info = self._model_info()
-        return {k: info[k] for k in ("num_hidden_layers", "hidden_size", "vocab_size", "aux_layer_ids")}
+        return {k: info[k] for k in MODEL_INFO_V1_FIELDS}
 
     def get_input_embeddings(self) -> torch.Tensor:
         """``[V, H]`` (target dtype) the target's token embedding, fetched once and cached."""
@@ -650,6 +692,7 @@ class RemoteEagle3TargetModel:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
         for server in self._servers:
+            server.on_new_connection = None  # ending a session needs no identity check, even on another target
             try:
                 server.request(
                     protocol.EP_DISCONNECT, [b"{}"], content_type=protocol.JSON_CONTENT_TYPE, retry=RetryPolicy(max_retries=0)

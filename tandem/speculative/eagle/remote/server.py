@@ -29,6 +29,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from tandem.speculative.eagle import compact
+from tandem.speculative.eagle.identity import identity_of
 from tandem.speculative.eagle.remote import protocol, wire
 from tandem.speculative.eagle.remote.transport import NCCLTransport, TransportError, nccl_enabled, nccl_port_for
 from tandem.speculative.eagle.supervision import compute_supervision
@@ -175,6 +176,7 @@ class TargetModelServer:
         enable_nccl: bool = False,
         nccl_timeout_s: float = DEFAULT_NCCL_TIMEOUT_S,
         fault_injection: bool = False,
+        identity: Optional[dict] = None,
     ):
         self.target_wrapper = target_wrapper
         self.fault_injection = fault_injection
@@ -185,6 +187,8 @@ class TargetModelServer:
         self.max_body_bytes = max_body_bytes
         self.exit_when_idle = exit_when_idle
         self._info = dict(target_wrapper.model_info())
+        # The target's identity (name, weights digest, ...), computed once here unless the loader gave it.
+        self._identity = identity if identity is not None else identity_of(target_wrapper)
         self._vocab_size = int(self._info["vocab_size"])
         # One target forward at a time: the aux-hidden capture hooks are shared state.
         self.generate_lock = threading.Lock()
@@ -303,8 +307,9 @@ class TargetModelServer:
 
     def handle_model_info(self, _raw: bytes = b"", *, client_id: str = protocol.ANONYMOUS_CLIENT) -> bytes:
         info = dict(self._info)
-        # Extra field for tandem clients; clients of the original design ignore it.
+        # Extra fields for tandem clients (the target's identity); clients of the original design ignore them.
         info["dtype"] = str(getattr(self.target_wrapper, "dtype", torch.float32)).removeprefix("torch.")
+        info.update({k: v for k, v in self._identity.items() if k not in info})
         return protocol.encode_json(info)
 
     def input_embeddings_buffers(self) -> list:
@@ -843,15 +848,19 @@ def cmd_serve_target(args) -> int:
     import os
 
     from tandem.models import load_target
+    from tandem.speculative.eagle.identity import describe, target_identity
     from tandem.speculative.eagle.target import Eagle3TargetModel
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = load_target(args.model, dtype=args.dtype, device=device)
+    model, tokenizer = load_target(args.model, dtype=args.dtype, device=device)
+    target = Eagle3TargetModel(model, args.aux_layer_ids)
+    identity = target_identity(model, target.aux_layer_ids, name=args.model, tokenizer=tokenizer)
+    logger.info("serving %s", describe(identity))
     token = args.token or os.environ.get(protocol.TOKEN_ENV) or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
         logger.warning("serving on %s without a token: anyone who reaches this port can use the target", args.host)
     logic = TargetModelServer(
-        Eagle3TargetModel(model, args.aux_layer_ids),
+        target,
         nccl_port=nccl_port_for(args.port),
         host=args.host,
         token=token,
@@ -860,6 +869,7 @@ def cmd_serve_target(args) -> int:
         enable_nccl=nccl_enabled() if args.nccl is None else args.nccl,
         nccl_timeout_s=args.nccl_timeout,
         fault_injection=args.enable_fault_injection,
+        identity=identity,
     )
     if args.enable_fault_injection:  # from outside, at a moment of the tester's choosing (the soak's schedule)
         signal.signal(signal.SIGUSR1, lambda signum, frame: logic.arm_teardown_fault())
