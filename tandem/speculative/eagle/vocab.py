@@ -97,6 +97,18 @@ def vocab_fingerprint(**facts) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def vocab_digest(selected_token_ids: torch.Tensor, vocab_size: int) -> str:
+    """32 hex digits naming a draft vocabulary: ``selected_token_ids [Vd]`` (as little-endian int64, in order)
+    over a target vocabulary of ``vocab_size``. The mask follows from both, so they name the mapping whole.
+
+    Client and server compute it the same way (``X-Tandem-Vocab`` on ``/generate``), and checkpoints record it.
+    """
+    ids = selected_token_ids.detach().to(device="cpu", dtype=torch.int64).contiguous().numpy().astype("<i8")
+    digest = hashlib.sha256(f"tandem-vocab-v1:{int(vocab_size)}:".encode())
+    digest.update(ids.tobytes())
+    return digest.hexdigest()[:32]
+
+
 def file_digest(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

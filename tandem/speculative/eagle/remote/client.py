@@ -40,7 +40,10 @@ import torch
 
 from tandem.speculative.eagle import compact
 from tandem.speculative.eagle.remote import protocol, wire
-from tandem.speculative.eagle.remote.transport import NCCLTransport, TransportError, nccl_enabled, nccl_port_for
+from tandem.speculative.eagle.vocab import vocab_digest
+from tandem.speculative.eagle.remote.transport import (
+    PORT_ATTEMPTS, PORT_RETRY_STRIDE, NCCLTransport, TransportError, nccl_enabled, nccl_port_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +115,8 @@ class _ServerConnection:
         cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
         return cls(self._host, self._port, timeout=self._timeout_s)
 
-    def _once(self, method: str, endpoint: str, body: Sequence, headers: dict) -> tuple[int, bytearray, bool]:
-        """One request; ``(status, body, data-plane header echoed)``. Raises OSError/HTTPException on I/O failure.
+    def _once(self, method: str, endpoint: str, body: Sequence, headers: dict) -> tuple[int, bytearray, dict]:
+        """One request; ``(status, body, response headers)``. Raises OSError/HTTPException on I/O failure.
 
         A pooled connection the server has meanwhile closed (its idle timeout, a restart) fails at once;
         that is no sign of trouble, so the request is sent again on a fresh connection without backoff.
@@ -127,7 +130,7 @@ class _ServerConnection:
                 raise
         return self._exchange(self._connection(reuse=False), method, endpoint, body, headers)
 
-    def _exchange(self, conn, method: str, endpoint: str, body: Sequence, headers: dict) -> tuple[int, bytearray, bool]:
+    def _exchange(self, conn, method: str, endpoint: str, body: Sequence, headers: dict) -> tuple[int, bytearray, dict]:
         try:
             conn.putrequest(method, f"{self._base_path}/{endpoint}", skip_accept_encoding=True)
             for name, value in {**self._headers, **headers, "Content-Length": str(wire.body_size(body))}.items():
@@ -145,7 +148,7 @@ class _ServerConnection:
         else:
             with self._lock:
                 self._idle.append(conn)
-        return response.status, payload, response.getheader(protocol.NCCL_HEADER) == "1"
+        return response.status, payload, {k.lower(): v for k, v in response.getheaders()}
 
     def request(
         self,
@@ -164,21 +167,26 @@ class _ServerConnection:
         (the body is then data-plane metadata and the tensors follow over the group).
         """
         headers = {**(headers or {}), "Content-Type": content_type}
-        delays = (retry or self._retry).delays()
+        policy = retry or self._retry
+        delays = policy.delays()
         attempt = 0
         while True:
             attempt += 1
+            retry_after = 0.0
             try:
-                status, payload, nccl_flag = self._once(method, endpoint, body, headers)
+                status, payload, answer_headers = self._once(method, endpoint, body, headers)
             except (OSError, http.client.HTTPException) as exc:
                 failure = f"{type(exc).__name__}: {exc}"
             else:
                 if status == 200:
-                    return (payload, nccl_flag) if with_nccl_flag else payload
+                    return (payload, answer_headers.get(protocol.NCCL_HEADER.lower()) == "1") if with_nccl_flag else payload
                 if status < 500:
                     raise RemoteTargetError(self.url, endpoint, _error_message(payload), status)
                 failure = f"HTTP {status}: {_error_message(payload)}"
+                retry_after = _retry_after_s(answer_headers.get("retry-after"))  # a saturated server's 503
             delay = next(delays, None)
+            if delay is not None:
+                delay = max(delay, min(retry_after, policy.max_backoff_s))
             if delay is None:
                 raise RemoteTargetError(self.url, endpoint, f"gave up after {attempt} attempts; last error: {failure}")
             logger.warning("target server %s /%s failed (%s); retry %d in %.1f s", self.url, endpoint, failure, attempt, delay)
@@ -189,6 +197,14 @@ class _ServerConnection:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+def _retry_after_s(value: Optional[str]) -> float:
+    """Seconds of a ``Retry-After: N`` header (0 when absent or not a number of seconds)."""
+    try:
+        return max(float(value), 0.0) if value is not None else 0.0
+    except ValueError:
+        return 0.0
 
 
 def _read_body(response: http.client.HTTPResponse, pool: Optional[wire.ReceivePool] = None) -> bytearray:
@@ -206,10 +222,9 @@ def _read_body(response: http.client.HTTPResponse, pool: Optional[wire.ReceivePo
     return body
 
 
-# Another independent job's group may hold our data-plane port on a shared server: propose the port this
-# far above, up to this many ports in all, before settling for the wire format.
-_PORT_RETRY_STRIDE = 1000
-_PORT_ATTEMPTS = 3
+# Another independent job's group may hold our data-plane port on a shared server (see transport.py).
+_PORT_RETRY_STRIDE = PORT_RETRY_STRIDE
+_PORT_ATTEMPTS = PORT_ATTEMPTS
 # A refusal of /init_nccl comes back within this; a longer wait means the server is in the rendezvous.
 _QUICK_ANSWER_S = 0.5
 
@@ -379,6 +394,8 @@ class RemoteEagle3TargetModel:
         self._slots = threading.BoundedSemaphore(prefetch_depth)
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._vocab_body: Optional[bytes] = None
+        # Named on each /generate (X-Tandem-Vocab): the server answers with exactly this vocabulary or 409.
+        self._vocab_headers: dict[str, str] = {}
         self._info: Optional[dict] = None
         self._embeddings: Optional[torch.Tensor] = None
         self._closed = False
@@ -445,6 +462,7 @@ class RemoteEagle3TargetModel:
             server.request(protocol.EP_SET_VOCAB_MAPPING, [body])
         # Kept to send again to a server that restarted and forgot it (it answers /generate with 409).
         self._vocab_body = body
+        self._vocab_headers = {protocol.VOCAB_DIGEST_HEADER: vocab_digest(selected_token_ids, selected_token_mask.numel())}
         self._draft_head = None  # rows of the previous vocabulary
 
     # ------------------------------------------------------------ supervision
@@ -464,7 +482,9 @@ class RemoteEagle3TargetModel:
             self._transfers[kind] += 1
 
     def _request_generate(self, server: _ServerConnection, body: Sequence, headers: dict) -> tuple[bytearray, bool]:
-        """``/generate`` with retries; a 409 (restarted server) is answered with the vocabulary and retried."""
+        """``/generate`` with retries; a 409 (a restarted server, or our vocabulary replaced by another client
+        sharing our id) is answered with the vocabulary and retried."""
+        headers = {**headers, **self._vocab_headers}
         if self.supervision_encoding != protocol.ENCODING_FULL:
             headers = {**headers, protocol.SUPERVISION_HEADER: self.supervision_encoding}
         try:
@@ -534,12 +554,12 @@ class RemoteEagle3TargetModel:
         with self._draft_head_lock:
             if self._draft_head is None:
                 try:
-                    raw = server.request(protocol.EP_DRAFT_LM_HEAD)
+                    raw = server.request(protocol.EP_DRAFT_LM_HEAD, headers=self._vocab_headers)
                 except RemoteTargetError as exc:
                     if exc.status != 409 or self._vocab_body is None:
                         raise
                     server.request(protocol.EP_SET_VOCAB_MAPPING, [self._vocab_body])  # a restarted server
-                    raw = server.request(protocol.EP_DRAFT_LM_HEAD)
+                    raw = server.request(protocol.EP_DRAFT_LM_HEAD, headers=self._vocab_headers)
                 weight = wire.decode(raw).get(protocol.EMBEDDINGS_KEY)
                 if weight is None:
                     raise RemoteTargetError(server.url, protocol.EP_DRAFT_LM_HEAD, "answer holds no 'weight' tensor")
