@@ -159,7 +159,7 @@ def bench_target(root: Path, data: Path, layers: int, args) -> list[dict]:
     root.mkdir(parents=True)
     (root / "data.jsonl").write_bytes(data.read_bytes())
     target_dir = save_target(root / "target", layers, args.hidden)
-    server = start_target_server(str(target_dir), log_path=root / "serve.log", extra_args=("--device", "cpu"))
+    server = start_target_server(str(target_dir), log_path=root / "serve.log", extra_args=("--device", "cpu", "--dtype", "float32"))
     pin_cores(server.proc.pid, args.pin)
     rounds: dict[str, list[dict]] = {encoding: [] for encoding in args.encodings}
     try:

@@ -33,7 +33,7 @@ def cmd_regenerate(args) -> int:
     from tandem.models import load_target
     from tandem.speculative.eagle.data import regenerate_file
 
-    model, tokenizer = load_target(args.model)
+    model, tokenizer = load_target(args.model, dtype=args.dtype)
     count = regenerate_file(model, tokenizer, _resolve_prompts(args.input), args.output,
                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit)
     print(f"wrote {count} conversations to {args.output}")
@@ -81,7 +81,7 @@ def cmd_eval(args) -> int:
     from tandem.speculative.eagle.decode import evaluate_speculative, teacher_forced_accuracy
     from tandem.speculative.eagle.target import Eagle3TargetModel
 
-    model, tokenizer = load_target(args.model)
+    model, tokenizer = load_target(args.model, dtype=args.dtype)
     draft = load_exported_draft(args.draft)
     target = Eagle3TargetModel(model, args.aux_layer_ids)
     records = read_chat_jsonl(_resolve_prompts(args.prompts), limit=args.limit)
@@ -95,6 +95,26 @@ def cmd_eval(args) -> int:
     return 0 if summary.outputs_match else 1
 
 
+def cmd_cache_supervision(args) -> int:
+    from tandem.speculative.eagle.recipe import TrainConfig, Trainer
+    from tandem.targets import build_target
+
+    base = TrainConfig.from_yaml(args.config) if args.config else None
+    if args.target_url:
+        args.target_urls = [*(args.target_urls or []), *args.target_url]
+    config = config_from_args(TrainConfig, args, base)
+    if not config.supervision_cache:
+        raise ValueError("cache-supervision needs --supervision-cache DIR (where the answers go)")
+    trainer = Trainer(config, target_factory=build_target)
+    try:
+        reused, computed = trainer.fill_supervision_cache()
+    finally:
+        if config.target_urls:
+            trainer.target.close()
+    print(f"supervision cache {trainer.supervision_cache.directory}: {computed} samples computed, {reused} already there")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from tandem.demo import DemoConfig, run_demo
 
@@ -104,6 +124,7 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from tandem.demo import DemoConfig
+    from tandem.models import DTYPE_CHOICES
     from tandem.speculative.eagle.recipe import TrainConfig
 
     parser = argparse.ArgumentParser(prog="tandem", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default: 256)")
     p.add_argument("--batch-size", type=int, default=16, help="conversations generated together (default: 16)")
     p.add_argument("--limit", type=int, default=None, help="only the first N conversations")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="target dtype; auto = bfloat16 where the hardware multiplies it natively (default: auto)")
     p.set_defaults(func=cmd_regenerate)
 
     p = sub.add_parser("train", help="train an EAGLE-3 draft (target in-process, or remote with --target-urls)")
@@ -134,6 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "-m tandem.train` with the other flags (default: one process)")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("cache-supervision",
+                       help="fill a supervision cache ahead of training: each sample's target answer, computed once",
+                       description="Compute the target's answer for every sample of --data that the cache under "
+                                   "--supervision-cache lacks (in-process, or from --target-url servers), so that "
+                                   "`tandem train --supervision-cache DIR` with the same flags reads it instead of "
+                                   "running the target. Takes the same flags as `tandem train`.")
+    p.add_argument("--config", default=None, help="a YAML file of TrainConfig fields; flags override it")
+    add_config_arguments(p, TrainConfig)
+    p.add_argument("--target-url", action="append", default=None, metavar="URL",
+                   help="a remote target server (tandem serve-target); repeat for several")
+    p.set_defaults(func=cmd_cache_supervision)
+
     p = sub.add_parser("eval", help="measure a draft by real speculative decoding: acceptance length and speed-up")
     p.add_argument("--draft", required=True, help="an exported EAGLE-3 directory (config.json + model.safetensors)")
     p.add_argument("--model", default="default", help="the target the draft was trained for")
@@ -142,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default: 64)")
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round (default: 4)")
     p.add_argument("--aux-layer-ids", type=int, nargs=3, default=None, help="the layers the draft was trained on")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="target dtype, and the draft's for decoding (default: auto)")
     p.add_argument("--step0-accuracy", action="store_true",
                    help="also report how often the draft's first proposal is the target's greedy next token, "
                         "teacher-forced on the target's continuations of the same prompts; compare "

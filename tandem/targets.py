@@ -30,5 +30,5 @@ def build_target(config: TrainConfig, distributed: DistributedContext | None = N
     from tandem.models import load_target
     from tandem.speculative.eagle.target import Eagle3TargetModel
 
-    model, _ = load_target(config.target, device=distributed.device)
+    model, _ = load_target(config.target, dtype=config.dtype, device=distributed.device)
     return Eagle3TargetModel(model, config.aux_layer_ids)

@@ -22,20 +22,20 @@ def save_tiny_target(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def load_tiny_target(directory: Path):
-    """The in-process reference: ``Eagle3TargetModel`` over the saved tiny target."""
+def load_tiny_target(directory: Path, dtype: str = "float32"):
+    """The in-process reference: ``Eagle3TargetModel`` over the saved tiny target, in ``dtype``."""
     from tandem.models import load_target
     from tandem.speculative.eagle.target import Eagle3TargetModel
 
-    model, _ = load_target(str(directory))
+    model, _ = load_target(str(directory), dtype=dtype)
     return Eagle3TargetModel(model)
 
 
 def start_tiny_server(
     directory: Path, log_path: Path, *extra: str, port: int = 0, token: str | None = None, nccl_timeout_s: float | None = None,
-    any_nccl_port: bool = True,
+    dtype: str = "float32", any_nccl_port: bool = True,
 ) -> TargetServerProcess:
-    """``tandem serve-target --model directory`` on loopback, logging at DEBUG to ``log_path``.
+    """``tandem serve-target --model directory --dtype dtype`` on loopback, logging at DEBUG to ``log_path``.
 
     The process-group data plane is off (``--no-nccl``: the tests of the HTTP body path stay on it)
     unless ``nccl_timeout_s`` is given, which turns it on with that group timeout; its clients may then
@@ -47,7 +47,7 @@ def start_tiny_server(
         nccl += ("--nccl-port-range", "1024-65535")
     return start_target_server(
         str(directory), port=port, token=token, log_path=log_path, log_level="DEBUG",
-        extra_args=("--device", "cpu", *nccl, *extra), startup_timeout_s=90,
+        extra_args=("--device", "cpu", "--dtype", dtype, *nccl, *extra), startup_timeout_s=90,
     )
 
 

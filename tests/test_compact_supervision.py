@@ -98,7 +98,7 @@ def train_losses(tmp_path, name: str, target_model, **overrides) -> list[float]:
     config = TrainConfig(**overrides,
         data=str(write_chat_data(tmp_path / "data.jsonl")), output_dir=str(tmp_path / name), total_steps=6,
         batch_size=4, max_seq_len=48, draft_vocab_size=120, warmup_steps=1, ttt_steps=3, save_every=100,
-        show_progress=False, learning_rate=3e-3,
+        show_progress=False, learning_rate=3e-3, dtype="float32",
     )
     train(config, target=target_model, tokenizer=build_tiny_tokenizer())
     return [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]

@@ -49,7 +49,8 @@ def write_chat_data(path: Path, count: int = 16) -> Path:
 def run_fields(root: Path, name: str, **overrides) -> dict:
     fields = dict(data=str(root / "data.jsonl"), output_dir=str(root / name), target=str(root / "target"),
                   total_steps=STEPS, batch_size=GLOBAL_BATCH, max_seq_len=48, draft_vocab_size=120, warmup_steps=1,
-                  ttt_steps=2, grad_accum_steps=ACCUM, save_every=2, show_progress=False, learning_rate=3e-3)
+                  ttt_steps=2, grad_accum_steps=ACCUM, save_every=2, show_progress=False, learning_rate=3e-3,
+                  dtype="float32")
     fields.update(overrides)
     return fields
 

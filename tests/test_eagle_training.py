@@ -35,7 +35,7 @@ def write_chat_data(path, count: int = 24):
 def tiny_run_config(tmp_path, **overrides) -> TrainConfig:
     fields = dict(data=str(write_chat_data(tmp_path / "data.jsonl")), output_dir=str(tmp_path / "out"), total_steps=8,
                   batch_size=4, max_seq_len=64, draft_vocab_size=120, warmup_steps=2, ttt_steps=3, save_every=4,
-                  show_progress=False, learning_rate=3e-3)
+                  show_progress=False, learning_rate=3e-3, dtype="float32")
     fields.update(overrides)
     return TrainConfig(**fields)
 

@@ -40,7 +40,7 @@ def run_config(root: Path, name: str, target_dir: Path, **overrides) -> TrainCon
     fields = dict(
         data=str(root / "data.jsonl"), output_dir=str(root / name), target=str(target_dir), total_steps=STEPS,
         batch_size=4, max_seq_len=48, draft_vocab_size=120, warmup_steps=1, ttt_steps=2, save_every=100,
-        show_progress=False, learning_rate=3e-3,
+        show_progress=False, learning_rate=3e-3, dtype="float32",
     )
     fields.update(overrides)
     return TrainConfig(**fields)
@@ -106,7 +106,7 @@ def test_two_trainers_share_one_server_and_both_match(root, target_dir, referenc
         [sys.executable, "-m", "tandem.cli", "--log-level", "WARNING", "train", "--data", str(root / "data.jsonl"),
          "--output-dir", str(root / "cli"), "--target", str(target_dir), "--target-url", url, "--prefetch-depth", "2",
          "--total-steps", str(STEPS), "--batch-size", "4", "--max-seq-len", "48", "--draft-vocab-size", "120",
-         "--warmup-steps", "1", "--ttt-steps", "2", "--save-every", "100", "--learning-rate", "3e-3",
+         "--warmup-steps", "1", "--ttt-steps", "2", "--save-every", "100", "--learning-rate", "3e-3", "--dtype", "float32",
          "--no-show-progress"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

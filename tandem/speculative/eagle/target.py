@@ -191,6 +191,27 @@ class Eagle3TargetModel:
             self, self.selected_token_ids, self.selected_token_mask, input_ids, attention_mask, loss_mask
         )
 
+    def supervise_compact(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The compact supervision dict (``compact.COMPACT_SUPERVISION_KEYS``): the final hidden state in
+        place of ``target_probs`` (see ``compact.compute_compact_supervision``); arguments as ``supervise``."""
+        from tandem.speculative.eagle.compact import compute_compact_supervision
+
+        if self.selected_token_ids is None:
+            raise VocabMappingMissingError("set_vocab_mapping must be called before supervision is computed")
+        return compute_compact_supervision(
+            self, self.selected_token_ids, self.selected_token_mask, input_ids, attention_mask, loss_mask
+        )
+
+    def draft_lm_head(self) -> torch.Tensor:
+        """``[Vd, H]`` (target dtype): the target's ``lm_head`` rows of the draft vocabulary, which turn a
+        compact answer into ``target_probs`` (``compact.expand_supervision``)."""
+        from tandem.speculative.eagle.compact import draft_lm_head
+
+        if self.selected_token_ids is None:
+            raise VocabMappingMissingError("set_vocab_mapping must be called before the draft lm_head is taken")
+        return draft_lm_head(self.model, self.selected_token_ids)
+
     def get_input_embeddings(self) -> torch.Tensor:
         """``[V, H]`` the target's token embedding (seeds the draft's frozen embedding)."""
         return self.model.get_input_embeddings().weight.detach()

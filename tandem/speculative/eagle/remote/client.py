@@ -533,22 +533,26 @@ class RemoteEagle3TargetModel:
         with self._transfers_lock:
             self._transfers[kind] += 1
 
-    def _answer_specs(self, batch_shape: tuple[int, int]) -> dict[bool, dict]:
+    def _answer_specs(self, batch_shape: tuple[int, int], encoding: Optional[str] = None) -> dict[bool, dict]:
         """What a ``/generate`` answer for ``[B, S]`` may hold: ``{compact?: {key: TensorSpec}}``; a compact
-        request may be answered in full (a target whose logits are not a plain projection)."""
+        request (``encoding``, default this client's) may be answered in full (a target whose logits are not a
+        plain projection)."""
         info = self._model_info()
         draft_vocab = self._draft_vocab_size or info["vocab_size"]
-        encodings = (False, True) if self.supervision_encoding == protocol.ENCODING_COMPACT else (False,)
+        compact_asked = (encoding or self.supervision_encoding) == protocol.ENCODING_COMPACT
+        encodings = (False, True) if compact_asked else (False,)
         return {c: supervision_specs(*batch_shape, info["hidden_size"], draft_vocab, target_dtypes(info), c)
                 for c in encodings}
 
     def _request_generate(self, server: _ServerConnection, body: Sequence, headers: dict,
-                          specs: dict[bool, dict]) -> tuple[bytearray, bool]:
+                          specs: dict[bool, dict], encoding: Optional[str] = None) -> tuple[bytearray, bool]:
         """``/generate`` with retries; a 409 (a restarted server, or our vocabulary replaced by another client
-        sharing our id) is answered with the vocabulary and retried. The answer is bounded by ``specs``."""
+        sharing our id) is answered with the vocabulary and retried. The answer is bounded by ``specs``;
+        ``encoding`` overrides this client's ``supervision_encoding``."""
         headers = {**headers, **self._vocab_headers}
-        if self.supervision_encoding != protocol.ENCODING_FULL:
-            headers = {**headers, protocol.SUPERVISION_HEADER: self.supervision_encoding}
+        encoding = encoding or self.supervision_encoding
+        if encoding != protocol.ENCODING_FULL:
+            headers = {**headers, protocol.SUPERVISION_HEADER: encoding}
         bound = max(JSON_ANSWER_BYTES, wire_answer_bytes(*specs.values()))
         try:
             return server.request(protocol.EP_GENERATE, body, headers=headers, with_nccl_flag=True, max_answer_bytes=bound)
@@ -658,6 +662,36 @@ class RemoteEagle3TargetModel:
         return self._generate_on(self._next_server(), body, _batch_shape(input_ids))
 
     supervise = generate_batch
+
+    def supervise_compact(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """One batch in the compact encoding, as the server sent it: ``compact.COMPACT_SUPERVISION_KEYS``
+        on ``device`` (``final_hidden_states [B, S, H]`` in place of ``target_probs``), over HTTP whatever
+        this client's ``supervision_encoding``; arguments as ``generate_batch``. The supervision cache
+        stores these. A target that cannot answer compactly is an error."""
+        server = self._next_server()
+        body = wire.encode({"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask})
+        specs = self._answer_specs(_batch_shape(input_ids), protocol.ENCODING_COMPACT)
+        raw, _ = self._request_generate(server, body, {}, specs, encoding=protocol.ENCODING_COMPACT)
+        try:
+            tensors = wire.decode(raw, max_entries=len(compact.COMPACT_SUPERVISION_KEYS))
+        except wire.WireFormatError as exc:
+            raise RemoteTargetError(server.url, protocol.EP_GENERATE, f"malformed answer: {exc}") from None
+        if compact.FINAL_HIDDEN_KEY not in tensors:
+            raise RemoteTargetError(server.url, protocol.EP_GENERATE, "the target cannot answer in the compact "
+                                    "encoding (its logits are not a bias-free linear map of its final hidden state)")
+        try:
+            check_tensors(tensors, specs[True])
+        except AnswerError as exc:
+            raise RemoteTargetError(server.url, protocol.EP_GENERATE, f"refused the answer: {exc}") from None
+        self._count("http")
+        # copy: the answer may sit in a pooled receive buffer, which must go back to the pool.
+        return {k: tensors[k].to(self._device, copy=True) for k in compact.COMPACT_SUPERVISION_KEYS}
+
+    def draft_lm_head(self) -> torch.Tensor:
+        """``[Vd, H]`` (target dtype) the target's ``lm_head`` rows of the draft vocabulary, fetched once."""
+        return self._draft_lm_head(self._servers[0])
 
     def generate_batch_async(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor

@@ -26,6 +26,8 @@ READY_LINE = "tandem serve-target: listening on http://{host}:{port}"
 
 def add_serve_target_parser(subparsers) -> None:
     """Register ``tandem serve-target`` on the CLI's subparsers."""
+    from tandem.models import DTYPE_CHOICES
+
     p = subparsers.add_parser("serve-target", help="serve a frozen target for remote training (tandem train --target-url)")
     p.add_argument("--model", default="default", help="target: default, an HF directory or a .gguf file (default: default)")
     p.add_argument("--host", default="127.0.0.1",
@@ -33,7 +35,9 @@ def add_serve_target_parser(subparsers) -> None:
     p.add_argument("--port", type=int, default=8001, help="TCP port; 0 picks a free one and prints it (default: 8001)")
     p.add_argument("--token", default=None, help=f"require 'Authorization: Bearer TOKEN' (default: ${protocol.TOKEN_ENV} if set)")
     p.add_argument("--aux-layer-ids", type=int, nargs=3, default=None, help="the three captured layers (default: [1, L//2-1, L-4])")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="target dtype (default: float32)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="target dtype; auto = bfloat16 on GPUs and on CPUs with native bf16 matmul, else float32 "
+                        "(default: auto)")
     p.add_argument("--device", default=None, help="where the target runs (default: cuda if available, else cpu)")
     limits = p.add_argument_group("limits (README, Security)")
     limits.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20,
@@ -86,7 +90,7 @@ def cmd_serve_target(args) -> int:
         logger.warning("serving on %s without a token: anyone who reaches this port can use the target", args.host)
     nccl_port = nccl_port_for(args.port)
     port_range = parse_port_range(args.nccl_port_range) if args.nccl_port_range else default_port_range(nccl_port)
-    model, _ = load_target(args.model, dtype=getattr(torch, args.dtype), device=device)
+    model, _ = load_target(args.model, dtype=args.dtype, device=device)
     logic = TargetModelServer(
         Eagle3TargetModel(model, args.aux_layer_ids),
         nccl_port=nccl_port,
