@@ -317,12 +317,15 @@ class Trainer:
 
     def run_identity(self) -> dict:
         """What this run trains on, as checkpoints record it (see ``run_state.run_identity``)."""
-        digest = vocab_digest(self.vocab.selected_token_ids, self.vocab.target_vocab_size)
-        return run_state.run_identity(self.config, data_digest=self.data_digest, vocab_digest=digest,
-                                      model_info=self.model_info)
+        digest = vocab_digest(self.vocab.selected_token_ids)
+        target = {**self.model_info, "dtype": str(self.target.dtype).removeprefix("torch.")}
+        return run_state.run_identity(self.config, data_digest=self.data_digest, vocab_digest=digest, model_info=target)
 
     def load_state_dict(self, state: dict) -> None:
-        missing, unexpected = self.draft.load_state_dict(state["draft"], strict=False)
+        try:
+            missing, unexpected = self.draft.load_state_dict(state["draft"], strict=False)
+        except RuntimeError as exc:  # shapes differ: another draft size or vocabulary size
+            raise ValueError(f"checkpoint does not fit this draft: {str(exc)[:500]}") from None
         if unexpected or any(k != "embed_tokens.weight" for k in missing):
             raise ValueError(f"checkpoint does not fit this draft: missing {missing}, unexpected {unexpected}")
         self.optimizer.load_state_dict(state["optimizer"])

@@ -140,12 +140,13 @@ def target_identity(model_info: dict) -> dict:
 
     HOOK for the target's identity (issue #13: ``/model_info`` and the in-process target report an
     ``identity`` -- name, weights digest, dtype, tokenizer digest): used whole once present; until then
-    the architecture facts every target reports.
+    the architecture facts every target reports, and its dtype.
     """
     identity = model_info.get("identity")
     if isinstance(identity, dict):
         return dict(identity)
-    return {k: model_info[k] for k in ("num_hidden_layers", "hidden_size", "vocab_size", "aux_layer_ids") if k in model_info}
+    facts = ("num_hidden_layers", "hidden_size", "vocab_size", "aux_layer_ids", "dtype")
+    return {k: model_info[k] for k in facts if k in model_info}
 
 
 def run_identity(config, *, data_digest: str, vocab_digest: str, model_info: dict) -> dict:

@@ -97,16 +97,15 @@ def vocab_fingerprint(**facts) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def vocab_digest(selected_token_ids: torch.Tensor, vocab_size: int) -> str:
-    """32 hex digits naming a draft vocabulary: ``selected_token_ids [Vd]`` (as little-endian int64, in order)
-    over a target vocabulary of ``vocab_size``. The mask follows from both, so they name the mapping whole.
+def vocab_digest(selected_token_ids: torch.Tensor) -> str:
+    """SHA-256 hex naming a draft vocabulary: ``selected_token_ids [Vd]`` as little-endian int64, in order (the
+    mask follows from them and the target's vocabulary size).
 
-    Client and server compute it the same way (``X-Tandem-Vocab`` on ``/generate``), and checkpoints record it.
+    The one digest of a vocabulary: the client names it on ``/generate`` (``X-Tandem-Vocab``), the server keys
+    a session's mappings by it, checkpoints record it, the supervision cache keys entries by it.
     """
     ids = selected_token_ids.detach().to(device="cpu", dtype=torch.int64).contiguous().numpy().astype("<i8")
-    digest = hashlib.sha256(f"tandem-vocab-v1:{int(vocab_size)}:".encode())
-    digest.update(ids.tobytes())
-    return digest.hexdigest()[:32]
+    return hashlib.sha256(ids.tobytes()).hexdigest()
 
 
 def file_digest(path: str | Path) -> str:

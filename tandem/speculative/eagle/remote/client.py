@@ -513,7 +513,7 @@ class RemoteEagle3TargetModel:
             server.request(protocol.EP_SET_VOCAB_MAPPING, [body])
         # Kept to send again to a server that restarted and forgot it (it answers /generate with 409).
         self._vocab_body = body
-        self._vocab_headers = {protocol.VOCAB_DIGEST_HEADER: vocab_digest(selected_token_ids, selected_token_mask.numel())}
+        self._vocab_headers = {protocol.VOCAB_DIGEST_HEADER: vocab_digest(selected_token_ids)}
         self._draft_vocab_size = int(selected_token_ids.numel())
         self._draft_head = None  # rows of the previous vocabulary
 

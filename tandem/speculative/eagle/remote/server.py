@@ -287,7 +287,7 @@ class TargetModelServer:
         check_vocab_mapping(ids, mask, self._vocab_size)
         # clone: the decoded tensors view the request buffer, which the next request may reuse.
         ids = ids.to(torch.long).clone()
-        self.sessions.get(client_id).add_mapping(VocabMapping(ids, mask.clone(), vocab_digest(ids, self._vocab_size)))
+        self.sessions.get(client_id).add_mapping(VocabMapping(ids, mask.clone(), vocab_digest(ids)))
         return protocol.encode_json({"status": "ok"})
 
     def _use_compact(self, supervision_encoding: Optional[str]) -> bool:
