@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     try:
-        from tandem.speculative.eagle.remote.server import add_serve_target_parser
+        from tandem.speculative.eagle.remote.serve_cli import add_serve_target_parser
     except ImportError:
         add_serve_target_parser = None
     if add_serve_target_parser is not None:

@@ -35,14 +35,18 @@ def load_tiny_target(directory: Path, dtype: str = "float32"):
 
 def start_tiny_server(
     directory: Path, log_path: Path, *extra: str, port: int = 0, token: str | None = None, nccl_timeout_s: float | None = None,
-    dtype: str = "float32",
+    dtype: str = "float32", any_nccl_port: bool = True,
 ) -> TargetServerProcess:
     """``tandem serve-target --model directory --dtype dtype`` on loopback, logging at DEBUG to ``log_path``.
 
     The process-group data plane is off (``--no-nccl``: the tests of the HTTP body path stay on it)
-    unless ``nccl_timeout_s`` is given, which turns it on with that group timeout.
+    unless ``nccl_timeout_s`` is given, which turns it on with that group timeout; its clients may then
+    propose any unprivileged port (the tests pick free ones), or with ``any_nccl_port=False`` only those of
+    the server's default range.
     """
     nccl = ("--no-nccl",) if nccl_timeout_s is None else ("--nccl", "--nccl-timeout", str(nccl_timeout_s))
+    if nccl_timeout_s is not None and any_nccl_port:
+        nccl += ("--nccl-port-range", "1024-65535")
     return start_target_server(
         str(directory), port=port, token=token, log_path=log_path, log_level="DEBUG",
         extra_args=("--device", "cpu", "--dtype", dtype, *nccl, *extra), startup_timeout_s=90,

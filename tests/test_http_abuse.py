@@ -9,8 +9,8 @@ Raw sockets, loopback only; every loop is bounded in count and time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-import os
 import socket
 import threading
 import time
@@ -19,11 +19,10 @@ import pytest
 import torch
 
 from tandem.speculative.eagle.remote import protocol, wire
-from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel
 from tandem.speculative.eagle.supervision import compute_supervision
-from tests.remote_utils import (
-    assert_same_supervision, load_tiny_target, save_tiny_target, start_tiny_server, tiny_batch, tiny_vocab_mapping,
-)
+from tests import http_utils
+from tests.http_utils import error_of, parse_responses, proc_threads, read_until_closed
+from tests.remote_utils import load_tiny_target, save_tiny_target, start_tiny_server, tiny_batch, tiny_vocab_mapping
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -52,91 +51,19 @@ def expected(target_dir):
     return mapping, [(batch, compute_supervision(reference, *mapping, *batch)) for batch in batches]
 
 
-@contextlib.contextmanager
 def good_client_running(server, expected):
-    """A client asking for supervision in a loop while the body runs; checks every answer bit for bit and
-    that at least one request completed after the abuse (the server kept serving, not just survived)."""
-    mapping, cases = expected
-    stop, errors, done = threading.Event(), [], [0]
-
-    def loop():
-        try:
-            with RemoteEagle3TargetModel(server.url, token=TOKEN, client_id="good", timeout_s=60) as client:
-                client.set_vocab_mapping(*mapping)
-                while not stop.is_set() and done[0] < 2000:
-                    batch, want = cases[done[0] % len(cases)]
-                    assert_same_supervision(client.supervise(*batch), want)
-                    done[0] += 1
-        except BaseException as exc:  # surfaced to the test below
-            errors.append(exc)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    # Abuse starts once the good client is in steady state (session, vocabulary, data plane if any).
-    deadline = time.monotonic() + 60
-    while done[0] < 1 and not errors and time.monotonic() < deadline:
-        time.sleep(0.02)
-    yield
-    after_abuse = done[0]
-    deadline = time.monotonic() + 60
-    while done[0] <= after_abuse and not errors and time.monotonic() < deadline:
-        time.sleep(0.05)
-    stop.set()
-    thread.join(60)
-    assert not errors, errors
-    assert done[0] > after_abuse, "the good client got no answer after the abuse"
+    return http_utils.good_client_running(server.url, expected, token=TOKEN)
 
 
 def connect(server, timeout=30.0) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
+    return http_utils.connect(server.port, timeout)
 
 
-def head(method: str, path: str, length=None, token=TOKEN, extra: str = "") -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
-    if token:
-        lines.append(f"Authorization: Bearer {token}")
-    if length is not None:
-        lines.append(f"Content-Length: {length}")
-    return ("\r\n".join(lines) + "\r\n" + extra + "\r\n").encode("latin-1")
-
-
-def read_until_closed(sock: socket.socket, limit_s: float = 30.0) -> bytes:
-    """Everything the server sends until it closes the connection (bounded by ``limit_s``)."""
-    data, deadline = b"", time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        sock.settimeout(max(deadline - time.monotonic(), 0.01))
-        try:
-            chunk = sock.recv(65536)
-        except (TimeoutError, ConnectionResetError):
-            break
-        if not chunk:
-            return data
-        data += chunk
-    raise AssertionError(f"the server did not close the connection within {limit_s} s; got {data[:300]!r}")
-
-
-def parse_responses(data: bytes) -> list[tuple[int, dict, bytes]]:
-    """Consecutive HTTP responses as ``(status, lower-case headers, body)``."""
-    out = []
-    while data:
-        header_block, sep, rest = data.partition(b"\r\n\r\n")
-        assert sep, f"incomplete response {data[:200]!r}"
-        lines = header_block.decode("latin-1").split("\r\n")
-        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        length = int(headers.get("content-length", 0))
-        out.append((int(lines[0].split()[1]), headers, rest[:length]))
-        data = rest[length:]
-    return out
-
-
-def error_of(body: bytes) -> str:
-    return json.loads(body)["error"]
+head = functools.partial(http_utils.head, token=TOKEN)
 
 
 def server_threads(server) -> int:
-    return len(os.listdir(f"/proc/{server.proc.pid}/task"))
+    return proc_threads(server.proc.pid)
 
 
 # ---------------------------------------------------------------- lengths

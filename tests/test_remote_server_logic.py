@@ -116,7 +116,7 @@ def test_body_over_the_limit_is_413(logic):
 BAD_GENERATE = {
     "malformed wire": (b"garbage", "bad magic"),
     "missing loss_mask": (generate_body(loss_mask=...), "missing ['loss_mask']"),
-    "unexpected key": (generate_body(extra=torch.zeros(1)), "unexpected ['extra']"),
+    "unexpected key": (generate_body(extra=torch.zeros(1)), "entry 'extra' at offset"),
     "1-D input_ids": (generate_body(input_ids=torch.zeros(4, dtype=torch.long)), "[B, S]"),
     "float input_ids": (generate_body(input_ids=torch.zeros(2, 16)), "integer"),
     "ids out of range": (generate_body(input_ids=torch.full((2, 16), 320)), "[0, 320)"),

@@ -173,7 +173,7 @@ def test_the_exported_draft_records_target_aux_layers_and_vocabulary(exported, t
     model, tokenizer = load_target(str(targets["a"]))
     assert record["target"]["weights_digest"] == identity.weights_digest(model)
     assert record["target"]["tokenizer_digest"] == identity.tokenizer_digest(tokenizer)
-    assert record["aux_layer_ids"] == [0, 1, 2] and len(record["vocab_digest"]) == 16
+    assert record["aux_layer_ids"] == [0, 1, 2] and len(record["vocab_digest"]) == 64
 
 
 def test_eval_refuses_another_target_unless_allowed(exported, targets, caplog):

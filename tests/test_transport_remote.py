@@ -152,7 +152,8 @@ class SlowSend(TargetModelServer):
         super().flush_nccl_send()
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-logic = SlowSend(load_tiny_target(Path(sys.argv[1])), nccl_port=0, enable_nccl=True, nccl_timeout_s=float(sys.argv[2]))
+logic = SlowSend(load_tiny_target(Path(sys.argv[1])), nccl_port=0, enable_nccl=True, nccl_timeout_s=float(sys.argv[2]),
+                 nccl_port_range=(1024, 65535))
 serve(logic, "127.0.0.1", 0, on_ready=lambda h, p: print(READY_LINE.format(host=h, port=p), flush=True))
 """
 

@@ -251,3 +251,23 @@ def test_random_dicts_round_trip_exactly(items):
         else:
             tensors[key] = torch.randint(-100, 100, shape).to(dtype)
     assert_same(decode(bytearray(encode_to_bytes(tensors))), tensors)
+
+
+def test_decode_stops_at_the_first_entry_past_max_entries_holding_only_a_few_objects():
+    """A 16 MiB body of 700,000 scalar entries: without a bound decoding builds every one (about a
+    kilobyte each); with the receiver's bound it stops at the fourth, its memory a few KiB."""
+    import tracemalloc
+
+    count = 700_000
+    entry = struct.pack("<I8sBBBQB", 8, b"", 0, wire.DTYPE_TO_CODE[torch.uint8], 0, 1, 7)
+    keys = np.char.mod(b"%08d", np.arange(count)).astype("S8")
+    body = bytearray(struct.pack("<I", wire.MAGIC) + b"".join(entry[:4] + key + entry[12:] for key in keys.tolist()))
+    tracemalloc.start()
+    try:
+        with pytest.raises(WireFormatError, match="'00000003' at offset 76 is one more than the 3 expected"):
+            decode(body, max_entries=3)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024
+    assert len(decode(body[: 4 + 24 * 5])) == 5  # the same entries, unbounded, decode as ever

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -331,15 +332,20 @@ def load_training_state(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+# Only names tandem writes: a user's step_best.pt or step_60_backup.pt is not one of them.
+_CHECKPOINT_NAME = re.compile(r"step_(0|[1-9][0-9]*)\.pt")
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """N for a file tandem names ``step_N.pt``; None for anything else."""
+    match = _CHECKPOINT_NAME.fullmatch(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
 def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
-    """The newest ``step_N.pt`` under ``checkpoint_dir`` (by N), or None."""
+    """The newest ``step_N.pt`` under ``checkpoint_dir`` (by N), or None; other files are not checkpoints."""
     directory = Path(checkpoint_dir)
     if not directory.is_dir():
         return None
-    found = []
-    for candidate in directory.glob("step_*.pt"):
-        try:
-            found.append((int(candidate.stem.split("_", 1)[1]), candidate))
-        except ValueError:
-            continue
+    found = [(step, p) for p in directory.iterdir() if (step := checkpoint_step(p)) is not None and p.is_file()]
     return max(found)[1] if found else None

@@ -27,6 +27,7 @@ import dataclasses
 import importlib.resources
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -126,23 +127,54 @@ def read_chat_jsonl(path: str | Path, limit: int | None = None) -> list[ChatReco
     """Read a chat JSONL file in ShareGPT or messages format (formats may be mixed line by line).
 
     Blank lines are skipped. A malformed line raises :class:`DataFormatError` naming the file, the
-    1-based line number and what is wrong. ``limit`` stops after that many records.
+    1-based line number and what is wrong: bytes that are not UTF-8, invalid or too deeply nested JSON,
+    a string holding a lone surrogate escape (``"\\ud800"``: JSON allows it, but it is no text and no
+    tokenizer or UTF-8 writer takes it), or a record of the wrong shape. ``limit`` stops after that many
+    records.
     """
     path = Path(path)
     records: list[ChatRecord] = []
-    with path.open("r", encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
             if limit is not None and len(records) >= limit:
                 break
-            if not line.strip():
-                continue
             try:
-                records.append(parse_chat_record(json.loads(line)))
-            except json.JSONDecodeError as error:
-                raise DataFormatError(f"{path}:{line_number}: invalid JSON: {error.msg} (column {error.colno})") from None
+                records.extend(_parse_line(raw))
             except ValueError as error:
                 raise DataFormatError(f"{path}:{line_number}: {error}") from None
     return records
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _parse_line(raw: bytes) -> list[ChatRecord]:
+    """The record of one JSONL line (none for a blank line); ``ValueError`` saying what is wrong."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"not UTF-8: byte 0x{raw[error.start]:02x} at byte {error.start + 1} of the line") from None
+    if not line.strip():
+        return []
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"invalid JSON: {error.msg} (column {error.colno})") from None
+    except RecursionError:
+        raise ValueError("invalid JSON: nested too deeply") from None
+    record = parse_chat_record(obj)
+    if _SURROGATE_ESCAPE.search(line):  # only an escape can put a surrogate in decoded JSON
+        _check_text(record)
+    return [record]
+
+
+def _check_text(record: ChatRecord) -> None:
+    """``ValueError`` if any string of ``record`` holds a lone surrogate (it cannot be encoded as UTF-8)."""
+    try:
+        json.dumps({"messages": record.messages, **record.extra}, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = error.object[error.start : error.end]
+        raise ValueError(f"a string holds the lone surrogate escape \\u{ord(bad[0]):04x}, which is not text") from None
 
 
 def write_jsonl(path: str | Path, records: Iterable[ChatRecord]) -> int:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from tandem.speculative.eagle import checkpoint as ckpt
 from tandem.speculative.eagle import identity
+from tandem.speculative.eagle import run_state
 from tandem.speculative.eagle.data import ChatCollator, TokenizedChatDataset, batch_order, pad_token_id_for, read_chat_jsonl
 from tandem.speculative.eagle.distributed import (
     DistributedContext, RankThroughput, current_context, init_distributed, servers_in_use,
@@ -36,7 +37,8 @@ from tandem.speculative.eagle.draft import Eagle3DraftConfig, Eagle3DraftModel
 from tandem.speculative.eagle.supervision_cache import SupervisionCache, cache_identity
 from tandem.speculative.eagle.trainer import TTTObjective, step_valid_counts
 from tandem.speculative.eagle.vocab import (
-    build_draft_vocab, count_tokens, file_digest, load_draft_vocab, save_draft_vocab, vocab_fingerprint,
+    DraftVocab, build_draft_vocab, count_tokens, file_digest, load_draft_vocab, save_draft_vocab, vocab_digest,
+    vocab_fingerprint,
 )
 
 logger = logging.getLogger(__name__)
@@ -101,13 +103,13 @@ class TrainConfig:
     seed: int = 0
     """Seeds the draft's initialisation and the data order."""
     save_every: int = 100
-    """Write a resumable checkpoint every this many steps (and always at the end)."""
+    """Write a resumable checkpoint every this many steps (and always at the end); 0: only at the end."""
     keep_checkpoints: int = 2
     """How many resumable checkpoints to keep on disk."""
     stop_at_step: int | None = None
     """End this run at this step (checkpointed) though the schedule spans total_steps: for time-boxed jobs."""
     resume: bool = False
-    """Continue from the newest checkpoint in ``output_dir/checkpoints``."""
+    """Continue from the newest checkpoint in ``output_dir/checkpoints`` that loads (a damaged newer one is skipped)."""
     export_format: str = "sglang"
     """The exported draft's format: ``sglang`` (SGLang and vLLM load it) or ``speculators`` (vLLM's native one)."""
     export_dtype: str | None = None
@@ -115,6 +117,9 @@ class TrainConfig:
     allow_target_mismatch: bool = False
     """Accept on purpose a target that is not the one the run was trained against (``--resume``), or a
     tokenizer other than the target's; without it either is an error."""
+    allow_resume_mismatch: bool = False
+    """With --resume: continue although the data, the vocabulary or a run-changing setting differs from the
+    checkpoint's (each difference is then a warning instead of an error)."""
     show_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -265,7 +270,8 @@ class Trainer:
 
     def _build_vocab(self) -> None:
         vocab_size = self.model_info["vocab_size"]
-        fingerprint = vocab_fingerprint(data=file_digest(self.config.data), vocab=vocab_size,
+        self.data_digest = file_digest(self.config.data)
+        fingerprint = vocab_fingerprint(data=self.data_digest, vocab=vocab_size,
                                         size=self.config.draft_vocab_size, max_seq_len=self.config.max_seq_len,
                                         tokenizer=type(self.tokenizer).__name__, tokens=len(self.tokenizer))
         cache_path = self.output_dir / "draft_vocab.safetensors"
@@ -339,12 +345,21 @@ class Trainer:
         return {"step": self.step, "draft": trainable, "optimizer": self.optimizer.state_dict(),
                 "rng": torch.get_rng_state(), "config": json.dumps(dataclasses.asdict(self.config)),
                 "world_size": self.dist.world_size, "global_batch_size": self.global_batch_size,
-                "record": json.dumps(self.record)}
+                "record": json.dumps(self.record), "run": self.run_identity()}
+
+    def run_identity(self) -> dict:
+        """What this run trains on, as checkpoints record it (see ``run_state.run_identity``)."""
+        digest = vocab_digest(self.vocab.selected_token_ids)
+        target = {**self.model_info, "dtype": str(self.target.dtype).removeprefix("torch.")}
+        return run_state.run_identity(self.config, data_digest=self.data_digest, vocab_digest=digest, model_info=target)
 
     def load_state_dict(self, state: dict) -> None:
         saved = json.loads(state["record"]) if "record" in state else None
         identity.check_run_record(saved, self.record, what="--resume", allow=self.config.allow_target_mismatch)
-        missing, unexpected = self.draft.load_state_dict(state["draft"], strict=False)
+        try:
+            missing, unexpected = self.draft.load_state_dict(state["draft"], strict=False)
+        except RuntimeError as exc:  # shapes differ: another draft size or vocabulary size
+            raise ValueError(f"checkpoint does not fit this draft: {str(exc)[:500]}") from None
         if unexpected or any(k != "embed_tokens.weight" for k in missing):
             raise ValueError(f"checkpoint does not fit this draft: missing {missing}, unexpected {unexpected}")
         self.optimizer.load_state_dict(state["optimizer"])
@@ -371,54 +386,60 @@ class Trainer:
                        self.config.batch_size, kept, self.global_batch_size, self.step, self.global_batch_size, hint)
 
     def save_checkpoint(self) -> Path | None:
-        """Rank 0 writes ``checkpoints/step_N.pt`` (every rank holds the same state); others return None."""
+        """Rank 0 writes ``checkpoints/step_N.pt`` (every rank holds the same state) and deletes tandem's older
+        ones past ``keep_checkpoints``; others return None."""
         if not self.dist.is_main:
             return None
-        directory = self.output_dir / "checkpoints"
-        path = directory / f"step_{self.step}.pt"
+        path = run_state.checkpoint_path(self.output_dir, self.step)
         ckpt.save_training_state(self.state_dict(), path)
-        for old in sorted(directory.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[: -self.config.keep_checkpoints]:
-            old.unlink()
+        run_state.rotate(path.parent, self.config.keep_checkpoints)
         return path
-
-    def _trim_metrics(self, step: int) -> None:
-        """Drop metric rows past ``step``: those steps are redone after a resume, and each step should
-        appear once in ``metrics.jsonl``."""
-        path = self.output_dir / "metrics.jsonl"
-        if not path.is_file():
-            return
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        ckpt.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
 
     def _check_fresh_output_dir(self) -> None:
         """A run from step 0 must not mix with an earlier run's checkpoints and metrics (a later
         ``--resume`` would pick the wrong checkpoint); refuse rather than delete anything."""
-        old = ckpt.latest_checkpoint(self.output_dir / "checkpoints")
+        old = ckpt.latest_checkpoint(self.output_dir / run_state.CHECKPOINT_DIR)
         if old is not None and not self.config.resume:
             raise ValueError(f"{self.output_dir} already holds checkpoints of another run ({old.name}): pass --resume "
                              f"to continue it, or choose a new --output-dir")
         if self.dist.is_main:
-            (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (self.output_dir / run_state.METRICS_FILE).unlink(missing_ok=True)
 
     def maybe_resume(self) -> bool:
+        """With ``resume``: load the newest checkpoint that loads (rank 0 picks it, so no rank resumes from
+        another step), after checking that it belongs to this run (``run_state.check_resume``)."""
         if not self.config.resume:
             return False
-        directory = self.output_dir / "checkpoints"
-        # Rank 0 picks the checkpoint, so no rank resumes from another step.
-        latest = ckpt.latest_checkpoint(directory) if self.dist.is_main else None
-        step = self.dist.broadcast_int(int(latest.stem.split("_")[1]) if latest is not None else -1)
+        directory = self.output_dir / run_state.CHECKPOINT_DIR
+        step, state = run_state.load_newest_intact(directory, set_aside=True) if self.dist.is_main else (None, None)
+        step = self.dist.broadcast_int(-1 if step is None else step)
         if step < 0:
-            logger.warning("--resume: no checkpoint under %s; starting from step 0", directory)
+            logger.warning("--resume: no checkpoint that loads under %s; starting from step 0", directory)
             return False
-        path = directory / f"step_{step}.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"rank {self.dist.rank}: cannot read {path}, which rank 0 resumes from: put "
-                                    f"--output-dir on a filesystem every node shares")
-        self.load_state_dict(ckpt.load_training_state(path))
+        path = run_state.checkpoint_path(self.output_dir, step)
+        if state is None:
+            if not path.is_file():
+                raise FileNotFoundError(f"rank {self.dist.rank}: cannot read {path}, which rank 0 resumes from: put "
+                                        f"--output-dir on a filesystem every node shares")
+            state = ckpt.load_training_state(path)
+        run_state.check_resume(state.get("run"), self.run_identity(), self.config.allow_resume_mismatch, path)
+        self._keep_checkpoint_vocab(state["draft"])
+        self.load_state_dict(state)
         if self.dist.is_main:
             logger.info("resumed from %s at step %d", path, self.step)
-            self._trim_metrics(self.step)
+            run_state.trim_metrics(self.output_dir / run_state.METRICS_FILE, self.step)
         return True
+
+    def _keep_checkpoint_vocab(self, draft_state: dict) -> None:
+        """A resumed draft's ``lm_head`` rows belong to the checkpoint's vocabulary: when that differs from the
+        one built now (accepted with ``allow_resume_mismatch``), keep it and send it to the target."""
+        d2t, t2d = draft_state.get("d2t"), draft_state.get("t2d")
+        if d2t is None or t2d is None or (d2t.shape == self.vocab.d2t.shape and torch.equal(d2t, self.vocab.d2t)):
+            return
+        selected = d2t.long() + torch.arange(d2t.numel(), dtype=torch.long)
+        self.vocab = DraftVocab(selected, t2d.bool())
+        self.target.set_vocab_mapping(self.vocab.selected_token_ids, self.vocab.selected_token_mask)
+        logger.warning("--resume: training on with the checkpoint's draft vocabulary, not the one built from --data now")
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -548,7 +569,7 @@ class Trainer:
         prefetcher = None
         if hasattr(self.target, "supervise_async") and self.supervision_cache is None:
             prefetcher = SupervisionPrefetcher(self.target, self.micro_batch, self.config.prefetch_depth, stop=end * accum)
-        with open(self.output_dir / "metrics.jsonl", "a") if main else nullcontext() as metrics_file:
+        with open(self.output_dir / run_state.METRICS_FILE, "a") if main else nullcontext() as metrics_file:
             while self.step < end:
                 indices = range(self.step * accum, (self.step + 1) * accum)
                 batches = [self.micro_batch(i) for i in indices]
@@ -559,7 +580,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", acc0=f"{last['step_accuracies'][0]:.2f}",
                                 tok_s=f"{last['tokens_per_s']:.0f}")
-                if self.step % self.config.save_every == 0 or self.step == end:
+                if run_state.checkpoint_due(self.step, self.config.save_every, end):
                     self.save_checkpoint()
         bar.close()
         self._report_throughput(prefetcher)

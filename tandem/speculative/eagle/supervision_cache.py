@@ -37,6 +37,7 @@ import torch
 from tandem.speculative.eagle import compact
 from tandem.speculative.eagle.supervision import SUPERVISION_KEYS
 from tandem.speculative.eagle.target import shift_left
+from tandem.speculative.eagle.vocab import vocab_digest
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +57,6 @@ def sample_key(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> str:
 def identity_digest(identity: dict) -> str:
     """A short stable digest of a JSON-serialisable identity dict (the cache's directory name)."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def vocab_digest(selected_token_ids: torch.Tensor) -> str:
-    """SHA-256 hex of a draft vocabulary (``selected_token_ids [Vd]``)."""
-    return hashlib.sha256(selected_token_ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
 class SupervisionCache:

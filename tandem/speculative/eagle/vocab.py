@@ -107,10 +107,14 @@ def vocab_fingerprint(**facts) -> str:
 
 
 def vocab_digest(selected_token_ids: torch.Tensor) -> str:
-    """A short hash of a draft vocabulary (its ``selected_token_ids [Vd]``, in order): two runs that
-    chose the same tokens in the same order, and so the same ``lm_head`` rows, have the same digest."""
-    ids = selected_token_ids.detach().to("cpu", torch.int64).contiguous()
-    return hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
+    """SHA-256 hex naming a draft vocabulary: ``selected_token_ids [Vd]`` as little-endian int64, in order (the
+    mask follows from them and the target's vocabulary size).
+
+    The one digest of a vocabulary: the client names it on ``/generate`` (``X-Tandem-Vocab``), the server keys
+    a session's mappings by it, checkpoints record it, the supervision cache keys entries by it.
+    """
+    ids = selected_token_ids.detach().to(device="cpu", dtype=torch.int64).contiguous().numpy().astype("<i8")
+    return hashlib.sha256(ids.tobytes()).hexdigest()
 
 
 def file_digest(path: str | Path) -> str:
@@ -122,24 +126,35 @@ def file_digest(path: str | Path) -> str:
 
 
 def save_draft_vocab(vocab: DraftVocab, path: str | Path, counts: torch.Tensor | None = None, fingerprint: str = "") -> None:
+    """Write the vocabulary cache atomically: a crash mid-write leaves the old file or none, never half of one."""
+    from tandem.speculative.eagle.checkpoint import atomic_write
+
     tensors = {"selected_token_ids": vocab.selected_token_ids, "selected_token_mask": vocab.selected_token_mask}
     if counts is not None:
         tensors["counts"] = counts
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"fingerprint": fingerprint})
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"fingerprint": fingerprint}))
 
 
 def load_draft_vocab(path: str | Path, fingerprint: str | None = None) -> DraftVocab | None:
-    """The cached vocabulary at ``path``, or None if absent or built from something else."""
+    """The cached vocabulary at ``path``, or None if absent, built from something else, or unreadable (a
+    damaged cache is only a cache: it is rebuilt, with a warning)."""
     path = Path(path)
     if not path.is_file():
         return None
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), "pt") as handle:
-        stored = (handle.metadata() or {}).get("fingerprint", "")
-    if fingerprint is not None and stored != fingerprint:
-        logger.info("draft vocabulary cache %s is stale (built from other data); rebuilding", path)
+    try:
+        with safe_open(str(path), "pt") as handle:
+            stored = (handle.metadata() or {}).get("fingerprint", "")
+        if fingerprint is not None and stored != fingerprint:
+            logger.info("draft vocabulary cache %s is stale (built from other data); rebuilding", path)
+            return None
+        tensors = load_file(str(path))
+        vocab = DraftVocab(tensors["selected_token_ids"].long(), tensors["selected_token_mask"].bool())
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        logger.warning("draft vocabulary cache %s is unreadable (%s); rebuilding it", path, exc)
         return None
-    tensors = load_file(str(path))
-    return DraftVocab(tensors["selected_token_ids"].long(), tensors["selected_token_mask"].bool())
+    if vocab.selected_token_ids.dim() != 1 or int(vocab.selected_token_mask.sum()) != vocab.draft_vocab_size:
+        logger.warning("draft vocabulary cache %s is inconsistent; rebuilding it", path)
+        return None
+    return vocab

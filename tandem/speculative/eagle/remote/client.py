@@ -40,7 +40,14 @@ import torch
 
 from tandem.speculative.eagle import compact, identity
 from tandem.speculative.eagle.remote import protocol, wire
-from tandem.speculative.eagle.remote.transport import NCCLTransport, TransportError, nccl_enabled, nccl_port_for
+from tandem.speculative.eagle.remote.answer_checks import (
+    JSON_ANSWER_BYTES, AnswerError, check_metadata, check_tensors, supervision_specs, target_dtypes, weight_spec,
+    wire_answer_bytes,
+)
+from tandem.speculative.eagle.vocab import vocab_digest
+from tandem.speculative.eagle.remote.transport import (
+    PORT_ATTEMPTS, PORT_RETRY_STRIDE, NCCLTransport, TransportError, nccl_enabled, nccl_port_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +132,9 @@ class _ServerConnection:
                 raise
         return conn
 
-    def _once(self, method: str, endpoint: str, body: Sequence, headers: dict) -> tuple[int, bytearray, bool]:
-        """One request; ``(status, body, data-plane header echoed)``. Raises OSError/HTTPException on I/O failure.
+    def _once(self, method: str, endpoint: str, body: Sequence, headers: dict, max_bytes: int) -> tuple[int, bytearray, dict]:
+        """One request; ``(status, body, response headers)``. Raises OSError/HTTPException on I/O failure,
+        ``AnswerError`` for an answer longer than ``max_bytes``.
 
         A pooled connection the server has meanwhile closed (its idle timeout, a restart) fails at once;
         that is no sign of trouble, so the request is sent again on a fresh connection without backoff.
@@ -134,16 +142,16 @@ class _ServerConnection:
         with self._lock:
             pooled = bool(self._idle)
         try:
-            return self._exchange(self._connection(reuse=True), method, endpoint, body, headers)
+            return self._exchange(self._connection(reuse=True), method, endpoint, body, headers, max_bytes)
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
             if not pooled:
                 raise
-        return self._exchange(self._connection(reuse=False), method, endpoint, body, headers)
+        return self._exchange(self._connection(reuse=False), method, endpoint, body, headers, max_bytes)
 
     def _exchange(self, conn, method: str, endpoint: str, body: Sequence, headers: dict,
-                  pool: bool = True) -> tuple[int, bytearray, bool]:
-        """One request on ``conn``; afterwards ``conn`` goes back to the idle pool (unless ``pool`` is False:
-        its caller goes on using it) or is closed when the server said so."""
+                  max_bytes: int, pool: bool = True) -> tuple[int, bytearray, dict]:
+        """One request on ``conn``: ``(status, body, response headers)``; afterwards ``conn`` goes back to the
+        idle pool (unless ``pool`` is False: its caller goes on using it) or is closed when the server said so."""
         try:
             conn.putrequest(method, f"{self._base_path}/{endpoint}", skip_accept_encoding=True)
             for name, value in {**self._headers, **headers, "Content-Length": str(wire.body_size(body))}.items():
@@ -152,7 +160,7 @@ class _ServerConnection:
             for buffer in body:
                 conn.send(buffer)
             response = conn.getresponse()
-            payload = _read_body(response, self.receive_pool)
+            payload = _read_body(response, self.receive_pool, max_bytes)
         except BaseException:
             conn.close()
             raise
@@ -161,7 +169,7 @@ class _ServerConnection:
         elif pool:
             with self._lock:
                 self._idle.append(conn)
-        return response.status, payload, response.getheader(protocol.NCCL_HEADER) == "1"
+        return response.status, payload, {k.lower(): v for k, v in response.getheaders()}
 
     def request(
         self,
@@ -173,28 +181,37 @@ class _ServerConnection:
         retry: Optional[RetryPolicy] = None,
         headers: Optional[dict] = None,
         with_nccl_flag: bool = False,
+        max_answer_bytes: int = JSON_ANSWER_BYTES,
     ) -> Union[bytearray, tuple[bytearray, bool]]:
         """Send one request with retries; returns the 200 body or raises ``RemoteTargetError``.
 
         With ``with_nccl_flag`` returns ``(body, flag)``, the flag True when the server echoed ``X-NeMo-NCCL: 1``
-        (the body is then data-plane metadata and the tensors follow over the group).
+        (the body is then data-plane metadata and the tensors follow over the group). An answer announcing
+        more than ``max_answer_bytes`` is refused before it is read (never retried: the server is broken).
         """
         headers = {**(headers or {}), "Content-Type": content_type}
-        delays = (retry or self._retry).delays()
+        policy = retry or self._retry
+        delays = policy.delays()
         attempt = 0
         while True:
             attempt += 1
+            retry_after = 0.0
             try:
-                status, payload, nccl_flag = self._once(method, endpoint, body, headers)
+                status, payload, answer_headers = self._once(method, endpoint, body, headers, max_answer_bytes)
+            except AnswerError as exc:
+                raise RemoteTargetError(self.url, endpoint, f"refused the answer: {exc}") from None
             except (OSError, http.client.HTTPException) as exc:
                 failure = f"{type(exc).__name__}: {exc}"
             else:
                 if status == 200:
-                    return (payload, nccl_flag) if with_nccl_flag else payload
+                    return (payload, answer_headers.get(protocol.NCCL_HEADER.lower()) == "1") if with_nccl_flag else payload
                 if status < 500:
                     raise RemoteTargetError(self.url, endpoint, _error_message(payload), status)
                 failure = f"HTTP {status}: {_error_message(payload)}"
+                retry_after = _retry_after_s(answer_headers.get("retry-after"))  # a saturated server's 503
             delay = next(delays, None)
+            if delay is not None:
+                delay = max(delay, min(retry_after, policy.max_backoff_s))
             if delay is None:
                 raise RemoteTargetError(self.url, endpoint, f"gave up after {attempt} attempts; last error: {failure}")
             logger.warning("target server %s /%s failed (%s); retry %d in %.1f s", self.url, endpoint, failure, attempt, delay)
@@ -207,11 +224,50 @@ class _ServerConnection:
             conn.close()
 
 
-def _read_body(response: http.client.HTTPResponse, pool: Optional[wire.ReceivePool] = None) -> bytearray:
+def _batch_shape(input_ids: torch.Tensor) -> tuple[int, int]:
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, S], got {list(input_ids.shape)}")
+    return int(input_ids.shape[0]), int(input_ids.shape[1])
+
+
+# What a server's /model_info may claim: bounds that keep the answers sized from it finite (a hidden size
+# of 2**40 would let a hostile server announce petabytes).
+_MODEL_INFO_LIMITS = {"hidden_size": 1 << 17, "vocab_size": 1 << 24, "num_hidden_layers": 1 << 12}
+
+
+def _check_model_info(url: str, info: dict) -> None:
+    for key, limit in _MODEL_INFO_LIMITS.items():
+        value = info.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
+            raise RemoteTargetError(url, protocol.EP_MODEL_INFO, f"{key} must be an integer in [1, {limit}], got {value!r}")
+    aux = info.get("aux_layer_ids")
+    if not isinstance(aux, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in aux):
+        raise RemoteTargetError(url, protocol.EP_MODEL_INFO, f"aux_layer_ids must be a list of integers, got {aux!r}")
+
+
+def _retry_after_s(value: Optional[str]) -> float:
+    """Seconds of a ``Retry-After: N`` header (0 when absent or not a number of seconds)."""
+    try:
+        return max(float(value), 0.0) if value is not None else 0.0
+    except ValueError:
+        return 0.0
+
+
+def _read_body(response: http.client.HTTPResponse, pool: Optional[wire.ReceivePool] = None,
+               max_bytes: int = JSON_ANSWER_BYTES) -> bytearray:
     """Read the whole response into one preallocated buffer (decoded tensors will view it in place);
-    from ``pool`` when given, so that a large answer lands in memory without page faults."""
+    from ``pool`` when given, so that a large answer lands in memory without page faults.
+
+    ``AnswerError`` for an answer longer than ``max_bytes``: refused before a byte of it is read when its
+    ``Content-Length`` says so, else (a chunked or close-delimited answer) after ``max_bytes + 1`` bytes.
+    """
     if response.length is None:
-        return bytearray(response.read())
+        body = response.read(max_bytes + 1)
+        if len(body) > max_bytes:
+            raise AnswerError(f"the answer runs past {max_bytes} bytes, the most this request can take")
+        return bytearray(body)
+    if response.length > max_bytes:
+        raise AnswerError(f"Content-Length {response.length} exceeds {max_bytes} bytes, the most this request can take")
     body = pool.take(response.length) if pool is not None else bytearray(response.length)
     view, got = memoryview(body), 0
     while got < len(view):
@@ -222,10 +278,9 @@ def _read_body(response: http.client.HTTPResponse, pool: Optional[wire.ReceivePo
     return body
 
 
-# Another independent job's group may hold our data-plane port on a shared server: propose the port this
-# far above, up to this many ports in all, before settling for the wire format.
-_PORT_RETRY_STRIDE = 1000
-_PORT_ATTEMPTS = 3
+# Another independent job's group may hold our data-plane port on a shared server (see transport.py).
+_PORT_RETRY_STRIDE = PORT_RETRY_STRIDE
+_PORT_ATTEMPTS = PORT_ATTEMPTS
 # A refusal of /init_nccl comes back within this; a longer wait means the server is in the rendezvous.
 _QUICK_ANSWER_S = 0.5
 
@@ -395,6 +450,9 @@ class RemoteEagle3TargetModel:
         self._slots = threading.BoundedSemaphore(prefetch_depth)
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._vocab_body: Optional[bytes] = None
+        self._draft_vocab_size: Optional[int] = None
+        # Named on each /generate (X-Tandem-Vocab): the server answers with exactly this vocabulary or 409.
+        self._vocab_headers: dict[str, str] = {}
         self._info: Optional[dict] = None
         self._embeddings: Optional[torch.Tensor] = None
         self._closed = False
@@ -426,6 +484,8 @@ class RemoteEagle3TargetModel:
         and from then on each new connection to a server is checked to still reach it."""
         if self._info is None:
             infos = [protocol.decode_json(s.request(protocol.EP_MODEL_INFO), f"{s.url} /model_info") for s in self._servers]
+            for server, info in zip(self._servers, infos):
+                _check_model_info(server.url, info)
             first = identity.reported_identity(infos[0])
             for server, info in zip(self._servers[1:], infos[1:]):
                 identity.check_same_target(first, identity.reported_identity(info), fields=identity.SAME_SERVING_FIELDS,
@@ -442,7 +502,7 @@ class RemoteEagle3TargetModel:
         """A new connection to ``server`` (after the first: a reconnect, or a restarted server) must reach the
         target this run started with; otherwise the run stops here, naming both, instead of training on."""
         status, payload, _ = server._exchange(conn, "POST", protocol.EP_MODEL_INFO, (),
-                                              {"Content-Type": protocol.JSON_CONTENT_TYPE}, pool=False)
+                                              {"Content-Type": protocol.JSON_CONTENT_TYPE}, JSON_ANSWER_BYTES, pool=False)
         if status >= 500:  # not up yet: an I/O-like failure, retried with backoff like any other
             raise ConnectionError(f"/model_info answered HTTP {status} on a new connection")
         if status != 200:
@@ -465,13 +525,20 @@ class RemoteEagle3TargetModel:
     def get_input_embeddings(self) -> torch.Tensor:
         """``[V, H]`` (target dtype) the target's token embedding, fetched once and cached."""
         if self._embeddings is None:
-            server = self._servers[0]
-            tensors = wire.decode(server.request(protocol.EP_INPUT_EMBEDDINGS))
-            weight = tensors.get(protocol.EMBEDDINGS_KEY)
-            if weight is None:
-                raise RemoteTargetError(server.url, protocol.EP_INPUT_EMBEDDINGS, "answer holds no 'weight' tensor")
-            self._embeddings = weight.to(self._device)
+            info = self._model_info()
+            specs = weight_spec(info["vocab_size"], info["hidden_size"], target_dtypes(info))
+            self._embeddings = self._fetch_weight(self._servers[0], protocol.EP_INPUT_EMBEDDINGS, specs).to(self._device)
         return self._embeddings
+
+    def _fetch_weight(self, server: _ServerConnection, endpoint: str, specs: dict, headers: Optional[dict] = None):
+        """The ``weight`` tensor of a one-tensor wire answer of exactly ``specs`` (``AnswerError`` -> named error)."""
+        raw = server.request(endpoint, headers=headers, max_answer_bytes=wire_answer_bytes(specs))
+        try:
+            tensors = wire.decode(raw, max_entries=len(specs))
+            check_tensors(tensors, specs)
+        except (wire.WireFormatError, AnswerError) as exc:
+            raise RemoteTargetError(server.url, endpoint, f"refused the answer: {exc}") from None
+        return tensors[protocol.EMBEDDINGS_KEY]
 
     def set_vocab_mapping(self, selected_token_ids: torch.Tensor, selected_token_mask: torch.Tensor) -> None:
         """Fix the draft vocabulary on every server.
@@ -487,6 +554,8 @@ class RemoteEagle3TargetModel:
             server.request(protocol.EP_SET_VOCAB_MAPPING, [body])
         # Kept to send again to a server that restarted and forgot it (it answers /generate with 409).
         self._vocab_body = body
+        self._vocab_headers = {protocol.VOCAB_DIGEST_HEADER: vocab_digest(selected_token_ids)}
+        self._draft_vocab_size = int(selected_token_ids.numel())
         self._draft_head = None  # rows of the previous vocabulary
 
     # ------------------------------------------------------------ supervision
@@ -505,70 +574,94 @@ class RemoteEagle3TargetModel:
         with self._transfers_lock:
             self._transfers[kind] += 1
 
+    def _answer_specs(self, batch_shape: tuple[int, int], encoding: Optional[str] = None) -> dict[bool, dict]:
+        """What a ``/generate`` answer for ``[B, S]`` may hold: ``{compact?: {key: TensorSpec}}``; a compact
+        request (``encoding``, default this client's) may be answered in full (a target whose logits are not a
+        plain projection)."""
+        info = self._model_info()
+        draft_vocab = self._draft_vocab_size or info["vocab_size"]
+        compact_asked = (encoding or self.supervision_encoding) == protocol.ENCODING_COMPACT
+        encodings = (False, True) if compact_asked else (False,)
+        return {c: supervision_specs(*batch_shape, info["hidden_size"], draft_vocab, target_dtypes(info), c)
+                for c in encodings}
+
     def _request_generate(self, server: _ServerConnection, body: Sequence, headers: dict,
-                          encoding: Optional[str] = None) -> tuple[bytearray, bool]:
-        """``/generate`` with retries; a 409 (restarted server) is answered with the vocabulary and retried."""
+                          specs: dict[bool, dict], encoding: Optional[str] = None) -> tuple[bytearray, bool]:
+        """``/generate`` with retries; a 409 (a restarted server, or our vocabulary replaced by another client
+        sharing our id) is answered with the vocabulary and retried. The answer is bounded by ``specs``;
+        ``encoding`` overrides this client's ``supervision_encoding``."""
+        headers = {**headers, **self._vocab_headers}
         encoding = encoding or self.supervision_encoding
         if encoding != protocol.ENCODING_FULL:
             headers = {**headers, protocol.SUPERVISION_HEADER: encoding}
+        bound = max(JSON_ANSWER_BYTES, wire_answer_bytes(*specs.values()))
         try:
-            return server.request(protocol.EP_GENERATE, body, headers=headers, with_nccl_flag=True)
+            return server.request(protocol.EP_GENERATE, body, headers=headers, with_nccl_flag=True, max_answer_bytes=bound)
         except RemoteTargetError as exc:
             if exc.status != 409 or self._vocab_body is None:
                 raise
             logger.warning("target server %s forgot the draft vocabulary (restarted?); sending it again", server.url)
             server.request(protocol.EP_SET_VOCAB_MAPPING, [self._vocab_body])
-            return server.request(protocol.EP_GENERATE, body, headers=headers, with_nccl_flag=True)
+            return server.request(protocol.EP_GENERATE, body, headers=headers, with_nccl_flag=True, max_answer_bytes=bound)
 
-    def _generate_on(self, server: _ServerConnection, body: Sequence) -> dict[str, torch.Tensor]:
+    def _generate_on(self, server: _ServerConnection, body: Sequence, batch_shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+        specs = self._answer_specs(batch_shape)
         plane = server.data_plane
         if plane is not None and plane.active:
             with plane.lock:
                 if plane.ensure(server):
-                    got = self._generate_over_group(server, plane, body)
+                    got = self._generate_over_group(server, plane, body, specs)
                     if got is not None:
                         return got
                     self._count("group_failures")  # the batch did not arrive: ask for it again over HTTP
-        raw, _ = self._request_generate(server, body, {})
-        return self._decode_supervision(server, raw)
+        raw, _ = self._request_generate(server, body, {}, specs)
+        return self._decode_supervision(server, raw, specs)
 
     def _generate_over_group(
-        self, server: _ServerConnection, plane: _DataPlane, body: Sequence
+        self, server: _ServerConnection, plane: _DataPlane, body: Sequence, specs: dict[bool, dict]
     ) -> Optional[dict[str, torch.Tensor]]:
         """One batch over the group; None (the group torn down) if it did not arrive."""
-        raw, used_group = self._request_generate(server, body, {protocol.NCCL_HEADER: "1"})
+        raw, used_group = self._request_generate(server, body, {protocol.NCCL_HEADER: "1"}, specs)
         if not used_group:
             # The server has no group for us any more (it restarted, or gave up on a failed send).
             plane.lose(server.url, "the server answered in the HTTP body")
-            return self._decode_supervision(server, raw)
+            return self._decode_supervision(server, raw, specs)
         try:
             keys_order, metadata = protocol.decode_nccl_metadata(raw)
+            compact_answer = compact.FINAL_HIDDEN_KEY in keys_order and True in specs
+            check_metadata(keys_order, metadata, specs[compact_answer])  # before a byte is allocated for the transfer
+        except (protocol.ProtocolError, AnswerError) as exc:
+            plane.lose(server.url, f"refused the data-plane metadata: {exc}")
+            raise RemoteTargetError(server.url, protocol.EP_GENERATE, f"refused the data-plane metadata: {exc}") from None
+        try:
             tensors = plane.transport.recv_tensors(metadata, keys_order)
-        except (protocol.ProtocolError, TransportError) as exc:
+        except TransportError as exc:
             # Destroying our side closes the group's sockets: a server still sending fails at once.
             plane.lose(server.url, str(exc))
             return None
-        supervision = self._supervision_from(server, tensors, "data plane")
+        supervision = self._supervision_from(server, tensors, specs)
         self._count("group")
         return supervision
 
-    def _decode_supervision(self, server: _ServerConnection, raw: bytearray) -> dict[str, torch.Tensor]:
+    def _decode_supervision(self, server: _ServerConnection, raw: bytearray, specs: dict[bool, dict]) -> dict[str, torch.Tensor]:
         try:
-            tensors = wire.decode(raw)
+            tensors = wire.decode(raw, max_entries=len(protocol.SUPERVISION_KEYS))
         except wire.WireFormatError as exc:
             raise RemoteTargetError(server.url, protocol.EP_GENERATE, f"malformed answer: {exc}") from None
-        supervision = self._supervision_from(server, tensors, "answer")
+        supervision = self._supervision_from(server, tensors, specs)
         self._count("http")
         return supervision
 
-    def _supervision_from(self, server: _ServerConnection, tensors: dict, what: str) -> dict[str, torch.Tensor]:
+    def _supervision_from(self, server: _ServerConnection, tensors: dict, specs: dict[bool, dict]) -> dict[str, torch.Tensor]:
         """The ``SUPERVISION_KEYS`` dict on ``device`` from a full answer, or from a compact one (its keys say
-        which) by projecting the final hidden state onto the draft vocabulary here."""
-        compact_answer = compact.FINAL_HIDDEN_KEY in tensors
+        which) by projecting the final hidden state onto the draft vocabulary here; every tensor's shape and
+        dtype checked against what was asked for."""
+        compact_answer = compact.FINAL_HIDDEN_KEY in tensors and True in specs
+        try:
+            check_tensors(tensors, specs[compact_answer])
+        except AnswerError as exc:
+            raise RemoteTargetError(server.url, protocol.EP_GENERATE, f"refused the answer: {exc}") from None
         keys = compact.COMPACT_SUPERVISION_KEYS if compact_answer else protocol.SUPERVISION_KEYS
-        missing = [k for k in keys if tensors.get(k) is None]
-        if missing:
-            raise RemoteTargetError(server.url, protocol.EP_GENERATE, f"{what} lacks supervision tensors {missing}")
         out = {k: tensors[k].to(self._device) for k in keys}
         return compact.expand_supervision(out, self._draft_lm_head(server)) if compact_answer else out
 
@@ -577,16 +670,15 @@ class RemoteEagle3TargetModel:
         serves the same model, as ``model_info`` checked) and kept on ``device``."""
         with self._draft_head_lock:
             if self._draft_head is None:
+                info = self._model_info()
+                specs = weight_spec(self._draft_vocab_size or info["vocab_size"], info["hidden_size"], target_dtypes(info))
                 try:
-                    raw = server.request(protocol.EP_DRAFT_LM_HEAD)
+                    weight = self._fetch_weight(server, protocol.EP_DRAFT_LM_HEAD, specs, self._vocab_headers)
                 except RemoteTargetError as exc:
                     if exc.status != 409 or self._vocab_body is None:
                         raise
                     server.request(protocol.EP_SET_VOCAB_MAPPING, [self._vocab_body])  # a restarted server
-                    raw = server.request(protocol.EP_DRAFT_LM_HEAD)
-                weight = wire.decode(raw).get(protocol.EMBEDDINGS_KEY)
-                if weight is None:
-                    raise RemoteTargetError(server.url, protocol.EP_DRAFT_LM_HEAD, "answer holds no 'weight' tensor")
+                    weight = self._fetch_weight(server, protocol.EP_DRAFT_LM_HEAD, specs, self._vocab_headers)
                 # clone: the answer may sit in a pooled receive buffer, which must go back to the pool.
                 self._draft_head = weight.to(self._device, copy=True)
             return self._draft_head
@@ -608,7 +700,7 @@ class RemoteEagle3TargetModel:
             ``loss_mask [B, S]`` (both shifted).
         """
         body = wire.encode({"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask})
-        return self._generate_on(self._next_server(), body)
+        return self._generate_on(self._next_server(), body, _batch_shape(input_ids))
 
     supervise = generate_batch
 
@@ -621,23 +713,22 @@ class RemoteEagle3TargetModel:
         stores these. A target that cannot answer compactly is an error."""
         server = self._next_server()
         body = wire.encode({"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask})
-        raw, _ = self._request_generate(server, body, {}, encoding=protocol.ENCODING_COMPACT)
+        specs = self._answer_specs(_batch_shape(input_ids), protocol.ENCODING_COMPACT)
+        raw, _ = self._request_generate(server, body, {}, specs, encoding=protocol.ENCODING_COMPACT)
         try:
-            tensors = wire.decode(raw)
+            tensors = wire.decode(raw, max_entries=len(compact.COMPACT_SUPERVISION_KEYS))
         except wire.WireFormatError as exc:
             raise RemoteTargetError(server.url, protocol.EP_GENERATE, f"malformed answer: {exc}") from None
         if compact.FINAL_HIDDEN_KEY not in tensors:
             raise RemoteTargetError(server.url, protocol.EP_GENERATE, "the target cannot answer in the compact "
                                     "encoding (its logits are not a bias-free linear map of its final hidden state)")
+        try:
+            check_tensors(tensors, specs[True])
+        except AnswerError as exc:
+            raise RemoteTargetError(server.url, protocol.EP_GENERATE, f"refused the answer: {exc}") from None
         self._count("http")
         # copy: the answer may sit in a pooled receive buffer, which must go back to the pool.
-        return {k: self._checked(server, tensors, k).to(self._device, copy=True) for k in compact.COMPACT_SUPERVISION_KEYS}
-
-    @staticmethod
-    def _checked(server: _ServerConnection, tensors: dict, key: str) -> torch.Tensor:
-        if tensors.get(key) is None:
-            raise RemoteTargetError(server.url, protocol.EP_GENERATE, f"answer lacks supervision tensor {key!r}")
-        return tensors[key]
+        return {k: tensors[k].to(self._device, copy=True) for k in compact.COMPACT_SUPERVISION_KEYS}
 
     def draft_lm_head(self) -> torch.Tensor:
         """``[Vd, H]`` (target dtype) the target's ``lm_head`` rows of the draft vocabulary, fetched once."""
@@ -658,7 +749,7 @@ class RemoteEagle3TargetModel:
         try:
             if self._executor is None:
                 self._executor = concurrent.futures.ThreadPoolExecutor(self.prefetch_depth, thread_name_prefix="tandem-target")
-            future = self._executor.submit(self._generate_on, self._next_server(), body)
+            future = self._executor.submit(self._generate_on, self._next_server(), body, _batch_shape(input_ids))
         except BaseException:
             self._slots.release()
             raise

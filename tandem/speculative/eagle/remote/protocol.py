@@ -65,6 +65,11 @@ ENCODING_FULL = "full"
 ENCODING_COMPACT = "compact"
 SUPERVISION_ENCODINGS = (ENCODING_FULL, ENCODING_COMPACT)
 ANONYMOUS_CLIENT = "anonymous"
+# Tandem extension: on /generate and /draft_lm_head a tandem client names the digest of the vocabulary it sent
+# (``vocab.vocab_digest``); the server answers with exactly that mapping or 409, so a client sharing a session
+# id with another never gets supervision over the other's vocabulary. Absent (every client of the original
+# design): the session's newest mapping applies, as in v1.
+VOCAB_DIGEST_HEADER = "X-Tandem-Vocab"
 TOKEN_ENV = "TANDEM_TOKEN"
 
 WIRE_CONTENT_TYPE = "application/octet-stream"

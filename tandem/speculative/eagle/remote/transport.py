@@ -27,8 +27,10 @@ authenticated (the bearer token protects HTTP only). Use the data plane on a tru
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -42,7 +44,8 @@ from tandem.speculative.eagle.remote.wire import CODE_TO_DTYPE
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NCCLTransport", "ReceiveBufferPool", "TransportError", "nccl_enabled", "nccl_port_for"]
+__all__ = ["NCCLTransport", "ReceiveBufferPool", "TransportError", "nccl_enabled", "nccl_port_for",
+           "open_rendezvous_listener", "default_port_range", "parse_port_range", "PORT_RETRY_STRIDE", "PORT_ATTEMPTS"]
 
 # Dtypes NCCL has no type for (torch maps bool to uint8 itself, but says so nowhere): sent as uint8 views.
 _NCCL_UNSUPPORTED_DTYPES = frozenset({torch.int16, torch.int8, torch.bool})
@@ -99,6 +102,61 @@ def nccl_port_for(
     if not 0 < port < 65536:
         raise ValueError(f"data-plane port {port} (base {base}, server {server_index}, rank {rank}) is not a TCP port")
     return port
+
+
+# Another independent job's group may hold a client's data-plane port on a shared server: the client then
+# proposes the port this far above, up to this many ports in all, before settling for the wire format.
+PORT_RETRY_STRIDE = 1000
+PORT_ATTEMPTS = 3
+# Below this, ports are privileged (and well-known services live): never a rendezvous port.
+_LOWEST_PORT = 1024
+
+
+def default_port_range(base: int) -> tuple[int, int]:
+    """The ports the port rule makes clients propose from ``base`` (inclusive bounds): ``base`` up to the
+    last retry's block, ``PORT_ATTEMPTS x PORT_RETRY_STRIDE`` ports, never below 1024 or above 65535.
+
+    Ranks x servers past ``PORT_RETRY_STRIDE`` overlap the retry blocks; such jobs set ``--nccl-port-range``.
+    """
+    low = max(base, _LOWEST_PORT)
+    high = min(base + PORT_ATTEMPTS * PORT_RETRY_STRIDE - 1, 65535)
+    if low > high:
+        raise ValueError(f"no usable data-plane port from base {base}: the range [{low}, {high}] is empty")
+    return low, high
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """``"LOW-HIGH"`` -> ``(LOW, HIGH)``; ``ValueError`` unless ``1024 <= LOW <= HIGH <= 65535``."""
+    low, sep, high = text.partition("-")
+    try:
+        bounds = (int(low), int(high if sep else low))
+    except ValueError:
+        raise ValueError(f"a port range is LOW-HIGH, got {text!r}") from None
+    if not _LOWEST_PORT <= bounds[0] <= bounds[1] <= 65535:
+        raise ValueError(f"a data-plane port range must lie within {_LOWEST_PORT}-65535 with LOW <= HIGH, got {text!r}")
+    return bounds
+
+
+def open_rendezvous_listener(host: str, port: int) -> socket.socket:
+    """A socket listening on ``(host, port)`` alone, for the server's rendezvous store; ``OSError`` with
+    ``EADDRINUSE`` when something else listens there. ``0.0.0.0`` / ``::`` listen on every interface,
+    as the HTTP server does on such an address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # SO_REUSEADDR: a port whose last group just closed (its connections in TIME_WAIT) binds at once.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(16)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
+def _connect_address(host: str) -> str:
+    """Where the server reaches its own store: the bound address, or loopback for a wildcard bind."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
 
 
 def _agree_backend(mine: str, theirs: str) -> str:
@@ -197,6 +255,8 @@ class NCCLTransport:
             :class:`ReceiveBufferPool` of this transport's own, or a given pool, or None/False for fresh
             tensors each time. See the pool's hazard: a received tensor's memory is reused once nothing
             references it any more.
+        listener: server only: a socket already listening on ``(host, nccl_port)``
+            (:func:`open_rendezvous_listener`) for the rendezvous store; default: bound at ``initialize``.
     """
 
     def __init__(
@@ -209,6 +269,7 @@ class NCCLTransport:
         device: Optional[torch.device | str] = None,
         rendezvous_id: str = "",
         receive_pool: ReceiveBufferPool | bool | None = True,
+        listener: Optional[socket.socket] = None,
     ):
         if backend not in (None, *_BACKENDS):
             raise ValueError(f"backend must be one of {_BACKENDS} or None, got {backend!r}")
@@ -232,6 +293,10 @@ class NCCLTransport:
         self._state_lock = threading.Lock()
         self._pg: Optional[dist.ProcessGroup] = None
         self._store: Optional[dist.Store] = None
+        # Server only: the listening socket the rendezvous store serves on (given, or bound in _serve_store),
+        # then (master store, listener) while the rendezvous runs.
+        self._listener: Optional[socket.socket] = listener
+        self._rendezvous_server: Optional[tuple] = None
         self._destroyed = False
         # ``is`` tests: an empty pool has len() 0 and must not count as "no pool".
         # Fault injection (tests and the soak only): the next send tears the group down mid-transfer.
@@ -244,33 +309,40 @@ class NCCLTransport:
 
     # ------------------------------------------------------------ set-up
 
-    def initialize(self, timeout_seconds: int = 120) -> bool:
+    def initialize(self, timeout_seconds: int = 120, *, transfer_timeout_seconds: Optional[float] = None) -> bool:
         """Rendezvous with the peer, agree on the backend, build the group and exchange one handshake.
 
-        Blocks until both peers are connected or ``timeout_seconds`` have passed; the same timeout then
-        bounds every send and receive. Returns True on success, False on any failure (the caller falls
-        back to the wire format); never raises for a network problem.
+        Returns within ``timeout_seconds`` (every step -- store, group, handshake -- gets what is left of
+        that one deadline) with True once both peers are connected, or False on any failure (the caller
+        falls back to the wire format); never raises for a network problem. Every later send and receive
+        is bounded by ``transfer_timeout_seconds`` (default: ``timeout_seconds``).
+
+        On the server the rendezvous store listens only on ``host`` and only until the group has formed:
+        the group's own connections carry everything after, so nobody can reach the store once it is up.
         """
         with self._init_lock:
             if self._pg is not None:
                 return True
             if self._destroyed:
                 return False
-            self._timeout = timedelta(seconds=float(timeout_seconds))
+            transfer = float(timeout_seconds if transfer_timeout_seconds is None else transfer_timeout_seconds)
+            self._timeout = timedelta(seconds=transfer)
             deadline = time.monotonic() + float(timeout_seconds)
             try:
                 store, prefix = self._rendezvous(deadline)
                 # The agreed backend's group gets what is left of the time (at least a second).
                 store.set_timeout(timedelta(seconds=max(deadline - time.monotonic(), 1.0)))
-                pg = self._make_process_group(prefix)
+                pg = self._make_process_group(prefix, deadline)
                 try:
-                    self._handshake(pg)
+                    self._handshake(pg, deadline)
                 except BaseException:
                     _abort(pg)
                     raise
             except Exception as exc:  # noqa: BLE001 - every failure means "use the wire format"
                 logger.warning("data plane on port %d (rank %d) not established: %s", self.nccl_port, self._rank, exc)
                 return False
+            finally:
+                self._close_rendezvous()  # formed or failed, nobody needs the store's listener any more
             with self._state_lock:
                 if self._destroyed:  # destroy() ran while we were connecting: do not resurrect
                     _abort(pg)
@@ -284,9 +356,8 @@ class NCCLTransport:
 
         The client tries again while time is left: the port may still be held by a store the server is
         just closing (a dead client's), whose connection then drops. The server gives a port it may itself
-        have just released a short grace to come free (sockets of a torn-down group linger briefly); a port
-        really taken fails after it. Nothing of the group is written to the store before this succeeds, so a
-        retry starts clean.
+        have just released a short grace to come free; a port really taken fails after it. Nothing of the
+        group is written to the store before this succeeds, so a retry starts clean.
         """
         started = time.monotonic()
         while True:
@@ -295,16 +366,18 @@ class NCCLTransport:
             # timeout): it notices destroy() between them, so its thread never outlives the caller for long.
             timeout = timedelta(seconds=max(left if self.is_server else min(left / 3, _ATTEMPT_S), 0.1))
             try:
-                store = dist.TCPStore(
-                    self.host, self.nccl_port, world_size=2, is_master=self.is_server, timeout=timeout, wait_for_workers=True
-                )
+                if self.is_server:
+                    store = self._serve_store(timeout)
+                else:
+                    store = dist.TCPStore(self.host, self.nccl_port, world_size=2, is_master=False, timeout=timeout,
+                                          wait_for_workers=True)
                 prefix = dist.PrefixStore(f"{self._group_name}/{self._rendezvous_id}", store)
                 self._agree(prefix, deadline)
                 return store, prefix
             except TransportError:
                 raise
             except Exception as exc:  # noqa: BLE001 - retried or re-raised below
-                in_use = "EADDRINUSE" in str(exc) or "already in use" in str(exc)
+                in_use = isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE
                 if self.is_server:
                     retry = in_use and time.monotonic() - started < _REBIND_GRACE_S
                 else:
@@ -312,6 +385,35 @@ class NCCLTransport:
                 if not retry or self._destroyed:
                     raise
             time.sleep(0.2)
+
+    def _serve_store(self, timeout: timedelta) -> dist.Store:
+        """Server side: host the rendezvous store on a socket bound to ``host`` alone, and connect to it.
+
+        torch's master store binds every interface; handed a listening socket (``master_listen_fd``) it
+        serves on that one. The group is built over a separate client connection, so that dropping the
+        master (:meth:`_close_rendezvous`) closes the listener while the group lives on.
+        """
+        listener = self._listener if self._listener is not None else open_rendezvous_listener(self.host, self.nccl_port)
+        self._listener = None
+        try:
+            master = dist.TCPStore(self.host, self.nccl_port, world_size=None, is_master=True, timeout=timeout,
+                                   wait_for_workers=False, master_listen_fd=os.dup(listener.fileno()))
+        except BaseException:
+            listener.close()
+            raise
+        self._rendezvous_server = (master, listener)
+        return dist.TCPStore(_connect_address(self.host), self.nccl_port, is_master=False, timeout=timeout,
+                             wait_for_workers=False)
+
+    def _close_rendezvous(self) -> None:
+        """Stop the server's rendezvous store and close its listening socket (no-op on the client)."""
+        served, self._rendezvous_server = self._rendezvous_server, None
+        if self._listener is not None:  # handed over but never used
+            served, self._listener = (None, self._listener), None
+        if served is not None:
+            master, listener = served
+            del master  # torch closes its copy of the listening socket with the store
+            listener.close()
 
     def _agree(self, store: dist.Store, deadline: float) -> None:
         """Publish this side's backend, read the peer's, settle ``self.backend`` and ``self.device``."""
@@ -332,13 +434,14 @@ class NCCLTransport:
             raise TransportError(f"the peer requires nccl but this side's device is {self._home}")
         self.device = self._home if self.backend == "nccl" else torch.device("cpu")
 
-    def _make_process_group(self, store: dist.Store) -> dist.ProcessGroup:
+    def _make_process_group(self, store: dist.Store, deadline: float) -> dist.ProcessGroup:
         """A 2-rank ``ProcessGroup`` with one backend for ``self.device``'s type (what ``init_process_group``
         builds inside, minus the registration)."""
         pg = dist.ProcessGroup(store, self._rank, 2)
         if self.backend == "gloo":
             options = dist.ProcessGroupGloo._Options()
-            options._timeout = self._timeout
+            # gloo connects its pairs in the constructor, bounded by this; transfers pass their own timeout.
+            options._timeout = timedelta(seconds=max(deadline - time.monotonic(), 1.0))
             options._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]
             backend, backend_type = dist.ProcessGroupGloo(store, self._rank, 2, options), dist.ProcessGroup.BackendType.GLOO
         else:
@@ -354,13 +457,13 @@ class NCCLTransport:
         pg._set_group_name(self._group_name)
         return pg
 
-    def _handshake(self, pg: dist.ProcessGroup) -> None:
+    def _handshake(self, pg: dist.ProcessGroup, deadline: float) -> None:
         """The server sends a token, the client sends it back: both sides know the group carries data."""
         token = torch.tensor([_HANDSHAKE if self.is_server else 0], dtype=torch.int64, device=self.device)
         steps = ("send", "recv") if self.is_server else ("recv", "send")
         for step in steps:
             work = pg.send([token], self._peer, 0) if step == "send" else pg.recv([token], self._peer, 0)
-            self._wait(work, f"handshake {step}")
+            self._wait(work, f"handshake {step}", timedelta(seconds=max(deadline - time.monotonic(), 0.1)))
             if step == "recv" and int(token.item()) != _HANDSHAKE:
                 raise TransportError(f"handshake received {int(token.item()):#x}, expected {_HANDSHAKE:#x}")
 
@@ -372,10 +475,11 @@ class NCCLTransport:
             raise TransportError(f"data plane on port {self.nccl_port} is not initialized (or was destroyed)")
         return pg
 
-    def _wait(self, work, what: str) -> None:
+    def _wait(self, work, what: str, timeout: Optional[timedelta] = None) -> None:
         # wait(timeout) blocks the CPU on both backends (NCCL included) and raises on a failure.
-        if work.wait(self._timeout) is False:
-            raise TransportError(f"{what} timed out after {self._timeout.total_seconds():.0f} s")
+        timeout = timeout or self._timeout
+        if work.wait(timeout) is False:
+            raise TransportError(f"{what} timed out after {timeout.total_seconds():.0f} s")
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
 

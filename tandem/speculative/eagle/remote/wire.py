@@ -252,20 +252,27 @@ def _read_key(reader: _Reader) -> str:
         raise WireFormatError(f"key at offset {key_at} is not valid UTF-8: {exc.reason}") from None
 
 
-def decode(buffer: Buffer, map_location: Union[str, torch.device] = "cpu") -> dict[str, Optional[torch.Tensor]]:
+def decode(
+    buffer: Buffer, map_location: Union[str, torch.device] = "cpu", *, max_entries: Optional[int] = None
+) -> dict[str, Optional[torch.Tensor]]:
     """Parse a v1 body; tensors view ``buffer`` in place (no copy on CPU).
 
     Arguments:
         buffer: the whole body. A writable buffer (``bytearray``) gives writable tensors; a ``bytes`` body
             gives tensors torch warns about once, and that must not be written to.
         map_location: device for the tensors; anything but CPU copies them there.
+        max_entries: refuse a body with more entries than this, at the first one past it. A receiver that
+            knows how many tensors it expects should say so: each decoded entry costs about a kilobyte of
+            Python and torch objects, so a 64 MiB body of 23-byte scalar entries would otherwise cost
+            gigabytes before any key could be checked.
 
     Returns:
         key -> tensor (shape and dtype as sent) or None, in body order.
 
     Raises:
         WireFormatError: bad magic, unknown dtype, negative or overflowing shape, ``nbytes`` that disagrees
-            with the shape or runs past the body, duplicate or non-UTF-8 keys, unknown flags, trailing bytes.
+            with the shape or runs past the body, duplicate or non-UTF-8 keys, unknown flags, trailing bytes,
+            more than ``max_entries`` entries.
     """
     view = memoryview(buffer).cast("B")
     reader = _Reader(view)
@@ -276,6 +283,8 @@ def decode(buffer: Buffer, map_location: Union[str, torch.device] = "cpu") -> di
     while reader.left:
         entry_at = reader.pos
         key = _read_key(reader)
+        if max_entries is not None and len(out) >= max_entries:
+            raise WireFormatError(f"entry {key!r} at offset {entry_at} is one more than the {max_entries} expected")
         if key in out:
             raise WireFormatError(f"duplicate key {key!r} in the entry at offset {entry_at}")
         flags_at = reader.pos

@@ -1,0 +1,114 @@
+"""What the target server checks in a request before it acts on it; every refusal is a :class:`RequestError`.
+
+These functions see only the decoded request (headers, JSON payloads, wire tensors) and the server's
+limits, never a socket, so the request logic and its fuzz tests share them with the HTTP plumbing.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple, Optional
+
+import torch
+
+from tandem.speculative.eagle.remote import protocol, wire
+
+
+class RequestError(Exception):
+    """A request the server refuses: ``status`` is the HTTP status, the message goes to the client.
+
+    ``headers``: extra response headers (``Retry-After`` on a 503).
+    """
+
+    def __init__(self, status: int, message: str, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+class Reply(NamedTuple):
+    """A successful answer: the body as a list of buffers (see ``wire.encode``) and extra headers."""
+
+    body: list
+    content_type: str
+    headers: dict
+
+
+# A client id reaches logs, summaries and error messages: letters, digits and a few separators only (a
+# hostname-pid-suffix id fits), so no id can carry a line break, an escape sequence or a forged log line.
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:@+=-]{1,128}")
+
+
+def check_client_id(value: Optional[str]) -> str:
+    """The session id of a request's ``X-Tandem-Client`` header (absent: the anonymous session); 400 when it
+    is longer than 128 characters or holds anything but ``[A-Za-z0-9._:@+=-]``."""
+    if value is None:
+        return protocol.ANONYMOUS_CLIENT
+    if not _CLIENT_ID.fullmatch(value):
+        shown = repr(value[:40]) + ("..." if len(value) > 40 else "")
+        raise RequestError(400, f"{protocol.CLIENT_ID_HEADER} must be 1-128 characters of [A-Za-z0-9._:@+=-], got {shown}")
+    return value
+
+
+def decode_tensors(raw: bytes, expected: tuple[str, ...], what: str) -> dict[str, torch.Tensor]:
+    """Decode a wire body that must hold exactly the tensors ``expected``; 400 for anything else.
+
+    The decoder stops at the first entry past ``len(expected)``: a body of millions of tiny entries costs
+    a few objects, not millions (each decoded tensor is about a kilobyte of Python and torch state).
+    """
+    try:
+        tensors = wire.decode(raw, max_entries=len(expected))
+    except wire.WireFormatError as exc:
+        raise RequestError(400, f"{what}: malformed wire body: {exc}") from None
+    missing = [k for k in expected if tensors.get(k) is None]
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise RequestError(400, f"{what}: expected tensors {list(expected)}; missing {missing}, unexpected {unexpected}")
+    return tensors
+
+
+def _check_ids(name: str, ids: torch.Tensor, vocab_size: int, what: str) -> None:
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise RequestError(400, f"{what}: {name} must be an integer tensor, got {ids.dtype}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise RequestError(400, f"{what}: {name} must lie in [0, {vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
+
+
+def check_generate_inputs(tensors: dict[str, torch.Tensor], vocab_size: int) -> None:
+    """400 unless ``input_ids``, ``attention_mask``, ``loss_mask`` are integer/bool ``[B, S]`` with B, S >= 1."""
+    what = "generate"
+    input_ids = tensors["input_ids"]
+    if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+        raise RequestError(400, f"{what}: input_ids must be [B, S] with B, S >= 1, got {list(input_ids.shape)}")
+    for name in ("attention_mask", "loss_mask"):
+        tensor = tensors[name]
+        if tensor.shape != input_ids.shape:
+            raise RequestError(400, f"{what}: {name} shape {list(tensor.shape)} != input_ids shape {list(input_ids.shape)}")
+        if tensor.dtype.is_floating_point:
+            raise RequestError(400, f"{what}: {name} must be an integer or bool tensor, got {tensor.dtype}")
+    _check_ids("input_ids", input_ids, vocab_size, what)
+
+
+def check_vocab_mapping(ids: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> None:
+    """400 unless ``selected_token_ids [Vd]`` (distinct ids) and ``selected_token_mask [V]`` bool agree."""
+    what = "set_vocab_mapping"
+    if mask.dtype != torch.bool or mask.shape != (vocab_size,):
+        raise RequestError(400, f"{what}: selected_token_mask must be bool [{vocab_size}], got {mask.dtype} {list(mask.shape)}")
+    if ids.dim() != 1 or ids.numel() == 0:
+        raise RequestError(400, f"{what}: selected_token_ids must be a non-empty 1-D tensor, got {list(ids.shape)}")
+    _check_ids("selected_token_ids", ids, vocab_size, what)
+    distinct = int(torch.unique(ids).numel())
+    if distinct != ids.numel() or int(mask.sum()) != distinct or not bool(mask[ids.long()].all()):
+        raise RequestError(400, f"{what}: selected_token_mask is not the indicator of the {ids.numel()} selected_token_ids")
+
+
+def init_nccl_request(payload: dict, default_port: int) -> tuple[int, str]:
+    """``(port, rendezvous_id)`` of an ``/init_nccl`` body; ``RequestError`` 400 for bad values."""
+    port = payload.get("nccl_port", default_port)
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise RequestError(400, f"init_nccl: nccl_port must be a TCP port (1-65535), got {port!r}")
+    rendezvous_id = payload.get("rendezvous_id", "")
+    if not isinstance(rendezvous_id, str) or len(rendezvous_id) > 128 or not rendezvous_id.isprintable():
+        raise RequestError(400, "init_nccl: rendezvous_id must be a printable string of at most 128 characters")
+    return port, rendezvous_id
