@@ -34,6 +34,7 @@ class _Target:
 
     def __init__(self, shape: common.SupervisionShape):
         self.shape = shape
+        self.dtype = shape.dtype  # /model_info says it; the client checks the answers' hidden states against it
 
     def model_info(self) -> dict:
         return {"num_hidden_layers": 32, "hidden_size": self.shape.hidden, "vocab_size": self.shape.vocab,
