@@ -1,11 +1,13 @@
-"""Dispatch + combine bandwidth of tandem.moe.ep.Buffer against raw `all_to_all_single` on gloo.
+"""Dispatch + combine bandwidth of tandem.moe.ep's V1 `Buffer` and V2 `ElasticBuffer` against raw
+`all_to_all_single` on gloo.
 
     .venv/bin/python -m bench.bench_ep            # 2 and 4 ranks, writes bench/results/bench_ep.json
     .venv/bin/python -m bench.bench_ep --quick    # smoke run: tiny shapes, 2 ranks, nothing written
 
 For each group size the ranks run, interleaved in one loop: a fresh dispatch (layout included) plus
-combine, a cached dispatch plus combine, and two limits, each two raw `all_to_all_single` calls moving
-exactly the same token bytes with the same split sizes: one allocating its outputs per call (as any
+combine and a cached dispatch plus combine through each API (V2: one `dispatch` call in the plain layout,
+combine in DeepEP V2's reference order), and two limits, each two raw `all_to_all_single` calls moving
+exactly the same token bytes with the same split sizes (both APIs move the same rows): one allocating its outputs per call (as any
 caller of the collective, and the Buffer, returns new tensors), one reusing preallocated buffers (the
 floor no API that returns fresh tensors can reach). Each iteration's time is the slowest rank's; the
 table reports medians and the ratio limit/ours (1.0 means the buffer costs nothing over the raw
@@ -18,15 +20,16 @@ on the sizes freed just before (glibc moves its threshold as it goes); the limit
 runs by up to 50 %, and a ratio against it measured glibc, not the exchange.
 
 Alongside, each rank times the local work the raw collective does not do, on the same data: the layout
-(`get_dispatch_layout`), the gather of the rows to send, and the combine's fp32 reduction of the returned
-copies, one rank at a time. Here all ranks share one physical core, so these add up across ranks
+(`get_dispatch_layout`), the gather of the rows to send, and the combine's reduction of the returned
+copies (the scatter-add it does now, and the gather-and-add it did before, for comparison), one rank at
+a time, reporting each rank's fastest run: other jobs on the machine only ever add time to a step timed
+alone. Here all ranks share one physical core, so these add up across ranks
 instead of overlapping: their sum is a floor under ours minus the limit.
 """
 
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from datetime import timedelta
 
@@ -35,9 +38,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bench import common
-from tandem.moe.ep import Buffer
+from tandem.moe.ep import Buffer, ElasticBuffer
 from tandem.moe.ep.layout import send_order
-from tandem.moe.ep.normal import _sum_copies
+from tandem.moe.ep import reduction
 from tandem.moe.ep.workspace import Workspace
 
 def _slowest(seconds: float) -> float:
@@ -75,6 +78,21 @@ def _rank_bench(rank: int, world: int, args) -> dict:
         recv_x, *_ = buffer.dispatch(x, handle=handle)
         buffer.combine(recv_x, handle)
 
+    elastic = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=args.tokens, hidden=args.hidden,
+                            num_topk=args.topk)
+
+    def v2_fresh():
+        recv_x, _, _, v2_handle, _ = elastic.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights,
+                                                      num_experts=num_experts)
+        elastic.combine(recv_x, v2_handle)
+        return v2_handle
+
+    v2_handle = v2_fresh()
+
+    def v2_cached():
+        recv_x, *_ = elastic.dispatch(x, handle=v2_handle)
+        elastic.combine(recv_x, v2_handle)
+
     # The limit: the same rows, the same split sizes, preallocated, no layout and no reduction.
     row_bytes = args.hidden * 2
     send_counts = handle.is_token_in_rank.sum(0).tolist()
@@ -106,18 +124,25 @@ def _rank_bench(rank: int, world: int, args) -> dict:
     def gather():
         torch.index_select(x, 0, order, out=gathered)
 
-    def reduction():
-        _sum_copies(scratch, landing, handle, (None, None))
+    mode = reduction.choose(handle.is_token_in_rank, (None, None), x.dtype, x.device, False, False)
 
-    times = {name: [] for name in ("raw_fresh", "raw_preallocated", "fresh", "cached")}
-    local = {name: [] for name in ("layout", "gather", "reduction")}
-    steps = (("raw_fresh", raw_fresh), ("raw_preallocated", raw_preallocated), ("fresh", fresh), ("cached", cached))
+    def scatter_reduction():  # what V1's combine does now (the own copies are added from x there)
+        reduction.reduce(mode, scratch, landing, handle, order, (None, None), None, False)
+
+    def gather_reduction():  # what it did before: gather each column, add (fp32 beyond two copies)
+        reduction.sum_gathered(scratch, landing, handle, (None, None))
+
+    steps = (("raw_fresh", raw_fresh), ("raw_preallocated", raw_preallocated), ("fresh", fresh), ("cached", cached),
+             ("v2_fresh", v2_fresh), ("v2_cached", v2_cached))
+    times = {name: [] for name, _ in steps}
+    local = {name: [] for name in ("layout", "gather", "reduction", "gather_reduction")}
     for i in range(args.warmup + args.runs):
         for name, fn in steps:
             t = _timed(fn)
             if i >= args.warmup:
                 times[name].append(t)
-        for name, fn in (("layout", layout), ("gather", gather), ("reduction", reduction)):
+        for name, fn in (("layout", layout), ("gather", gather), ("reduction", scatter_reduction),
+                         ("gather_reduction", gather_reduction)):
             for turn in range(world):  # one rank at a time: its own cost, not its share of a busy core
                 dist.barrier()
                 if turn == rank:
@@ -125,10 +150,10 @@ def _rank_bench(rank: int, world: int, args) -> dict:
                     fn()
                     if i >= args.warmup:
                         local[name].append(time.perf_counter() - start)
-    # Every rank's median local time, so the table can show their sum across ranks.
-    local_medians = torch.tensor([statistics.median(local[k]) for k in local], dtype=torch.float64)
-    all_local = [torch.empty_like(local_medians) for _ in range(world)]
-    dist.all_gather(all_local, local_medians)
+    # Every rank's fastest local time (other jobs only ever add to it), so the table can show their sum.
+    local_fastest = torch.tensor([min(local[k]) for k in local], dtype=torch.float64)
+    all_local = [torch.empty_like(local_fastest) for _ in range(world)]
+    dist.all_gather(all_local, local_fastest)
     moved = torch.tensor([2 * row_bytes * sum(send_counts)], dtype=torch.float64)
     dist.all_reduce(moved)
     per_rank = torch.stack(all_local)  # [rank, part]
@@ -176,14 +201,14 @@ def run(world: int, args) -> dict:
     for p in procs:
         p.join()
     rows = []
-    for name, label in (("fresh", "layout + dispatch + combine"), ("cached", "cached dispatch + combine")):
+    for name, label in FIGURES:
         for limit, limit_label in (("raw_fresh", "raw a2a x2, new outputs"), ("raw_preallocated", "raw a2a x2, reused buffers")):
             rows.append(common.ratio_row(
                 label, out["times"][name], limit_label, out["times"][limit], int(out["bytes_moved_all_ranks"]),
                 target=TARGET, ranks=world,
             ))
     work = out["local_work_s"]
-    local = {"ranks": world, "median_s_per_rank": work}
+    local = {"ranks": world, "fastest_s_per_rank": work}
     for part in work:
         local[f"{part}_max_ms"] = max(work[part]) * 1e3
         local[f"{part}_sum_ms"] = sum(work[part]) * 1e3
@@ -193,6 +218,10 @@ def run(world: int, args) -> dict:
 
 
 TARGET = 0.8
+FIGURES = (
+    ("fresh", "V1 layout + dispatch + combine"), ("cached", "V1 cached dispatch + combine"),
+    ("v2_fresh", "V2 dispatch + combine"), ("v2_cached", "V2 cached dispatch + combine"),
+)
 COLUMNS = (
     ("figure", "figure", "s"), ("ranks", "ranks", "d"), ("MB", "MB", ",.1f"), ("ours ms", "ms", ".1f"),
     ("limit", "limit", "s"), ("limit ms", "limit_ms", ".1f"), ("ratio", "ratio", ".2f"),
@@ -201,7 +230,8 @@ COLUMNS = (
 LOCAL_COLUMNS = (
     ("ranks", "ranks", "d"), ("layout ms", "layout_max_ms", ".2f"), ("(sum)", "layout_sum_ms", ".1f"),
     ("row gather ms", "gather_max_ms", ".2f"), ("(sum)", "gather_sum_ms", ".1f"),
-    ("fp32 reduction ms", "reduction_max_ms", ".2f"), ("(sum)", "reduction_sum_ms", ".1f"),
+    ("scatter-add reduction ms", "reduction_max_ms", ".2f"), ("(sum)", "reduction_sum_ms", ".1f"),
+    ("gather reduction (before) ms", "gather_reduction_max_ms", ".2f"), ("(sum)", "gather_reduction_sum_ms", ".1f"),
     ("limit ms", "limit_ms", ".1f"), ("0.8x budget ms", "budget_ms", ".1f"),
 )
 

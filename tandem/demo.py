@@ -39,15 +39,15 @@ class DemoConfig:
     """Answer length when regenerating the training set."""
     regen_batch_size: int = 64
     """Conversations generated together."""
-    total_steps: int = 400
-    """Training steps."""
+    total_steps: int = 300
+    """Training steps (about 1 s each from the supervision cache on two CPU cores in bf16)."""
     batch_size: int = 4
     """Sequences per step."""
-    max_seq_len: int = 320
+    max_seq_len: int = 384
     """Training sequence length limit."""
     learning_rate: float = 3e-3
     """Peak learning rate (high: the run is short)."""
-    warmup_steps: int = 20
+    warmup_steps: int = 15
     """Linear warmup steps."""
     draft_vocab_size: int = 4096
     """Draft vocabulary size (its coverage of the training tokens is logged)."""
@@ -60,8 +60,10 @@ class DemoConfig:
     """Held-out prompts decoded for the measured acceptance length."""
     eval_max_new_tokens: int = 64
     """Tokens generated per held-out prompt."""
-    draft_tokens: int = 4
-    """Tokens the draft proposes per verification."""
+    draft_tokens: int = 5
+    """Most tokens the draft proposes per verification."""
+    min_confidence: float = 0.3
+    """Dynamic draft length: a round stops drafting once the draft's probability of its next token is below this."""
     remote: bool = True
     """Train against a `tandem serve-target` subprocess on loopback (the disaggregated path)."""
     generalisation_prompts: int = 8
@@ -156,7 +158,8 @@ def _evaluate(config: DemoConfig, target, tokenizer, drafts: dict) -> tuple[dict
     records = read_chat_jsonl(default_prompt_path("heldout"), limit=config.eval_prompts)
     prompts = [prompt_ids(tokenizer, r.messages) for r in records]
     stop = {tokenizer.eos_token_id}
-    results = evaluate_drafts(target, drafts, prompts, config.eval_max_new_tokens, config.draft_tokens, stop)
+    results = evaluate_drafts(target, drafts, prompts, config.eval_max_new_tokens, config.draft_tokens, stop,
+                              min_confidence=config.min_confidence)
     if not config.generalisation_prompts:
         return results, None
     # The same measurement on prompts the draft trained on and on held-out ones: a large gap means the run
@@ -196,7 +199,8 @@ def run_demo(config: DemoConfig) -> int:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print_table(summary, out)
-    return 0 if trained.outputs_match and untrained.outputs_match else 1
+    # bf16: a speculative output may leave the greedy one only at a near-tie of the top two logits (rounding).
+    return 0 if trained.exact_up_to_ties and untrained.exact_up_to_ties else 1
 
 
 def _print_table(summary: dict, out: Path) -> None:
@@ -204,9 +208,15 @@ def _print_table(summary: dict, out: Path) -> None:
     print()
     print(f"{'':18} {'acceptance length':>18} {'speed-up':>9} {'tok/s':>7} {'= greedy':>9}")
     for name, r in rows:
+        same = str(r["outputs_match"]) if r["outputs_match"] else f"{r['diverged_at_ties']}/{r['diverged']} ties"
         print(f"{name:18} {r['acceptance_length']:>18.2f} {r['speedup']:>8.2f}x {r['speculative_tokens_per_s']:>7.1f} "
-              f"{str(r['outputs_match']):>9}")
+              f"{same:>9}")
     print(f"{'plain greedy':18} {'1.00':>18} {'1.00x':>9} {summary['trained']['greedy_tokens_per_s']:>7.1f}")
+    for name, r in rows:
+        if r["diverged"]:
+            print(f"{name}: {r['diverged']} of {r['prompts']} outputs left the greedy one, {r['diverged_at_ties']} of them "
+                  f"first at a near-tie of the top two logits in {summary['dtype']} (a 1-token and a (k+1)-token "
+                  f"forward round differently); the outputs are equal up to those ties")
     print(f"\ntrained / untrained acceptance: {summary['acceptance_ratio']:.2f}x   "
           f"training {summary['train_seconds']:.0f} s, demo {summary['total_seconds']:.0f} s")
     gen = summary.get("generalisation")

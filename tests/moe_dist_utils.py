@@ -24,14 +24,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, results) -> None:
+def _worker(rank: int, world_size: int, port: int, fn: Callable, results, backend: str = "gloo") -> None:
     # Two ranks per core here: keep each one single-threaded so they do not fight over the cores.
     import torch
 
     torch.set_num_threads(1)
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)  # one GPU per rank, as the native EP kernels need
         dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
             timeout=timedelta(seconds=30),
         )
         out = fn(rank, world_size)
@@ -47,9 +49,10 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, results) -> Non
         os._exit(0)
 
 
-def run_ranks(world_size: int, fn: Callable, timeout: float = 120.0) -> List[object]:
+def run_ranks(world_size: int, fn: Callable, timeout: float = 120.0, backend: str = "gloo") -> List[object]:
     """
-    Run `fn(rank, world_size)` on `world_size` spawned processes joined in one gloo group.
+    Run `fn(rank, world_size)` on `world_size` spawned processes joined in one group (gloo on CPU; "nccl"
+    puts rank `r` on GPU `r`).
 
     Returns:
         outputs: what each rank's `fn` returned, indexed by rank. Raises if a rank failed or hung.
@@ -61,7 +64,7 @@ def run_ranks(world_size: int, fn: Callable, timeout: float = 120.0) -> List[obj
     ctx.set_forkserver_preload(["torch", "torch.distributed", "tandem.moe.ep", __name__])
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, results), daemon=True) for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, results, backend), daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()
     outputs: Dict[int, object] = {}

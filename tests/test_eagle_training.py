@@ -182,6 +182,22 @@ def test_dynamic_draft_length_drafts_less_and_stays_exact():
         assert dynamic.drafted < fixed.drafted
 
 
+def test_bf16_speculative_decoding_leaves_greedy_only_at_near_ties():
+    """In bf16 a (k+1)-token verification rounds differently from a 1-token forward; an output may leave the
+    greedy one only where the greedy step's top two logits were within bf16 rounding of each other."""
+    from tandem.speculative.eagle.decode import summarize
+
+    target, draft, prompts, supervision, mask = on_own_continuations(num_prompts=6, new_tokens=30)
+    fit(draft, supervision, mask, steps=30, ttt_steps=3)
+    target.model.to(torch.bfloat16)
+    draft = draft.to(torch.bfloat16).eval()
+    greedy = [greedy_decode(target, p, 30) for p in prompts]
+    spec = [speculative_decode(target, draft, p, 30, num_draft_tokens=4) for p in prompts]
+    summary = summarize(greedy, spec)
+    assert summary.exact_up_to_ties, summary
+    assert all(len(g.near_ties) == len(g.tokens) for g in greedy)
+
+
 def test_teacher_forced_proposals_are_the_decoders_first_proposals():
     # The held-out accuracy the demo reports is only meaningful if it measures what decoding does: the
     # first proposal the decoder makes after each committed prefix, built incrementally through its caches.

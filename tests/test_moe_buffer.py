@@ -393,7 +393,7 @@ def test_combine_sum_of_distinct_copies_equals_fp32_accumulation(dtype, num_rank
     # Distinct random copies with spread magnitudes (finite in fp16): the row-dtype fast path (at most two copies,
     # no bias) and the fp32 path must both round the exact fp32 sum once.
     from tandem.moe.ep.layout import send_head
-    from tandem.moe.ep.normal import _sum_copies
+    from tandem.moe.ep.reduction import sum_gathered
     from tandem.moe.ep.workspace import Workspace
 
     g = torch.Generator().manual_seed(num_ranks)
@@ -409,7 +409,7 @@ def test_combine_sum_of_distinct_copies_equals_fp32_accumulation(dtype, num_rank
     for r in range(num_ranks):
         rows = landing[start[r] + handle.send_head[in_rank[:, r], r]].float()
         expected[in_rank[:, r]] += rows
-    out = _sum_copies(Workspace(), landing, handle, (None, None))
+    out = sum_gathered(Workspace(), landing, handle, (None, None))
     assert out.dtype == dtype and torch.equal(out, expected.to(dtype))
 
 

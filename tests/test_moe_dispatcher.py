@@ -1,14 +1,16 @@
-"""MoELayer across 2 and 4 gloo ranks equals the same layer on one process: outputs and gradients."""
+"""MoELayer across 2 and 4 gloo ranks equals the same layer on one process: outputs and gradients, on
+DeepEP's V1 `Buffer` API and its V2 `ElasticBuffer` API alike."""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tandem.moe.dispatcher import GroupedSwiGLU, MoELayer, combine, dispatch
-from tandem.moe.ep import Buffer
+from tandem.moe.dispatcher import APIS, GroupedSwiGLU, MoELayer, buffer_api, combine, dispatch
 from tests.moe_dist_utils import assert_scenario, run_ranks, run_scenarios
 
 HIDDEN, INTERMEDIATE, TOP_K = 32, 48, 2
@@ -36,10 +38,11 @@ def _split(t, world_size, rank):
     return torch.split(t, sizes)[rank]
 
 
-def sc_moe_layer_matches_single_process_outputs_and_gradients(rank, ws):
+def sc_moe_layer_matches_single_process_outputs_and_gradients(rank, ws, api):
     num_experts = 2 * ws
     ref, xs, gs, ref_out, ref_x_grad = _reference(ws, num_experts)
-    layer = MoELayer(HIDDEN, INTERMEDIATE, num_experts, TOP_K, group=dist.group.WORLD)
+    layer = MoELayer(HIDDEN, INTERMEDIATE, num_experts, TOP_K, group=dist.group.WORLD, api=api)
+    assert isinstance(layer.buffer, APIS[api])
     e_local = num_experts // ws
     with torch.no_grad():
         layer.router.weight.copy_(ref.router.weight)
@@ -61,10 +64,10 @@ def sc_moe_layer_matches_single_process_outputs_and_gradients(rank, ws):
     assert ref.router.weight.grad.abs().sum() > 0  # the weights' gradient path is really exercised
 
 
-def sc_dispatch_backward_is_combine_and_combine_backward_is_cached_dispatch(rank, ws):
+def sc_dispatch_backward_is_combine_and_combine_backward_is_cached_dispatch(rank, ws, api):
     torch.manual_seed(1 + rank)
     num_experts = 4 * ws
-    buffer = Buffer(dist.group.WORLD)
+    buffer = APIS[api](dist.group.WORLD)
     x = torch.randn(7, HIDDEN, dtype=torch.float64).float().requires_grad_()
     idx = torch.rand(7, num_experts).topk(3, dim=1).indices
     idx[0, 0] = -1
@@ -86,7 +89,19 @@ def sc_dispatch_backward_is_combine_and_combine_backward_is_cached_dispatch(rank
     torch.testing.assert_close(y.grad, buffer.dispatch(g_out, handle=sent.handle)[0])
 
 
-SCENARIOS = {name[3:]: fn for name, fn in globals().items() if name.startswith("sc_")}
+def sc_layer_takes_the_api_of_the_buffer_it_is_given(rank, ws, api):
+    buffer = APIS[api](dist.group.WORLD)
+    layer = MoELayer(HIDDEN, INTERMEDIATE, 2 * ws, TOP_K, group=dist.group.WORLD, buffer=buffer)
+    assert layer.buffer is buffer and buffer_api(layer.buffer) == api
+    other = "v1" if api == "v2" else "v2"
+    with pytest.raises(ValueError, match=f"api='{other}' but the given buffer has the {api} API"):
+        MoELayer(HIDDEN, INTERMEDIATE, 2 * ws, TOP_K, group=dist.group.WORLD, buffer=buffer, api=other)
+
+
+SCENARIOS = {
+    f"{name[3:]}[{api}]": functools.partial(fn, api=api)
+    for name, fn in list(globals().items()) if name.startswith("sc_") for api in ("v1", "v2")
+}
 
 
 def _rank_main(rank, world_size):

@@ -134,3 +134,17 @@ def test_server_crash_and_restart_mid_training_is_retried_through(root, target_d
     # Started with --exit-when-idle: the last client's /disconnect stops it, with a summary.
     assert server["process"].proc.wait(30) == 0
     assert "served" in server["process"].log_tail() and "supervision" in server["process"].log_tail()
+
+
+def test_remote_training_is_bit_identical_in_bfloat16(root, target_dir):
+    """A bf16 server and a bf16 in-process target (bf16 draft compute, fp32 master weights) train the same draft."""
+    reference = train(run_config(root, "in_process_bf16", target_dir, dtype="bfloat16"), tokenizer=build_tiny_tokenizer())
+    assert reference.compute_dtype == torch.bfloat16
+    server = start_tiny_server(target_dir, root / "serve-target-bf16.log", dtype="bfloat16")
+    try:
+        remote = train(run_config(root, "remote_bf16", target_dir, dtype="bfloat16", target_urls=[server.url]),
+                       tokenizer=build_tiny_tokenizer())
+    finally:
+        server.stop()
+    assert remote.target.dtype == torch.bfloat16 and remote.compute_dtype == torch.bfloat16
+    assert_same_run(root / "remote_bf16", root / "in_process_bf16")

@@ -13,22 +13,34 @@ every rank that held a copy: a dispatch with the cached layout. The top-k weight
 their gradient is summed home by the same combine, after masking the entries that belong to experts on
 other ranks (those weights were zeroed by dispatch, so they carry no gradient).
 
+Either API. The same functions drive DeepEP's V1 `Buffer` (layout, then dispatch; a `DispatchHandle`)
+and its V2 `ElasticBuffer` (one dispatch call; an `EPHandle`), tandem's portable ones or the native
+kernels: a buffer without `get_dispatch_layout` is taken for V2. Both are used in the plain layout, and
+both combines return the expert rows unweighted, so the gradients are the same.
+
 Usage, on every rank of a process group `group` (e.g. under `torchrun --nproc-per-node 4`):
 
-    layer = MoELayer(hidden=1024, intermediate=2816, num_experts=64, top_k=6, group=group)
+    layer = MoELayer(hidden=1024, intermediate=2816, num_experts=64, top_k=6, group=group)   # api="v2" too
     y = layer(x)          # x: [tokens, hidden] local to this rank; experts are split across the group
 """
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.moe.ep import Buffer, DispatchHandle
+from tandem.moe.ep import Buffer, DispatchHandle, ElasticBuffer, EPHandle
+
+APIS = {"v1": Buffer, "v2": ElasticBuffer}
+
+
+def buffer_api(buffer) -> str:
+    """Which DeepEP API `buffer` has: "v1" (`Buffer`, with `get_dispatch_layout`) or "v2" (`ElasticBuffer`)."""
+    return "v1" if hasattr(buffer, "get_dispatch_layout") else "v2"
 
 
 class DispatchResult(NamedTuple):
@@ -38,17 +50,27 @@ class DispatchResult(NamedTuple):
     recv_topk_idx: torch.Tensor
     recv_topk_weights: torch.Tensor
     num_recv_tokens_per_expert_list: List[int]
-    handle: DispatchHandle
+    handle: Union[DispatchHandle, EPHandle]
+
+
+def _forward_dispatch(buffer, x, topk_weights, topk_idx, num_experts):
+    """One plain-layout dispatch through either API: `(recv_x, recv_idx, recv_w, counts, handle)`."""
+    if buffer_api(buffer) == "v2":
+        recv_x, recv_idx, recv_w, handle, _ = buffer.dispatch(
+            x, topk_idx=topk_idx, topk_weights=topk_weights, num_experts=num_experts)
+        return recv_x, recv_idx, recv_w, list(handle.num_recv_tokens_per_expert_list), handle
+    per_rank, per_rdma, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
+    recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
+        x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=topk_weights,
+    )
+    return recv_x, recv_idx, recv_w, counts, handle
 
 
 class _Dispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, topk_weights, buffer: Buffer, topk_idx: torch.Tensor, num_experts: int):
-        per_rank, per_rdma, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
-        recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
-            x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
-            num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=topk_weights,
-        )
+    def forward(ctx, x, topk_weights, buffer, topk_idx: torch.Tensor, num_experts: int):
+        recv_x, recv_idx, recv_w, counts, handle = _forward_dispatch(buffer, x, topk_weights, topk_idx, num_experts)
         ctx.buffer, ctx.handle = buffer, handle
         ctx.foreign = recv_idx < 0  # entries for experts elsewhere: their weights were zeroed, no gradient
         ctx.mark_non_differentiable(recv_idx)
@@ -64,7 +86,7 @@ class _Dispatch(torch.autograd.Function):
 
 class _Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, buffer: Buffer, handle: DispatchHandle):
+    def forward(ctx, x, buffer, handle):
         ctx.buffer, ctx.handle = buffer, handle
         combined, _, _ = buffer.combine(x, handle)
         return combined
@@ -76,13 +98,15 @@ class _Combine(torch.autograd.Function):
 
 
 def dispatch(
-    buffer: Buffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int
+    buffer: Union[Buffer, ElasticBuffer], x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+    num_experts: int,
 ) -> DispatchResult:
     """
-    Differentiable dispatch (layout + `Buffer.dispatch`); its backward is a combine.
+    Differentiable dispatch (V1: layout + `Buffer.dispatch`; V2: `ElasticBuffer.dispatch`); its backward is
+    a combine.
 
     Arguments:
-        buffer: the EP buffer of the group.
+        buffer: the EP buffer of the group, of either API.
         x: `[num_tokens, hidden]` with a float dtype.
         topk_idx: `[num_tokens, num_topk]` with `torch.int64`, -1 for no expert.
         topk_weights: `[num_tokens, num_topk]` with `torch.float`.
@@ -94,12 +118,14 @@ def dispatch(
     return DispatchResult(*_Dispatch.apply(x, topk_weights, buffer, topk_idx, num_experts))
 
 
-def combine(buffer: Buffer, x: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+def combine(
+    buffer: Union[Buffer, ElasticBuffer], x: torch.Tensor, handle: Union[DispatchHandle, EPHandle]
+) -> torch.Tensor:
     """
     Differentiable unweighted combine; its backward is a cached dispatch along `handle`.
 
     Arguments:
-        buffer: the EP buffer of the group.
+        buffer: the EP buffer of the group, of either API.
         x: `[num_recv_tokens, hidden]`, rows in the order `dispatch` returned them.
         handle: the handle from that dispatch.
 
@@ -170,8 +196,11 @@ class MoELayer(nn.Module):
         num_experts: experts across the group (divisible by its size).
         top_k: experts per token.
         group: the expert-parallel process group, or None for one process.
-        buffer: an existing `Buffer` on `group` to share; one is created otherwise.
+        buffer: an existing buffer on `group` to share (`Buffer` or `ElasticBuffer`, portable or native);
+            one is created otherwise.
         norm_topk_prob: renormalise the top-k probabilities to sum to 1.
+        api: "v1" (DeepEP's `Buffer`) or "v2" (`ElasticBuffer`) for the buffer created here; with `buffer`
+            given, its own API (None: "v1", or the given buffer's).
     """
 
     def __init__(
@@ -181,9 +210,10 @@ class MoELayer(nn.Module):
         num_experts: int,
         top_k: int,
         group: Optional[dist.ProcessGroup] = None,
-        buffer: Optional[Buffer] = None,
+        buffer: Optional[Union[Buffer, ElasticBuffer]] = None,
         norm_topk_prob: bool = True,
         dtype: Optional[torch.dtype] = None,
+        api: Optional[str] = None,
     ):
         super().__init__()
         ep_size = group.size() if group is not None else 1
@@ -192,8 +222,12 @@ class MoELayer(nn.Module):
         if not 0 < top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
         self.num_experts, self.top_k, self.norm_topk_prob = num_experts, top_k, norm_topk_prob
+        if api is not None and api not in APIS:
+            raise ValueError(f"api must be one of {sorted(APIS)}, got {api!r}")
+        if buffer is not None and api is not None and buffer_api(buffer) != api:
+            raise ValueError(f"api={api!r} but the given buffer has the {buffer_api(buffer)} API")
         self.group = group
-        self.buffer = buffer if buffer is not None or group is None else Buffer(group)
+        self.buffer = buffer if buffer is not None or group is None else APIS[api or "v1"](group)
         self.router = nn.Linear(hidden, num_experts, bias=False, dtype=dtype)
         self.experts = GroupedSwiGLU(num_experts // ep_size, hidden, intermediate, dtype=dtype)
 

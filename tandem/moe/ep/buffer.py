@@ -23,12 +23,12 @@ import torch
 import torch.distributed as dist
 
 from . import low_latency, normal
-from .checks import PAYLOAD_DTYPES, check_num_experts, check_tensor, check_topk_idx, split_x
+from .checks import PAYLOAD_DTYPES, check_num_experts, check_tensor, check_topk_idx, split_bias, split_x
 from .config import NUM_MAX_NVL_PEERS, Config
 from .config import get_low_latency_rdma_size_hint as _ll_size_hint
 from .event import EventHandle, EventOverlap
 from .handle import DispatchHandle, LowLatencyHandle
-from .layout import dispatch_layout
+from .layout import aligned_counts, dispatch_layout
 from .stream import CommStreams
 from .workspace import Workspace
 
@@ -333,7 +333,7 @@ class Buffer:
                 raise ValueError("a cached dispatch (handle given) takes no topk_idx / topk_weights")
             handle = DispatchHandle(*handle[:6])
             _check_rows("x", data, handle.is_token_in_rank.size(0))
-            (recv_x, recv_scales), event = self._streams.run(
+            (recv_x, recv_scales, _), event = self._streams.run(
                 lambda: normal.dispatch_cached(self.group, data, scales, handle, self._workspace),
                 data.device, previous_event, async_finish, allocate_on_comm_stream, (data, scales),
             )
@@ -343,13 +343,14 @@ class Buffer:
         result, event = self._streams.run(
             lambda: normal.dispatch_fresh(
                 self.group, data, scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert,
-                expert_alignment, num_worst_tokens, num_channels, self._workspace,
+                num_worst_tokens, num_channels, self._workspace,
             ),
             data.device, previous_event, async_finish, allocate_on_comm_stream,
             (data, scales, topk_idx, topk_weights, is_token_in_rank),
         )
-        recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert, new_handle = result
-        return _with_scales(recv_x, recv_scales), recv_topk_idx, recv_topk_weights, per_expert, new_handle, event
+        per_expert = [] if num_worst_tokens else aligned_counts(result.local_expert_counts, expert_alignment)
+        return (_with_scales(result.recv_x, result.recv_scales), result.recv_topk_idx, result.recv_topk_weights,
+                per_expert, result.handle, event)
 
     def _check_fresh_dispatch(self, data, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights) -> None:
         if is_token_in_rank is None or num_tokens_per_expert is None:
@@ -412,7 +413,7 @@ class Buffer:
             raise ValueError(f"combine got {x.size(0)} rows but this rank received {num_recv} in dispatch")
         if topk_weights is not None:
             check_tensor("topk_weights", topk_weights, (torch.float32,), ndim=2)
-        biases = _unpack_bias(bias, handle.is_token_in_rank.size(0), x.size(1))
+        biases = split_bias(bias, handle.is_token_in_rank.size(0), x.size(1))
         (combined, weights), event = self._streams.run(
             lambda: normal.combine(self.group, x, handle, topk_weights, biases, self._workspace),
             x.device, previous_event, async_finish, allocate_on_comm_stream, (x, topk_weights, *biases),
@@ -596,21 +597,3 @@ def _check_rows(name: str, t: torch.Tensor, rows: int) -> None:
 
 def _with_scales(recv_x: torch.Tensor, recv_scales: Optional[torch.Tensor]):
     return (recv_x, recv_scales) if recv_scales is not None else recv_x
-
-
-def _unpack_bias(bias, num_tokens: int, hidden: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """DeepEP's bias argument: None, one tensor, or a pair, each `[num_tokens, hidden]`."""
-    if bias is None:
-        pair = (None, None)
-    elif isinstance(bias, torch.Tensor):
-        pair = (bias, None)
-    elif isinstance(bias, (tuple, list)) and len(bias) == 2:
-        pair = tuple(bias)
-    else:
-        raise ValueError("bias must be None, a tensor, or a pair of tensors")
-    for i, b in enumerate(pair):
-        if b is not None:
-            check_tensor(f"bias[{i}]", b, PAYLOAD_DTYPES, ndim=2, rows=num_tokens)
-            if b.size(1) != hidden:
-                raise ValueError(f"bias[{i}] must be [{num_tokens}, {hidden}], got {list(b.shape)}")
-    return pair

@@ -76,3 +76,21 @@ def split_x(
         raise TypeError(f"{name} is {x.dtype}: pass FP8 data as the tuple (x_fp8, scales)")
     check_tensor(name, x, PAYLOAD_DTYPES, ndim=2)
     return x, None
+
+
+def split_bias(bias, num_tokens: int, hidden: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """DeepEP's bias argument: None, one tensor, or a pair, each `[num_tokens, hidden]`."""
+    if bias is None:
+        pair = (None, None)
+    elif isinstance(bias, torch.Tensor):
+        pair = (bias, None)
+    elif isinstance(bias, (tuple, list)) and len(bias) == 2:
+        pair = tuple(bias)
+    else:
+        raise ValueError("bias must be None, a tensor, or a pair of tensors")
+    for i, b in enumerate(pair):
+        if b is not None:
+            check_tensor(f"bias[{i}]", b, PAYLOAD_DTYPES, ndim=2, rows=num_tokens)
+            if b.size(1) != hidden:
+                raise ValueError(f"bias[{i}] must be [{num_tokens}, {hidden}], got {list(b.shape)}")
+    return pair

@@ -9,7 +9,7 @@ rank reduces the copies with its top-k weights.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.distributed as dist

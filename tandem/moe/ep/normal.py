@@ -18,11 +18,12 @@ the counts; DeepEP's notify kernel makes the same sync unless `num_worst_tokens`
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
+from . import reduction
 from .exchange import (
     local_self_block,
     pack_rows,
@@ -34,7 +35,6 @@ from .exchange import (
 from .handle import DispatchHandle
 from .workspace import Workspace
 from .layout import (
-    aligned_counts,
     channel_prefix_matrix,
     recv_channel_prefix_matrix,
     send_head,
@@ -54,6 +54,32 @@ def _block_counts(handle: DispatchHandle, rank: int) -> Tuple[List[int], List[in
     return both[:num_ranks], both[num_ranks:]
 
 
+class FreshDispatch(NamedTuple):
+    """
+    What a non-cached dispatch produced on this rank (the V1 and V2 buffers each pick their outputs).
+
+    Attributes:
+        recv_x: `[rows, hidden]` with `x.dtype`, blocks by source rank, source token order within a block;
+            `rows` is `num_worst_tokens` when that was given (zero rows after the received ones).
+        recv_scales: `[rows, num_scales]`, or None without FP8 scales.
+        recv_topk_idx: `[rows, num_topk]` with `torch.int64`, local expert ids or -1; None without top-k.
+        recv_topk_weights: `[rows, num_topk]` with `torch.float`, 0 where the id is -1; None without weights.
+        handle: the `DispatchHandle` (the route back, and of a cached dispatch).
+        recv_counts: rows received from each source rank (host list).
+        local_expert_counts: tokens received by each local expert, unaligned (host list).
+        max_tokens_per_rank: the largest token count any rank dispatched in this call.
+    """
+
+    recv_x: torch.Tensor
+    recv_scales: Optional[torch.Tensor]
+    recv_topk_idx: Optional[torch.Tensor]
+    recv_topk_weights: Optional[torch.Tensor]
+    handle: DispatchHandle
+    recv_counts: List[int]
+    local_expert_counts: List[int]
+    max_tokens_per_rank: int
+
+
 def dispatch_fresh(
     group: dist.ProcessGroup,
     x: torch.Tensor,
@@ -62,19 +88,27 @@ def dispatch_fresh(
     topk_weights: Optional[torch.Tensor],
     is_token_in_rank: torch.Tensor,
     num_tokens_per_expert: torch.Tensor,
-    expert_alignment: int,
     num_worst_tokens: int,
     num_channels: int,
     workspace: Workspace,
-):
-    """Non-cached dispatch; returns DeepEP's first five outputs (recv_x, scales split out)."""
+    num_max_tokens_per_rank: int = 0,
+) -> FreshDispatch:
+    """
+    Non-cached dispatch.
+
+    Arguments:
+        num_worst_tokens: pad the received tensors to this many rows (0: exactly the received rows).
+        num_max_tokens_per_rank: if > 0, every rank raises the same error when any rank dispatches more
+            tokens than this (checked after the counts exchange, so no rank is left waiting in a collective).
+    """
     rank, num_ranks = group.rank(), group.size()
     num_experts = num_tokens_per_expert.numel()
     num_local_experts = num_experts // num_ranks
     prefix = token_prefix(is_token_in_rank)
     channels = channel_prefix_matrix(is_token_in_rank, num_channels, prefix)
+    own_tokens = torch.tensor([x.size(0)], dtype=torch.int32, device=channels.device)
     gathered, counts_in_flight = start_all_gather_ints(
-        group, torch.cat([num_tokens_per_expert.to(torch.int32), channels.flatten()])
+        group, torch.cat([num_tokens_per_expert.to(torch.int32), channels.flatten(), own_tokens])
     )
 
     # While the counts travel: everything that needs only this rank's routing (the row gather is most of it).
@@ -92,12 +126,16 @@ def dispatch_fresh(
     head = send_head(is_token_in_rank, prefix)
     counts_in_flight.wait()
 
-    all_channels = gathered[:, num_experts:].view(num_ranks, num_ranks, num_channels)
+    all_channels = gathered[:, num_experts:-1].view(num_ranks, num_ranks, num_channels)
     counts = all_channels[:, :, -1]  # [src, dst]
     rank_prefix = counts.cumsum(0, dtype=torch.int32)
     local_expert_counts = gathered[:, rank * num_local_experts : (rank + 1) * num_local_experts].sum(0)
-    host = torch.cat([counts[:, rank], local_expert_counts]).tolist()  # host sync
+    host = torch.cat([counts[:, rank], local_expert_counts, gathered[:, -1].max()[None]]).tolist()  # host sync
     recv_counts = host[:num_ranks]
+    max_tokens = host[-1]
+    if 0 < num_max_tokens_per_rank < max_tokens:
+        raise ValueError(f"a rank dispatches {max_tokens} tokens, more than num_max_tokens_per_rank="
+                         f"{num_max_tokens_per_rank}")
     num_recv = sum(recv_counts)
     if num_worst_tokens and num_recv > num_worst_tokens:
         raise ValueError(f"rank {rank} receives {num_recv} tokens, more than num_worst_tokens={num_worst_tokens}")
@@ -120,7 +158,6 @@ def dispatch_fresh(
         recv_topk_idx, recv_topk_weights = to_local_experts(raw_idx, raw_weights, rank, num_local_experts)
     recv_scales = recv_meta.pop(0) if x_scales is not None else None
 
-    per_expert = [] if num_worst_tokens else aligned_counts(host[num_ranks:], expert_alignment)
     handle = DispatchHandle(
         rank_prefix_matrix=rank_prefix,
         channel_prefix_matrix=channels,
@@ -130,7 +167,8 @@ def dispatch_fresh(
         send_head=head,
     )
     _finish(rows_in_flight)
-    return recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert, handle
+    return FreshDispatch(recv_x, recv_scales, recv_topk_idx, recv_topk_weights, handle, recv_counts,
+                         host[num_ranks:-1], max_tokens)
 
 
 def dispatch_cached(
@@ -139,20 +177,31 @@ def dispatch_cached(
     x_scales: Optional[torch.Tensor],
     handle: DispatchHandle,
     workspace: Workspace,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Dispatch along a previous dispatch's layout: no counts exchange, one all-to-all of rows."""
+    topk_weights: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """
+    Dispatch along a previous dispatch's layout: no counts exchange, one all-to-all of rows (and one more,
+    at the same time, for FP8 scales and top-k weights packed together when given).
+
+    Returns:
+        recv_x, recv_scales, recv_topk_weights: the received rows, scales and weights (None when not given),
+            padded like the dispatch that made `handle`.
+    """
     send_counts, recv_counts = _block_counts(handle, group.rank())
     out_rows = handle.recv_src_idx.size(0)
     order = send_order(handle.is_token_in_rank)
     recv_x, rows_in_flight = _start_rows(group, workspace, x, order, send_counts, recv_counts, out_rows)
-    recv_scales, scales_in_flight = None, None
-    if x_scales is not None:
-        recv_scales, scales_in_flight = start_all_to_all_rows(
-            group, x_scales.index_select(0, order), send_counts, recv_counts, out_rows
-        )
+    extras = [t.index_select(0, order) for t in (x_scales, topk_weights) if t is not None]
+    received: List[Optional[torch.Tensor]] = []
+    if extras:
+        packed, specs = pack_rows(extras)
+        recv_packed, extras_in_flight = start_all_to_all_rows(group, packed, send_counts, recv_counts, out_rows)
+        _finish(extras_in_flight)
+        received = unpack_rows(recv_packed, specs)
+    recv_scales = received.pop(0) if x_scales is not None else None
+    recv_weights = received.pop(0) if topk_weights is not None else None
     _finish(rows_in_flight)
-    _finish(scales_in_flight)
-    return recv_x, recv_scales
+    return recv_x, recv_scales, recv_weights
 
 
 def combine(
@@ -162,14 +211,23 @@ def combine(
     topk_weights: Optional[torch.Tensor],
     biases: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]],
     workspace: Workspace,
+    copy_order: Optional[torch.Tensor] = None,
+    bias_first: bool = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Send each received row back to its source and sum the copies of every token (fp32 accumulation)."""
+    """
+    Send each received row back to its source and sum the copies of every token (fp32 accumulation,
+    rounded once; `reduction.py` says in which order and how).
+
+    Arguments:
+        copy_order, bias_first: DeepEP V2's summation order (see `reduction.sum_sorted`); without them,
+            a token's own copy first, then the other ranks' in rank order, then the biases.
+    """
     # The dispatch's directions reverse: what this rank received it now sends back.
     dispatch_sent, dispatch_received = _block_counts(handle, group.rank())
     num_recv = sum(dispatch_received)
     num_tokens, hidden = handle.is_token_in_rank.size(0), x.size(1)
 
-    # One spare zero row at the end: tokens not sent to some rank read it instead of branching.
+    # One spare zero row at the end: the gather reduction reads it for ranks a token was not sent to.
     landing = workspace.get("combine_recv", (sum(dispatch_sent) + 1, hidden), x.dtype, x.device)
     landing[-1].zero_()
     weights_in_flight = None
@@ -178,6 +236,9 @@ def combine(
             group, topk_weights[:num_recv].contiguous(), dispatch_received, dispatch_sent
         )
     plan = local_self_block(group.rank(), dispatch_received, dispatch_sent)
+    token_of_row = send_order(handle.is_token_in_rank)  # the token each returned row belongs to
+    mode = reduction.choose(handle.is_token_in_rank, biases, x.dtype, x.device, copy_order is not None, bias_first)
+    combined = None
     if plan is None:
         _, rows_in_flight = start_all_to_all_rows(
             group, x[:num_recv], dispatch_received, dispatch_sent, out=landing[:-1]
@@ -187,14 +248,22 @@ def combine(
         _, rows_in_flight = start_all_to_all_rows(
             group, x[ob:oe], plan.send_counts, plan.recv_counts, out=landing[lb:le]
         )
-        landing[rb:re].copy_(x[sb:se])  # while the others' rows travel
+        # While the others' rows travel: the own copies, added from x or copied next to the others.
+        if mode == reduction.OWN_FIRST:
+            combined = reduction.start_own_first(token_of_row[rb:re], x[sb:se], num_tokens)
+        else:
+            landing[rb:re].copy_(x[sb:se])
     _finish(rows_in_flight)
-    combined = _sum_copies(workspace, landing, handle, biases)
+    if combined is not None:
+        (lb, le) = plan.recv_others
+        combined.index_add_(0, token_of_row[lb:le], landing[lb:le])
+    else:
+        combined = reduction.reduce(mode, workspace, landing, handle, token_of_row, biases, copy_order, bias_first)
     combined_weights = None
     if topk_weights is not None:
         _finish(weights_in_flight)
         combined_weights = torch.zeros(num_tokens, topk_weights.size(1), dtype=torch.float32, device=x.device)
-        combined_weights.index_add_(0, send_order(handle.is_token_in_rank), returned_w)
+        combined_weights.index_add_(0, token_of_row, returned_w)
     return combined, combined_weights
 
 
@@ -261,60 +330,3 @@ def _stage(workspace: Workspace, x: torch.Tensor, order: torch.Tensor) -> torch.
     """Gather the rows to send, in send order, into reused scratch (the collective needs them contiguous)."""
     staged = workspace.get("send", (order.numel(), *x.shape[1:]), x.dtype, x.device)
     return torch.index_select(x, 0, order, out=staged)
-
-
-_CHUNK_TOKENS = 256  # tokens reduced at a time on CPU: their fp32 partial sums stay in cache
-
-
-def _sum_copies(
-    workspace: Workspace,
-    landing: torch.Tensor,
-    handle: DispatchHandle,
-    biases: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]],
-) -> torch.Tensor:
-    """
-    Sum, in fp32, the copies of every token that came back, plus biases; cast once to the row dtype.
-
-    Arguments:
-        landing: `[num_returned + 1, hidden]`, the returned rows in send order, then one zero row.
-
-    Returns:
-        combined: `[num_tokens, hidden]` with `landing.dtype`.
-    """
-    is_token_in_rank, head = handle.is_token_in_rank, handle.send_head
-    num_tokens, hidden = head.size(0), landing.size(1)
-    zero_row = landing.size(0) - 1
-    sent = is_token_in_rank.sum(0)
-    block_start = (sent.cumsum(0) - sent).to(head.dtype)
-    # Row of each token's copy from each rank; valid rows sort before the zero row, so a chunk whose
-    # tokens went to at most k ranks needs only its first k columns.
-    position = torch.where(head >= 0, block_start[None, :] + head, torch.full_like(head, zero_row))
-    position = position.sort(dim=1).values.to(torch.int64)
-    copies = is_token_in_rank.sum(1)
-    step = _CHUNK_TOKENS if landing.device.type == "cpu" else max(num_tokens, 1)
-    rows = workspace.get("combine_rows", (min(step, num_tokens), hidden), landing.dtype, landing.device)
-    acc = workspace.get("combine_fp32", (min(step, num_tokens), hidden), torch.float32, landing.device)
-    out = torch.empty(num_tokens, hidden, dtype=landing.dtype, device=landing.device)
-    has_bias = any(b is not None for b in biases)
-    for begin in range(0, num_tokens, step):
-        end = min(begin + step, num_tokens)
-        n = end - begin
-        # Host read per chunk on CPU only (on CUDA there is a single chunk and all columns are used).
-        k = int(copies[begin:end].max()) if landing.device.type == "cpu" else head.size(1)
-        a, r = acc[:n], rows[:n]
-        if k <= 2 and not has_bias:
-            # One rounding of an exact fp32 sum either way: a 16-bit add computes in fp32 and rounds once,
-            # and the sum of two 16-bit floats is exact in fp32 (or its rounding cannot move the result),
-            # so adding in the row dtype equals fp32 accumulation here and saves two fp32 passes.
-            torch.index_select(landing, 0, position[begin:end, 0], out=out[begin:end])
-            if k == 2:
-                out[begin:end].add_(torch.index_select(landing, 0, position[begin:end, 1], out=r))
-            continue
-        a.copy_(torch.index_select(landing, 0, position[begin:end, 0], out=r))
-        for column in range(1, k):
-            a.add_(torch.index_select(landing, 0, position[begin:end, column], out=r))
-        for bias in biases:
-            if bias is not None:
-                a.add_(bias[begin:end])
-        out[begin:end].copy_(a)
-    return out

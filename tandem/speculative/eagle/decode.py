@@ -24,12 +24,24 @@ from tandem.speculative.eagle.target import Eagle3TargetModel
 @dataclass
 class DecodeResult:
     """tokens: the new token ids. target_forwards: target forwards, the prefill included. wall_s: seconds.
-    drafted: tokens the draft proposed (0 for plain decoding)."""
+    drafted: tokens the draft proposed (0 for plain decoding). near_ties: plain decoding only, for each
+    token whether the top two logits were within the target dtype's rounding (``is_near_tie``)."""
 
     tokens: list[int]
     target_forwards: int
     wall_s: float
     drafted: int = 0
+    near_ties: list[bool] | None = None
+
+
+def is_near_tie(logits: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the top two of ``logits [V]`` (float32) lie within two rounding steps of ``dtype`` at their size.
+
+    In bfloat16 a position's logits differ in their last bits between a 1-token forward and a (k+1)-token
+    one (other kernels, other summation orders), so greedy decoding and speculative verification may pick
+    different tokens exactly where the two best are that close; in float32 the window is ~1e-5 wide."""
+    top = logits.topk(2).values
+    return float(top[0] - top[1]) <= 2 * torch.finfo(dtype).eps * abs(float(top[0]))
 
 
 def crop_cache(cache, keep_length: int) -> None:
@@ -60,14 +72,15 @@ def greedy_decode(target: Eagle3TargetModel, input_ids: torch.Tensor, max_new_to
     started = time.perf_counter()
     cache = DynamicCache()
     logits, _ = target.forward_cached(input_ids.to(target.device), cache)
-    tokens = [int(logits[0, -1].argmax())]
+    tokens, near_ties = [int(logits[0, -1].argmax())], [is_near_tie(logits[0, -1], target.dtype)]
     forwards = 0
     while len(tokens) < max_new_tokens and tokens[-1] not in stop_ids:
         logits, _ = target.forward_cached(torch.tensor([[tokens[-1]]], device=target.device), cache)
         tokens.append(int(logits[0, -1].argmax()))
+        near_ties.append(is_near_tie(logits[0, -1], target.dtype))
         forwards += 1
     # The first token comes from the prefill; count it as that forward's output.
-    return DecodeResult(tokens, forwards + 1, time.perf_counter() - started)
+    return DecodeResult(tokens, forwards + 1, time.perf_counter() - started, near_ties=near_ties)
 
 
 def _draft_chain(draft: Eagle3DraftModel, new_tokens: torch.Tensor, new_aux: torch.Tensor, start: int,
@@ -162,9 +175,18 @@ class EvalSummary:
     outputs_match: bool
     greedy_tokens_per_s: float
     speculative_tokens_per_s: float
+    diverged: int = 0
+    """Prompts whose speculative output differs from the plain greedy one."""
+    diverged_at_ties: int = 0
+    """Of those, the ones that first differ at a token whose top two logits were a near-tie in the target
+    dtype (``is_near_tie``): rounding, not a decoding error. ``exact_up_to_ties`` says all were."""
+
+    @property
+    def exact_up_to_ties(self) -> bool:
+        return self.diverged == self.diverged_at_ties
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "exact_up_to_ties": self.exact_up_to_ties}
 
 
 def summarize(greedy_results: list[DecodeResult], spec_results: list[DecodeResult]) -> EvalSummary:
@@ -175,6 +197,7 @@ def summarize(greedy_results: list[DecodeResult], spec_results: list[DecodeResul
     greedy_time = sum(r.wall_s for r in greedy_results)
     spec_time = sum(r.wall_s for r in spec_results)
     total_tokens = sum(len(r.tokens) for r in spec_results)
+    diverged = [(g, s) for g, s in zip(greedy_results, spec_results) if g.tokens != s.tokens]
     return EvalSummary(
         prompts=len(spec_results),
         new_tokens=total_tokens,
@@ -183,7 +206,16 @@ def summarize(greedy_results: list[DecodeResult], spec_results: list[DecodeResul
         outputs_match=all(g.tokens == s.tokens for g, s in zip(greedy_results, spec_results)),
         greedy_tokens_per_s=sum(len(r.tokens) for r in greedy_results) / max(greedy_time, 1e-9),
         speculative_tokens_per_s=total_tokens / max(spec_time, 1e-9),
+        diverged=len(diverged),
+        diverged_at_ties=sum(_first_divergence_is_a_tie(g, s) for g, s in diverged),
     )
+
+
+def _first_divergence_is_a_tie(greedy: DecodeResult, spec: DecodeResult) -> bool:
+    index = next((i for i, (a, b) in enumerate(zip(greedy.tokens, spec.tokens)) if a != b), None)
+    if index is None or greedy.near_ties is None:  # one is a prefix of the other: not a tie's doing
+        return False
+    return greedy.near_ties[index]
 
 
 def evaluate_drafts(target: Eagle3TargetModel, drafts: dict[str, Eagle3DraftModel], prompts: list[torch.Tensor],
