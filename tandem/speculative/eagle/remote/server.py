@@ -854,8 +854,9 @@ def cmd_serve_target(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_target(args.model, dtype=args.dtype, device=device)
     target = Eagle3TargetModel(model, args.aux_layer_ids)
+    started = time.perf_counter()
     identity = target_identity(model, target.aux_layer_ids, name=args.model, tokenizer=tokenizer)
-    logger.info("serving %s", describe(identity))
+    logger.info("serving %s (identity computed in %.1f s)", describe(identity), time.perf_counter() - started)
     token = args.token or os.environ.get(protocol.TOKEN_ENV) or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
         logger.warning("serving on %s without a token: anyone who reaches this port can use the target", args.host)
