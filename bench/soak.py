@@ -115,7 +115,10 @@ def train_command(root: Path, name: str, target_dir: Path, steps: int, save_ever
            "--output-dir", str(root / name), "--target", str(target_dir), "--total-steps", str(steps),
            "--batch-size", "4", "--max-seq-len", "48", "--draft-vocab-size", "120", "--warmup-steps", "1",
            "--ttt-steps", "2", "--save-every", str(save_every), "--keep-checkpoints", "2",
-           "--learning-rate", "3e-3", "--no-show-progress"]
+           "--learning-rate", "3e-3", "--no-show-progress",
+           # The fault-free reference loads the target in-process; the server loads it in float32
+           # (start_tiny_server), so the reference must too, or "auto" (bf16 on AMX CPUs) makes them differ.
+           "--dtype", "float32"]
     if target_url:
         cmd += ["--target-url", target_url]
     if resume:

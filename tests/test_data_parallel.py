@@ -208,8 +208,8 @@ def test_only_rank_zero_writes_files(root, two_ranks):
     assert two_ranks[1]["writes"] == []
     assert two_ranks[0]["writes"] == []  # rank 0 is not audited: the list stays empty by construction
     files = output_files(root / "dp_in_process")
-    assert files == ["checkpoints/step_2.pt", "checkpoints/step_4.pt", "draft/config.json", "draft/model.safetensors",
-                     "draft_vocab.safetensors", "metrics.jsonl"]
+    assert files == ["checkpoints/step_2.pt", "checkpoints/step_4.pt", "draft_vocab.safetensors",
+                     "eagle3-draft/config.json", "eagle3-draft/model.safetensors", "metrics.jsonl"]
     assert len((root / "dp_in_process" / "metrics.jsonl").read_text().splitlines()) == STEPS
 
 

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import time
 
 import torch
 
@@ -94,8 +95,9 @@ def cmd_serve_target(args) -> int:
 
     model, tokenizer = load_target(args.model, dtype=args.dtype, device=device)
     target = Eagle3TargetModel(model, args.aux_layer_ids)
+    started = time.perf_counter()
     identity = target_identity(model, target.aux_layer_ids, name=args.model, tokenizer=tokenizer)
-    logger.info("serving %s", describe(identity))
+    logger.info("serving %s (identity computed in %.1f s)", describe(identity), time.perf_counter() - started)
     logic = TargetModelServer(
         target,
         identity=identity,
