@@ -91,6 +91,10 @@ def bench_shape(shape: common.SupervisionShape, runs: int, warmup: int) -> list[
     mask = torch.ones_like(ids)
     # The HTTP body path is the figure: no process-group data plane.
     client = RemoteEagle3TargetModel(f"http://127.0.0.1:{http_port}", prefetch_depth=1, enable_nccl=False)
+    # The client checks every answer against the draft vocabulary it sent: send the canned answer's.
+    in_draft = torch.zeros(shape.vocab, dtype=torch.bool)
+    in_draft[: shape.draft_vocab] = True
+    client.set_vocab_mapping(torch.arange(shape.draft_vocab), in_draft)
     raw = socket.create_connection(("127.0.0.1", raw_port))
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     reused = common.fill(bytearray(nbytes))
