@@ -89,29 +89,71 @@ def _check_draft_target(draft_dir, model, tokenizer, aux_layer_ids, spec: str, a
     identity.check_same_target(record["target"], current, what=what, allow=allow)
 
 
-def cmd_eval(args) -> int:
-    import torch
-
+def _local_eval_target(args):
+    """``(Eagle3TargetModel, tokenizer)`` of ``--model``, checked against the target the draft records."""
     from tandem.models import load_target
-    from tandem.speculative.eagle.checkpoint import exported_aux_layer_ids, load_exported_draft
-    from tandem.speculative.eagle.data import prompt_ids, read_chat_jsonl
-    from tandem.speculative.eagle.decode import evaluate_speculative, teacher_forced_accuracy
+    from tandem.speculative.eagle.checkpoint import exported_aux_layer_ids
     from tandem.speculative.eagle.target import Eagle3TargetModel
 
     model, tokenizer = load_target(args.model, dtype=args.dtype)
-    draft = load_exported_draft(args.draft)
     # The layers the draft was trained on, as its export records them, unless told otherwise.
     target = Eagle3TargetModel(model, args.aux_layer_ids or exported_aux_layer_ids(args.draft))
     _check_draft_target(args.draft, model, tokenizer, target.aux_layer_ids, args.model, args.allow_target_mismatch,
                         f"tandem eval of {args.draft} on {args.model}")
-    records = read_chat_jsonl(_resolve_prompts(args.prompts), limit=args.limit)
-    prompts = [prompt_ids(tokenizer, r.messages) for r in records]
-    stop_ids = {tokenizer.eos_token_id}
-    summary = evaluate_speculative(target, draft, prompts, args.max_new_tokens, args.draft_tokens, stop_ids=stop_ids,
-                                   min_confidence=args.min_confidence)
-    result = summary.to_dict()
-    if args.step0_accuracy:
-        result["step0_accuracy"] = teacher_forced_accuracy(target, draft, prompts, args.max_new_tokens, stop_ids)
+    return target, tokenizer
+
+
+def _remote_eval_target(args):
+    """``(RemoteEagle3TargetModel, tokenizer)`` for ``--target-url``: no target weights here, only the tokenizer
+    (``--tokenizer``, default ``--model``); the server must serve the target and aux layers the draft records."""
+    from tandem.models import load_tokenizer
+    from tandem.speculative.eagle import identity
+    from tandem.speculative.eagle.checkpoint import exported_aux_layer_ids, read_export_record
+    from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel
+
+    if args.aux_layer_ids:
+        raise ValueError("--aux-layer-ids does not apply with --target-url: the server captures its own layers")
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    target = RemoteEagle3TargetModel(args.target_url, enable_nccl=False)
+    try:
+        what = f"tandem eval of {args.draft} against {args.target_url}"
+        served, trained = target.model_info()["aux_layer_ids"], exported_aux_layer_ids(args.draft)
+        if list(served) != list(trained):
+            identity.check_same_target({"aux_layer_ids": trained}, {"aux_layer_ids": served}, what=what,
+                                       fields=("aux_layer_ids",), allow=args.allow_target_mismatch)
+        record = read_export_record(args.draft)
+        if record and record.get("target"):
+            identity.check_same_target(record["target"], identity.identity_of(target, tokenizer=tokenizer), what=what,
+                                       allow=args.allow_target_mismatch)
+        else:
+            logger.warning("%s: %s records no target: it cannot be checked", what, args.draft)
+    except BaseException:
+        target.close()
+        raise
+    return target, tokenizer
+
+
+def cmd_eval(args) -> int:
+    from tandem.speculative.eagle.checkpoint import load_exported_draft
+    from tandem.speculative.eagle.data import prompt_ids, read_chat_jsonl
+    from tandem.speculative.eagle.decode import evaluate_speculative, teacher_forced_accuracy
+
+    draft = load_exported_draft(args.draft)
+    target, tokenizer = _remote_eval_target(args) if args.target_url else _local_eval_target(args)
+    try:
+        records = read_chat_jsonl(_resolve_prompts(args.prompts), limit=args.limit)
+        prompts = [prompt_ids(tokenizer, r.messages) for r in records]
+        stop_ids = {tokenizer.eos_token_id}
+        summary = evaluate_speculative(target, draft, prompts, args.max_new_tokens, args.draft_tokens, stop_ids=stop_ids,
+                                       min_confidence=args.min_confidence)
+        result = summary.to_dict()
+        if args.step0_accuracy:
+            result["step0_accuracy"] = teacher_forced_accuracy(target, draft, prompts, args.max_new_tokens, stop_ids)
+    finally:
+        if args.target_url:
+            target.close()
+    if args.target_url:
+        result["target_url"] = args.target_url
     print(json.dumps(result, indent=2))
     return 0 if summary.outputs_match else 1
 
@@ -221,6 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="measure a draft by real speculative decoding: acceptance length and speed-up")
     p.add_argument("--draft", required=True, help="an exported EAGLE-3 directory (config.json + model.safetensors)")
     p.add_argument("--model", default="default", help="the target the draft was trained for")
+    p.add_argument("--target-url", default=None, metavar="URL",
+                   help="decode against this running target server (tandem serve-target, through its /verify) "
+                        "instead of loading --model here: no target weights on this machine, only the tokenizer; "
+                        "plain and speculative decoding both go through the server, so the speed-up is a ratio of "
+                        "two remote decodes (token: $TANDEM_TOKEN)")
+    p.add_argument("--tokenizer", default=None,
+                   help="with --target-url: the tokenizer that renders the prompts (default: --model)")
     p.add_argument("--prompts", default="heldout", help="chat JSONL, or 'heldout' / 'train' (default: heldout)")
     p.add_argument("--limit", type=int, default=20, help="number of prompts (default: 20)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default: 64)")
@@ -233,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-target-mismatch", action="store_true",
                    help="evaluate on a target other than the one the draft was trained against, on purpose")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="target dtype, and the draft's for decoding (default: auto)")
+                   help="target dtype, and the draft's for decoding (default: auto; with --target-url the server's)")
     p.add_argument("--step0-accuracy", action="store_true",
                    help="also report how often the draft's first proposal is the target's greedy next token, "
                         "teacher-forced on the target's continuations of the same prompts; compare "

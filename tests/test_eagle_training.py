@@ -265,3 +265,32 @@ def test_the_run_exports_in_the_targets_dtype_unless_told(tmp_path):
     assert torch.equal(tensors["embed_tokens.weight"], model.get_input_embeddings().weight)  # lossless
     trainer.config.export_dtype = "float32"
     assert load_file(str(trainer.export(tmp_path / "fp32") / "model.safetensors"))["fc.weight"].dtype == torch.float32
+
+
+def test_live_evaluation_measures_what_eval_does_and_leaves_training_bit_identical(tmp_path):
+    # --eval-every: the figures it logs are those `tandem eval`'s decoder gives for the same draft and prompts,
+    # and the run's weights are those of the same run without it, bit for bit.
+    from tandem.speculative.eagle.data import prompt_ids, read_chat_jsonl
+    from tandem.speculative.eagle.decode import teacher_forced_accuracy
+
+    prompts_path = write_chat_data(tmp_path / "prompts.jsonl", count=3)
+    tokenizer = build_tiny_tokenizer()
+
+    def run(name: str, **overrides) -> Trainer:
+        trainer = Trainer(tiny_run_config(tmp_path / name, **overrides), target=peaked_target(seed=1), tokenizer=tokenizer)
+        trainer.train()
+        return trainer
+
+    plain = run("plain")
+    measured = run("measured", eval_every=3, eval_prompts=str(prompts_path), eval_limit=2, eval_max_new_tokens=8,
+                   eval_draft_tokens=3)
+    for key, value in plain.draft.state_dict().items():
+        assert torch.equal(measured.draft.state_dict()[key], value), key
+    rows = [json.loads(line) for line in (tmp_path / "measured" / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_acceptance_length" in r] == [3, 6, 8]
+    prompts = [prompt_ids(tokenizer, r.messages) for r in read_chat_jsonl(prompts_path, limit=2)]
+    stop_ids = {tokenizer.eos_token_id}
+    summary = evaluate_speculative(measured.target, measured.draft, prompts, 8, 3, stop_ids=stop_ids, progress=False)
+    assert rows[-1]["eval_acceptance_length"] == summary.acceptance_length
+    assert rows[-1]["eval_outputs_match"] == summary.outputs_match
+    assert rows[-1]["eval_step0_accuracy"] == teacher_forced_accuracy(measured.target, measured.draft, prompts, 8, stop_ids)

@@ -19,6 +19,7 @@ import torch
 
 from tandem.speculative.eagle.draft import DraftKVCache, Eagle3DraftModel
 from tandem.speculative.eagle.target import Eagle3TargetModel
+from tandem.speculative.eagle.verification import crop_cache, near_tie_mask  # noqa: F401 - crop_cache: former home
 
 
 @dataclass
@@ -35,24 +36,8 @@ class DecodeResult:
 
 
 def is_near_tie(logits: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether the top two of ``logits [V]`` (float32) lie within two rounding steps of ``dtype`` at their size.
-
-    In bfloat16 a position's logits differ in their last bits between a 1-token forward and a (k+1)-token
-    one (other kernels, other summation orders), so greedy decoding and speculative verification may pick
-    different tokens exactly where the two best are that close; in float32 the window is ~1e-5 wide."""
-    top = logits.topk(2).values
-    return float(top[0] - top[1]) <= 2 * torch.finfo(dtype).eps * abs(float(top[0]))
-
-
-def crop_cache(cache, keep_length: int) -> None:
-    """Keep the first ``keep_length`` positions of a transformers cache.
-
-    A negative argument to ``crop`` removes that many tokens in transformers 4 and 5 alike (the meaning
-    of a positive one changed between them).
-    """
-    remove = cache.get_seq_length() - keep_length
-    if remove > 0:
-        cache.crop(-remove)
+    """Whether the top two of ``logits [V]`` (float32) are a near-tie in ``dtype`` (``near_tie_mask``)."""
+    return bool(near_tie_mask(logits, dtype))
 
 
 def _truncate(tokens: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
@@ -64,21 +49,24 @@ def _truncate(tokens: list[int], max_new_tokens: int, stop_ids: set[int]) -> lis
 
 
 @torch.no_grad()
-def greedy_decode(target: Eagle3TargetModel, input_ids: torch.Tensor, max_new_tokens: int,
-                  stop_ids: set[int] = frozenset()) -> DecodeResult:
-    """Plain greedy decoding with a KV cache. ``input_ids [1, S]`` long."""
-    from transformers import DynamicCache
+def greedy_decode(target, input_ids: torch.Tensor, max_new_tokens: int, stop_ids: set[int] = frozenset()) -> DecodeResult:
+    """Plain greedy decoding of ``input_ids [1, S]`` long, one target forward a token.
 
+    ``target``: an ``Eagle3TargetModel`` or a ``RemoteEagle3TargetModel`` (anything with ``decode_session()``,
+    see ``verification.py``)."""
     started = time.perf_counter()
-    cache = DynamicCache()
-    logits, _ = target.forward_cached(input_ids.to(target.device), cache)
-    tokens, near_ties = [int(logits[0, -1].argmax())], [is_near_tie(logits[0, -1], target.dtype)]
-    forwards = 0
-    while len(tokens) < max_new_tokens and tokens[-1] not in stop_ids:
-        logits, _ = target.forward_cached(torch.tensor([[tokens[-1]]], device=target.device), cache)
-        tokens.append(int(logits[0, -1].argmax()))
-        near_ties.append(is_near_tie(logits[0, -1], target.dtype))
-        forwards += 1
+    session = target.decode_session()
+    try:
+        step = session.extend(input_ids)
+        tokens, near_ties = [int(step.next_token_ids[0, -1])], [bool(step.near_ties[0, -1])]
+        forwards = 0
+        while len(tokens) < max_new_tokens and tokens[-1] not in stop_ids:
+            step = session.extend(torch.tensor([[tokens[-1]]]))
+            tokens.append(int(step.next_token_ids[0, -1]))
+            near_ties.append(bool(step.near_ties[0, -1]))
+            forwards += 1
+    finally:
+        session.close()
     # The first token comes from the prefill; count it as that forward's output.
     return DecodeResult(tokens, forwards + 1, time.perf_counter() - started, near_ties=near_ties)
 
@@ -109,47 +97,49 @@ def _draft_chain(draft: Eagle3DraftModel, new_tokens: torch.Tensor, new_aux: tor
 
 
 @torch.no_grad()
-def speculative_decode(target: Eagle3TargetModel, draft: Eagle3DraftModel, input_ids: torch.Tensor,
-                       max_new_tokens: int, num_draft_tokens: int = 4, stop_ids: set[int] = frozenset(),
+def speculative_decode(target, draft: Eagle3DraftModel, input_ids: torch.Tensor, max_new_tokens: int,
+                       num_draft_tokens: int = 4, stop_ids: set[int] = frozenset(),
                        min_confidence: float = 0.0) -> DecodeResult:
     """Greedy speculative decoding of ``input_ids [1, S]`` long; output equals ``greedy_decode``'s.
 
-    ``num_draft_tokens`` is the longest chain; with ``min_confidence`` > 0 a round drafts fewer tokens when the
-    draft is unsure (dynamic draft length), which never changes the output, only the cost."""
-    from transformers import DynamicCache
-
+    ``target``: an ``Eagle3TargetModel`` or a ``RemoteEagle3TargetModel`` (anything with ``decode_session()``);
+    the draft runs here, on ``target.device``. ``num_draft_tokens`` is the longest chain; with
+    ``min_confidence`` > 0 a round drafts fewer tokens when the draft is unsure (dynamic draft length), which
+    never changes the output, only the cost."""
     if num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens must be at least 1, got {num_draft_tokens}")
     started = time.perf_counter()
     device = target.device
     input_ids = input_ids.to(device)
-    cache, draft_cache = DynamicCache(), DraftKVCache()
-    logits, aux = target.forward_cached(input_ids, cache)
-    next_token = logits[0, -1].argmax().view(1, 1)
-    tokens, forwards, drafted = [int(next_token)], 1, 0  # the prefill counts as a forward, as in greedy_decode
-    pending_tokens = torch.cat([input_ids[:, 1:], next_token], dim=1)  # tokens i+1 for aux positions i
-    pending_aux, pending_start = aux, 0
-    while len(tokens) < max_new_tokens and tokens[-1] not in stop_ids:
-        proposal = _draft_chain(draft, pending_tokens, pending_aux, pending_start, draft_cache, num_draft_tokens,
-                                min_confidence)
-        drafted += len(proposal)
-        committed = cache.get_seq_length()
-        verify_ids = torch.tensor([[int(next_token)] + proposal], device=device)
-        logits, aux = target.forward_cached(verify_ids, cache)
-        greedy = logits[0].argmax(-1).tolist()
-        accepted = 0
-        while accepted < len(proposal) and proposal[accepted] == greedy[accepted]:
-            accepted += 1
-        new = proposal[:accepted] + [greedy[accepted]]
-        tokens.extend(new)
-        forwards += 1
-        crop_cache(cache, committed + 1 + accepted)
-        pending_start = committed
-        pending_aux = aux[:, : accepted + 1]
-        pending_tokens = torch.tensor([new], device=device)
-        next_token = pending_tokens[:, -1:]
-        if any(t in stop_ids for t in new):
-            break
+    session, draft_cache = target.decode_session(), DraftKVCache()
+    try:
+        step = session.extend(input_ids)
+        next_token = int(step.next_token_ids[0, -1])
+        tokens, forwards, drafted = [next_token], 1, 0  # the prefill counts as a forward, as in greedy_decode
+        pending_tokens = torch.cat([input_ids[:, 1:], torch.tensor([[next_token]], device=device)], dim=1)
+        pending_aux, pending_start = step.aux_hidden_states.to(device), 0  # tokens i+1 for aux positions i
+        while len(tokens) < max_new_tokens and tokens[-1] not in stop_ids:
+            proposal = _draft_chain(draft, pending_tokens, pending_aux, pending_start, draft_cache, num_draft_tokens,
+                                    min_confidence)
+            drafted += len(proposal)
+            committed = session.length
+            step = session.extend(torch.tensor([[next_token] + proposal], device=device))
+            greedy = step.next_token_ids[0].tolist()
+            accepted = 0
+            while accepted < len(proposal) and proposal[accepted] == greedy[accepted]:
+                accepted += 1
+            new = proposal[:accepted] + [greedy[accepted]]
+            tokens.extend(new)
+            forwards += 1
+            session.crop(committed + 1 + accepted)
+            pending_start = committed
+            pending_aux = step.aux_hidden_states[:, : accepted + 1].to(device)
+            pending_tokens = torch.tensor([new], device=device)
+            next_token = new[-1]
+            if any(t in stop_ids for t in new):
+                break
+    finally:
+        session.close()
     tokens = _truncate(tokens, max_new_tokens, stop_ids)
     return DecodeResult(tokens, forwards, time.perf_counter() - started, drafted)
 
@@ -248,12 +238,15 @@ def evaluate_speculative(target: Eagle3TargetModel, draft: Eagle3DraftModel, pro
 
 
 @torch.no_grad()
-def teacher_forced_proposals(target: Eagle3TargetModel, draft: Eagle3DraftModel, ids: torch.Tensor) -> torch.Tensor:
+def teacher_forced_proposals(target, draft: Eagle3DraftModel, ids: torch.Tensor,
+                             aux_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
     """
     The draft's first proposal after every prefix of ``ids``, all in one target and one draft forward.
 
     Arguments:
         ids: ``[1, S]`` long, a token sequence (S >= 2).
+        aux_hidden_states: ``[1, S, 3H]`` the target's aux states of ``ids`` when the caller has them (the
+            target is frozen: they never change); None runs the target.
 
     Returns:
         proposals: ``[S - 1]`` long target token ids; entry ``i`` is what ``speculative_decode`` would propose
@@ -261,13 +254,21 @@ def teacher_forced_proposals(target: Eagle3TargetModel, draft: Eagle3DraftModel,
         hidden states up to position ``i``), i.e. its guess for token ``i + 2``. The last entry guesses
         past the end of ``ids``.
     """
-    from transformers import DynamicCache
-
     ids = ids.to(target.device)
-    _, aux = target.forward_cached(ids, DynamicCache())
+    aux = target_aux_states(target, ids) if aux_hidden_states is None else aux_hidden_states.to(target.device)
     positions = torch.arange(ids.shape[1] - 1, device=ids.device).unsqueeze(0)
     hidden = draft.step(ids[:, 1:], draft.project_aux(aux[:, :-1]), positions, kv_cache=DraftKVCache())
     return draft.draft_to_target(draft.logits(hidden)[0].argmax(-1))
+
+
+@torch.no_grad()
+def target_aux_states(target, ids: torch.Tensor) -> torch.Tensor:
+    """``[1, S, 3H]`` the target's aux hidden states of ``ids [1, S]`` long (one forward, through a decode session)."""
+    session = target.decode_session()
+    try:
+        return session.extend(ids).aux_hidden_states
+    finally:
+        session.close()
 
 
 def teacher_forced_accuracy(target: Eagle3TargetModel, draft: Eagle3DraftModel, prompts: list[torch.Tensor],

@@ -120,6 +120,20 @@ class TrainConfig:
     allow_resume_mismatch: bool = False
     """With --resume: continue although the data, the vocabulary or a run-changing setting differs from the
     checkpoint's (each difference is then a warning instead of an error)."""
+    eval_every: int = 0
+    """Measure the draft by real speculative decoding every this many steps and at the end, against the run's own
+    target (in-process, or the server's ``/verify``): acceptance length and step-0 accuracy on held-out prompts go
+    to metrics.jsonl and the progress bar beside the simulated figure. 0: never. Rank 0 evaluates."""
+    eval_prompts: str = "heldout"
+    """The evaluation's prompts: ``heldout`` or ``train`` (the shipped prompt sets), or a chat JSONL file."""
+    eval_limit: int = 8
+    """Prompts an evaluation decodes (the first ones of ``eval_prompts``)."""
+    eval_max_new_tokens: int = 64
+    """Tokens an evaluation decodes a prompt."""
+    eval_draft_tokens: int = 4
+    """The longest draft chain a round of the evaluation's speculative decoding."""
+    eval_min_confidence: float = 0.0
+    """Dynamic draft length of the evaluation's decoding (see ``tandem eval --min-confidence``)."""
     show_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -128,6 +142,8 @@ class TrainConfig:
             raise ValueError(f"export_format must be one of {ckpt.EXPORT_FORMATS}, got {self.export_format!r}")
         if self.export_dtype is not None:
             ckpt.parse_dtype(self.export_dtype)
+        if self.eval_every < 0 or self.eval_limit < 1 or self.eval_max_new_tokens < 1 or self.eval_draft_tokens < 1:
+            raise ValueError("eval_every must be >= 0, and eval_limit, eval_max_new_tokens, eval_draft_tokens >= 1")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
@@ -569,17 +585,24 @@ class Trainer:
         prefetcher = None
         if hasattr(self.target, "supervise_async") and self.supervision_cache is None:
             prefetcher = SupervisionPrefetcher(self.target, self.micro_batch, self.config.prefetch_depth, stop=end * accum)
+        evaluator = self.live_evaluator() if main and self.config.eval_every else None
+        measured: dict = {}
+        started = time.perf_counter()
         with open(self.output_dir / run_state.METRICS_FILE, "a") if main else nullcontext() as metrics_file:
             while self.step < end:
                 indices = range(self.step * accum, (self.step + 1) * accum)
                 batches = [self.micro_batch(i) for i in indices]
                 last = self.train_step(batches, prefetcher.take(indices) if prefetcher else None)
+                if evaluator is not None and run_state.checkpoint_due(self.step, self.config.eval_every, end):
+                    measured = self.evaluate(evaluator, last, time.perf_counter() - started)
+                    last.update(measured)
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(last) + "\n")
                     metrics_file.flush()
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", acc0=f"{last['step_accuracies'][0]:.2f}",
-                                tok_s=f"{last['tokens_per_s']:.0f}")
+                                tok_s=f"{last['tokens_per_s']:.0f}",
+                                **({"accept": f"{measured['eval_acceptance_length']:.2f}"} if measured else {}))
                 if run_state.checkpoint_due(self.step, self.config.save_every, end):
                     self.save_checkpoint()
         bar.close()
@@ -589,6 +612,35 @@ class Trainer:
         if main:
             logger.info("exported the EAGLE-3 draft to %s", self.export())
         return last
+
+    def live_evaluator(self):
+        """A ``live_eval.LiveEvaluator`` over the first ``eval_limit`` prompts of ``eval_prompts``, decoding against
+        this run's target (remote: through the server's ``/verify``)."""
+        from tandem.speculative.eagle.data import PROMPT_SPLITS, default_prompt_path, prompt_ids
+        from tandem.speculative.eagle.live_eval import LiveEvaluator
+
+        spec = self.config.eval_prompts
+        path = default_prompt_path(spec) if spec in PROMPT_SPLITS else Path(spec)
+        records = read_chat_jsonl(path, limit=self.config.eval_limit)
+        prompts = [prompt_ids(self.tokenizer, r.messages) for r in records]
+        stop_ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        logger.info("live evaluation: %d prompts of %s every %d steps and at the end, %d new tokens each, up to %d "
+                    "draft tokens a round", len(prompts), spec, self.config.eval_every, self.config.eval_max_new_tokens,
+                    self.config.eval_draft_tokens)
+        return LiveEvaluator(self.target, prompts, self.config.eval_max_new_tokens, self.config.eval_draft_tokens,
+                             self.config.eval_min_confidence, stop_ids)
+
+    def evaluate(self, evaluator, last: dict, run_s: float) -> dict:
+        """Measure the current draft (``evaluator.measure``) without disturbing training: no gradients, the RNG
+        state forked and restored, the draft back in training mode; logs the figures beside the simulated one."""
+        with torch.random.fork_rng(devices=[]):
+            measured = evaluator.measure(self.draft)
+        logger.info("step %d: measured acceptance %.2f on %d prompts (simulated on the batch: %.2f), step-0 accuracy "
+                    "%.2f, outputs equal greedy%s; took %.1f s (%.0f %% of the run so far)", self.step,
+                    measured["eval_acceptance_length"], measured["eval_prompts"], last["sim_acceptance_length"],
+                    measured["eval_step0_accuracy"], "" if measured["eval_outputs_match"] else " NOT (beyond near-ties)",
+                    measured["eval_s"], 100 * measured["eval_s"] / max(run_s, 1e-9))
+        return measured
 
     def export(self, out_dir: str | Path | None = None) -> Path:
         """Write the draft for serving engines (``output_dir/eagle3-draft`` by default; see ``checkpoint.py``)

@@ -202,6 +202,12 @@ class Eagle3TargetModel:
         hidden = self.model.model(input_ids=input_ids, past_key_values=cache, use_cache=True).last_hidden_state
         return torch.nn.functional.linear(hidden.float(), head), self._capture.take()
 
+    def decode_session(self):
+        """A ``verification.LocalDecodeSession``: one sequence's KV cache, for ``decode.py``."""
+        from tandem.speculative.eagle.verification import LocalDecodeSession
+
+        return LocalDecodeSession(self)
+
     def _float32_head(self) -> torch.Tensor | None:
         """``[V, H]`` float32 copy of the output projection (made once) when the logits are exactly
         ``lm_head(model.model(...))``; None for targets whose logits are more than that."""

@@ -769,6 +769,34 @@ class RemoteEagle3TargetModel:
         while pending:
             yield pending.pop(0).result()
 
+    # ------------------------------------------------------------ speculative decoding (/verify)
+
+    def _verify_server(self) -> _ServerConnection:
+        """The first server, once it has said it serves ``/verify`` (a server of the original design does not)."""
+        info = self._model_info()
+        if protocol.EP_VERIFY not in (info.get(protocol.EXTENSIONS_FIELD) or ()):
+            raise RemoteTargetError(self._servers[0].url, protocol.EP_VERIFY, "this server does not offer /verify (not "
+                                    "a tandem server, an older one, or a target without a KV cache): speculative "
+                                    "decoding needs a target it can verify with")
+        return self._servers[0]
+
+    def decode_session(self):
+        """A ``remote_decoding.RemoteDecodeSession``: one sequence decoded through the first server's ``/verify``,
+        its KV cache kept there (``decode.py`` runs on it as on an in-process target)."""
+        from tandem.speculative.eagle.remote.remote_decoding import RemoteDecodeSession
+
+        info = self._model_info()
+        return RemoteDecodeSession(self._verify_server(), info["hidden_size"], target_dtypes(info), self._device)
+
+    def verify(self, input_ids: torch.Tensor):
+        """Stateless ``/verify`` of whole sequences ``input_ids [B, n]`` long (equal lengths): a
+        ``verification.VerifyStep`` with ``next_token_ids [B, n]``, ``near_ties [B, n]``, ``aux_hidden_states
+        [B, n, 3H]`` on ``device``."""
+        from tandem.speculative.eagle.remote.remote_decoding import request_verify
+
+        info = self._model_info()
+        return request_verify(self._verify_server(), input_ids, info["hidden_size"], target_dtypes(info), self._device)
+
     # ------------------------------------------------------------ session
 
     def heartbeat(self) -> None:

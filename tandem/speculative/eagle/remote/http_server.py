@@ -292,7 +292,9 @@ def _make_request_handler(
                 reply = server_logic.handle(
                     endpoint, raw, client_id=client_id, client_wants_nccl=self.headers.get(protocol.NCCL_HEADER) == "1",
                     supervision_encoding=self.headers.get(protocol.SUPERVISION_HEADER),
-                    vocab_digest=self.headers.get(protocol.VOCAB_DIGEST_HEADER), place=place)
+                    vocab_digest=self.headers.get(protocol.VOCAB_DIGEST_HEADER), place=place,
+                    decode_session=self.headers.get(protocol.DECODE_SESSION_HEADER),
+                    past=self.headers.get(protocol.PAST_HEADER))
             except RequestError as exc:
                 status = exc.status
                 reply = Reply([protocol.error_body(exc.status, exc.message)], protocol.JSON_CONTENT_TYPE, exc.headers)

@@ -42,11 +42,19 @@ EP_HEARTBEAT = "heartbeat"
 EP_DISCONNECT = "disconnect"
 # Tandem extension: the target's lm_head rows for the session's draft vocabulary (compact supervision).
 EP_DRAFT_LM_HEAD = "draft_lm_head"
+# Tandem extension: speculative decoding's target step (``verification.py``): given token ids, the target's greedy
+# next token at every position (full vocabulary) and the aux hidden states there, optionally on a KV cache kept
+# per client between calls (``X-Tandem-Decode-Session``, ``X-Tandem-Past``).
+EP_VERIFY = "verify"
 GET_ENDPOINTS = frozenset({EP_HEALTH})
 POST_ENDPOINTS = frozenset(
     {EP_MODEL_INFO, EP_INPUT_EMBEDDINGS, EP_SET_VOCAB_MAPPING, EP_GENERATE, EP_INIT_NCCL, EP_HEARTBEAT, EP_DISCONNECT,
-     EP_DRAFT_LM_HEAD}
+     EP_DRAFT_LM_HEAD, EP_VERIFY}
 )
+# The tandem extensions a server offers, listed in /model_info under this key (a v1 client never asks for them).
+EXTENSIONS_FIELD = "tandem_endpoints"
+# Endpoints that run the target: they take a place in its fair queue and are bounded by the token budget.
+TARGET_ENDPOINTS = frozenset({EP_GENERATE, EP_VERIFY})
 # Endpoints anyone may call without the bearer token (load balancers probe it).
 PUBLIC_ENDPOINTS = frozenset({EP_HEALTH})
 
@@ -71,6 +79,10 @@ ANONYMOUS_CLIENT = "anonymous"
 # design): the session's newest mapping applies, as in v1.
 VOCAB_DIGEST_HEADER = "X-Tandem-Vocab"
 TOKEN_ENV = "TANDEM_TOKEN"
+# /verify: the client's name for the sequence it decodes (the server keeps that sequence's KV cache between calls;
+# absent: stateless, nothing kept), and how many cached positions the new ids follow ("0": start afresh).
+DECODE_SESSION_HEADER = "X-Tandem-Decode-Session"
+PAST_HEADER = "X-Tandem-Past"
 
 WIRE_CONTENT_TYPE = "application/octet-stream"
 JSON_CONTENT_TYPE = "application/json"
@@ -78,6 +90,9 @@ JSON_CONTENT_TYPE = "application/json"
 # Request bodies: /generate carries these three tensors, /set_vocab_mapping these two.
 REQUEST_KEYS = ("input_ids", "attention_mask", "loss_mask")
 VOCAB_MAPPING_KEYS = ("selected_token_ids", "selected_token_mask")
+# /verify: the request holds input_ids [B, n]; the answer these three (see verification.VerifyStep).
+VERIFY_REQUEST_KEYS = ("input_ids",)
+VERIFY_ANSWER_KEYS = ("next_token_ids", "near_ties", "aux_hidden_states")
 EMBEDDINGS_KEY = "weight"
 
 NCCL_STATUS_OK = "ok"

@@ -90,6 +90,38 @@ def check_generate_inputs(tensors: dict[str, torch.Tensor], vocab_size: int) -> 
     _check_ids("input_ids", input_ids, vocab_size, what)
 
 
+def check_verify_inputs(tensors: dict[str, torch.Tensor], vocab_size: int) -> torch.Tensor:
+    """``input_ids [B, n]`` long of a ``/verify`` body; 400 unless integer ``[B, n]`` with B, n >= 1 in the vocabulary."""
+    input_ids = tensors["input_ids"]
+    if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+        raise RequestError(400, f"verify: input_ids must be [B, n] with B, n >= 1, got {list(input_ids.shape)}")
+    _check_ids("input_ids", input_ids, vocab_size, "verify")
+    return input_ids.long()
+
+
+# A decode session's name reaches log lines: the client id's alphabet, at most 64 characters.
+_DECODE_SESSION = re.compile(r"[A-Za-z0-9._:@+=-]{1,64}")
+
+
+def decode_session_headers(name: Optional[str], past: Optional[str], batch: int) -> tuple[Optional[str], int]:
+    """``(session name or None, past positions)`` of a ``/verify``'s ``X-Tandem-Decode-Session`` and ``X-Tandem-Past``
+    headers; 400 for a malformed name, a past that is not a non-negative decimal, a past without a session, or a
+    session for more than one sequence (a cache holds one)."""
+    if name is not None and not _DECODE_SESSION.fullmatch(name):
+        raise RequestError(400, f"{protocol.DECODE_SESSION_HEADER} must be 1-64 characters of [A-Za-z0-9._:@+=-]")
+    value = (past or "0").strip()
+    if not (value.isascii() and value.isdigit() and len(value) <= 12):
+        raise RequestError(400, f"{protocol.PAST_HEADER} must be a non-negative integer, got {value[:20]!r}")
+    past_length = int(value)
+    if name is None and past_length:
+        raise RequestError(400, f"verify: {protocol.PAST_HEADER} {past_length} without {protocol.DECODE_SESSION_HEADER}: "
+                                f"a stateless call sends the whole sequence")
+    if name is not None and batch != 1:
+        raise RequestError(400, f"verify: a decode session caches one sequence, got a batch of {batch}; send several "
+                                f"sequences without {protocol.DECODE_SESSION_HEADER}")
+    return name, past_length
+
+
 def check_vocab_mapping(ids: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> None:
     """400 unless ``selected_token_ids [Vd]`` (distinct ids) and ``selected_token_mask [V]`` bool agree."""
     what = "set_vocab_mapping"

@@ -46,8 +46,11 @@ def add_serve_target_parser(subparsers) -> None:
     limits.add_argument("--max-batch-tokens", type=int, default=None,
                         help="largest B x S of one /generate; larger ones get 413 before the forward (default: what "
                              "half the memory free on the target's device holds, logged at start)")
+    limits.add_argument("--max-decode-tokens", type=int, default=None,
+                        help="positions the /verify KV caches (speculative decoding through this server) hold in "
+                             "all; the least recently used cache makes room (default: --max-batch-tokens)")
     limits.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
-                        help="/generate requests admitted at once, served round-robin across clients; one more gets "
+                        help="/generate and /verify requests admitted at once, served round-robin across clients; one more gets "
                              f"503 with Retry-After (default: {DEFAULT_MAX_QUEUED_REQUESTS})")
     limits.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
                         help="connections (and handler threads) served at once; one more gets 503 and is closed "
@@ -106,6 +109,7 @@ def cmd_serve_target(args) -> int:
         token=token,
         max_body_bytes=int(args.max_body_mb * 2**20),
         max_batch_tokens=args.max_batch_tokens,
+        max_decode_tokens=args.max_decode_tokens,
         max_queued_requests=args.max_queued_requests,
         max_sessions=args.max_sessions,
         session_idle_timeout_s=args.session_idle_timeout,
@@ -115,9 +119,10 @@ def cmd_serve_target(args) -> int:
         nccl_port_range=port_range,
         fault_injection=args.enable_fault_injection,
     )
-    logger.info("limits: %d tokens a /generate (B x S)%s, %d queued requests, %d connections, %d sessions; "
-                "data-plane ports %d-%d", logic.max_batch_tokens,
-                f", sequences up to {logic.max_seq_len}" if logic.max_seq_len else "", args.max_queued_requests,
+    logger.info("limits: %d tokens a /generate (B x S)%s, %d cached /verify positions, %d queued requests, "
+                "%d connections, %d sessions; data-plane ports %d-%d", logic.max_batch_tokens,
+                f", sequences up to {logic.max_seq_len}" if logic.max_seq_len else "", logic.decode_caches.max_tokens,
+                args.max_queued_requests,
                 args.max_connections, args.max_sessions, *port_range)
     if args.enable_fault_injection:  # from outside, at a moment of the tester's choosing (the soak's schedule)
         signal.signal(signal.SIGUSR1, lambda signum, frame: logic.arm_teardown_fault())

@@ -37,8 +37,10 @@ from tandem.speculative.eagle.remote.http_server import (  # noqa: F401 - the or
     DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS,
     _make_request_handler, serve,
 )
+from tandem.speculative.eagle.remote.decode_caches import DecodeCacheTable
 from tandem.speculative.eagle.remote.request_checks import (  # noqa: F401 - re-exported for callers of this module
-    Reply, RequestError, check_generate_inputs, check_vocab_mapping, decode_tensors, init_nccl_request,
+    Reply, RequestError, check_generate_inputs, check_verify_inputs, check_vocab_mapping, decode_session_headers,
+    decode_tensors, init_nccl_request,
 )
 from tandem.speculative.eagle.remote.server_data_plane import DataPlaneHost
 from tandem.speculative.eagle.remote.sessions import (
@@ -49,6 +51,7 @@ from tandem.speculative.eagle.remote.token_budget import (
 )
 from tandem.speculative.eagle.remote.transport import default_port_range
 from tandem.speculative.eagle.supervision import compute_supervision  # noqa: F401 - named by the spec page
+from tandem.speculative.eagle.verification import crop_cache, greedy_step
 from tandem.speculative.eagle.vocab import vocab_digest
 
 logger = logging.getLogger(__name__)
@@ -73,6 +76,9 @@ class _Stats:
     bytes_in: int = 0
     bytes_out: int = 0
     supervision_s: float = 0.0
+    verify_calls: int = 0
+    verify_positions: int = 0
+    verify_s: float = 0.0
     batches_per_client: dict[str, int] = field(default_factory=dict)
     """Supervised batches by client id (the ranks of a data-parallel trainer each have their own)."""
 
@@ -100,6 +106,8 @@ class TargetModelServer:
             body); one more gets 503 with ``Retry-After``. Waiting requests are served round-robin across clients.
         max_sessions: client sessions held at once; the least recently seen one without connections makes room.
         session_idle_timeout_s: a session without connections and requests this long is evicted.
+        max_decode_tokens: positions the ``/verify`` KV caches hold in all (default ``max_batch_tokens``); the least
+            recently used cache makes room (``decode_caches.DecodeCacheTable``).
         exit_when_idle: set ``shutdown_event`` when the last client session disconnects.
         fault_injection: testing only (``--enable-fault-injection``): :meth:`arm_teardown_fault` works.
     """
@@ -116,6 +124,7 @@ class TargetModelServer:
         max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         session_idle_timeout_s: float = DEFAULT_SESSION_IDLE_TIMEOUT_S,
+        max_decode_tokens: Optional[int] = None,
         exit_when_idle: bool = False,
         enable_nccl: bool = False,
         nccl_timeout_s: float = DEFAULT_NCCL_TIMEOUT_S,
@@ -141,7 +150,11 @@ class TargetModelServer:
         # Held around the forward inside a queue turn: the aux-hidden capture hooks are shared state.
         self.generate_lock = threading.Lock()
         self.shutdown_event = threading.Event()
-        self.sessions = SessionTable(max_sessions, session_idle_timeout_s)
+        self.decode_caches = DecodeCacheTable(int(max_decode_tokens or self.max_batch_tokens))
+        # An evicted session's decode cache goes with it.
+        self.sessions = SessionTable(max_sessions, session_idle_timeout_s, on_evict=self.decode_caches.drop)
+        # /verify needs a target that decodes with a KV cache (Eagle3TargetModel.forward_cached).
+        self.verify_supported = callable(getattr(target_wrapper, "forward_cached", None))
         self._stats = _Stats()
         self._stats_lock = threading.Lock()
         self._closed = False
@@ -181,7 +194,7 @@ class TargetModelServer:
     def body_limit(self, endpoint: Optional[str]) -> int:
         """The largest body ``endpoint`` reads: ``/generate`` what the token budget can use, the vocabulary
         mapping what the target's vocabulary needs, the JSON endpoints 64 KiB; never above ``max_body_bytes``."""
-        if endpoint == protocol.EP_GENERATE:
+        if endpoint in protocol.TARGET_ENDPOINTS:
             own = generate_body_limit(self.max_batch_tokens)
         elif endpoint == protocol.EP_SET_VOCAB_MAPPING:
             own = 9 * self._vocab_size + _SMALL_BODY_BYTES  # a bool mask [V] and at most V int64 ids
@@ -198,23 +211,28 @@ class TargetModelServer:
             raise RequestError(413, f"request body of {length} bytes exceeds the limit of {limit} bytes for {where}")
 
     def admit(self, endpoint: str, client_id: str) -> Optional[Place]:
-        """A place in the target's queue for a ``/generate`` (503 when the queue is full); None otherwise."""
-        return self.queue.reserve(client_id) if endpoint == protocol.EP_GENERATE else None
+        """A place in the target's queue for a ``/generate`` or ``/verify`` (503 when the queue is full); None otherwise."""
+        return self.queue.reserve(client_id) if endpoint in protocol.TARGET_ENDPOINTS else None
 
     # ------------------------------------------------------------ dispatch
 
     def handle(
         self, endpoint: str, raw: bytes, *, client_id: str = protocol.ANONYMOUS_CLIENT, client_wants_nccl: bool = False,
         supervision_encoding: Optional[str] = None, vocab_digest: Optional[str] = None, place: Optional[Place] = None,
+        decode_session: Optional[str] = None, past: Optional[str] = None,
     ) -> Reply:
         """Answer one routed, authorized request; ``RequestError`` for anything the client got wrong.
 
-        ``supervision_encoding``, ``vocab_digest``: the ``X-Tandem-Supervision`` and ``X-Tandem-Vocab`` request
-        headers (None when absent). ``place``: the request's place in the target's queue (from :meth:`admit`).
+        ``supervision_encoding``, ``vocab_digest``, ``decode_session``, ``past``: the ``X-Tandem-Supervision``,
+        ``X-Tandem-Vocab``, ``X-Tandem-Decode-Session`` and ``X-Tandem-Past`` request headers (None when absent).
+        ``place``: the request's place in the target's queue (from :meth:`admit`).
         """
         if endpoint not in protocol.PUBLIC_ENDPOINTS and endpoint != protocol.EP_DISCONNECT:
             self.sessions.get(client_id)
         try:
+            if endpoint == protocol.EP_VERIFY:
+                answer = self.verify(raw, client_id, decode_session, past, place)
+                return Reply(wire.encode(answer), protocol.WIRE_CONTENT_TYPE, {})
             return self._dispatch(endpoint, raw, client_id, client_wants_nccl, supervision_encoding, vocab_digest, place)
         except RequestError:
             raise
@@ -276,6 +294,8 @@ class TargetModelServer:
         # Extra fields for tandem clients (the target's identity); clients of the original design ignore them.
         info["dtype"] = str(getattr(self.target_wrapper, "dtype", torch.float32)).removeprefix("torch.")
         info.update({k: v for k, v in self._identity.items() if k not in info})
+        extensions = [protocol.EP_DRAFT_LM_HEAD] if self.compact_supported else []
+        info[protocol.EXTENSIONS_FIELD] = extensions + ([protocol.EP_VERIFY] if self.verify_supported else [])
         return protocol.encode_json(info)
 
     def input_embeddings_buffers(self) -> list:
@@ -337,6 +357,47 @@ class TargetModelServer:
             self._stats.batches_per_client[client_id] = self._stats.batches_per_client.get(client_id, 0) + 1
         keys = compact.COMPACT_SUPERVISION_KEYS if compact_encoding else protocol.SUPERVISION_KEYS
         return {key: out[key] for key in keys}
+
+    def verify(self, raw: bytes, client_id: str, decode_session: Optional[str] = None, past: Optional[str] = None,
+               place: Optional[Place] = None) -> dict[str, torch.Tensor]:
+        """Speculative decoding's target step for a ``/verify`` body ``{"input_ids": [B, n] long}``.
+
+        Without a decode session the ids are whole sequences (``B`` rows of equal length, nothing kept). With
+        one (``decode_session``: its name, ``past``: cached positions the ids follow, "0" to start afresh), the
+        client's KV cache is cropped to ``past`` and extended by the ``n`` ids (``B`` = 1). Returns
+        ``VERIFY_ANSWER_KEYS``: ``next_token_ids [B, n]`` long (argmax over the full vocabulary of float32 logits),
+        ``near_ties [B, n]`` bool and ``aux_hidden_states [B, n, 3H]`` (target dtype); see ``verification.py``.
+        The forward runs in the client's turn of the target, within the token budget like ``/generate``.
+        """
+        from transformers import DynamicCache
+
+        if place is None:
+            place = self.queue.reserve(client_id)
+        try:
+            if not self.verify_supported:
+                raise RequestError(400, "this target cannot decode with a KV cache: no /verify")
+            input_ids = check_verify_inputs(decode_tensors(raw, protocol.VERIFY_REQUEST_KEYS, "verify"), self._vocab_size)
+            batch, new = input_ids.shape
+            name, past_length = decode_session_headers(decode_session, past, batch)
+            check_batch_shape(batch, past_length + new, self.max_batch_tokens, self.max_seq_len, "verify")
+            start = time.perf_counter()
+            with place.turn(), self.generate_lock:
+                if name is None:
+                    step = greedy_step(*self.target_wrapper.forward_cached(input_ids, DynamicCache()), self.target_wrapper.dtype)
+                else:
+                    # Checked out, the cache is nobody else's; an exception below leaves it out: freed.
+                    entry = self.decode_caches.check_out(client_id, name, past_length, new, DynamicCache)
+                    crop_cache(entry.cache, past_length)
+                    step = greedy_step(*self.target_wrapper.forward_cached(input_ids, entry.cache), self.target_wrapper.dtype)
+                    entry.length = past_length + new
+                    self.decode_caches.check_in(client_id, entry)
+        finally:
+            place.release()
+        with self._stats_lock:
+            self._stats.verify_calls += 1
+            self._stats.verify_positions += batch * new
+            self._stats.verify_s += time.perf_counter() - start
+        return dict(zip(protocol.VERIFY_ANSWER_KEYS, step))
 
     def generate_buffers(
         self, raw: bytes, client_wants_nccl: bool, *, client_id: str = protocol.ANONYMOUS_CLIENT,
@@ -414,6 +475,7 @@ class TargetModelServer:
             idle = False
         else:
             self.data_plane.drop(client_id, "client disconnected", logging.INFO)
+            self.decode_caches.drop(client_id)
             _session, idle = self.sessions.pop(client_id)
             logger.info("client %s disconnected", client_id)
         if idle and self.exit_when_idle:
@@ -439,6 +501,7 @@ class TargetModelServer:
                 f"served {s.requests} requests ({s.errors} errors, {s.batches} batches), "
                 f"{s.bytes_in / 2**20:.1f} MiB in, {s.bytes_out / 2**20:.1f} MiB out, "
                 f"supervision {s.supervision_s:.2f} s ({mean_ms:.1f} ms/batch); "
+                f"verify {s.verify_calls} calls, {s.verify_positions} positions, {s.verify_s:.2f} s; "
                 f"batches per client ({len(s.batches_per_client)}): {per_client or 'none'}"
             )
 

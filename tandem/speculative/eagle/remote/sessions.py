@@ -20,7 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -74,9 +74,13 @@ class SessionTable:
     Arguments:
         max_sessions: sessions held at once.
         idle_timeout_s: a session with no open connection and no request for this long is evicted.
+        on_evict: called with the client id of each evicted session (the server frees what it keeps beside it);
+            with the table's lock held, so it must not call back into the table.
     """
 
-    def __init__(self, max_sessions: int = DEFAULT_MAX_SESSIONS, idle_timeout_s: float = DEFAULT_SESSION_IDLE_TIMEOUT_S):
+    def __init__(self, max_sessions: int = DEFAULT_MAX_SESSIONS, idle_timeout_s: float = DEFAULT_SESSION_IDLE_TIMEOUT_S,
+                 on_evict: Optional[Callable[[str], object]] = None):
+        self.on_evict = on_evict
         self.max_sessions = max_sessions
         self.idle_timeout_s = idle_timeout_s
         self.lock = threading.Lock()
@@ -137,6 +141,8 @@ class SessionTable:
             if session.transport is not None:
                 self.ports.pop(session.transport.nccl_port, None)
                 session.transport.destroy()  # never blocks: it only aborts and drops the local group
+            if self.on_evict is not None:
+                self.on_evict(client_id)
             logger.info("client %s: session evicted (%s)", client_id, why)
 
     # ------------------------------------------------------------ connections

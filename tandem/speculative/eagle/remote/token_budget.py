@@ -84,12 +84,13 @@ def generate_body_limit(max_batch_tokens: int) -> int:
     return _REQUEST_BYTES_PER_TOKEN * max_batch_tokens + _REQUEST_OVERHEAD_BYTES
 
 
-def check_batch_shape(batch: int, seq: int, max_batch_tokens: int, max_seq_len: Optional[int]) -> None:
+def check_batch_shape(batch: int, seq: int, max_batch_tokens: int, max_seq_len: Optional[int],
+                      what: str = "generate") -> None:
     """413 when ``batch x seq`` exceeds ``max_batch_tokens`` or ``seq`` the context window ``max_seq_len``."""
     if max_seq_len is not None and seq > max_seq_len:
-        raise RequestError(413, f"generate: sequence length {seq} exceeds the target's context window of {max_seq_len} "
+        raise RequestError(413, f"{what}: sequence length {seq} exceeds the target's context window of {max_seq_len} "
                                 f"tokens")
     if batch * seq > max_batch_tokens:
-        raise RequestError(413, f"generate: batch of {batch} x {seq} = {batch * seq} tokens exceeds this server's "
+        raise RequestError(413, f"{what}: batch of {batch} x {seq} = {batch * seq} tokens exceeds this server's "
                                 f"budget of {max_batch_tokens} tokens a request (--max-batch-tokens); send smaller "
                                 f"batches")

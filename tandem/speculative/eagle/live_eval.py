@@ -1,0 +1,113 @@
+"""The real acceptance length while training: speculative decoding of held-out prompts every N steps.
+
+The training metrics give a proxy (per-step accuracy and the acceptance length it simulates on the training
+batch); what users judge a draft by is the acceptance length of real speculative decoding on prompts it
+never saw. :class:`LiveEvaluator` measures that against the run's own target -- in-process, or a target
+server through ``/verify`` -- with the same decoder as ``tandem eval`` (``decode.py``).
+
+The target is frozen, so what only depends on it is computed once, at the first evaluation: each prompt's
+greedy continuation (the reference every speculative output must equal, with its near-tie flags) and the
+aux states of prompt + continuation (for the teacher-forced step-0 accuracy). Each later evaluation costs
+the speculative decodes (one target forward a round) and one draft forward a prompt.
+
+Training is not disturbed: the evaluation runs without gradients on a copy of the draft in the target's
+dtype (or on the draft itself, put back in training mode afterwards), draws no random numbers, and does not
+touch the optimizer, the data order or the supervision; a run with ``--eval-every`` ends with the same
+weights, bit for bit, as one without (tested).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tandem.speculative.eagle.decode import (
+    DecodeResult, for_decoding, greedy_decode, speculative_decode, summarize, target_aux_states, teacher_forced_proposals,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Reference:
+    """One prompt's fixed part: the prompt ``[1, S]``, the target's greedy decode, prompt + continuation ids
+    ``[1, S + T]`` and their aux states ``[1, S + T, 3H]``."""
+
+    prompt: torch.Tensor
+    greedy: DecodeResult
+    ids: torch.Tensor
+    aux: torch.Tensor
+
+
+class LiveEvaluator:
+    """Measures a draft by real speculative decoding of ``prompts`` against ``target`` (see the module docstring).
+
+    Arguments:
+        target: an ``Eagle3TargetModel`` or ``RemoteEagle3TargetModel`` (anything with ``decode_session()``).
+        prompts: ``[1, S]`` long each, rendered up to the first assistant turn (``data.prompt_ids``).
+        max_new_tokens: tokens decoded a prompt.
+        num_draft_tokens: the longest draft chain a round; min_confidence: dynamic draft length (``decode.py``).
+        stop_ids: token ids that end a decode (the tokenizer's end of turn).
+    """
+
+    def __init__(self, target, prompts: list[torch.Tensor], max_new_tokens: int = 64, num_draft_tokens: int = 4,
+                 min_confidence: float = 0.0, stop_ids: set[int] = frozenset()):
+        if not prompts:
+            raise ValueError("live evaluation needs at least one prompt")
+        self.target = target
+        self.prompts = prompts
+        self.max_new_tokens = max_new_tokens
+        self.num_draft_tokens = num_draft_tokens
+        self.min_confidence = min_confidence
+        self.stop_ids = set(stop_ids)
+        self._references: list[_Reference] | None = None
+        self.reference_s = 0.0
+        """Seconds the one-off part took (greedy decodes and aux states of every prompt)."""
+
+    def _reference_set(self) -> list[_Reference]:
+        if self._references is None:
+            started = time.perf_counter()
+            references = []
+            for prompt in self.prompts:
+                greedy = greedy_decode(self.target, prompt, self.max_new_tokens, self.stop_ids)
+                ids = torch.cat([prompt.to(self.target.device), torch.tensor([greedy.tokens], device=self.target.device)], 1)
+                references.append(_Reference(prompt, greedy, ids, target_aux_states(self.target, ids)))
+            self._references = references
+            self.reference_s = time.perf_counter() - started
+        return self._references
+
+    @torch.no_grad()
+    def measure(self, draft) -> dict:
+        """Decode every prompt with ``draft``; the figures for ``metrics.jsonl`` (all prefixed ``eval_``):
+        ``acceptance_length`` (new tokens per verifying target forward, prefill excluded), ``step0_accuracy``
+        (teacher-forced, on the target's own continuations), ``outputs_match`` (every output equal to greedy
+        decoding up to near-ties of the target dtype), ``prompts``, ``new_tokens`` and ``s`` (seconds, the
+        one-off reference included the first time)."""
+        started = time.perf_counter()
+        references = self._reference_set()
+        was_training = draft.training
+        decoding = for_decoding(draft, self.target.dtype)
+        try:
+            results = [speculative_decode(self.target, decoding, r.prompt, self.max_new_tokens, self.num_draft_tokens,
+                                          self.stop_ids, self.min_confidence) for r in references]
+            hits = total = 0
+            for r in references:
+                proposals = teacher_forced_proposals(self.target, decoding, r.ids, r.aux)
+                # Guesses for the continuation's tokens after its first (which the prefill produces, not a draft).
+                guessed = torch.arange(r.prompt.shape[1] - 1, r.ids.shape[1] - 2, device=r.ids.device)
+                hits += int((proposals[guessed] == r.ids[0, guessed + 2]).sum())
+                total += guessed.numel()
+        finally:
+            draft.train(was_training)
+        summary = summarize([r.greedy for r in references], results)
+        return {
+            "eval_acceptance_length": summary.acceptance_length,
+            "eval_step0_accuracy": hits / max(total, 1),
+            "eval_outputs_match": summary.exact_up_to_ties,
+            "eval_prompts": summary.prompts,
+            "eval_new_tokens": summary.new_tokens,
+            "eval_s": time.perf_counter() - started,
+        }

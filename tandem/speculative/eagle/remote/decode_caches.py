@@ -1,0 +1,110 @@
+"""The KV caches the target server keeps between ``/verify`` calls, bounded in count and in tokens.
+
+A speculative-decoding client names the sequence it decodes (``X-Tandem-Decode-Session``) and says how many
+cached positions its new ids follow (``X-Tandem-Past``). With a cache kept, a decode round costs the target
+one short forward over the new positions instead of the whole sequence. Each client keeps at most one cache
+(a client decodes one sequence at a time; naming another, or ``past 0``, starts afresh), and all caches
+together hold at most ``max_tokens`` positions: the least recently used ones make room. A cache is freed on
+``/disconnect``, when its client's session is evicted, and when a forward on it fails. A client whose cache
+is gone is told 409 and sends the whole sequence again (``RemoteDecodeSession`` does so by itself).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from tandem.speculative.eagle.remote import protocol
+from tandem.speculative.eagle.remote.request_checks import RequestError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodeCache:
+    """One client's cached sequence: its name, a transformers ``DynamicCache`` and the positions it holds."""
+
+    name: str
+    cache: Any
+    length: int = 0
+
+
+class DecodeCacheTable:
+    """Client id -> :class:`DecodeCache`, least recently used first, at most ``max_tokens`` positions in all.
+
+    A cache is *checked out* for the forward that extends it (nobody else sees it meanwhile: a second request
+    for the same sequence gets 409) and *checked in* afterwards with its new length.
+
+    Arguments:
+        max_tokens: positions held across every cache (a KV cache costs far less a token than a forward:
+            the server's default is its ``--max-batch-tokens``, so all caches together take at most what one
+            largest ``/generate`` does).
+    """
+
+    def __init__(self, max_tokens: int):
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        self.max_tokens = int(max_tokens)
+        self._lock = threading.Lock()
+        self._caches: "OrderedDict[str, DecodeCache]" = OrderedDict()
+        self._tokens = 0
+
+    @property
+    def tokens(self) -> int:
+        """Positions held now, across every cache."""
+        with self._lock:
+            return self._tokens
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._caches)
+
+    def check_out(self, client_id: str, name: str, past: int, new_tokens: int, make_cache) -> DecodeCache:
+        """The cache to extend by ``new_tokens`` after its first ``past`` positions, taken out of the table.
+
+        ``past == 0`` starts a new cache (``make_cache()``), dropping the client's old one. Otherwise the client's
+        cache must be named ``name`` and hold at least ``past`` positions (the caller crops it), else 409.
+        413 when ``past + new_tokens`` alone exceeds ``max_tokens``.
+        """
+        total = past + new_tokens
+        if total > self.max_tokens:
+            raise RequestError(413, f"verify: {past} cached + {new_tokens} new positions exceed this server's decode "
+                                    f"cache budget of {self.max_tokens} tokens (--max-decode-tokens)")
+        with self._lock:
+            entry = self._caches.pop(client_id, None)
+            if entry is not None:
+                self._tokens -= entry.length
+            if past == 0:
+                return DecodeCache(name, make_cache())
+            if entry is None or entry.name != name or entry.length < past:
+                why = ("no cached sequence" if entry is None else f"the cached sequence is {entry.name!r}"
+                       if entry.name != name else f"only {entry.length} positions are cached")
+                raise RequestError(409, f"verify: cannot continue {name!r} after {past} positions: {why} (evicted, "
+                                        f"ended, or the server restarted); send the whole sequence with "
+                                        f"{protocol.PAST_HEADER}: 0")
+            return entry
+
+    def check_in(self, client_id: str, entry: DecodeCache) -> None:
+        """Put ``entry`` back as the client's most recent cache, evicting least recently used ones past the budget."""
+        with self._lock:
+            old = self._caches.pop(client_id, None)
+            if old is not None:
+                self._tokens -= old.length
+            self._caches[client_id] = entry
+            self._tokens += entry.length
+            while self._tokens > self.max_tokens and len(self._caches) > 1:
+                evicted_id, evicted = self._caches.popitem(last=False)
+                self._tokens -= evicted.length
+                logger.info("client %s: decode cache %r of %d positions evicted (the decode cache budget of %d "
+                            "tokens is full)", evicted_id, evicted.name, evicted.length, self.max_tokens)
+
+    def drop(self, client_id: str) -> Optional[DecodeCache]:
+        """Forget ``client_id``'s cache (disconnect, eviction); the one removed, if any."""
+        with self._lock:
+            entry = self._caches.pop(client_id, None)
+            if entry is not None:
+                self._tokens -= entry.length
+            return entry

@@ -1,0 +1,111 @@
+"""Speculative decoding against a target server: ``/verify`` behind the ``DecodeSession`` interface.
+
+``RemoteEagle3TargetModel.decode_session()`` returns a :class:`RemoteDecodeSession`, which ``decode.py`` drives
+exactly as it drives an in-process ``LocalDecodeSession``. The server keeps the sequence's KV cache between
+calls (``decode_caches.py``), so a round sends the new ids only (a few bytes) and receives ``n`` next tokens,
+``n`` near-tie flags and ``n`` aux states (``n x 3H`` in the target dtype). The session remembers every token
+it sent: when the server has lost the cache (evicted, restarted, another client's sequence took its place),
+it answers 409 and the session sends the whole sequence again, so a decode never fails or changes for that.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import torch
+
+from tandem.speculative.eagle.remote import protocol, wire
+from tandem.speculative.eagle.remote.answer_checks import AnswerError, TensorSpec, check_tensors, wire_answer_bytes
+from tandem.speculative.eagle.verification import VerifyStep
+
+logger = logging.getLogger(__name__)
+
+_session_numbers = itertools.count()
+
+
+def verify_specs(batch: int, new: int, hidden: int, hidden_dtypes: frozenset) -> dict[str, TensorSpec]:
+    """What a ``/verify`` answer for ``[batch, new]`` ids must hold (``protocol.VERIFY_ANSWER_KEYS``)."""
+    next_ids, near_ties, aux = protocol.VERIFY_ANSWER_KEYS
+    return {next_ids: TensorSpec((batch, new), frozenset({torch.int64})),
+            near_ties: TensorSpec((batch, new), frozenset({torch.bool})),
+            aux: TensorSpec((batch, new, 3 * hidden), hidden_dtypes)}
+
+
+def request_verify(server, input_ids: torch.Tensor, hidden: int, hidden_dtypes: frozenset, device: torch.device,
+                   headers: dict | None = None) -> VerifyStep:
+    """One ``/verify`` call with ``input_ids [B, n]`` long; the checked answer, copied onto ``device``.
+
+    ``server``: a ``client._ServerConnection`` (retries on connection errors and 5xx: with ``X-Tandem-Past`` a
+    repeated call does the same as the first). ``RemoteTargetError`` for a refusal or a malformed answer."""
+    from tandem.speculative.eagle.remote.client import RemoteTargetError
+
+    specs = verify_specs(*input_ids.shape, hidden, hidden_dtypes)
+    raw = server.request(protocol.EP_VERIFY, wire.encode({"input_ids": input_ids.to("cpu", torch.long)}),
+                         headers=headers, max_answer_bytes=wire_answer_bytes(specs))
+    try:
+        tensors = wire.decode(raw, max_entries=len(specs))
+        check_tensors(tensors, specs)
+    except (wire.WireFormatError, AnswerError) as exc:
+        raise RemoteTargetError(server.url, protocol.EP_VERIFY, f"refused the answer: {exc}") from None
+    # copy: the tensors view the receive buffer, which the next answer may reuse.
+    return VerifyStep(*(tensors[k].to(device, copy=True) for k in protocol.VERIFY_ANSWER_KEYS))
+
+
+class RemoteDecodeSession:
+    """A ``verification.DecodeSession`` whose KV cache lives on a target server (see the module docstring).
+
+    Arguments:
+        server: the ``client._ServerConnection`` every call of this sequence goes to (its cache lives there).
+        hidden: the target's hidden size ``H``; hidden_dtypes: the dtypes its aux states may have.
+        device: where the answers' tensors are put (the draft's device).
+    """
+
+    def __init__(self, server, hidden: int, hidden_dtypes: frozenset, device: torch.device):
+        self.server = server
+        self.hidden = hidden
+        self.hidden_dtypes = hidden_dtypes
+        self.device = torch.device(device)
+        self.name = f"decode-{next(_session_numbers)}"
+        self.length = 0
+        self.resent = 0
+        """Times the server had lost the cache and the whole sequence went again."""
+        self._tokens: list[int] = []  # the ids of the cached positions, to send again if the server lost them
+
+    def _call(self, input_ids: torch.Tensor, past: int) -> VerifyStep:
+        headers = {protocol.DECODE_SESSION_HEADER: self.name, protocol.PAST_HEADER: str(past)}
+        return request_verify(self.server, input_ids, self.hidden, self.hidden_dtypes, self.device, headers)
+
+    def extend(self, input_ids: torch.Tensor) -> VerifyStep:
+        """The target on ``input_ids [1, n]`` long after the ``length`` cached positions (see ``DecodeSession``)."""
+        from tandem.speculative.eagle.remote.client import RemoteTargetError
+
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"a decode session extends one sequence: input_ids must be [1, n], got {list(input_ids.shape)}")
+        new_ids = input_ids[0].tolist()
+        try:
+            step = self._call(input_ids, self.length)
+        except RemoteTargetError as exc:
+            if exc.status != 409 or self.length == 0:
+                raise
+            logger.info("target server %s lost decode cache %s (%s); sending its %d positions again",
+                        self.server.url, self.name, exc.message, self.length)
+            self.resent += 1
+            whole = torch.tensor([self._tokens[: self.length] + new_ids])
+            step = VerifyStep(*(t[:, -len(new_ids):] for t in self._call(whole, 0)))
+        self._tokens[self.length:] = new_ids
+        self.length += len(new_ids)
+        return step
+
+    def crop(self, keep_length: int) -> None:
+        """Keep the first ``keep_length`` positions (the server crops its cache at the next call)."""
+        if not 0 <= keep_length <= self.length:
+            raise ValueError(f"cannot keep {keep_length} of {self.length} cached positions")
+        self.length = keep_length
+        del self._tokens[keep_length:]
+
+    def close(self) -> None:
+        """Nothing to send: the server frees the cache when this client starts another sequence, at
+        ``/disconnect``, or when the cache budget needs the room."""
+        self.length = 0
+        self._tokens = []
