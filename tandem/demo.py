@@ -68,6 +68,13 @@ class DemoConfig:
     """Train against a `tandem serve-target` subprocess on loopback (the disaggregated path)."""
     generalisation_prompts: int = 8
     """Training and held-out prompts each on which the trained draft's step-0 accuracy is compared (0: skip)."""
+    live_eval_every: int = 60
+    """Measure the real acceptance length while training every this many steps (``tandem train --eval-every``),
+    through the target server: the plot's measured curve beside the simulated one (0: skip)."""
+    live_eval_prompts: int = 4
+    """Held-out prompts each live measurement decodes (the first of those the final evaluation decodes)."""
+    live_eval_max_new_tokens: int = 32
+    """Tokens each live measurement decodes a prompt."""
 
 
 def _prepare_data(config: DemoConfig, model, tokenizer, out: Path) -> Path:
@@ -98,7 +105,7 @@ def _plot(metrics_path: Path, png_path: Path) -> None:
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     steps = [r["step"] for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_acc, ax_accept) = plt.subplots(1, 3, figsize=(16, 4))
     ax_loss.plot(steps, [r["loss"] for r in rows])
     ax_loss.set(title="TTT loss (weighted over steps)", xlabel="step", ylabel="soft cross-entropy")
     accuracies = torch.tensor([r["step_accuracies"] for r in rows])
@@ -106,9 +113,25 @@ def _plot(metrics_path: Path, png_path: Path) -> None:
         ax_acc.plot(steps, accuracies[:, k], label=f"TTT step {k}")
     ax_acc.set(title="per-step accuracy (vs target argmax)", xlabel="step", ylabel="accuracy", ylim=(0, 1))
     ax_acc.legend(fontsize=7)
+    _plot_acceptance(ax_accept, rows)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
+
+
+def _plot_acceptance(ax, rows: list[dict]) -> None:
+    """The training proxy (acceptance simulated on each batch, averaged over 20 steps) and the acceptance length
+    measured by real speculative decoding of held-out prompts (``--eval-every`` rows)."""
+    simulated = torch.tensor([r["sim_acceptance_length"] for r in rows], dtype=torch.float64)
+    window = min(20, len(rows))
+    smoothed = torch.nn.functional.avg_pool1d(simulated.view(1, 1, -1), window, stride=1).view(-1)
+    ax.plot([r["step"] for r in rows][window - 1:], smoothed, label=f"simulated on training batches ({window}-step mean)")
+    measured = [r for r in rows if "eval_acceptance_length" in r]
+    if measured:
+        ax.plot([r["step"] for r in measured], [r["eval_acceptance_length"] for r in measured], "o-",
+                label=f"measured: speculative decoding of {measured[-1]['eval_prompts']} held-out prompts")
+    ax.set(title="acceptance length (tokens per target forward)", xlabel="step", ylabel="tokens")
+    ax.legend(fontsize=7)
 
 
 def _train(config: DemoConfig, data_path: Path, target, tokenizer, out: Path):
@@ -123,6 +146,9 @@ def _train(config: DemoConfig, data_path: Path, target, tokenizer, out: Path):
         learning_rate=config.learning_rate, draft_vocab_size=config.draft_vocab_size, ttt_steps=config.ttt_steps,
         warmup_steps=config.warmup_steps, save_every=max(config.total_steps // 4, 1),
         supervision_cache=str(out / "supervision-cache") if config.supervision_cache else None,
+        eval_every=config.live_eval_every, eval_prompts="heldout", eval_limit=config.live_eval_prompts,
+        eval_max_new_tokens=config.live_eval_max_new_tokens, eval_draft_tokens=config.draft_tokens,
+        eval_min_confidence=config.min_confidence,
     )
     if (out / "train").exists():
         logger.info("removing the previous demo run's %s (the demo always trains from scratch)", out / "train")
