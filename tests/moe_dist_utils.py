@@ -105,7 +105,9 @@ def run_scenarios(scenarios: Dict[str, Callable], rank: int, world_size: int) ->
     return outcome
 
 
-def scenario_fixtures(scenarios: Dict[str, Callable], world_sizes: Sequence[int] = (2, 4)) -> Tuple[Callable, Callable]:
+def scenario_fixtures(
+    scenarios: Dict[str, Callable], world_sizes: Sequence[int] = (2, 4)
+) -> Tuple[Callable, Callable]:
     """
     The two fixtures a module's one-test-per-scenario test takes: `outcomes`, every rank's outcomes of all
     `scenarios` run in one spawn per world size (module scope, so each world size spawns once), and
