@@ -56,6 +56,23 @@ def _timed(fn) -> float:
     return _slowest(time.perf_counter() - start)
 
 
+def _cached_round_trip(buffer, x: torch.Tensor, handle):
+    """
+    The timed step of a cached dispatch plus combine along `handle`. V1's `Buffer` and V2's `ElasticBuffer`
+    take the same call here (the handle replaces the routing; `recv_x` comes first), so one step serves both.
+
+    Arguments:
+        buffer: a `Buffer` or an `ElasticBuffer`.
+        x: `[num_tokens, hidden]` with `torch.bfloat16`, the tokens to dispatch.
+        handle: the handle of an earlier fresh dispatch of `buffer`.
+    """
+    def step():
+        recv_x, *_ = buffer.dispatch(x, handle=handle)
+        buffer.combine(recv_x, handle)
+
+    return step
+
+
 def _rank_bench(rank: int, world: int, args) -> dict:
     torch.manual_seed(rank)
     num_experts = args.experts_per_rank * world
@@ -73,10 +90,7 @@ def _rank_bench(rank: int, world: int, args) -> dict:
         return handle
 
     handle = fresh()
-
-    def cached():
-        recv_x, *_ = buffer.dispatch(x, handle=handle)
-        buffer.combine(recv_x, handle)
+    cached = _cached_round_trip(buffer, x, handle)
 
     elastic = ElasticBuffer(dist.group.WORLD, num_max_tokens_per_rank=args.tokens, hidden=args.hidden,
                             num_topk=args.topk)
@@ -88,10 +102,7 @@ def _rank_bench(rank: int, world: int, args) -> dict:
         return v2_handle
 
     v2_handle = v2_fresh()
-
-    def v2_cached():
-        recv_x, *_ = elastic.dispatch(x, handle=v2_handle)
-        elastic.combine(recv_x, v2_handle)
+    v2_cached = _cached_round_trip(elastic, x, v2_handle)
 
     # The limit: the same rows, the same split sizes, preallocated, no layout and no reduction.
     row_bytes = args.hidden * 2

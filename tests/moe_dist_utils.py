@@ -7,13 +7,15 @@ behaviour assert on its own outcome.
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import socket
 import traceback
 from datetime import timedelta
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -101,6 +103,33 @@ def run_scenarios(scenarios: Dict[str, Callable], rank: int, world_size: int) ->
         # the next scenario's collectives with mismatched shapes.
         dist.barrier()
     return outcome
+
+
+def scenario_fixtures(
+    scenarios: Dict[str, Callable], world_sizes: Sequence[int] = (2, 4)
+) -> Tuple[Callable, Callable]:
+    """
+    The two fixtures a module's one-test-per-scenario test takes: `outcomes`, every rank's outcomes of all
+    `scenarios` run in one spawn per world size (module scope, so each world size spawns once), and
+    `scenario`, each scenario's name in turn. Assign them to those names in the module:
+
+        outcomes, scenario = scenario_fixtures(SCENARIOS)
+
+        def test_buffer_behaviour(outcomes, scenario):
+            assert_scenario(outcomes, scenario)
+    """
+    # A partial of module-level functions pickles by reference, so the spawned ranks can receive it.
+    run_all = functools.partial(run_scenarios, scenarios)
+
+    @pytest.fixture(scope="module", params=list(world_sizes), ids=lambda n: f"{n}ranks")
+    def outcomes(request):
+        return run_ranks(request.param, run_all)
+
+    @pytest.fixture(params=sorted(scenarios))
+    def scenario(request):
+        return request.param
+
+    return outcomes, scenario
 
 
 def assert_scenario(outcomes: List[Dict[str, Optional[str]]], name: str) -> None:

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tandem.moe.ep import Buffer, DispatchHandle, EventOverlap
-from tests.moe_dist_utils import assert_scenario, run_ranks, run_scenarios
+from tests.moe_dist_utils import assert_scenario, scenario_fixtures
 
 HIDDEN = 256
 EXPERTS_PER_RANK = 4
@@ -365,21 +365,13 @@ def sc_uccl_buffer_intranode_dispatch_combine(rank, ws):
 
 SCENARIOS = {name[3:]: fn for name, fn in globals().items() if name.startswith("sc_")}
 
-
-def _rank_main(rank, world_size):
-    return run_scenarios(SCENARIOS, rank, world_size)
-
-
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}ranks")
-def outcomes(request):
-    return run_ranks(request.param, _rank_main)
+outcomes, scenario = scenario_fixtures(SCENARIOS)
 
 
 # ----------------------------------------------------------------------------- one test per behaviour
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_buffer_behaviour(outcomes, scenario):
     assert_scenario(outcomes, scenario)
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tandem.moe.dispatcher import APIS, GroupedSwiGLU, MoELayer, buffer_api, combine, dispatch
-from tests.moe_dist_utils import assert_scenario, run_ranks, run_scenarios
+from tests.moe_dist_utils import assert_scenario, scenario_fixtures
 
 HIDDEN, INTERMEDIATE, TOP_K = 32, 48, 2
 
@@ -103,18 +103,10 @@ SCENARIOS = {
     for name, fn in list(globals().items()) if name.startswith("sc_") for api in ("v1", "v2")
 }
 
-
-def _rank_main(rank, world_size):
-    return run_scenarios(SCENARIOS, rank, world_size)
-
-
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}ranks")
-def outcomes(request):
-    return run_ranks(request.param, _rank_main)
+outcomes, scenario = scenario_fixtures(SCENARIOS)
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_dispatcher_behaviour(outcomes, scenario):
     assert_scenario(outcomes, scenario)
 

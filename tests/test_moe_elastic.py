@@ -14,7 +14,7 @@ from tandem.moe.ep import ElasticBuffer, EPHandle, EventOverlap
 from tandem.moe.ep.elastic import native_elastic_buffer_class
 from tandem.moe.ep.expanded import expanded_layout, last_selection_order, selection_positions
 from tests.conformance.reference import RankInput, received
-from tests.moe_dist_utils import assert_scenario, run_ranks, run_scenarios
+from tests.moe_dist_utils import assert_scenario, scenario_fixtures
 
 EXPERTS_PER_RANK, TOPK, HIDDEN, M = 4, 3, 16, 20
 
@@ -203,17 +203,9 @@ def sc_events_and_lifecycle_follow_deepep(rank, ws):
 
 SCENARIOS = {name[3:]: fn for name, fn in globals().items() if name.startswith("sc_")}
 
-
-def _rank_main(rank, world_size):
-    return run_scenarios(SCENARIOS, rank, world_size)
-
-
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}ranks")
-def outcomes(request):
-    return run_ranks(request.param, _rank_main)
+outcomes, scenario = scenario_fixtures(SCENARIOS)
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_elastic_buffer_behaviour(outcomes, scenario):
     assert_scenario(outcomes, scenario)

@@ -24,13 +24,12 @@ import torch.distributed as dist
 
 from . import low_latency, normal
 from .checks import PAYLOAD_DTYPES, check_num_experts, check_tensor, check_topk_idx, split_bias, split_x
+from .comm_buffer import CommBuffer
 from .config import NUM_MAX_NVL_PEERS, Config
 from .config import get_low_latency_rdma_size_hint as _ll_size_hint
 from .event import EventHandle, EventOverlap
 from .handle import DispatchHandle, LowLatencyHandle
 from .layout import aligned_counts, dispatch_layout
-from .stream import CommStreams
-from .workspace import Workspace
 
 # DeepEP's tuned (num_sms, nvl_send, nvl_recv, rdma_send, rdma_recv) per group size, minus num_sms.
 _DISPATCH_CONFIGS = {
@@ -52,7 +51,7 @@ def _tuned(table: dict, num_ranks: int) -> Config:
     return Config(Buffer.num_sms, *table[key])
 
 
-class Buffer:
+class Buffer(CommBuffer):
     """
     The expert-parallel (EP) communication buffer for MoE models: high-throughput dispatch/combine and the
     low-latency variants, with DeepEP's API.
@@ -107,42 +106,23 @@ class Buffer:
         """
         if comm is not None and group is None:
             raise ValueError("the portable backend communicates through torch.distributed: pass `group`, not `comm`")
-        if group is None:
-            if not dist.is_initialized():
-                raise ValueError("Buffer needs a process group: call torch.distributed.init_process_group first")
-            group = dist.group.WORLD
+        super().__init__(group, explicitly_destroy)
         if num_nvl_bytes < 0 or num_rdma_bytes < 0:
             raise ValueError("num_nvl_bytes and num_rdma_bytes must be >= 0")
-        self.group = group
-        self.rank = group.rank()
-        self.group_size = group.size()
+        self.rank = self.group.rank()
+        self.group_size = self.group.size()
         self.num_nvl_bytes = num_nvl_bytes
         self.num_rdma_bytes = num_rdma_bytes
         self.low_latency_mode = low_latency_mode
         self.num_qps_per_rank = num_qps_per_rank
-        self.explicitly_destroy = explicitly_destroy
         self.is_intranode = is_intranode
-        self.runtime = None  # DeepEP's C++ runtime; the portable backend has none
-        self._streams = CommStreams()
-        self._workspace = Workspace()
         self._ll_combine_buffer: Optional[torch.Tensor] = None
-        self._destroyed = False
 
     # ----------------------------------------------------------------- lifecycle and static helpers
 
-    def destroy(self) -> None:
-        """Release the buffer; only allowed (and then required) with `explicitly_destroy=True`."""
-        if not self.explicitly_destroy:
-            raise RuntimeError("destroy() needs Buffer(..., explicitly_destroy=True); otherwise the destructor releases it")
-        self._check_alive()
-        self._streams = CommStreams()
-        self._workspace.clear()
+    def _release(self) -> None:
+        super()._release()
         self._ll_combine_buffer = None
-        self._destroyed = True
-
-    def _check_alive(self) -> None:
-        if self._destroyed:
-            raise RuntimeError("this Buffer was destroyed; create a new one")
 
     @staticmethod
     def is_sm90_compiled() -> bool:
@@ -191,28 +171,12 @@ class Buffer:
 
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
-        """
-        Get a recommended dispatch config.
-
-        Arguments:
-            num_ranks: the number of ranks.
-
-        Returns:
-            config: DeepEP's tuned config for that size (the nearest tuned size for others).
-        """
+        """Get a recommended dispatch config: DeepEP's tuned one for `num_ranks` ranks (or the nearest tuned size)."""
         return _tuned(_DISPATCH_CONFIGS, num_ranks)
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
-        """
-        Get a recommended combine config.
-
-        Arguments:
-            num_ranks: the number of ranks.
-
-        Returns:
-            config: DeepEP's tuned config for that size (the nearest tuned size for others).
-        """
+        """Get a recommended combine config: DeepEP's tuned one for `num_ranks` ranks (or the nearest tuned size)."""
         return _tuned(_COMBINE_CONFIGS, num_ranks)
 
     def get_comm_stream(self, device: Optional[torch.device] = None) -> Optional["torch.cuda.Stream"]:

@@ -36,10 +36,9 @@ import torch.distributed as dist
 
 from . import elastic_ops
 from .checks import FP8_DTYPES, PAYLOAD_DTYPES, check_num_experts, check_tensor, check_topk_idx, split_bias, split_x
+from .comm_buffer import CommBuffer
 from .ep_handle import EPHandle
 from .event import EventHandle, EventOverlap
-from .stream import CommStreams
-from .workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ def native_elastic_buffer_class(group: Optional[dist.ProcessGroup]) -> Optional[
     return getattr(module, "ElasticBuffer", None)
 
 
-class ElasticBuffer:
+class ElasticBuffer(CommBuffer):
     """
     The V2 expert-parallel communication buffer: dispatch and combine with DeepEP V2's API.
 
@@ -134,15 +133,11 @@ class ElasticBuffer:
             explicitly_destroy: if set, `destroy()` must be called to release resources.
         """
         del num_cpu_bytes, hidden, num_topk, use_fp8_dispatch, sl_idx, num_cpu_timeout_secs, num_gpu_timeout_secs
-        if group is None:
-            if not dist.is_initialized():
-                raise ValueError("ElasticBuffer needs a process group: call torch.distributed.init_process_group first")
-            group = dist.group.WORLD
+        super().__init__(group, explicitly_destroy)
         if num_max_tokens_per_rank < 0:
             raise ValueError(f"num_max_tokens_per_rank must be >= 0, got {num_max_tokens_per_rank}")
-        self.group = group
-        self.rank_idx = group.rank()
-        self.num_ranks = group.size()
+        self.rank_idx = self.group.rank()
+        self.num_ranks = self.group.size()
         self.deterministic = deterministic
         self.allow_hybrid_mode = allow_hybrid_mode
         self.allow_multiple_reduction = allow_multiple_reduction
@@ -153,26 +148,8 @@ class ElasticBuffer:
         self.scaleout_rank_idx, self.scaleup_rank_idx = 0, self.rank_idx
         self.num_rdma_ranks, self.num_nvlink_ranks = 1, self.num_ranks
         self.num_allocated_qps = num_allocated_qps or (65 if allow_hybrid_mode else 17)
-        self.explicitly_destroy = explicitly_destroy
-        self.runtime = None
-        self._streams = CommStreams()
-        self._workspace = Workspace()
-        self._destroyed = False
 
-    # ----------------------------------------------------------------- lifecycle and helpers
-
-    def destroy(self) -> None:
-        """Release the buffer; only allowed (and then required) with `explicitly_destroy=True`."""
-        if not self.explicitly_destroy:
-            raise RuntimeError("destroy() needs ElasticBuffer(..., explicitly_destroy=True)")
-        self._check_alive()
-        self._streams = CommStreams()
-        self._workspace.clear()
-        self._destroyed = True
-
-    def _check_alive(self) -> None:
-        if self._destroyed:
-            raise RuntimeError("this ElasticBuffer was destroyed; create a new one")
+    # ----------------------------------------------------------------- helpers (destroy: CommBuffer)
 
     @staticmethod
     def get_buffer_size_hint(group: dist.ProcessGroup, num_max_tokens_per_rank: int, hidden: int,

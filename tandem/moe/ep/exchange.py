@@ -98,16 +98,16 @@ def start_all_to_all_rows(
     return out, work
 
 
-def all_to_all_rows(
-    group: dist.ProcessGroup,
-    rows: torch.Tensor,
-    send_counts: Sequence[int],
-    recv_counts: Sequence[int],
-    out_rows: Optional[int] = None,
-    out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """`start_all_to_all_rows`, waited for: the received `[out_rows or sum(recv_counts), ...]` rows."""
-    out, work = start_all_to_all_rows(group, rows, send_counts, recv_counts, out_rows, out)
+def all_to_all_rows(group: dist.ProcessGroup, rows: torch.Tensor, send_counts: Sequence[int],
+                    recv_counts: Sequence[int]) -> torch.Tensor:
+    """
+    `start_all_to_all_rows`, waited for, into fresh exactly-sized output (the low-latency path's use; the
+    others overlap work with the transfer and call `start_all_to_all_rows` themselves).
+
+    Returns:
+        received: `[sum(recv_counts), ...]` with `rows.dtype`, blocks ordered by source rank.
+    """
+    out, work = start_all_to_all_rows(group, rows, send_counts, recv_counts)
     if work is not None:
         work.wait()
     return out

@@ -438,7 +438,11 @@ class Trainer:
                 raise FileNotFoundError(f"rank {self.dist.rank}: cannot read {path}, which rank 0 resumes from: put "
                                         f"--output-dir on a filesystem every node shares")
             state = ckpt.load_training_state(path)
-        run_state.check_resume(state.get("run"), self.run_identity(), self.config.allow_resume_mismatch, path)
+        # The target's facts are the target record's to check (in load_state_dict, --allow-target-mismatch);
+        # this one checks the data, the vocabulary, the settings and the dtype (--allow-resume-mismatch).
+        owned_by_record = identity.SAME_MODEL_FIELDS if "record" in state else ()
+        run_state.check_resume(state.get("run"), self.run_identity(), self.config.allow_resume_mismatch, path,
+                               skip_target_fields=owned_by_record)
         self._keep_checkpoint_vocab(state["draft"])
         self.load_state_dict(state)
         if self.dist.is_main:

@@ -156,15 +156,15 @@ def run_identity(config, *, data_digest: str, vocab_digest: str, model_info: dic
             "config": json.loads(json.dumps(fields))}
 
 
-def identity_mismatches(saved: dict, current: dict) -> list[str]:
+def identity_mismatches(saved: dict, current: dict, skip_target_fields=()) -> list[str]:
     """One line per difference between a checkpoint's :func:`run_identity` and the current run's, naming the
-    field; target identities are compared on the keys both record."""
+    field; target identities are compared on the keys both record, but ``skip_target_fields``."""
     problems = []
     for key, what in (("data_digest", "--data (its contents' digest)"), ("vocab_digest", "the draft vocabulary (digest)")):
         if key in saved and saved[key] != current[key]:
             problems.append(f"{what}: checkpoint {str(saved[key])[:16]}, now {str(current[key])[:16]}")
     old_target, new_target = saved.get("target") or {}, current["target"]
-    for key in sorted(set(old_target) & set(new_target)):
+    for key in sorted((set(old_target) & set(new_target)) - set(skip_target_fields)):
         if old_target[key] != new_target[key]:
             problems.append(f"target {key}: checkpoint {old_target[key]!r}, now {new_target[key]!r}")
     old_config = saved.get("config") or {}
@@ -174,15 +174,17 @@ def identity_mismatches(saved: dict, current: dict) -> list[str]:
     return problems
 
 
-def check_resume(saved: Optional[dict], current: dict, allow_mismatch: bool, where: Any) -> list[str]:
+def check_resume(saved: Optional[dict], current: dict, allow_mismatch: bool, where: Any,
+                 skip_target_fields=()) -> list[str]:
     """Refuse (``ResumeMismatchError``) a resume whose run differs from the checkpoint's, naming each field,
     unless ``allow_mismatch``; then warn and return the differences. A checkpoint from before these records
-    (``saved`` None) is resumed with a warning."""
+    (``saved`` None) is resumed with a warning. ``skip_target_fields``: target facts another check owns (the
+    target record, ``identity.check_run_record``, with its own ``--allow-target-mismatch``)."""
     if saved is None:
         logger.warning("--resume: %s records no data, vocabulary or target digests (written by an older tandem); "
                        "they cannot be checked", where)
         return []
-    problems = identity_mismatches(saved, current)
+    problems = identity_mismatches(saved, current, skip_target_fields)
     if problems and not allow_mismatch:
         raise ResumeMismatchError(f"--resume: {where} belongs to another run: " + "; ".join(problems)
                                   + ". Pass --allow-resume-mismatch to continue it anyway, or choose a new --output-dir")
