@@ -150,13 +150,18 @@ def test_remote_training_is_bit_identical_in_bfloat16(root, target_dir):
     assert_same_run(root / "remote_bf16", root / "in_process_bf16")
 
 
-def test_live_evaluation_through_the_server_leaves_the_run_bit_identical(root, target_dir, reference, server):
+def test_live_evaluation_through_the_server_leaves_the_run_bit_identical(root, target_dir, reference):
     # --eval-every decodes held-out prompts through the server's /verify between steps: the measured figures
     # land in metrics.jsonl, and the losses and the draft are those of the run without it, bit for bit.
-    url = server["process"].url
-    config = run_config(root, "remote_eval", target_dir, target_urls=[url], eval_every=2,
-                        eval_prompts=str(root / "data.jsonl"), eval_limit=2, eval_max_new_tokens=6, eval_draft_tokens=3)
-    train(config, tokenizer=build_tiny_tokenizer())
+    server = start_tiny_server(target_dir, root / "serve-target-eval.log")
+    try:
+        config = run_config(root, "remote_eval", target_dir, target_urls=[server.url], eval_every=2,
+                            eval_prompts=str(root / "data.jsonl"), eval_limit=2, eval_max_new_tokens=6,
+                            eval_draft_tokens=3)
+        train(config, tokenizer=build_tiny_tokenizer())
+        log = server.log_tail(100_000)
+    finally:
+        server.stop()
     assert_same_run(root / "remote_eval", reference)
     rows = [json.loads(line) for line in (root / "remote_eval" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval_acceptance_length" in r] == [2, 4, 5]  # every 2 steps and at the end
@@ -164,4 +169,4 @@ def test_live_evaluation_through_the_server_leaves_the_run_bit_identical(root, t
         if "eval_acceptance_length" in row:
             assert row["eval_outputs_match"] and row["eval_prompts"] == 2 and row["eval_s"] > 0
             assert 1.0 <= row["eval_acceptance_length"] <= 4.0 and 0.0 <= row["eval_step0_accuracy"] <= 1.0
-    assert "POST /verify" in server["process"].log_tail(100_000)
+    assert "POST /verify" in log

@@ -92,13 +92,10 @@ def test_stateless_verify_of_a_batch_equals_the_in_process_forward(server, local
         info = remote._model_info()
         assert protocol.EP_VERIFY in info[protocol.EXTENSIONS_FIELD]  # /model_info advertises the extension
         step = remote.verify(ids)
-    session = local.decode_session()
-    for row in range(3):
-        session.crop(0)
-        want = session.extend(ids[row : row + 1])
-        assert torch.equal(step.next_token_ids[row], want.next_token_ids[0])
-        assert torch.equal(step.aux_hidden_states[row], want.aux_hidden_states[0])
-        assert torch.equal(step.near_ties[row], want.near_ties[0])
+    want = local.decode_session().extend(ids)  # the same batch in one forward (batching changes the rounding)
+    assert torch.equal(step.next_token_ids, want.next_token_ids)
+    assert torch.equal(step.aux_hidden_states, want.aux_hidden_states)
+    assert torch.equal(step.near_ties, want.near_ties)
 
 
 def test_a_lost_cache_is_sent_again_and_the_decode_goes_on(server, local):

@@ -284,9 +284,18 @@ def teacher_forced_accuracy(target: Eagle3TargetModel, draft: Eagle3DraftModel, 
     for prompt in prompts:
         continuation = greedy_decode(target, prompt, max_new_tokens, stop_ids).tokens
         ids = torch.cat([prompt.to(target.device), torch.tensor([continuation], device=target.device)], dim=1)
-        proposals = teacher_forced_proposals(target, draft, ids)
-        # Guesses for the continuation's tokens after its first (which the prefill produces, not a draft).
-        guessed = torch.arange(prompt.shape[1] - 1, ids.shape[1] - 2, device=ids.device)
-        hits += int((proposals[guessed] == ids[0, guessed + 2]).sum())
-        total += guessed.numel()
+        got, of = continuation_hits(target, draft, prompt.shape[1], ids)
+        hits, total = hits + got, total + of
     return hits / max(total, 1)
+
+
+def continuation_hits(target, draft: Eagle3DraftModel, prompt_length: int, ids: torch.Tensor,
+                      aux_hidden_states: torch.Tensor | None = None) -> tuple[int, int]:
+    """``(right, guessed)``: of the draft's first proposals for the tokens of a greedy continuation after its
+    first (which the prefill produces, not a draft), how many are the continuation's token.
+
+    ``ids``: ``[1, S + T]`` long, a prompt of ``prompt_length`` tokens and the target's greedy continuation;
+    ``aux_hidden_states``: their ``[1, S + T, 3H]`` aux states if known (see ``teacher_forced_proposals``)."""
+    proposals = teacher_forced_proposals(target, draft, ids, aux_hidden_states)
+    guessed = torch.arange(prompt_length - 1, ids.shape[1] - 2, device=ids.device)
+    return int((proposals[guessed] == ids[0, guessed + 2]).sum()), guessed.numel()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from tandem.speculative.eagle.decode import (
-    DecodeResult, for_decoding, greedy_decode, speculative_decode, summarize, target_aux_states, teacher_forced_proposals,
+    DecodeResult, continuation_hits, for_decoding, greedy_decode, speculative_decode, summarize, target_aux_states,
 )
 
 logger = logging.getLogger(__name__)
@@ -93,13 +93,8 @@ class LiveEvaluator:
         try:
             results = [speculative_decode(self.target, decoding, r.prompt, self.max_new_tokens, self.num_draft_tokens,
                                           self.stop_ids, self.min_confidence) for r in references]
-            hits = total = 0
-            for r in references:
-                proposals = teacher_forced_proposals(self.target, decoding, r.ids, r.aux)
-                # Guesses for the continuation's tokens after its first (which the prefill produces, not a draft).
-                guessed = torch.arange(r.prompt.shape[1] - 1, r.ids.shape[1] - 2, device=r.ids.device)
-                hits += int((proposals[guessed] == r.ids[0, guessed + 2]).sum())
-                total += guessed.numel()
+            counts = [continuation_hits(self.target, decoding, r.prompt.shape[1], r.ids, r.aux) for r in references]
+            hits, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
         finally:
             draft.train(was_training)
         summary = summarize([r.greedy for r in references], results)
