@@ -383,12 +383,12 @@ class TargetModelServer:
             start = time.perf_counter()
             with place.turn(), self.generate_lock:
                 if name is None:
-                    step = greedy_step(*self.target_wrapper.forward_cached(input_ids, DynamicCache()), self.target_wrapper.dtype)
+                    step = self._greedy_forward(input_ids, DynamicCache())
                 else:
                     # Checked out, the cache is nobody else's; an exception below leaves it out: freed.
                     entry = self.decode_caches.check_out(client_id, name, past_length, new, DynamicCache)
                     crop_cache(entry.cache, past_length)
-                    step = greedy_step(*self.target_wrapper.forward_cached(input_ids, entry.cache), self.target_wrapper.dtype)
+                    step = self._greedy_forward(input_ids, entry.cache)
                     entry.length = past_length + new
                     self.decode_caches.check_in(client_id, entry)
         finally:
@@ -398,6 +398,13 @@ class TargetModelServer:
             self._stats.verify_positions += batch * new
             self._stats.verify_s += time.perf_counter() - start
         return dict(zip(protocol.VERIFY_ANSWER_KEYS, step))
+
+    def _greedy_forward(self, input_ids: torch.Tensor, cache):
+        """The target's ``greedy_forward`` (what in-process decoding runs), else the same from ``forward_cached``."""
+        greedy_forward = getattr(self.target_wrapper, "greedy_forward", None)
+        if callable(greedy_forward):
+            return greedy_forward(input_ids, cache)
+        return greedy_step(*self.target_wrapper.forward_cached(input_ids, cache), self.target_wrapper.dtype)
 
     def generate_buffers(
         self, raw: bytes, client_wants_nccl: bool, *, client_id: str = protocol.ANONYMOUS_CLIENT,
