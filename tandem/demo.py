@@ -68,7 +68,7 @@ class DemoConfig:
     """Train against a `tandem serve-target` subprocess on loopback (the disaggregated path)."""
     generalisation_prompts: int = 8
     """Training and held-out prompts each on which the trained draft's step-0 accuracy is compared (0: skip)."""
-    live_eval_every: int = 60
+    live_eval_every: int = 75
     """Measure the real acceptance length while training every this many steps (``tandem train --eval-every``),
     through the target server: the plot's measured curve beside the simulated one (0: skip)."""
     live_eval_prompts: int = 4
