@@ -63,7 +63,7 @@ class BackendSpec:
             return f"needs CUDA with one GPU per rank ({world_size}); found {found}"
         return None
 
-    def build(self, group: dist.ProcessGroup, **v2_options) -> "Adapter":
+    def build(self, group: dist.ProcessGroup, **v2_options) -> "V1Adapter | V2Adapter":
         device = torch.device("cuda", torch.cuda.current_device()) if self.native else torch.device("cpu")
         if self.api == "v2":
             from tandem.moe.ep import ElasticBuffer

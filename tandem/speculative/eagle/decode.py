@@ -19,25 +19,19 @@ import torch
 
 from tandem.speculative.eagle.draft import DraftKVCache, Eagle3DraftModel
 from tandem.speculative.eagle.target import Eagle3TargetModel
-from tandem.speculative.eagle.verification import crop_cache, near_tie_mask  # noqa: F401 - crop_cache: former home
 
 
 @dataclass
 class DecodeResult:
     """tokens: the new token ids. target_forwards: target forwards, the prefill included. wall_s: seconds.
     drafted: tokens the draft proposed (0 for plain decoding). near_ties: plain decoding only, for each
-    token whether the top two logits were within the target dtype's rounding (``is_near_tie``)."""
+    token whether the top two logits were within the target dtype's rounding (``verification.near_tie_mask``)."""
 
     tokens: list[int]
     target_forwards: int
     wall_s: float
     drafted: int = 0
     near_ties: list[bool] | None = None
-
-
-def is_near_tie(logits: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether the top two of ``logits [V]`` (float32) are a near-tie in ``dtype`` (``near_tie_mask``)."""
-    return bool(near_tie_mask(logits, dtype))
 
 
 def _truncate(tokens: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
@@ -169,7 +163,7 @@ class EvalSummary:
     """Prompts whose speculative output differs from the plain greedy one."""
     diverged_at_ties: int = 0
     """Of those, the ones that first differ at a token whose top two logits were a near-tie in the target
-    dtype (``is_near_tie``): rounding, not a decoding error. ``exact_up_to_ties`` says all were."""
+    dtype (``verification.near_tie_mask``): rounding, not a decoding error. ``exact_up_to_ties`` says all were."""
 
     @property
     def exact_up_to_ties(self) -> bool:

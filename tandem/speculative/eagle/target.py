@@ -211,11 +211,10 @@ class Eagle3TargetModel:
         For a bf16 or fp16 target the projection runs in the target's dtype and only a few candidates a position
         are scored in float32 (``verification.greedy_from_hidden``): the same tokens and near-tie flags as the
         float32 logits, at a fifth of the cost for a verification of 6 tokens."""
-        from tandem.speculative.eagle.compact import output_projection
         from tandem.speculative.eagle.verification import VerifyStep, greedy_from_hidden, greedy_step
 
-        head = output_projection(self.model) if hasattr(self.model, "model") else None
-        if head is None or not self.dtype.is_floating_point or self.dtype == torch.float32:
+        head = self._output_head()
+        if head is None or self.dtype == torch.float32:
             logits, aux = self.forward_cached(input_ids, cache)
             return greedy_step(logits, aux, self.dtype)
         hidden = self.model.model(input_ids=input_ids.to(self.device), past_key_values=cache,
@@ -229,13 +228,19 @@ class Eagle3TargetModel:
 
         return LocalDecodeSession(self)
 
-    def _float32_head(self) -> torch.Tensor | None:
-        """``[V, H]`` float32 copy of the output projection (made once) when the logits are exactly
-        ``lm_head(model.model(...))``; None for targets whose logits are more than that."""
+    def _output_head(self) -> nn.Linear | None:
+        """The output projection (looked up once) when the logits are exactly ``lm_head(model.model(...))``;
+        None for targets whose logits are more than that."""
         from tandem.speculative.eagle.compact import output_projection
 
+        if not hasattr(self, "_head"):
+            self._head = output_projection(self.model) if hasattr(self.model, "model") else None
+        return self._head
+
+    def _float32_head(self) -> torch.Tensor | None:
+        """``[V, H]`` float32 copy of ``_output_head`` (made once); None where there is none."""
         if not hasattr(self, "_head32"):
-            head = output_projection(self.model) if hasattr(self.model, "model") else None
+            head = self._output_head()
             self._head32 = None if head is None else head.weight.detach().float()
         return self._head32
 

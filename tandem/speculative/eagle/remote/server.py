@@ -51,7 +51,7 @@ from tandem.speculative.eagle.remote.token_budget import (
 )
 from tandem.speculative.eagle.remote.transport import default_port_range
 from tandem.speculative.eagle.supervision import compute_supervision  # noqa: F401 - named by the spec page
-from tandem.speculative.eagle.verification import crop_cache, greedy_step
+from tandem.speculative.eagle.verification import crop_cache
 from tandem.speculative.eagle.vocab import vocab_digest
 
 logger = logging.getLogger(__name__)
@@ -153,8 +153,8 @@ class TargetModelServer:
         self.decode_caches = DecodeCacheTable(int(max_decode_tokens or self.max_batch_tokens))
         # An evicted session's decode cache goes with it.
         self.sessions = SessionTable(max_sessions, session_idle_timeout_s, on_evict=self.decode_caches.drop)
-        # /verify needs a target that decodes with a KV cache (Eagle3TargetModel.forward_cached).
-        self.verify_supported = callable(getattr(target_wrapper, "forward_cached", None))
+        # /verify needs a target that decodes with a KV cache (Eagle3TargetModel.greedy_forward).
+        self.verify_supported = callable(getattr(target_wrapper, "greedy_forward", None))
         self._stats = _Stats()
         self._stats_lock = threading.Lock()
         self._closed = False
@@ -383,12 +383,12 @@ class TargetModelServer:
             start = time.perf_counter()
             with place.turn(), self.generate_lock:
                 if name is None:
-                    step = self._greedy_forward(input_ids, DynamicCache())
+                    step = self.target_wrapper.greedy_forward(input_ids, DynamicCache())
                 else:
                     # Checked out, the cache is nobody else's; an exception below leaves it out: freed.
                     entry = self.decode_caches.check_out(client_id, name, past_length, new, DynamicCache)
                     crop_cache(entry.cache, past_length)
-                    step = self._greedy_forward(input_ids, entry.cache)
+                    step = self.target_wrapper.greedy_forward(input_ids, entry.cache)
                     entry.length = past_length + new
                     self.decode_caches.check_in(client_id, entry)
         finally:
@@ -398,13 +398,6 @@ class TargetModelServer:
             self._stats.verify_positions += batch * new
             self._stats.verify_s += time.perf_counter() - start
         return dict(zip(protocol.VERIFY_ANSWER_KEYS, step))
-
-    def _greedy_forward(self, input_ids: torch.Tensor, cache):
-        """The target's ``greedy_forward`` (what in-process decoding runs), else the same from ``forward_cached``."""
-        greedy_forward = getattr(self.target_wrapper, "greedy_forward", None)
-        if callable(greedy_forward):
-            return greedy_forward(input_ids, cache)
-        return greedy_step(*self.target_wrapper.forward_cached(input_ids, cache), self.target_wrapper.dtype)
 
     def generate_buffers(
         self, raw: bytes, client_wants_nccl: bool, *, client_id: str = protocol.ANONYMOUS_CLIENT,
