@@ -51,14 +51,15 @@ def decode_rows(model, draft, dtype: torch.dtype, runs: int, warmup: int, contex
     vocab = model.config.vocab_size
     prompt = torch.randint(3, vocab, (1, context))
     cache = DynamicCache()
-    target.forward_cached(prompt, cache)
+    target.greedy_forward(prompt, cache)
     draft_cache = DraftKVCache()
     hidden = draft.step(prompt, draft.project_aux(torch.randn(1, context, 3 * model.config.hidden_size, dtype=dtype)),
                         torch.arange(context).unsqueeze(0), kv_cache=draft_cache)[:, -1:]
 
     def forward(n: int):
         def run() -> None:
-            target.forward_cached(torch.randint(3, vocab, (1, n)), cache)
+            # What decoding runs: the greedy tokens and near-tie flags of the float32 logits (greedy_forward).
+            target.greedy_forward(torch.randint(3, vocab, (1, n)), cache)
             cache.crop(-n)  # back to the prompt: every run sees the same context
         return run
 
