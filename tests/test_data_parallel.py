@@ -119,7 +119,12 @@ def _rank_runs(root: str, urls: list[str], rank: int, world_size: int) -> dict:
     if rank != 0:
         _audit_writes(root, writes)
     per_rank = GLOBAL_BATCH // world_size
-    plans = {"dp_in_process": {}, "dp_shared_server": {"target_urls": urls[:1]}, "dp_server_each": {"target_urls": urls}}
+    # The shared-server run also measures the real acceptance every 2 steps (--eval-every): rank 0 alone, through
+    # the server's /verify, and the run must still match one process.
+    live_eval = {"eval_every": 2, "eval_prompts": str(Path(root) / "data.jsonl"), "eval_limit": 2,
+                 "eval_max_new_tokens": 4, "eval_draft_tokens": 2}
+    plans = {"dp_in_process": {}, "dp_shared_server": {"target_urls": urls[:1], **live_eval},
+             "dp_server_each": {"target_urls": urls}}
     out = {}
     for name, extra in plans.items():
         trainer = train(TrainConfig(**run_fields(Path(root), name, batch_size=per_rank, **extra)))
@@ -202,6 +207,13 @@ def test_two_ranks_match_one_process_at_the_global_batch(root, reference, two_ra
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=RTOL), step
+
+
+def test_rank_zero_measures_acceptance_during_a_data_parallel_run(root, two_ranks):
+    rows = [json.loads(line) for line in (root / "dp_shared_server" / "metrics.jsonl").read_text().splitlines()]
+    measured = [row["step"] for row in rows if "eval_acceptance_length" in row]
+    assert measured == list(range(2, STEPS + 1, 2))
+    assert all(row["eval_outputs_match"] and row["eval_prompts"] == 2 for row in rows if "eval_prompts" in row)
 
 
 def test_only_rank_zero_writes_files(root, two_ranks):
