@@ -37,8 +37,8 @@ class DemoConfig:
     """How many shipped training prompts to regenerate and train on (0: all)."""
     regen_max_new_tokens: int = 192
     """Answer length when regenerating the training set."""
-    regen_batch_size: int = 64
-    """Conversations generated together."""
+    regen_batch_size: int = 128
+    """Conversations generated together (measured on 2 cores, bf16: 409 tok/s at 128 rows, 338 at 64, 468 at 256)."""
     total_steps: int = 300
     """Training steps (about 1 s each from the supervision cache on two CPU cores in bf16)."""
     batch_size: int = 4
