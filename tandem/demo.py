@@ -134,9 +134,9 @@ def _plot_acceptance(ax, rows: list[dict]) -> None:
     ax.legend(fontsize=7)
 
 
-def _train(config: DemoConfig, data_path: Path, target, tokenizer, out: Path):
+def _train(config: DemoConfig, data_path: Path, target, tokenizer, out: Path, phases: dict):
     """Train the draft (against a serve-target subprocess unless ``remote`` is off); returns
-    ``(trainer, untrained draft, seconds)``."""
+    ``(trainer, untrained draft, seconds)`` and adds the phases' seconds to ``phases``."""
     from tandem.speculative.eagle.recipe import TrainConfig, Trainer
     from tandem.targets import build_target
 
@@ -154,6 +154,7 @@ def _train(config: DemoConfig, data_path: Path, target, tokenizer, out: Path):
         logger.info("removing the previous demo run's %s (the demo always trains from scratch)", out / "train")
         shutil.rmtree(out / "train")
     server = None
+    started = time.perf_counter()
     if config.remote:
         from tandem.speculative.eagle.remote.launch import start_target_server
 
@@ -164,11 +165,14 @@ def _train(config: DemoConfig, data_path: Path, target, tokenizer, out: Path):
                           target_factory=build_target)
         # The untrained baseline is the draft exactly as training starts (same seed, same seeding).
         untrained_draft = copy.deepcopy(trainer.draft)
+        phases["server_and_setup_s"] = time.perf_counter() - started
         started = time.perf_counter()
         if trainer.supervision_cache is not None:
             trainer.fill_supervision_cache()
+        phases["supervision_cache_s"] = time.perf_counter() - started
         trainer.train()
         seconds = time.perf_counter() - started
+        phases["train_s"] = seconds - phases["supervision_cache_s"]
     finally:
         if server is not None:
             server.stop()
@@ -209,15 +213,19 @@ def run_demo(config: DemoConfig) -> int:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_target(config.target, dtype=config.dtype)
+    phases = {"load_target_s": time.perf_counter() - started}
     data_path = _prepare_data(config, model, tokenizer, out)
+    phases["regenerate_s"] = time.perf_counter() - started - phases["load_target_s"]
     target = Eagle3TargetModel(model)
-    trainer, untrained_draft, train_seconds = _train(config, data_path, target, tokenizer, out)
+    trainer, untrained_draft, train_seconds = _train(config, data_path, target, tokenizer, out, phases)
     _plot(out / "train" / "metrics.jsonl", out / "training.png")
+    evaluated = time.perf_counter()
     results, generalisation = _evaluate(config, target, tokenizer, {"untrained": untrained_draft, "trained": trainer.draft})
+    phases["evaluate_s"] = time.perf_counter() - evaluated
     untrained, trained = results["untrained"], results["trained"]
     summary = {
         "config": asdict(config), "dtype": str(target.dtype).removeprefix("torch."), "train_seconds": train_seconds,
-        "total_seconds": time.perf_counter() - started,
+        "total_seconds": time.perf_counter() - started, "phases": {k: round(v, 1) for k, v in phases.items()},
         "untrained": untrained.to_dict(), "trained": trained.to_dict(),
         "acceptance_ratio": trained.acceptance_length / untrained.acceptance_length,
         "generalisation": generalisation,
@@ -245,6 +253,8 @@ def _print_table(summary: dict, out: Path) -> None:
                   f"forward round differently); the outputs are equal up to those ties")
     print(f"\ntrained / untrained acceptance: {summary['acceptance_ratio']:.2f}x   "
           f"training {summary['train_seconds']:.0f} s, demo {summary['total_seconds']:.0f} s")
+    print("time: " + ", ".join(f"{name.removesuffix('_s').replace('_', ' ')} {seconds:.0f} s"
+                               for name, seconds in summary["phases"].items()))
     gen = summary.get("generalisation")
     if gen:
         print(f"trained draft's step-0 accuracy on the target's greedy continuations (teacher-forced, "

@@ -20,7 +20,7 @@ def tiny_config(**overrides) -> Eagle3DraftConfig:
 
 def explicit_step_attention(query, keys, values, padding):
     """Attention over every key of every step with an explicit [S, (k+1)S] mask."""
-    steps, (batch, heads, seq, dim) = len(keys), query.shape
+    steps, (batch, _, seq, dim) = len(keys), query.shape
     all_keys, all_values = torch.cat(keys, dim=2), torch.cat(values, dim=2)
     allowed = torch.zeros(batch, seq, steps * seq, dtype=torch.bool)
     for i in range(seq):
@@ -43,6 +43,18 @@ def test_ttt_attention_equals_explicit_per_step_masked_attention(steps):
     padding = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
     torch.testing.assert_close(ttt_attention(query, keys, values, padding),
                                explicit_step_attention(query, keys, values, padding), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_grouped_ttt_attention_equals_attention_over_repeated_key_value_heads(steps):
+    torch.manual_seed(steps)
+    query = torch.randn(2, 6, 5, 8)  # 6 query heads over 2 key/value heads: head h reads key/value head h // 3
+    keys = [torch.randn(2, 2, 5, 8) for _ in range(steps)]
+    values = [torch.randn(2, 2, 5, 8) for _ in range(steps)]
+    padding = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    repeat = [t.repeat_interleave(3, dim=1) for t in keys], [t.repeat_interleave(3, dim=1) for t in values]
+    torch.testing.assert_close(ttt_attention(query, keys, values, padding),
+                               explicit_step_attention(query, *repeat, padding), rtol=1e-5, atol=1e-5)
 
 
 def test_cached_decoding_equals_one_full_causal_forward():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tandem.speculative.eagle.verification import CANDIDATES, greedy_from_hidden, near_tie_mask
+from tandem.speculative.eagle.verification import CANDIDATES, dot_magnitude, greedy_from_hidden, near_tie_mask
 
 
 def _hidden_and_head(rows: int, dtype: torch.dtype, seed: int = 0):
@@ -24,8 +24,8 @@ def test_greedy_from_hidden_equals_the_float32_logits(dtype):
     hidden[0, :5] = weight[0] * 3
     logits = torch.nn.functional.linear(hidden.float(), weight.float())
     next_ids, near_ties = greedy_from_hidden(hidden, weight)
-    want_ties = near_tie_mask(logits, dtype)
     want_ids = logits.argmax(-1)
+    want_ties = near_tie_mask(logits, dtype, dot_magnitude(hidden, weight, want_ids))
     # Exact ties may go either way between two summation orders; everywhere else the token is the same.
     assert torch.equal(next_ids[~want_ties], want_ids[~want_ties])
     assert torch.equal(near_ties, want_ties)
@@ -51,3 +51,14 @@ def test_a_position_gets_the_same_answer_alone_and_among_others():
         alone = greedy_from_hidden(hidden[:, i : i + 1], weight)
         assert int(alone[0][0, 0]) == int(together[0][0, i])
         assert bool(alone[1][0, 0]) == bool(together[1][0, i])
+
+
+def test_the_tie_window_scales_with_the_dot_products_terms_not_the_logit():
+    # A small logit made of large cancelling terms carries the rounding error of those terms.
+    weight = torch.tensor([[1.0, 1.0], [1.0, 0.999]])
+    hidden = torch.tensor([[[100.0, -99.0]]])  # logits 1.0 and 1.099: cancellation
+    logits = torch.nn.functional.linear(hidden, weight)
+    magnitude = dot_magnitude(hidden, weight, logits.argmax(-1))
+    assert float(magnitude) > 100
+    assert not bool(near_tie_mask(logits, torch.bfloat16))  # relative to |1.099| the gap looks wide
+    assert bool(near_tie_mask(logits, torch.bfloat16, magnitude))  # relative to the terms it is rounding

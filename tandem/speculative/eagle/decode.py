@@ -24,8 +24,9 @@ from tandem.speculative.eagle.target import Eagle3TargetModel
 @dataclass
 class DecodeResult:
     """tokens: the new token ids. target_forwards: target forwards, the prefill included. wall_s: seconds.
-    drafted: tokens the draft proposed (0 for plain decoding). near_ties: plain decoding only, for each
-    token whether the top two logits were within the target dtype's rounding (``verification.near_tie_mask``)."""
+    drafted: tokens the draft proposed (0 for plain decoding). near_ties: for each token,
+    whether the top two logits of the forward that chose it were within the target dtype's rounding
+    (``verification.near_tie_mask``)."""
 
     tokens: list[int]
     target_forwards: int
@@ -110,6 +111,7 @@ def speculative_decode(target, draft: Eagle3DraftModel, input_ids: torch.Tensor,
         step = session.extend(input_ids)
         next_token = int(step.next_token_ids[0, -1])
         tokens, forwards, drafted = [next_token], 1, 0  # the prefill counts as a forward, as in greedy_decode
+        near_ties = [bool(step.near_ties[0, -1])]
         pending_tokens = torch.cat([input_ids[:, 1:], torch.tensor([[next_token]], device=device)], dim=1)
         pending_aux, pending_start = step.aux_hidden_states.to(device), 0  # tokens i+1 for aux positions i
         while len(tokens) < max_new_tokens and tokens[-1] not in stop_ids:
@@ -124,6 +126,7 @@ def speculative_decode(target, draft: Eagle3DraftModel, input_ids: torch.Tensor,
                 accepted += 1
             new = proposal[:accepted] + [greedy[accepted]]
             tokens.extend(new)
+            near_ties.extend(step.near_ties[0, : accepted + 1].tolist())
             forwards += 1
             session.crop(committed + 1 + accepted)
             pending_start = committed
@@ -135,7 +138,7 @@ def speculative_decode(target, draft: Eagle3DraftModel, input_ids: torch.Tensor,
     finally:
         session.close()
     tokens = _truncate(tokens, max_new_tokens, stop_ids)
-    return DecodeResult(tokens, forwards, time.perf_counter() - started, drafted)
+    return DecodeResult(tokens, forwards, time.perf_counter() - started, drafted, near_ties[: len(tokens)])
 
 
 def for_decoding(draft: Eagle3DraftModel, dtype: torch.dtype) -> Eagle3DraftModel:
@@ -196,10 +199,13 @@ def summarize(greedy_results: list[DecodeResult], spec_results: list[DecodeResul
 
 
 def _first_divergence_is_a_tie(greedy: DecodeResult, spec: DecodeResult) -> bool:
+    """Whether the first token where the decodes part was a near-tie in either forward that chose it: the plain
+    1-token forward and the verification compute that position with different kernels, and either may be the
+    one whose top two logits fell within the dtype's rounding."""
     index = next((i for i, (a, b) in enumerate(zip(greedy.tokens, spec.tokens)) if a != b), None)
-    if index is None or greedy.near_ties is None:  # one is a prefix of the other: not a tie's doing
+    if index is None:  # one is a prefix of the other: not a tie's doing
         return False
-    return greedy.near_ties[index]
+    return any(r.near_ties is not None and r.near_ties[index] for r in (greedy, spec))
 
 
 def evaluate_drafts(target: Eagle3TargetModel, drafts: dict[str, Eagle3DraftModel], prompts: list[torch.Tensor],

@@ -106,34 +106,46 @@ def ttt_attention(query: torch.Tensor, keys: list[torch.Tensor], values: list[to
 
     Arguments:
         query: ``[B, nH, S, D]`` step-k queries.
-        keys, values: ``k + 1`` tensors ``[B, nH, S, D]`` (already expanded to nH heads): step 0's,
-            then each later step's.
+        keys, values: ``k + 1`` tensors ``[B, nKV, S, D]`` (``nH`` a multiple of ``nKV``; query head ``h`` reads
+            key/value head ``h // (nH / nKV)``): step 0's, then each later step's.
         key_padding_mask: ``[B, S]`` bool, True on real tokens (None: no padding).
 
     Returns:
         ``[B, nH, S, D]``: query i attends to step-0 keys j <= i and to key i of steps 1..k.
+
+    The queries of a key/value group are stacked (``[B, nKV, group, S, D]``) rather than the keys repeated,
+    so no step copies its keys and values ``nH / nKV`` times (nor does the backward pass).
     """
-    scale = 1.0 / math.sqrt(query.shape[-1])
-    seq = query.shape[2]
-    scores = torch.matmul(query, keys[0].transpose(-1, -2)) * scale
+    batch, heads, seq, dim = query.shape
+    kv_heads = keys[0].shape[1]
+    group = heads // kv_heads
+    scale = 1.0 / math.sqrt(dim)
+    grouped = query.reshape(batch, kv_heads, group, seq, dim)
+    scores = torch.matmul(grouped.reshape(batch, kv_heads, group * seq, dim), keys[0].transpose(-1, -2))
+    scores = scores.view(batch, kv_heads, group, seq, seq) * scale
     causal = torch.ones(seq, seq, dtype=torch.bool, device=query.device).tril()
-    allowed = causal if key_padding_mask is None else causal & key_padding_mask[:, None, None, :]
+    allowed = causal if key_padding_mask is None else causal & key_padding_mask[:, None, None, None, :]
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    diagonal = [(query * k).sum(-1, keepdim=True) * scale for k in keys[1:]]
+    diagonal = [(grouped * k.unsqueeze(2)).sum(-1, keepdim=True) * scale for k in keys[1:]]
     probs = torch.softmax(torch.cat([scores, *diagonal], dim=-1).float(), dim=-1).to(query.dtype)
-    out = torch.matmul(probs[..., :seq], values[0])
+    out = torch.matmul(probs[..., :seq].reshape(batch, kv_heads, group * seq, seq), values[0])
+    out = out.view(batch, kv_heads, group, seq, dim)
     for step, value in enumerate(values[1:]):
-        out = out + probs[..., seq + step: seq + step + 1] * value
-    return out
+        out = out + probs[..., seq + step: seq + step + 1] * value.unsqueeze(2)
+    return out.reshape(batch, heads, seq, dim)
 
 
 def cached_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Causal attention of ``query [B, nH, Q, D]`` (the last Q positions) over ``keys/values [B, nH, K, D]``."""
-    q_len, k_len = query.shape[2], keys.shape[2]
+    """Causal attention of ``query [B, nH, Q, D]`` (the last Q positions) over ``keys/values [B, nKV, K, D]``
+    (grouped as in :func:`ttt_attention`: no copy of the cache per step)."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads, k_len = keys.shape[1], keys.shape[2]
+    group = heads // kv_heads
     allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
-    scores = torch.matmul(query, keys.transpose(-1, -2)) / math.sqrt(query.shape[-1])
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(query.dtype), values)
+    scores = torch.matmul(query.reshape(batch, kv_heads, group * q_len, dim), keys.transpose(-1, -2)) / math.sqrt(dim)
+    scores = scores.view(batch, kv_heads, group, q_len, k_len).masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype).view(batch, kv_heads, group * q_len, k_len)
+    return torch.matmul(probs, values).view(batch, heads, q_len, dim)
 
 
 class DraftKVCache:
@@ -175,9 +187,6 @@ class Eagle3Attention(nn.Module):
         b, s, _ = x.shape
         return proj(x).view(b, s, -1, self.config.head_dim).transpose(1, 2)
 
-    def _expand(self, kv: torch.Tensor) -> torch.Tensor:
-        return kv.repeat_interleave(self.config.num_attention_heads // self.config.num_key_value_heads, dim=1)
-
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ttt_cache: list | None = None,
                 key_padding_mask: torch.Tensor | None = None, kv_cache: DraftKVCache | None = None) -> torch.Tensor:
         """``x [B, S, 2H]``, ``positions [B, S]`` -> ``[B, S, H]``.
@@ -190,12 +199,12 @@ class Eagle3Attention(nn.Module):
         k = apply_rope(self._heads(x, self.k_proj), cos, sin)
         v = self._heads(x, self.v_proj)
         if ttt_cache is not None:
-            ttt_cache.append((self._expand(k), self._expand(v)))
+            ttt_cache.append((k, v))
             out = ttt_attention(q, [kk for kk, _ in ttt_cache], [vv for _, vv in ttt_cache], key_padding_mask)
         else:
             if kv_cache is not None:
                 k, v = kv_cache.append(k, v)
-            out = cached_attention(q, self._expand(k), self._expand(v))
+            out = cached_attention(q, k, v)
         b, _, s, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 

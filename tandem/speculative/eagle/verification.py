@@ -30,15 +30,26 @@ class VerifyStep(NamedTuple):
     aux_hidden_states: torch.Tensor
 
 
-def near_tie_mask(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def near_tie_mask(logits: torch.Tensor, dtype: torch.dtype, magnitude: torch.Tensor | None = None) -> torch.Tensor:
     """``[...]`` bool: whether the top two of ``logits [..., V]`` (float32) lie within two rounding steps of
-    ``dtype`` at their size.
+    ``dtype`` of each other.
 
     In bfloat16 a position's logits differ in their last bits between a 1-token forward and a (k+1)-token
     one (other kernels, other summation orders), so greedy decoding and speculative verification may pick
-    different tokens exactly where the two best are that close; in float32 the window is ~1e-5 wide."""
+    different tokens exactly where the two best are that close. A logit is a dot product of the final hidden
+    state with a row of the output head, so its rounding error scales with ``magnitude``, the sum of the
+    absolute products ``sum_i |h_i w_i|`` for the best token (``dot_magnitude``), not with the logit itself,
+    which cancellation can make small: the window is ``2 eps magnitude``. Without ``magnitude`` it falls
+    back to ``|top logit|`` (a lower bound of it). In float32 the window is ~1e-5 wide."""
     top = logits.float().topk(2, dim=-1).values
-    return (top[..., 0] - top[..., 1]) <= 2 * torch.finfo(dtype).eps * top[..., 0].abs()
+    scale = top[..., 0].abs() if magnitude is None else magnitude
+    return (top[..., 0] - top[..., 1]) <= 2 * torch.finfo(dtype).eps * scale
+
+
+def dot_magnitude(hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """``[...]`` float32 ``sum_i |hidden_i * weight[token]_i|`` for ``hidden [..., H]`` and ``token_ids [...]`` long
+    (``weight [V, H]``): the scale of a logit's rounding error (see ``near_tie_mask``)."""
+    return (weight[token_ids].float() * hidden.float()).abs().sum(-1)
 
 
 # Candidates re-scored in float32 per position (see greedy_from_hidden); more are needed only for flat rows.
@@ -56,26 +67,29 @@ def greedy_from_hidden(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torc
     The float32 projection of a bf16 target reads twice the bytes and runs at a seventh of the bf16 rate: on
     SmolLM2 (V = 49,152) it took 10 ms of a 62 ms one-token forward and 25 ms for 6 tokens, which made a
     verification 1.25x a plain decoding step. Here the bf16 projection (float32 accumulation, output rounded
-    to bf16: each value off by at most half a rounding step, ``eps/2 x |top|``) picks the ``CANDIDATES``
+    to bf16: each value off by at most half a rounding step, ``eps/2 x |value|``) picks the ``CANDIDATES``
     best tokens; every token whose float32 logit could be the best or within the near-tie window
-    (``2 eps |top|``) of it lies within ``4 eps |top|`` of the rounded maximum, so when the candidates reach
-    past that window they hold the answer, and their float32 logits, recomputed position by position (the
-    same sums whatever the number of positions), give it exactly. Rows where they do not (flat distributions)
-    fall back to the full float32 projection."""
+    (``2 eps magnitude``, see ``near_tie_mask``) of it lies above the last candidate when that one is lower
+    than the rounded maximum by more than the window and both roundings, so the candidates then hold the
+    answer, and their float32 logits, recomputed position by position (the same sums whatever the number of
+    positions), give it exactly. Rows where they do not (flat distributions) fall back to the full float32
+    projection."""
     approx = torch.nn.functional.linear(hidden, weight).float()
     top, index = approx.topk(min(CANDIDATES, approx.shape[-1]), dim=-1)
     eps = torch.finfo(hidden.dtype).eps
-    complete = top[..., -1] < top[..., 0] - (4 * eps * top[..., 0].abs() + 1e-3)
-    exact = (weight[index].float() * hidden.float().unsqueeze(-2)).sum(-1)  # [B, n, K] float32
+    products = weight[index].float() * hidden.float().unsqueeze(-2)  # [B, n, K, H] float32
+    exact, magnitude = products.sum(-1), products.abs().sum(-1)
+    window = 2 * eps * magnitude.amax(-1)
+    complete = top[..., -1] + eps / 2 * top[..., -1].abs() < top[..., 0] - eps / 2 * top[..., 0].abs() - window - 1e-3
     best = exact.argmax(-1, keepdim=True)
     next_ids = index.gather(-1, best).squeeze(-1)
     two = exact.topk(2, dim=-1).values
-    near_ties = (two[..., 0] - two[..., 1]) <= 2 * eps * two[..., 0].abs()
+    near_ties = (two[..., 0] - two[..., 1]) <= 2 * eps * magnitude.gather(-1, best).squeeze(-1)
     if not bool(complete.all()):
         rows = ~complete
         logits = torch.nn.functional.linear(hidden[rows].float(), weight.float())
         next_ids[rows] = logits.argmax(-1)
-        near_ties[rows] = near_tie_mask(logits, hidden.dtype)
+        near_ties[rows] = near_tie_mask(logits, hidden.dtype, dot_magnitude(hidden[rows], weight, next_ids[rows]))
     return next_ids, near_ties
 
 
