@@ -188,8 +188,9 @@ def _evaluate(config: DemoConfig, target, tokenizer, drafts: dict) -> tuple[dict
     records = read_chat_jsonl(default_prompt_path("heldout"), limit=config.eval_prompts)
     prompts = [prompt_ids(tokenizer, r.messages) for r in records]
     stop = {tokenizer.eos_token_id}
+    greedy = []
     results = evaluate_drafts(target, drafts, prompts, config.eval_max_new_tokens, config.draft_tokens, stop,
-                              min_confidence=config.min_confidence)
+                              min_confidence=config.min_confidence, greedy_results=greedy)
     if not config.generalisation_prompts:
         return results, None
     # The same measurement on prompts the draft trained on and on held-out ones: a large gap means the run
@@ -200,7 +201,8 @@ def _evaluate(config: DemoConfig, target, tokenizer, drafts: dict) -> tuple[dict
     generalisation = {
         "prompts": n, "max_new_tokens": config.eval_max_new_tokens,
         "train_step0_accuracy": teacher_forced_accuracy(target, trained, seen, config.eval_max_new_tokens, stop),
-        "heldout_step0_accuracy": teacher_forced_accuracy(target, trained, prompts[:n], config.eval_max_new_tokens, stop),
+        "heldout_step0_accuracy": teacher_forced_accuracy(target, trained, prompts[:n], config.eval_max_new_tokens, stop,
+                                                          continuations=[g.tokens for g in greedy[:n]]),
     }
     return results, generalisation
 

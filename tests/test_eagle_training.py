@@ -230,6 +230,14 @@ def test_teacher_forced_accuracy_of_a_trained_draft_beats_a_random_one():
     fit(draft, supervision, mask, steps=40, ttt_steps=1)
     after = teacher_forced_accuracy(target, draft, prompts, max_new_tokens=30)
     assert 0.0 <= before < 0.5 < after <= 1.0
+    # The demo reuses the evaluation's plain decodes as the continuations: the same figure.
+    from tandem.speculative.eagle.decode import evaluate_drafts
+
+    greedy = []
+    evaluate_drafts(target, {"trained": draft}, prompts, 30, 3, progress=False, greedy_results=greedy)
+    assert len(greedy) == len(prompts)
+    reused = teacher_forced_accuracy(target, draft, prompts, 30, continuations=[g.tokens for g in greedy])
+    assert reused == after
 
 
 def test_eval_command_reports_acceptance_and_step0_accuracy(tmp_path, capsys):

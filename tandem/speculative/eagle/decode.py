@@ -210,16 +210,19 @@ def _first_divergence_is_a_tie(greedy: DecodeResult, spec: DecodeResult) -> bool
 
 def evaluate_drafts(target: Eagle3TargetModel, drafts: dict[str, Eagle3DraftModel], prompts: list[torch.Tensor],
                     max_new_tokens: int = 64, num_draft_tokens: int = 4, stop_ids: set[int] = frozenset(),
-                    progress: bool = True, min_confidence: float = 0.0) -> dict[str, EvalSummary]:
+                    progress: bool = True, min_confidence: float = 0.0,
+                    greedy_results: list[DecodeResult] | None = None) -> dict[str, EvalSummary]:
     """Decode every prompt (``[1, S]`` long each) plainly and with each draft, and compare.
 
     The decodes of one prompt run back to back (plain, then each draft), so a shared, noisy machine
     slows every side of a comparison alike: the speed-ups are ratios taken at the same moment.
+    ``greedy_results``: a list to receive the plain decodes (for a caller that needs the target's greedy
+    continuations too, without decoding them again).
     """
     from tqdm.auto import tqdm
 
     drafts = {name: for_decoding(draft, target.dtype) for name, draft in drafts.items()}
-    greedy: list[DecodeResult] = []
+    greedy: list[DecodeResult] = [] if greedy_results is None else greedy_results
     speculative: dict[str, list[DecodeResult]] = {name: [] for name in drafts}
     for prompt in tqdm(prompts, desc="decode", unit="prompt", disable=not progress, leave=False):
         greedy.append(greedy_decode(target, prompt, max_new_tokens, stop_ids))
@@ -272,17 +275,22 @@ def target_aux_states(target, ids: torch.Tensor) -> torch.Tensor:
 
 
 def teacher_forced_accuracy(target: Eagle3TargetModel, draft: Eagle3DraftModel, prompts: list[torch.Tensor],
-                            max_new_tokens: int = 64, stop_ids: set[int] = frozenset()) -> float:
+                            max_new_tokens: int = 64, stop_ids: set[int] = frozenset(),
+                            continuations: list[list[int]] | None = None) -> float:
     """
     How often the draft's first proposal is the target's greedy next token, over the target's own greedy
     continuations of ``prompts`` (each ``[1, S]`` long): the training metric "step-0 accuracy", measured
     on any prompts. On held-out prompts it tells generalisation from memorisation: a draft that has
     learned its training conversations by heart scores far higher on them than on new ones.
+    ``continuations``: the prompts' greedy continuations when already decoded (else decoded here).
     """
     draft = for_decoding(draft, target.dtype)
     hits = total = 0
-    for prompt in prompts:
-        continuation = greedy_decode(target, prompt, max_new_tokens, stop_ids).tokens
+    for index, prompt in enumerate(prompts):
+        if continuations is not None:
+            continuation = continuations[index]
+        else:
+            continuation = greedy_decode(target, prompt, max_new_tokens, stop_ids).tokens
         ids = torch.cat([prompt.to(target.device), torch.tensor([continuation], device=target.device)], dim=1)
         got, of = continuation_hits(target, draft, prompt.shape[1], ids)
         hits, total = hits + got, total + of
