@@ -15,6 +15,7 @@ Attention comes in two forms that agree by construction:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -80,15 +81,21 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalised in float32 (one fused op), then scaled in the input's dtype, as Llama's RMSNorm does.
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * x.to(dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _inverse_frequencies(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """``[D/2]`` float32 RoPE frequencies (made once: a decoding step would otherwise rebuild them)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """``cos, sin [B, 1, S, D]`` for ``positions [B, S]`` (HF/neox half-rotation layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    inv_freq = _inverse_frequencies(head_dim, theta, positions.device)
     angles = positions.float().unsqueeze(-1) * inv_freq
     emb = torch.cat([angles, angles], dim=-1)
     return emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)
@@ -141,9 +148,11 @@ def cached_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     batch, heads, q_len, dim = query.shape
     kv_heads, k_len = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
-    allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
     scores = torch.matmul(query.reshape(batch, kv_heads, group * q_len, dim), keys.transpose(-1, -2)) / math.sqrt(dim)
-    scores = scores.view(batch, kv_heads, group, q_len, k_len).masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    scores = scores.view(batch, kv_heads, group, q_len, k_len)
+    if q_len > 1:  # one query (a drafting step) sees every cached key: no mask to build
+        allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores.float(), dim=-1).to(query.dtype).view(batch, kv_heads, group * q_len, k_len)
     return torch.matmul(probs, values).view(batch, heads, q_len, dim)
 
