@@ -90,7 +90,8 @@ class GrowingCacheLayer(DynamicLayer):
         self._key_buffer, self._value_buffer = keys, values
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep rows ``indices`` (a finished row leaves the batch): one copy of the filled part."""
+        """Keep rows ``indices`` (a finished row leaves the batch): one copy of the kept rows' buffers (the
+        filled part and the spare ``reserve``)."""
         length = self.get_seq_length()
         if length > 0:
             self._key_buffer, self._value_buffer = self._key_buffer[indices], self._value_buffer[indices]

@@ -83,8 +83,7 @@ def greedy_from_hidden(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torc
     complete = top[..., -1] + eps / 2 * top[..., -1].abs() < top[..., 0] - eps / 2 * top[..., 0].abs() - window - 1e-3
     best = exact.argmax(-1, keepdim=True)
     next_ids = index.gather(-1, best).squeeze(-1)
-    two = exact.topk(2, dim=-1).values
-    near_ties = (two[..., 0] - two[..., 1]) <= 2 * eps * magnitude.gather(-1, best).squeeze(-1)
+    near_ties = near_tie_mask(exact, hidden.dtype, magnitude.gather(-1, best).squeeze(-1))
     if not bool(complete.all()):
         rows = ~complete
         logits = torch.nn.functional.linear(hidden[rows].float(), weight.float())
