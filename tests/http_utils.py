@@ -32,7 +32,7 @@ def good_client_running(url: str, expected, token: str | None = None, client_id:
         try:
             with RemoteEagle3TargetModel(url, token=token, client_id=client_id, timeout_s=60) as client:
                 client.set_vocab_mapping(*mapping)
-                while not stop.is_set() and done[0] < 2000:
+                while not stop.is_set():  # no count cap: a fast machine must still be asking after the abuse
                     batch, want = cases[done[0] % len(cases)]
                     assert_same_supervision(client.supervise(*batch), want)
                     done[0] += 1

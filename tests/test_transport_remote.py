@@ -158,18 +158,22 @@ serve(logic, "127.0.0.1", 0, on_ready=lambda h, p: print(READY_LINE.format(host=
 """
 
 
-def start_slow_send_server(target_dir: Path, log_path: Path) -> TargetServerProcess:
+def start_slow_send_server(target_dir: Path, log_path: Path, group_timeout_s: float = GROUP_TIMEOUT_S) -> TargetServerProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-c", SLOW_SEND_SERVER, str(target_dir), str(GROUP_TIMEOUT_S)],
+            [sys.executable, "-c", SLOW_SEND_SERVER, str(target_dir), str(group_timeout_s)],
             stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1, env=env, cwd=REPO,
         )
     return TargetServerProcess(proc, log_path, 90)
 
 
 def test_server_killed_mid_transfer_client_falls_back_and_the_run_resumes(root, target_dir, expected, monkeypatch):
-    slow = start_slow_send_server(target_dir, root / "slow.log")
+    # The group must come up for this test to mean anything: a port nobody holds, and a rendezvous timeout a
+    # loaded CI machine cannot miss (a kill is seen at once, by the closed socket, not by the timeout).
+    monkeypatch.setenv("TANDEM_NCCL_PORT", str(free_port()))
+    setup_timeout_s = 60
+    slow = start_slow_send_server(target_dir, root / "slow.log", group_timeout_s=setup_timeout_s)
     holder = {"process": slow}
     restarted = threading.Event()
 
@@ -188,10 +192,13 @@ def test_server_killed_mid_transfer_client_falls_back_and_the_run_resumes(root, 
         return original_recv(self, metadata, keys_order)
 
     monkeypatch.setattr(NCCLTransport, "recv_tensors", kill_then_receive)
-    client = client_for(slow.url, retry=RetryPolicy(max_retries=60, backoff_s=0.1, max_backoff_s=1.0))
+    client = RemoteEagle3TargetModel(
+        slow.url, nccl_timeout_s=setup_timeout_s, retry=RetryPolicy(max_retries=60, backoff_s=0.1, max_backoff_s=1.0)
+    )
+    client.set_vocab_mapping(*tiny_vocab_mapping())
     try:
         check_batches(client, expected, count=4)  # the first is the one in flight when the server died
-        assert kills and restarted.is_set()
+        assert kills and restarted.is_set(), f"the group never carried a batch; server log:\n{slow.log_tail(20_000)}"
         assert client.transfer_counts == {"group": 0, "http": 4, "group_failures": 1}
         assert "/init_nccl" not in holder["process"].log_tail()  # once lost, the group is not asked for again
     finally:
