@@ -16,8 +16,11 @@ from __future__ import annotations
 import torch
 
 from bench import common
+from tandem.speculative.eagle.decode import _draft_chain
+from tandem.speculative.eagle.draft_tree import TreeShape, draft_tree
 
 DRAFT_LENGTHS = (1, 2, 3, 4, 5, 6)
+TREE_SHAPES = (TreeShape(2, 3, 5), TreeShape(3, 3, 8), TreeShape(3, 4, 12), TreeShape(4, 4, 16))
 COLUMNS = (("dtype", "dtype", "s"), ("figure", "figure", "s"), ("ms", "ms", ".1f"), ("limit", "limit", "s"),
            ("limit ms", "limit_ms", ".1f"), ("cost / limit", "cost_ratio", ".2f"),
            ("acceptance for 1.2x", "breakeven_acceptance", ".2f"))
@@ -68,8 +71,32 @@ def decode_rows(model, draft, dtype: torch.dtype, runs: int, warmup: int, contex
         int(draft.draft_to_target(draft.logits(out)[0, -1].argmax()))  # the host sync decoding pays
         draft_cache.crop(context)
 
+    def tree_forward(shape: TreeShape):
+        parents = [-1] + [(i - 1) // shape.top_k for i in range(1, shape.size + 1)]  # any tree of that size costs alike
+
+        def run() -> None:
+            target.greedy_forward(torch.randint(3, vocab, (1, shape.size + 1)), cache, parents)
+            cache.crop(-(shape.size + 1))
+        return run
+
+    def draft_round(shape: TreeShape | None, k: int = 0):
+        # A whole drafting round as decode.py runs it: the committed token read, then a chain or a tree.
+        aux = torch.randn(1, 1, 3 * model.config.hidden_size, dtype=dtype)
+
+        def run() -> None:
+            if shape is None:
+                _draft_chain(draft, torch.tensor([[5]]), aux, context, draft_cache, k)
+            else:
+                draft_tree(draft, torch.tensor([[5]]), aux, context, draft_cache, 5, shape)
+            draft_cache.crop(context)
+        return run
+
     cases = {"forward 1": forward(1), "draft step": draft_step}
     cases.update({f"verify {k + 1}": forward(k + 1) for k in DRAFT_LENGTHS})
+    cases.update({f"chain round {k}": draft_round(None, k) for k in (2, 3)})
+    for shape in TREE_SHAPES:
+        cases[f"tree verify {shape}"] = tree_forward(shape)
+        cases[f"tree round {shape}"] = draft_round(shape)
     with torch.inference_mode():
         times = common.interleaved(cases, runs, warmup)
     one, step = common.median(times["forward 1"]), common.median(times["draft step"])
@@ -80,6 +107,24 @@ def decode_rows(model, draft, dtype: torch.dtype, runs: int, warmup: int, contex
         rows.append({"dtype": rows[0]["dtype"], "figure": f"verify k={k} ({k + 1} tokens)", "ms": verify * 1e3,
                      "limit": "target forward, 1 token", "limit_ms": one * 1e3, "cost_ratio": verify / one,
                      "draft_tokens": k, "breakeven_acceptance": 1.2 * (verify + k * step) / one})
+    for k in (2, 3):
+        chain = common.median(times[f"chain round {k}"])
+        rows.append({"dtype": rows[0]["dtype"], "figure": f"chain round k={k} (draft {k} + verify {k + 1})",
+                     "ms": chain * 1e3 + common.median(times[f"verify {k + 1}"]) * 1e3, "limit": "target forward, 1 token",
+                     "limit_ms": one * 1e3})
+    for shape in TREE_SHAPES:
+        verify, drafting = common.median(times[f"tree verify {shape}"]), common.median(times[f"tree round {shape}"])
+        rows.append({"dtype": rows[0]["dtype"], "figure": f"tree {shape.depth},{shape.top_k},{shape.size}: verify "
+                     f"{shape.size + 1} tokens", "ms": verify * 1e3, "limit": "target forward, 1 token",
+                     "limit_ms": one * 1e3, "cost_ratio": verify / one})
+        rows.append({"dtype": rows[0]["dtype"], "figure": f"tree {shape.depth},{shape.top_k},{shape.size}: round "
+                     "(draft + verify)", "ms": (verify + drafting) * 1e3, "limit": "target forward, 1 token",
+                     "limit_ms": one * 1e3, "cost_ratio": (verify + drafting) / one,
+                     "breakeven_acceptance": 1.2 * (verify + drafting) / one})
+    for row in rows:
+        if row["figure"].startswith("chain round"):
+            row["cost_ratio"] = row["ms"] / row["limit_ms"]
+            row["breakeven_acceptance"] = 1.2 * row["cost_ratio"]
     return rows
 
 
@@ -138,7 +183,7 @@ def main(argv=None) -> list[dict]:
         rows += training_rows(model, dtype, max(args.runs // 3, 2), min(args.warmup, 1), args.quick)
     one = {r["dtype"]: r["limit_ms"] for r in rows if r["figure"] == "draft step"}
     notes = [f"bf16 / fp32 cost of a 1-token target forward: {one['bfloat16'] / one['float32']:.2f}"]
-    best = min((r for r in rows if r.get("breakeven_acceptance") and r["dtype"] == "bfloat16"),
+    best = min((r for r in rows if r.get("draft_tokens") and r["dtype"] == "bfloat16"),
                key=lambda r: r["breakeven_acceptance"])
     notes.append(f"bf16: cheapest draft length for a 1.2x speed-up is k={best['draft_tokens']} "
                  f"(needs acceptance {best['breakeven_acceptance']:.2f})")

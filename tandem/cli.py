@@ -133,11 +133,24 @@ def _remote_eval_target(args):
     return target, tokenizer
 
 
+def _tree_shape(text: str):
+    """argparse type of ``--tree``: a ``draft_tree.TreeShape`` (imported here: ``--help`` stays fast)."""
+    from tandem.speculative.eagle.draft_tree import TreeShape
+
+    try:
+        return TreeShape.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_eval(args) -> int:
     from tandem.speculative.eagle.checkpoint import load_exported_draft
     from tandem.speculative.eagle.data import prompt_ids, read_chat_jsonl
     from tandem.speculative.eagle.decode import evaluate_speculative, teacher_forced_accuracy
 
+    if args.tree is not None and args.target_url:
+        raise ValueError("--tree needs the target in this process: a target server's /verify checks chains "
+                         "(drop --tree, or --target-url)")
     draft = load_exported_draft(args.draft)
     target, tokenizer = _remote_eval_target(args) if args.target_url else _local_eval_target(args)
     try:
@@ -145,7 +158,7 @@ def cmd_eval(args) -> int:
         prompts = [prompt_ids(tokenizer, r.messages) for r in records]
         stop_ids = {tokenizer.eos_token_id}
         summary = evaluate_speculative(target, draft, prompts, args.max_new_tokens, args.draft_tokens, stop_ids=stop_ids,
-                                       min_confidence=args.min_confidence)
+                                       min_confidence=args.min_confidence, tree=args.tree)
         result = summary.to_dict()
         if args.step0_accuracy:
             result["step0_accuracy"] = teacher_forced_accuracy(target, draft, prompts, args.max_new_tokens, stop_ids)
@@ -154,6 +167,8 @@ def cmd_eval(args) -> int:
             target.close()
     if args.target_url:
         result["target_url"] = args.target_url
+    if args.tree is not None:
+        result["tree"] = f"{args.tree.depth},{args.tree.top_k},{args.tree.size}"
     print(json.dumps(result, indent=2))
     return 0 if summary.outputs_match else 1
 
@@ -278,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-confidence", type=float, default=0.0,
                    help="dynamic draft length: stop a round's chain once the draft's probability of its next token "
                         "is below this (the output is unchanged; 0 always drafts --draft-tokens) (default: 0)")
+    p.add_argument("--tree", type=_tree_shape, default=None, metavar="DEPTH,TOP_K,SIZE",
+                   help="draft a tree instead of a chain (EAGLE-2 style): DEPTH draft forwards, each expanding the "
+                        "TOP_K best-scored nodes into TOP_K children, and the SIZE best nodes verified in one target "
+                        "forward (e.g. 3,4,8); the output is unchanged. In-process targets only (not --target-url); "
+                        "--draft-tokens and --min-confidence then do not apply")
     p.add_argument("--aux-layer-ids", type=int, nargs=3, default=None,
                    help="the layers the draft was trained on (default: those its export records)")
     p.add_argument("--allow-target-mismatch", action="store_true",

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from tandem.speculative.eagle.draft import DraftKVCache, Eagle3DraftModel
+from tandem.speculative.eagle.draft_tree import TreeShape, draft_tree
 from tandem.speculative.eagle.target import Eagle3TargetModel
+from tandem.speculative.eagle.verification import VerifyStep
 
 
 @dataclass
@@ -91,16 +93,43 @@ def _draft_chain(draft: Eagle3DraftModel, new_tokens: torch.Tensor, new_aux: tor
     return proposal
 
 
+def _chain_round(session, draft: Eagle3DraftModel, pending: tuple, cache: DraftKVCache, next_token: int,
+                 num_draft_tokens: int, min_confidence: float) -> tuple[list[int], list[int], VerifyStep, int]:
+    """Draft a chain, verify it: ``(new tokens, kept verification indices, the target's answer, drafted)``."""
+    proposal = _draft_chain(draft, *pending, cache, num_draft_tokens, min_confidence)
+    committed = session.length
+    step = session.extend(torch.tensor([[next_token] + proposal], device=pending[0].device))
+    greedy = step.next_token_ids[0].tolist()
+    accepted = 0
+    while accepted < len(proposal) and proposal[accepted] == greedy[accepted]:
+        accepted += 1
+    session.crop(committed + 1 + accepted)
+    return proposal[:accepted] + [greedy[accepted]], list(range(accepted + 1)), step, len(proposal)
+
+
+def _tree_round(session, draft: Eagle3DraftModel, pending: tuple, cache: DraftKVCache, next_token: int,
+                shape: TreeShape) -> tuple[list[int], list[int], VerifyStep, int]:
+    """Draft a tree, verify it in one forward, keep the accepted branch (as :func:`_chain_round`)."""
+    tree = draft_tree(draft, *pending, cache, next_token, shape)
+    committed = session.length
+    step = session.extend(torch.tensor([tree.tokens], device=pending[0].device), tree.parents)
+    greedy = step.next_token_ids[0].tolist()
+    branch = [0] + tree.accept(greedy)
+    session.keep_branch(committed, branch)
+    return [tree.tokens[i] for i in branch[1:]] + [greedy[branch[-1]]], branch, step, len(tree) - 1
+
+
 @torch.no_grad()
 def speculative_decode(target, draft: Eagle3DraftModel, input_ids: torch.Tensor, max_new_tokens: int,
                        num_draft_tokens: int = 4, stop_ids: set[int] = frozenset(),
-                       min_confidence: float = 0.0) -> DecodeResult:
+                       min_confidence: float = 0.0, tree: TreeShape | None = None) -> DecodeResult:
     """Greedy speculative decoding of ``input_ids [1, S]`` long; output equals ``greedy_decode``'s.
 
     ``target``: an ``Eagle3TargetModel`` or a ``RemoteEagle3TargetModel`` (anything with ``decode_session()``);
     the draft runs here, on ``target.device``. ``num_draft_tokens`` is the longest chain; with
     ``min_confidence`` > 0 a round drafts fewer tokens when the draft is unsure (dynamic draft length), which
-    never changes the output, only the cost."""
+    never changes the output, only the cost. With ``tree`` the draft proposes a tree instead of a chain
+    (``draft_tree.py``; an in-process target only), and the chain settings are unused."""
     if num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens must be at least 1, got {num_draft_tokens}")
     started = time.perf_counter()
@@ -112,26 +141,21 @@ def speculative_decode(target, draft: Eagle3DraftModel, input_ids: torch.Tensor,
         next_token = int(step.next_token_ids[0, -1])
         tokens, forwards, drafted = [next_token], 1, 0  # the prefill counts as a forward, as in greedy_decode
         near_ties = [bool(step.near_ties[0, -1])]
-        pending_tokens = torch.cat([input_ids[:, 1:], torch.tensor([[next_token]], device=device)], dim=1)
-        pending_aux, pending_start = step.aux_hidden_states.to(device), 0  # tokens i+1 for aux positions i
+        # What the draft reads next: tokens i+1 for the aux states at positions i, from draft position start.
+        pending = (torch.cat([input_ids[:, 1:], torch.tensor([[next_token]], device=device)], dim=1),
+                   step.aux_hidden_states.to(device), 0)
         while len(tokens) < max_new_tokens and tokens[-1] not in stop_ids:
-            proposal = _draft_chain(draft, pending_tokens, pending_aux, pending_start, draft_cache, num_draft_tokens,
-                                    min_confidence)
-            drafted += len(proposal)
             committed = session.length
-            step = session.extend(torch.tensor([[next_token] + proposal], device=device))
-            greedy = step.next_token_ids[0].tolist()
-            accepted = 0
-            while accepted < len(proposal) and proposal[accepted] == greedy[accepted]:
-                accepted += 1
-            new = proposal[:accepted] + [greedy[accepted]]
+            if tree is None:
+                new, branch, step, count = _chain_round(session, draft, pending, draft_cache, next_token,
+                                                        num_draft_tokens, min_confidence)
+            else:
+                new, branch, step, count = _tree_round(session, draft, pending, draft_cache, next_token, tree)
+            drafted += count
             tokens.extend(new)
-            near_ties.extend(step.near_ties[0, : accepted + 1].tolist())
+            near_ties.extend(step.near_ties[0, branch].tolist())
             forwards += 1
-            session.crop(committed + 1 + accepted)
-            pending_start = committed
-            pending_aux = step.aux_hidden_states[:, : accepted + 1].to(device)
-            pending_tokens = torch.tensor([new], device=device)
+            pending = (torch.tensor([new], device=device), step.aux_hidden_states[:, branch].to(device), committed)
             next_token = new[-1]
             if any(t in stop_ids for t in new):
                 break
@@ -211,13 +235,14 @@ def _first_divergence_is_a_tie(greedy: DecodeResult, spec: DecodeResult) -> bool
 def evaluate_drafts(target: Eagle3TargetModel, drafts: dict[str, Eagle3DraftModel], prompts: list[torch.Tensor],
                     max_new_tokens: int = 64, num_draft_tokens: int = 4, stop_ids: set[int] = frozenset(),
                     progress: bool = True, min_confidence: float = 0.0,
-                    greedy_results: list[DecodeResult] | None = None) -> dict[str, EvalSummary]:
+                    greedy_results: list[DecodeResult] | None = None,
+                    tree: TreeShape | None = None) -> dict[str, EvalSummary]:
     """Decode every prompt (``[1, S]`` long each) plainly and with each draft, and compare.
 
     The decodes of one prompt run back to back (plain, then each draft), so a shared, noisy machine
     slows every side of a comparison alike: the speed-ups are ratios taken at the same moment.
     ``greedy_results``: a list to receive the plain decodes (for a caller that needs the target's greedy
-    continuations too, without decoding them again).
+    continuations too, without decoding them again). ``tree``: draft trees of that shape instead of chains.
     """
     from tqdm.auto import tqdm
 
@@ -228,16 +253,16 @@ def evaluate_drafts(target: Eagle3TargetModel, drafts: dict[str, Eagle3DraftMode
         greedy.append(greedy_decode(target, prompt, max_new_tokens, stop_ids))
         for name, draft in drafts.items():
             speculative[name].append(speculative_decode(target, draft, prompt, max_new_tokens, num_draft_tokens, stop_ids,
-                                                        min_confidence))
+                                                        min_confidence, tree))
     return {name: summarize(greedy, results) for name, results in speculative.items()}
 
 
 def evaluate_speculative(target: Eagle3TargetModel, draft: Eagle3DraftModel, prompts: list[torch.Tensor],
                          max_new_tokens: int = 64, num_draft_tokens: int = 4, stop_ids: set[int] = frozenset(),
-                         progress: bool = True, min_confidence: float = 0.0) -> EvalSummary:
+                         progress: bool = True, min_confidence: float = 0.0, tree: TreeShape | None = None) -> EvalSummary:
     """``evaluate_drafts`` for a single draft."""
     return evaluate_drafts(target, {"draft": draft}, prompts, max_new_tokens, num_draft_tokens, stop_ids,
-                           progress, min_confidence)["draft"]
+                           progress, min_confidence, tree=tree)["draft"]
 
 
 @torch.no_grad()

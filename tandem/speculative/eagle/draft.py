@@ -142,15 +142,24 @@ def ttt_attention(query: torch.Tensor, keys: list[torch.Tensor], values: list[to
     return out.reshape(batch, heads, seq, dim)
 
 
-def cached_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def cached_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     tree_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of ``query [B, nH, Q, D]`` (the last Q positions) over ``keys/values [B, nKV, K, D]``
-    (grouped as in :func:`ttt_attention`: no copy of the cache per step)."""
+    (grouped as in :func:`ttt_attention`: no copy of the cache per step).
+
+    ``tree_mask [Q, T]`` bool (T <= K) replaces causality for the last T keys, the speculative entries of a
+    draft tree (``draft_tree.py``): query q sees all K - T keys before them and tree key t where
+    ``tree_mask[q, t]`` (its ancestors and itself)."""
     batch, heads, q_len, dim = query.shape
     kv_heads, k_len = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
     scores = torch.matmul(query.reshape(batch, kv_heads, group * q_len, dim), keys.transpose(-1, -2)) / math.sqrt(dim)
     scores = scores.view(batch, kv_heads, group, q_len, k_len)
-    if q_len > 1:  # one query (a drafting step) sees every cached key: no mask to build
+    if tree_mask is not None:
+        allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device)
+        allowed[:, k_len - tree_mask.shape[1]:] = tree_mask
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    elif q_len > 1:  # one query (a drafting step) sees every cached key: no mask to build
         allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
         scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores.float(), dim=-1).to(query.dtype).view(batch, kv_heads, group * q_len, k_len)
@@ -197,11 +206,13 @@ class Eagle3Attention(nn.Module):
         return proj(x).view(b, s, -1, self.config.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ttt_cache: list | None = None,
-                key_padding_mask: torch.Tensor | None = None, kv_cache: DraftKVCache | None = None) -> torch.Tensor:
+                key_padding_mask: torch.Tensor | None = None, kv_cache: DraftKVCache | None = None,
+                tree_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``x [B, S, 2H]``, ``positions [B, S]`` -> ``[B, S, H]``.
 
         With ``ttt_cache`` (a list the caller keeps across TTT steps) this is training-time-test
-        attention; with ``kv_cache`` it is causal decoding attention; with neither, plain causal.
+        attention; with ``kv_cache`` it is causal decoding attention (``tree_mask``: see
+        :func:`cached_attention`); with neither, plain causal.
         """
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         q = apply_rope(self._heads(x, self.q_proj), cos, sin)
@@ -213,7 +224,7 @@ class Eagle3Attention(nn.Module):
         else:
             if kv_cache is not None:
                 k, v = kv_cache.append(k, v)
-            out = cached_attention(q, k, v)
+            out = cached_attention(q, k, v, tree_mask)
         b, _, s, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 

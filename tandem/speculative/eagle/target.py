@@ -177,11 +177,15 @@ class Eagle3TargetModel:
         )
 
     @torch.no_grad()
-    def forward_cached(self, input_ids: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_cached(self, input_ids: torch.Tensor, cache, tree_parents: list[int] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """One decoding forward with a transformers KV ``cache`` (it grows by the new positions).
 
         Arguments:
             input_ids: ``[B, n]`` long, the positions after those already in ``cache``.
+            tree_parents: for a draft tree (``draft_tree.py``), the parent of each new position (an index
+                into ``input_ids``'s n, -1 for the first): each position then sees the cache, its ancestors
+                and itself, at the position of its depth. None: the n positions are a causal chain.
 
         Returns:
             logits ``[B, n, V]`` float32 and aux hidden states ``[B, n, 3H]`` (target dtype), neither shifted.
@@ -195,18 +199,36 @@ class Eagle3TargetModel:
         both go through here, so both pick from the same float32 logits.
         """
         input_ids = input_ids.to(self.device)
+        layout = self._tree_layout(cache, tree_parents)
         head = self._float32_head()
         if head is None:
-            outputs = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+            outputs = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, **layout)
             return outputs.logits.float(), self._capture.take()
-        hidden = self.model.model(input_ids=input_ids, past_key_values=cache, use_cache=True).last_hidden_state
+        hidden = self.model.model(input_ids=input_ids, past_key_values=cache, use_cache=True, **layout).last_hidden_state
         return torch.nn.functional.linear(hidden.float(), head), self._capture.take()
 
+    def _tree_layout(self, cache, tree_parents: list[int] | None) -> dict:
+        """The ``attention_mask`` ``[1, 1, n, past + n]`` (additive, target dtype) and ``position_ids [1, n]`` of
+        a tree verification after the ``past`` cached positions; nothing for a chain."""
+        if tree_parents is None:
+            return {}
+        from tandem.speculative.eagle.draft_tree import DraftTree
+
+        past, n = cache.get_seq_length(), len(tree_parents)
+        tree = DraftTree(tokens=[0] * n, parents=list(tree_parents), depths=[0] * n)
+        allowed = torch.ones(n, past + n, dtype=torch.bool, device=self.device)
+        allowed[:, past:] = tree.ancestor_mask(self.device)
+        mask = torch.zeros(1, 1, n, past + n, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        depths = allowed[:, past:].sum(-1) - 1  # a position's ancestors in the tree are its depth
+        return {"attention_mask": mask, "position_ids": (past + depths).unsqueeze(0)}
+
     @torch.no_grad()
-    def greedy_forward(self, input_ids: torch.Tensor, cache):
+    def greedy_forward(self, input_ids: torch.Tensor, cache, tree_parents: list[int] | None = None):
         """``forward_cached``'s greedy answer without its float32 logits: a ``verification.VerifyStep`` of
         ``next_token_ids [B, n]`` long (the argmax of the float32 logits), ``near_ties [B, n]`` bool and
-        ``aux_hidden_states [B, n, 3H]`` for ``input_ids [B, n]`` long after the positions in ``cache``.
+        ``aux_hidden_states [B, n, 3H]`` for ``input_ids [B, n]`` long after the positions in ``cache``
+        (``tree_parents``: see ``forward_cached``).
 
         For a bf16 or fp16 target the projection runs in the target's dtype and only a few candidates a position
         are scored in float32 (``verification.greedy_from_hidden``): the same tokens and near-tie flags as the
@@ -215,10 +237,10 @@ class Eagle3TargetModel:
 
         head = self._output_head()
         if head is None or self.dtype == torch.float32:
-            logits, aux = self.forward_cached(input_ids, cache)
+            logits, aux = self.forward_cached(input_ids, cache, tree_parents)
             return greedy_step(logits, aux, self.dtype)
-        hidden = self.model.model(input_ids=input_ids.to(self.device), past_key_values=cache,
-                                  use_cache=True).last_hidden_state
+        hidden = self.model.model(input_ids=input_ids.to(self.device), past_key_values=cache, use_cache=True,
+                                  **self._tree_layout(cache, tree_parents)).last_hidden_state
         aux = self._capture.take()
         return VerifyStep(*greedy_from_hidden(hidden, head.weight), aux)
 

@@ -103,11 +103,16 @@ class DecodeSession(Protocol):
     length: int
     """Positions in the target's KV cache."""
 
-    def extend(self, input_ids: torch.Tensor) -> VerifyStep:
-        """Run the target on ``input_ids [1, n]`` long, the positions after the ``length`` cached ones."""
+    def extend(self, input_ids: torch.Tensor, tree_parents: list[int] | None = None) -> VerifyStep:
+        """Run the target on ``input_ids [1, n]`` long, the positions after the ``length`` cached ones: a causal
+        chain, or with ``tree_parents`` a draft tree (``draft_tree.py``; in-process sessions only)."""
 
     def crop(self, keep_length: int) -> None:
         """Keep the first ``keep_length`` cached positions."""
+
+    def keep_branch(self, past_length: int, branch: list[int]) -> None:
+        """After a tree: keep the first ``past_length`` positions, then positions ``past_length + i`` for i in
+        ``branch`` (increasing), which become ``past_length, past_length + 1, ...``."""
 
     def close(self) -> None:
         """Free the cache."""
@@ -124,6 +129,20 @@ def crop_cache(cache, keep_length: int) -> None:
         cache.crop(-remove)
 
 
+def select_cache_positions(cache, past_length: int, keep: torch.Tensor) -> None:
+    """Keep the first ``past_length`` positions of a transformers cache followed by positions ``keep [m]`` long."""
+
+    def select(tensor: torch.Tensor) -> torch.Tensor:  # [B, nKV, T, D]
+        return torch.cat([tensor[..., :past_length, :], tensor[..., keep.to(tensor.device), :]], dim=-2)
+
+    if hasattr(cache, "layers"):  # transformers >= 4.56: one object per layer
+        for layer in cache.layers:
+            layer.keys, layer.values = select(layer.keys), select(layer.values)
+    else:
+        cache.key_cache = [select(k) for k in cache.key_cache]
+        cache.value_cache = [select(v) for v in cache.value_cache]
+
+
 class LocalDecodeSession:
     """A :class:`DecodeSession` on an in-process ``Eagle3TargetModel`` (a transformers ``DynamicCache``).
 
@@ -138,10 +157,17 @@ class LocalDecodeSession:
         self.cache = DynamicCache()
         self.length = 0
 
-    def extend(self, input_ids: torch.Tensor) -> VerifyStep:
-        step = self.target.greedy_forward(input_ids, self.cache)
+    def extend(self, input_ids: torch.Tensor, tree_parents: list[int] | None = None) -> VerifyStep:
+        step = self.target.greedy_forward(input_ids, self.cache, tree_parents)
         self.length += int(input_ids.shape[1])
         return step
+
+    def keep_branch(self, past_length: int, branch: list[int]) -> None:
+        keep = torch.tensor([past_length + i for i in branch], dtype=torch.long)
+        if keep.numel() and (int(keep.min()) < past_length or int(keep.max()) >= self.length or bool((keep.diff() <= 0).any())):
+            raise ValueError(f"cannot keep branch {branch} after {past_length} of {self.length} cached positions")
+        select_cache_positions(self.cache, past_length, keep)
+        self.length = past_length + len(branch)
 
     def crop(self, keep_length: int) -> None:
         if not 0 <= keep_length <= self.length:

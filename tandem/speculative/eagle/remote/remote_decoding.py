@@ -76,10 +76,13 @@ class RemoteDecodeSession:
         headers = {protocol.DECODE_SESSION_HEADER: self.name, protocol.PAST_HEADER: str(past)}
         return request_verify(self.server, input_ids, self.hidden, self.hidden_dtypes, self.device, headers)
 
-    def extend(self, input_ids: torch.Tensor) -> VerifyStep:
+    def extend(self, input_ids: torch.Tensor, tree_parents: list[int] | None = None) -> VerifyStep:
         """The target on ``input_ids [1, n]`` long after the ``length`` cached positions (see ``DecodeSession``)."""
         from tandem.speculative.eagle.remote.client import RemoteTargetError
 
+        if tree_parents is not None:
+            raise ValueError("/verify checks a chain of draft tokens; tree drafting needs an in-process target "
+                             "(draft a chain against a target server)")
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"a decode session extends one sequence: input_ids must be [1, n], got {list(input_ids.shape)}")
         new_ids = input_ids[0].tolist()
