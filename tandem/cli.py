@@ -148,9 +148,6 @@ def cmd_eval(args) -> int:
     from tandem.speculative.eagle.data import prompt_ids, read_chat_jsonl
     from tandem.speculative.eagle.decode import evaluate_speculative, teacher_forced_accuracy
 
-    if args.tree is not None and args.target_url:
-        raise ValueError("--tree needs the target in this process: a target server's /verify checks chains "
-                         "(drop --tree, or --target-url)")
     draft = load_exported_draft(args.draft)
     target, tokenizer = _remote_eval_target(args) if args.target_url else _local_eval_target(args)
     try:
@@ -296,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tree", type=_tree_shape, default=None, metavar="DEPTH,TOP_K,SIZE",
                    help="draft a tree instead of a chain (EAGLE-2 style): DEPTH draft forwards, each expanding the "
                         "TOP_K best-scored nodes into TOP_K children, and the SIZE best nodes verified in one target "
-                        "forward (e.g. 3,4,8); the output is unchanged. In-process targets only (not --target-url); "
-                        "--draft-tokens and --min-confidence then do not apply")
+                        "forward (e.g. 3,4,12, the demo's); the output is unchanged; --draft-tokens and "
+                        "--min-confidence then do not apply")
     p.add_argument("--aux-layer-ids", type=int, nargs=3, default=None,
                    help="the layers the draft was trained on (default: those its export records)")
     p.add_argument("--allow-target-mismatch", action="store_true",

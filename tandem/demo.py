@@ -73,7 +73,7 @@ class DemoConfig:
     """The final evaluation drafts a tree, ``DEPTH,TOP_K,SIZE`` (``draft_tree.py``), instead of a chain of
     ``draft_tokens`` ("": a chain). Measured on the demo's draft, 12 held-out prompts, one run: chain of 2 1.57 /
     1.28x; trees 2,3,5 1.80 / 1.38x, 3,4,12 2.08 / 1.39-1.40x, 3,6,16 2.05 / 1.29x, 3,8,24 2.15 / 1.28x. The
-    live measurements during training go through the target server, whose ``/verify`` checks chains."""
+    live measurements during training draft the same trees, through the target server's ``/verify``."""
     remote: bool = True
     """Train against a `tandem serve-target` subprocess on loopback (the disaggregated path)."""
     generalisation_prompts: int = 8
@@ -159,7 +159,7 @@ def _train(config: DemoConfig, data_path: Path, target, tokenizer, out: Path, ph
         supervision_cache=str(out / "supervision-cache") if config.supervision_cache else None,
         eval_every=config.live_eval_every, eval_prompts="heldout", eval_limit=config.live_eval_prompts,
         eval_max_new_tokens=config.live_eval_max_new_tokens, eval_draft_tokens=config.draft_tokens,
-        eval_min_confidence=config.min_confidence,
+        eval_min_confidence=config.min_confidence, eval_tree=config.tree,
     )
     if (out / "train").exists():
         logger.info("removing the previous demo run's %s (the demo always trains from scratch)", out / "train")

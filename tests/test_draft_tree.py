@@ -144,7 +144,7 @@ def test_bf16_tree_decoding_leaves_greedy_only_at_near_ties():
     assert all(len(r.near_ties) == len(r.tokens) for r in spec)
 
 
-def test_eval_command_drafts_a_tree_and_refuses_one_against_a_server(tmp_path, capsys, caplog):
+def test_eval_command_drafts_a_tree_and_refuses_a_malformed_shape(tmp_path, capsys):
     import json
 
     from tandem.cli import main
@@ -168,5 +168,3 @@ def test_eval_command_drafts_a_tree_and_refuses_one_against_a_server(tmp_path, c
     with pytest.raises(SystemExit):
         main(common + ["--tree", "2,3"])
     assert "DEPTH,TOP_K,SIZE" in capsys.readouterr().err
-    assert main(common + ["--tree", "2,3,4", "--target-url", "http://127.0.0.1:9"]) == 2
-    assert "--tree needs the target in this process" in caplog.text

@@ -118,8 +118,8 @@ def test_a_lost_cache_is_sent_again_and_the_decode_goes_on(server, local):
         assert first.extend(torch.tensor([[13]])).next_token_ids.shape == (1, 1) and first.resent == 1  # cached again
 
 
-def _raw_verify(server, ids: torch.Tensor, headers: dict) -> tuple[int, str]:
-    body = b"".join(bytes(b) for b in wire.encode({"input_ids": ids}))
+def _raw_verify(server, ids: torch.Tensor, headers: dict, extra: dict | None = None) -> tuple[int, str]:
+    body = b"".join(bytes(b) for b in wire.encode({"input_ids": ids, **(extra or {})}))
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     try:
         conn.request("POST", "/verify", body=body, headers={"Content-Type": protocol.WIRE_CONTENT_TYPE,
@@ -145,6 +145,69 @@ def test_bad_verify_requests_get_a_clear_4xx_and_the_server_goes_on(server, ids,
     got, body = _raw_verify(server, ids, headers)
     assert got == status and says in body, body
     assert _raw_verify(server, torch.randint(3, 250, (1, 3)), {})[0] == 200  # still serving
+
+
+def test_tree_decoding_through_the_server_equals_greedy_and_the_in_process_decode(server, local, trained_draft):
+    from tandem.speculative.eagle.draft_tree import TreeShape
+
+    draft, prompts = trained_draft
+    shape = TreeShape(depth=3, top_k=3, size=6)
+    with RemoteEagle3TargetModel(server.url, enable_nccl=False) as remote:
+        accepted_deep = False
+        for prompt in prompts[:3]:
+            here = speculative_decode(local, draft, prompt, 30, tree=shape)
+            there = speculative_decode(remote, draft, prompt, 30, tree=shape)
+            assert there.tokens == here.tokens == greedy_decode(local, prompt, 30).tokens
+            assert (there.target_forwards, there.drafted) == (here.target_forwards, here.drafted)
+            accepted_deep |= len(there.tokens) >= 2 * there.target_forwards
+        assert accepted_deep  # rounds kept branches of two or more nodes: X-Tandem-Keep-Branch was exercised
+
+
+def test_a_tree_whose_cache_was_lost_is_sent_whole_and_answers_the_same(server, local):
+    from tandem.speculative.eagle.draft_tree import DraftTree
+
+    prompt = torch.randint(3, 250, (1, 7))
+    tree = DraftTree(tokens=[11, 20, 21, 30], parents=[-1, 0, 0, 2], depths=[0, 1, 1, 2])
+    here = local.decode_session()
+    here.extend(prompt)
+    want = here.extend(torch.tensor([tree.tokens]), tree.parents)
+    here.keep_branch(7, [0, 2, 3])
+    want_next = here.extend(torch.tensor([[40]]))
+    with RemoteEagle3TargetModel(server.url, enable_nccl=False) as remote:
+        first, second = remote.decode_session(), remote.decode_session()
+        first.extend(prompt)
+        second.extend(torch.randint(3, 250, (1, 5)))  # takes the client's one cache
+        got = first.extend(torch.tensor([tree.tokens]), tree.parents)
+        assert first.resent == 1
+        assert torch.equal(got.next_token_ids, want.next_token_ids)
+        first.keep_branch(7, [0, 2, 3])
+        second.extend(torch.randint(3, 250, (1, 5)))  # and again, with the branch not yet kept on the server
+        got_next = first.extend(torch.tensor([[40]]))
+        assert first.resent == 2 and first.length == 11
+        assert torch.equal(got_next.next_token_ids, want_next.next_token_ids)
+
+
+@pytest.mark.parametrize("extra, headers, status, says", [
+    ({"tree_parents": torch.tensor([0, 0, 1, 2])}, {}, 400, "-1 for the first"),
+    ({"tree_parents": torch.tensor([-1, 0, 3, 1])}, {}, 400, "earlier position"),
+    ({"tree_parents": torch.tensor([-1, 0, 1])}, {}, 400, "integer [4]"),
+    ({"tree_parents": torch.tensor([-1.0, 0.0, 1.0, 2.0])}, {}, 400, "integer [4]"),
+    ({}, {protocol.KEEP_BRANCH_HEADER: "3:0,1"}, 400, "without"),
+    ({}, {protocol.DECODE_SESSION_HEADER: "s", protocol.KEEP_BRANCH_HEADER: "0,1"}, 400, "BASE:i,j"),
+    ({}, {protocol.DECODE_SESSION_HEADER: "s", protocol.KEEP_BRANCH_HEADER: "2:1,1"}, 400, "must increase"),
+])
+def test_bad_tree_requests_get_a_clear_400(server, extra, headers, status, says):
+    got, body = _raw_verify(server, torch.randint(3, 250, (1, 4)), headers, extra)
+    assert got == status and says in body, body
+    assert _raw_verify(server, torch.randint(3, 250, (1, 3)), {})[0] == 200  # still serving
+
+
+def test_keeping_a_branch_of_no_cached_tree_is_409(server):
+    session = {protocol.DECODE_SESSION_HEADER: "chain-only"}
+    assert _raw_verify(server, torch.randint(3, 250, (1, 6)), {**session, protocol.PAST_HEADER: "0"})[0] == 200
+    got, body = _raw_verify(server, torch.randint(3, 250, (1, 1)),
+                            {**session, protocol.PAST_HEADER: "5", protocol.KEEP_BRANCH_HEADER: "3:0,2"})
+    assert got == 409 and "no draft tree" in body, body
 
 
 def test_decode_caches_are_bounded_and_freed_on_disconnect(local):

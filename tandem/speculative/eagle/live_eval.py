@@ -51,10 +51,11 @@ class LiveEvaluator:
         max_new_tokens: tokens decoded a prompt.
         num_draft_tokens: the longest draft chain a round; min_confidence: dynamic draft length (``decode.py``).
         stop_ids: token ids that end a decode (the tokenizer's end of turn).
+        tree: draft trees of this shape instead of chains (``draft_tree.TreeShape``).
     """
 
     def __init__(self, target, prompts: list[torch.Tensor], max_new_tokens: int = 64, num_draft_tokens: int = 4,
-                 min_confidence: float = 0.0, stop_ids: set[int] = frozenset()):
+                 min_confidence: float = 0.0, stop_ids: set[int] = frozenset(), tree=None):
         if not prompts:
             raise ValueError("live evaluation needs at least one prompt")
         self.target = target
@@ -62,6 +63,7 @@ class LiveEvaluator:
         self.max_new_tokens = max_new_tokens
         self.num_draft_tokens = num_draft_tokens
         self.min_confidence = min_confidence
+        self.tree = tree
         self.stop_ids = set(stop_ids)
         self._references: list[_Reference] | None = None
         self.reference_s = 0.0
@@ -92,7 +94,7 @@ class LiveEvaluator:
         decoding = for_decoding(draft, self.target.dtype)
         try:
             results = [speculative_decode(self.target, decoding, r.prompt, self.max_new_tokens, self.num_draft_tokens,
-                                          self.stop_ids, self.min_confidence) for r in references]
+                                          self.stop_ids, self.min_confidence, self.tree) for r in references]
             counts = [continuation_hits(self.target, decoding, r.prompt.shape[1], r.ids, r.aux) for r in references]
             hits, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
         finally:

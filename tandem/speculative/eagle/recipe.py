@@ -34,6 +34,7 @@ from tandem.speculative.eagle.distributed import (
     throughput_summary,
 )
 from tandem.speculative.eagle.draft import Eagle3DraftConfig, Eagle3DraftModel
+from tandem.speculative.eagle.draft_tree import TreeShape
 from tandem.speculative.eagle.supervision_cache import SupervisionCache, cache_identity
 from tandem.speculative.eagle.trainer import TTTObjective, step_valid_counts
 from tandem.speculative.eagle.vocab import (
@@ -134,6 +135,8 @@ class TrainConfig:
     """The longest draft chain a round of the evaluation's speculative decoding."""
     eval_min_confidence: float = 0.0
     """Dynamic draft length of the evaluation's decoding (see ``tandem eval --min-confidence``)."""
+    eval_tree: str = ""
+    """The evaluation drafts trees of this shape, ``DEPTH,TOP_K,SIZE`` (see ``tandem eval --tree``); "": chains."""
     show_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -144,6 +147,8 @@ class TrainConfig:
             ckpt.parse_dtype(self.export_dtype)
         if self.eval_every < 0 or self.eval_limit < 1 or self.eval_max_new_tokens < 1 or self.eval_draft_tokens < 1:
             raise ValueError("eval_every must be >= 0, and eval_limit, eval_max_new_tokens, eval_draft_tokens >= 1")
+        if self.eval_tree:
+            TreeShape.parse(self.eval_tree)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
@@ -628,11 +633,12 @@ class Trainer:
         records = read_chat_jsonl(path, limit=self.config.eval_limit)
         prompts = [prompt_ids(self.tokenizer, r.messages) for r in records]
         stop_ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
-        logger.info("live evaluation: %d prompts of %s every %d steps and at the end, %d new tokens each, up to %d "
-                    "draft tokens a round", len(prompts), spec, self.config.eval_every, self.config.eval_max_new_tokens,
-                    self.config.eval_draft_tokens)
+        tree = TreeShape.parse(self.config.eval_tree) if self.config.eval_tree else None
+        drafting = f"a {self.config.eval_tree} tree" if tree else f"up to {self.config.eval_draft_tokens} draft tokens"
+        logger.info("live evaluation: %d prompts of %s every %d steps and at the end, %d new tokens each, %s a round",
+                    len(prompts), spec, self.config.eval_every, self.config.eval_max_new_tokens, drafting)
         return LiveEvaluator(self.target, prompts, self.config.eval_max_new_tokens, self.config.eval_draft_tokens,
-                             self.config.eval_min_confidence, stop_ids)
+                             self.config.eval_min_confidence, stop_ids, tree)
 
     def evaluate(self, evaluator, last: dict, run_s: float) -> dict:
         """Measure the current draft (``evaluator.measure``) without disturbing training: no gradients, the RNG

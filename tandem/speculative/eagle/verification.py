@@ -105,7 +105,7 @@ class DecodeSession(Protocol):
 
     def extend(self, input_ids: torch.Tensor, tree_parents: list[int] | None = None) -> VerifyStep:
         """Run the target on ``input_ids [1, n]`` long, the positions after the ``length`` cached ones: a causal
-        chain, or with ``tree_parents`` a draft tree (``draft_tree.py``; in-process sessions only)."""
+        chain, or with ``tree_parents`` a draft tree (``draft_tree.py``)."""
 
     def crop(self, keep_length: int) -> None:
         """Keep the first ``keep_length`` cached positions."""

@@ -30,6 +30,10 @@ class DecodeCache:
     name: str
     cache: Any
     length: int = 0
+    tree_past: Optional[int] = None
+    """When the last forward verified a draft tree: the positions cached before it (its branch is kept next)."""
+    kept_branch: Optional[tuple] = None
+    """The last ``(base, branch)`` kept: a retried call naming it again finds it already done."""
 
 
 class DecodeCacheTable:

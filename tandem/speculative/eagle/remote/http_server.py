@@ -294,7 +294,7 @@ def _make_request_handler(
                     supervision_encoding=self.headers.get(protocol.SUPERVISION_HEADER),
                     vocab_digest=self.headers.get(protocol.VOCAB_DIGEST_HEADER), place=place,
                     decode_session=self.headers.get(protocol.DECODE_SESSION_HEADER),
-                    past=self.headers.get(protocol.PAST_HEADER))
+                    past=self.headers.get(protocol.PAST_HEADER), keep_branch=self.headers.get(protocol.KEEP_BRANCH_HEADER))
             except RequestError as exc:
                 status = exc.status
                 reply = Reply([protocol.error_body(exc.status, exc.message)], protocol.JSON_CONTENT_TYPE, exc.headers)

@@ -83,6 +83,10 @@ TOKEN_ENV = "TANDEM_TOKEN"
 # absent: stateless, nothing kept), and how many cached positions the new ids follow ("0": start afresh).
 DECODE_SESSION_HEADER = "X-Tandem-Decode-Session"
 PAST_HEADER = "X-Tandem-Past"
+# /verify of a draft tree (``draft_tree.py``): the body adds ``tree_parents [n]``, and the next call names the
+# branch the client accepted, "BASE:i,j,..." -- keep the first BASE cached positions, then positions BASE+i,
+# BASE+j, ... of the tree verified after them (before cropping to X-Tandem-Past).
+KEEP_BRANCH_HEADER = "X-Tandem-Keep-Branch"
 
 WIRE_CONTENT_TYPE = "application/octet-stream"
 JSON_CONTENT_TYPE = "application/json"
@@ -92,6 +96,7 @@ REQUEST_KEYS = ("input_ids", "attention_mask", "loss_mask")
 VOCAB_MAPPING_KEYS = ("selected_token_ids", "selected_token_mask")
 # /verify: the request holds input_ids [B, n]; the answer these three (see verification.VerifyStep).
 VERIFY_REQUEST_KEYS = ("input_ids",)
+VERIFY_TREE_KEY = "tree_parents"
 VERIFY_ANSWER_KEYS = ("next_token_ids", "near_ties", "aux_hidden_states")
 EMBEDDINGS_KEY = "weight"
 

@@ -33,16 +33,19 @@ def verify_specs(batch: int, new: int, hidden: int, hidden_dtypes: frozenset) ->
 
 
 def request_verify(server, input_ids: torch.Tensor, hidden: int, hidden_dtypes: frozenset, device: torch.device,
-                   headers: dict | None = None) -> VerifyStep:
-    """One ``/verify`` call with ``input_ids [B, n]`` long; the checked answer, copied onto ``device``.
+                   headers: dict | None = None, tree_parents: list[int] | None = None) -> VerifyStep:
+    """One ``/verify`` call with ``input_ids [B, n]`` long (``tree_parents``: a draft tree's, for B = 1); the
+    checked answer, copied onto ``device``.
 
     ``server``: a ``client._ServerConnection`` (retries on connection errors and 5xx: with ``X-Tandem-Past`` a
     repeated call does the same as the first). ``RemoteTargetError`` for a refusal or a malformed answer."""
     from tandem.speculative.eagle.remote.client import RemoteTargetError
 
     specs = verify_specs(*input_ids.shape, hidden, hidden_dtypes)
-    raw = server.request(protocol.EP_VERIFY, wire.encode({"input_ids": input_ids.to("cpu", torch.long)}),
-                         headers=headers, max_answer_bytes=wire_answer_bytes(specs))
+    body = {"input_ids": input_ids.to("cpu", torch.long)}
+    if tree_parents is not None:
+        body[protocol.VERIFY_TREE_KEY] = torch.tensor(tree_parents, dtype=torch.long)
+    raw = server.request(protocol.EP_VERIFY, wire.encode(body), headers=headers, max_answer_bytes=wire_answer_bytes(specs))
     try:
         tensors = wire.decode(raw, max_entries=len(specs))
         check_tensors(tensors, specs)
@@ -71,23 +74,25 @@ class RemoteDecodeSession:
         self.resent = 0
         """Times the server had lost the cache and the whole sequence went again."""
         self._tokens: list[int] = []  # the ids of the cached positions, to send again if the server lost them
+        self._branch: tuple[int, list[int]] | None = None  # a tree's kept branch, for the server at the next call
 
-    def _call(self, input_ids: torch.Tensor, past: int) -> VerifyStep:
+    def _call(self, input_ids: torch.Tensor, past: int, tree_parents: list[int] | None,
+              branch: tuple[int, list[int]] | None) -> VerifyStep:
         headers = {protocol.DECODE_SESSION_HEADER: self.name, protocol.PAST_HEADER: str(past)}
-        return request_verify(self.server, input_ids, self.hidden, self.hidden_dtypes, self.device, headers)
+        if branch is not None:
+            headers[protocol.KEEP_BRANCH_HEADER] = f"{branch[0]}:" + ",".join(map(str, branch[1]))
+        return request_verify(self.server, input_ids, self.hidden, self.hidden_dtypes, self.device, headers,
+                              tree_parents)
 
     def extend(self, input_ids: torch.Tensor, tree_parents: list[int] | None = None) -> VerifyStep:
         """The target on ``input_ids [1, n]`` long after the ``length`` cached positions (see ``DecodeSession``)."""
         from tandem.speculative.eagle.remote.client import RemoteTargetError
 
-        if tree_parents is not None:
-            raise ValueError("/verify checks a chain of draft tokens; tree drafting needs an in-process target "
-                             "(draft a chain against a target server)")
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"a decode session extends one sequence: input_ids must be [1, n], got {list(input_ids.shape)}")
         new_ids = input_ids[0].tolist()
         try:
-            step = self._call(input_ids, self.length)
+            step = self._call(input_ids, self.length, tree_parents, self._branch)
         except RemoteTargetError as exc:
             if exc.status != 409 or self.length == 0:
                 raise
@@ -95,7 +100,11 @@ class RemoteDecodeSession:
                         self.server.url, self.name, exc.message, self.length)
             self.resent += 1
             whole = torch.tensor([self._tokens[: self.length] + new_ids])
-            step = VerifyStep(*(t[:, -len(new_ids):] for t in self._call(whole, 0)))
+            # Sent whole, the cached positions are a chain and the tree's root hangs from the last of them.
+            whole_parents = None if tree_parents is None else (
+                list(range(-1, self.length - 1)) + [self.length + p for p in tree_parents])
+            step = VerifyStep(*(t[:, -len(new_ids):] for t in self._call(whole, 0, whole_parents, None)))
+        self._branch = None
         self._tokens[self.length:] = new_ids
         self.length += len(new_ids)
         return step
@@ -104,8 +113,20 @@ class RemoteDecodeSession:
         """Keep the first ``keep_length`` positions (the server crops its cache at the next call)."""
         if not 0 <= keep_length <= self.length:
             raise ValueError(f"cannot keep {keep_length} of {self.length} cached positions")
+        if self._branch is not None and keep_length <= self._branch[0]:
+            self._branch = None  # the branch's positions are cropped away: nothing of it to keep
         self.length = keep_length
         del self._tokens[keep_length:]
+
+    def keep_branch(self, past_length: int, branch: list[int]) -> None:
+        """Keep the first ``past_length`` positions and positions ``past_length + i`` for i in ``branch`` of the tree
+        verified after them (see ``DecodeSession``); the server is told at the next call."""
+        if not 0 <= past_length < self.length or not branch or any(b <= a for a, b in zip(branch, branch[1:])) \
+                or branch[0] < 0 or past_length + branch[-1] >= self.length:
+            raise ValueError(f"cannot keep branch {branch} after {past_length} of {self.length} cached positions")
+        self._tokens = self._tokens[:past_length] + [self._tokens[past_length + i] for i in branch]
+        self._branch = (past_length, list(branch))
+        self.length = past_length + len(branch)
 
     def close(self) -> None:
         """Nothing to send: the server frees the cache when this client starts another sequence, at

@@ -51,18 +51,19 @@ def check_client_id(value: Optional[str]) -> str:
     return value
 
 
-def decode_tensors(raw: bytes, expected: tuple[str, ...], what: str) -> dict[str, torch.Tensor]:
-    """Decode a wire body that must hold exactly the tensors ``expected``; 400 for anything else.
+def decode_tensors(raw: bytes, expected: tuple[str, ...], what: str, optional: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Decode a wire body that must hold exactly the tensors ``expected`` (and may hold ``optional`` ones); 400 for
+    anything else.
 
     The decoder stops at the first entry past ``len(expected)``: a body of millions of tiny entries costs
     a few objects, not millions (each decoded tensor is about a kilobyte of Python and torch state).
     """
     try:
-        tensors = wire.decode(raw, max_entries=len(expected))
+        tensors = wire.decode(raw, max_entries=len(expected) + len(optional))
     except wire.WireFormatError as exc:
         raise RequestError(400, f"{what}: malformed wire body: {exc}") from None
     missing = [k for k in expected if tensors.get(k) is None]
-    unexpected = sorted(set(tensors) - set(expected))
+    unexpected = sorted(set(tensors) - set(expected) - set(optional))
     if missing or unexpected:
         raise RequestError(400, f"{what}: expected tensors {list(expected)}; missing {missing}, unexpected {unexpected}")
     return tensors
@@ -97,6 +98,44 @@ def check_verify_inputs(tensors: dict[str, torch.Tensor], vocab_size: int) -> to
         raise RequestError(400, f"verify: input_ids must be [B, n] with B, n >= 1, got {list(input_ids.shape)}")
     _check_ids("input_ids", input_ids, vocab_size, "verify")
     return input_ids.long()
+
+
+def check_tree_parents(parents: torch.Tensor | None, input_ids: torch.Tensor) -> list[int] | None:
+    """The ``tree_parents [n]`` of a ``/verify`` body as a list (None when absent); 400 unless an integer tensor
+    of ``input_ids``'s length for one sequence, -1 first and every other entry an earlier position."""
+    if parents is None:
+        return None
+    n = input_ids.shape[1]
+    if input_ids.shape[0] != 1:
+        raise RequestError(400, f"verify: a draft tree is verified for one sequence, got a batch of {input_ids.shape[0]}")
+    if parents.dtype.is_floating_point or parents.dtype == torch.bool or parents.shape != (n,):
+        raise RequestError(400, f"verify: tree_parents must be an integer [{n}] tensor, got {parents.dtype} "
+                                f"{list(parents.shape)}")
+    values = parents.tolist()
+    if values[0] != -1 or any(not 0 <= parent < i for i, parent in enumerate(values) if i):
+        raise RequestError(400, "verify: tree_parents must be -1 for the first position and an earlier position "
+                                "for every other")
+    return values
+
+
+_BRANCH = re.compile(r"(\d{1,9}):(\d{1,9}(?:,\d{1,9}){0,4095})")
+
+
+def keep_branch_header(value: str | None, name: str | None) -> tuple[int, list[int]] | None:
+    """``(base, branch)`` of an ``X-Tandem-Keep-Branch: BASE:i,j,...`` header (None when absent); 400 unless
+    well formed, increasing, and sent with a decode session."""
+    if value is None:
+        return None
+    match = _BRANCH.fullmatch(value.strip())
+    if match is None:
+        raise RequestError(400, f"{protocol.KEEP_BRANCH_HEADER} must be BASE:i,j,... (integers), got {value[:40]!r}")
+    if name is None:
+        raise RequestError(400, f"verify: {protocol.KEEP_BRANCH_HEADER} without {protocol.DECODE_SESSION_HEADER}: "
+                                "only a kept cache has a branch to keep")
+    base, branch = int(match.group(1)), [int(i) for i in match.group(2).split(",")]
+    if any(b <= a for a, b in zip(branch, branch[1:])):
+        raise RequestError(400, f"{protocol.KEEP_BRANCH_HEADER}: the branch's positions must increase, got {branch[:8]}")
+    return base, branch
 
 
 # A decode session's name reaches log lines: the client id's alphabet, at most 64 characters.

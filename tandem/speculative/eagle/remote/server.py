@@ -39,8 +39,8 @@ from tandem.speculative.eagle.remote.http_server import (  # noqa: F401 - the or
 )
 from tandem.speculative.eagle.remote.decode_caches import DecodeCacheTable
 from tandem.speculative.eagle.remote.request_checks import (  # noqa: F401 - re-exported for callers of this module
-    Reply, RequestError, check_generate_inputs, check_verify_inputs, check_vocab_mapping, decode_session_headers,
-    decode_tensors, init_nccl_request,
+    Reply, RequestError, check_generate_inputs, check_tree_parents, check_verify_inputs, check_vocab_mapping,
+    decode_session_headers, decode_tensors, init_nccl_request, keep_branch_header,
 )
 from tandem.speculative.eagle.remote.server_data_plane import DataPlaneHost
 from tandem.speculative.eagle.remote.sessions import (
@@ -51,7 +51,7 @@ from tandem.speculative.eagle.remote.token_budget import (
 )
 from tandem.speculative.eagle.remote.transport import default_port_range
 from tandem.speculative.eagle.supervision import compute_supervision  # noqa: F401 - named by the spec page
-from tandem.speculative.eagle.verification import crop_cache
+from tandem.speculative.eagle.verification import crop_cache, select_cache_positions
 from tandem.speculative.eagle.vocab import vocab_digest
 
 logger = logging.getLogger(__name__)
@@ -219,19 +219,20 @@ class TargetModelServer:
     def handle(
         self, endpoint: str, raw: bytes, *, client_id: str = protocol.ANONYMOUS_CLIENT, client_wants_nccl: bool = False,
         supervision_encoding: Optional[str] = None, vocab_digest: Optional[str] = None, place: Optional[Place] = None,
-        decode_session: Optional[str] = None, past: Optional[str] = None,
+        decode_session: Optional[str] = None, past: Optional[str] = None, keep_branch: Optional[str] = None,
     ) -> Reply:
         """Answer one routed, authorized request; ``RequestError`` for anything the client got wrong.
 
-        ``supervision_encoding``, ``vocab_digest``, ``decode_session``, ``past``: the ``X-Tandem-Supervision``,
-        ``X-Tandem-Vocab``, ``X-Tandem-Decode-Session`` and ``X-Tandem-Past`` request headers (None when absent).
+        ``supervision_encoding``, ``vocab_digest``, ``decode_session``, ``past``, ``keep_branch``: the
+        ``X-Tandem-Supervision``, ``X-Tandem-Vocab``, ``X-Tandem-Decode-Session``, ``X-Tandem-Past`` and
+        ``X-Tandem-Keep-Branch`` request headers (None when absent).
         ``place``: the request's place in the target's queue (from :meth:`admit`).
         """
         if endpoint not in protocol.PUBLIC_ENDPOINTS and endpoint != protocol.EP_DISCONNECT:
             self.sessions.get(client_id)
         try:
             if endpoint == protocol.EP_VERIFY:
-                answer = self.verify(raw, client_id, decode_session, past, place)
+                answer = self.verify(raw, client_id, decode_session, past, place, keep_branch)
                 return Reply(wire.encode(answer), protocol.WIRE_CONTENT_TYPE, {})
             return self._dispatch(endpoint, raw, client_id, client_wants_nccl, supervision_encoding, vocab_digest, place)
         except RequestError:
@@ -359,7 +360,7 @@ class TargetModelServer:
         return {key: out[key] for key in keys}
 
     def verify(self, raw: bytes, client_id: str, decode_session: Optional[str] = None, past: Optional[str] = None,
-               place: Optional[Place] = None) -> dict[str, torch.Tensor]:
+               place: Optional[Place] = None, keep_branch: Optional[str] = None) -> dict[str, torch.Tensor]:
         """Speculative decoding's target step for a ``/verify`` body ``{"input_ids": [B, n] long}``.
 
         Without a decode session the ids are whole sequences (``B`` rows of equal length, nothing kept). With
@@ -368,6 +369,9 @@ class TargetModelServer:
         ``VERIFY_ANSWER_KEYS``: ``next_token_ids [B, n]`` long (argmax over the full vocabulary of float32 logits),
         ``near_ties [B, n]`` bool and ``aux_hidden_states [B, n, 3H]`` (target dtype); see ``verification.py``.
         The forward runs in the client's turn of the target, within the token budget like ``/generate``.
+
+        A draft tree: the body adds ``tree_parents [n]`` (``draft_tree.py``), and the next call's ``keep_branch``
+        (``X-Tandem-Keep-Branch``) says which of the tree's positions stay cached.
         """
         from transformers import DynamicCache
 
@@ -376,21 +380,19 @@ class TargetModelServer:
         try:
             if not self.verify_supported:
                 raise RequestError(400, "this target cannot decode with a KV cache: no /verify")
-            input_ids = check_verify_inputs(decode_tensors(raw, protocol.VERIFY_REQUEST_KEYS, "verify"), self._vocab_size)
+            tensors = decode_tensors(raw, protocol.VERIFY_REQUEST_KEYS, "verify", optional=(protocol.VERIFY_TREE_KEY,))
+            input_ids = check_verify_inputs(tensors, self._vocab_size)
+            tree_parents = check_tree_parents(tensors.get(protocol.VERIFY_TREE_KEY), input_ids)
             batch, new = input_ids.shape
             name, past_length = decode_session_headers(decode_session, past, batch)
+            branch = keep_branch_header(keep_branch, name)
             check_batch_shape(batch, past_length + new, self.max_batch_tokens, self.max_seq_len, "verify")
             start = time.perf_counter()
             with place.turn(), self.generate_lock:
                 if name is None:
-                    step = self.target_wrapper.greedy_forward(input_ids, DynamicCache())
+                    step = self.target_wrapper.greedy_forward(input_ids, DynamicCache(), tree_parents)
                 else:
-                    # Checked out, the cache is nobody else's; an exception below leaves it out: freed.
-                    entry = self.decode_caches.check_out(client_id, name, past_length, new, DynamicCache)
-                    crop_cache(entry.cache, past_length)
-                    step = self.target_wrapper.greedy_forward(input_ids, entry.cache)
-                    entry.length = past_length + new
-                    self.decode_caches.check_in(client_id, entry)
+                    step = self._verify_cached(client_id, name, past_length, input_ids, tree_parents, branch)
         finally:
             place.release()
         with self._stats_lock:
@@ -398,6 +400,31 @@ class TargetModelServer:
             self._stats.verify_positions += batch * new
             self._stats.verify_s += time.perf_counter() - start
         return dict(zip(protocol.VERIFY_ANSWER_KEYS, step))
+
+    def _verify_cached(self, client_id: str, name: str, past_length: int, input_ids: torch.Tensor,
+                       tree_parents: Optional[list[int]], branch: Optional[tuple[int, list[int]]]):
+        """``/verify`` on the client's kept cache: keep ``branch`` of its last tree, crop to ``past_length``, extend."""
+        from transformers import DynamicCache
+
+        # Checked out, the cache is nobody else's; an exception below leaves it out: freed.
+        entry = self.decode_caches.check_out(client_id, name, past_length, input_ids.shape[1], DynamicCache)
+        if branch is not None and branch != entry.kept_branch:  # (a retried call finds its branch kept already)
+            base, indices = branch
+            if entry.tree_past != base or base + indices[-1] >= entry.length:
+                raise RequestError(409, f"verify: cannot keep branch {base}:{indices[:8]} of {name!r}: no draft tree "
+                                        f"verified after {base} positions is cached; send the whole sequence with "
+                                        f"{protocol.PAST_HEADER}: 0")
+            select_cache_positions(entry.cache, base, torch.tensor([base + i for i in indices]))
+            entry.length, entry.kept_branch = base + len(indices), branch
+        if past_length > entry.length:
+            raise RequestError(409, f"verify: cannot continue {name!r} after {past_length} positions: only "
+                                    f"{entry.length} are cached; send the whole sequence with {protocol.PAST_HEADER}: 0")
+        crop_cache(entry.cache, past_length)
+        step = self.target_wrapper.greedy_forward(input_ids, entry.cache, tree_parents)
+        entry.length = past_length + input_ids.shape[1]
+        entry.tree_past = past_length if tree_parents is not None else None
+        self.decode_caches.check_in(client_id, entry)
+        return step
 
     def generate_buffers(
         self, raw: bytes, client_wants_nccl: bool, *, client_id: str = protocol.ANONYMOUS_CLIENT,
