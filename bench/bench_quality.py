@@ -20,7 +20,7 @@ from tandem.speculative.eagle.decode import _draft_chain
 from tandem.speculative.eagle.draft_tree import TreeShape, draft_tree
 
 DRAFT_LENGTHS = (1, 2, 3, 4, 5, 6)
-TREE_SHAPES = (TreeShape(2, 3, 5), TreeShape(3, 3, 8), TreeShape(3, 4, 12), TreeShape(4, 4, 16))
+TREE_SHAPES = (TreeShape(3, 4, 12), TreeShape(2, 8, 16), TreeShape(3, 8, 24), TreeShape(4, 8, 32))
 COLUMNS = (("dtype", "dtype", "s"), ("figure", "figure", "s"), ("ms", "ms", ".1f"), ("limit", "limit", "s"),
            ("limit ms", "limit_ms", ".1f"), ("cost / limit", "cost_ratio", ".2f"),
            ("acceptance for 1.2x", "breakeven_acceptance", ".2f"))
