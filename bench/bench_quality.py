@@ -6,8 +6,10 @@
 Decode (one prompt, KV-cached, as ``decode.speculative_decode`` runs): a verifying target forward of
 ``k + 1`` tokens against a plain 1-token forward (the limit: what greedy decoding pays per token), and one
 draft step against the same. From these, the acceptance length a draft needs for a 1.2x speed-up at draft
-length ``k``: ``1.2 * (verify(k+1) + k * draft) / forward(1)`` -- the demo picks its draft length where
-this is lowest. Training (a batch of the demo's shape): a step from the supervision cache and a step with
+length ``k``: ``1.2 * (verify(k+1) + k * draft) / forward(1)``; the same for whole rounds, a chain's and a
+draft tree's (``DEPTH,TOP_K,SIZE``: its draft forwards and a verification of ``SIZE + 1`` positions under a
+tree mask). The verified tokens are the target's own greedy answer to a held-out prompt, as in real
+decoding. Training (a batch of the demo's shape): a step from the supervision cache and a step with
 the target in the loop, against the target's forward alone. Each dtype's cases run interleaved.
 """
 
@@ -27,32 +29,50 @@ COLUMNS = (("dtype", "dtype", "s"), ("figure", "figure", "s"), ("ms", "ms", ".1f
 
 
 def load(quick: bool, dtype: torch.dtype):
-    """``(model, draft)``: SmolLM2-135M and a draft of its shape (4096-token vocabulary), or tiny ones."""
+    """``(model, draft, tokenizer)``: SmolLM2-135M and a draft of its shape (4096-token vocabulary), or tiny ones
+    (no tokenizer)."""
     from tandem.speculative.eagle.draft import Eagle3DraftConfig, Eagle3DraftModel
 
     if quick:
         from tests.conftest import build_tiny_llama
 
-        model = build_tiny_llama().to(dtype).eval()
+        model, tokenizer = build_tiny_llama().to(dtype).eval(), None
         vocab = 200
     else:
         from tandem.models import load_target
 
-        model, _ = load_target("default", dtype=dtype)
+        model, tokenizer = load_target("default", dtype=dtype)
         vocab = 4096
     draft = Eagle3DraftModel(Eagle3DraftConfig.from_target_config(model.config, vocab)).to(dtype).eval()
-    return model, draft
+    return model, draft, tokenizer
 
 
-def decode_rows(model, draft, dtype: torch.dtype, runs: int, warmup: int, context: int) -> list[dict]:
+def decode_text(target, tokenizer, context: int, verified: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prompt [1, S], next_ids [1, verified])``: a held-out prompt with the start of the target's greedy answer,
+    and the answer's next tokens. Verifying what the target would say keeps its logits as peaked as in real
+    decoding (random ids give flat rows, which send ``greedy_from_hidden`` to its full float32 fallback). Without
+    a tokenizer: random ids of ``context`` positions."""
+    if tokenizer is None:
+        vocab = target.config.vocab_size
+        return torch.randint(3, vocab, (1, context)), torch.randint(3, vocab, (1, verified))
+    from tandem.speculative.eagle.data import default_prompt_path, prompt_ids, read_chat_jsonl
+    from tandem.speculative.eagle.decode import greedy_decode
+
+    prompt = prompt_ids(tokenizer, read_chat_jsonl(default_prompt_path("heldout"), limit=1)[0].messages)
+    answer = torch.tensor([greedy_decode(target, prompt, 16 + verified).tokens])
+    return torch.cat([prompt, answer[:, :16]], 1), answer[:, 16:]
+
+
+def decode_rows(model, draft, dtype: torch.dtype, runs: int, warmup: int, context: int, tokenizer=None) -> list[dict]:
     from transformers import DynamicCache
 
     from tandem.speculative.eagle.draft import DraftKVCache
     from tandem.speculative.eagle.target import Eagle3TargetModel
 
     target = Eagle3TargetModel(model)
-    vocab = model.config.vocab_size
-    prompt = torch.randint(3, vocab, (1, context))
+    longest = max([k + 1 for k in DRAFT_LENGTHS] + [shape.size + 1 for shape in TREE_SHAPES])
+    prompt, next_ids = decode_text(target, tokenizer, context, longest)
+    context = prompt.shape[1]
     cache = DynamicCache()
     target.greedy_forward(prompt, cache)
     draft_cache = DraftKVCache()
@@ -62,7 +82,7 @@ def decode_rows(model, draft, dtype: torch.dtype, runs: int, warmup: int, contex
     def forward(n: int):
         def run() -> None:
             # What decoding runs: the greedy tokens and near-tie flags of the float32 logits (greedy_forward).
-            target.greedy_forward(torch.randint(3, vocab, (1, n)), cache)
+            target.greedy_forward(next_ids[:, :n], cache)
             cache.crop(-n)  # back to the prompt: every run sees the same context
         return run
 
@@ -75,7 +95,7 @@ def decode_rows(model, draft, dtype: torch.dtype, runs: int, warmup: int, contex
         parents = [-1] + [(i - 1) // shape.top_k for i in range(1, shape.size + 1)]  # any tree of that size costs alike
 
         def run() -> None:
-            target.greedy_forward(torch.randint(3, vocab, (1, shape.size + 1)), cache, parents)
+            target.greedy_forward(next_ids[:, : shape.size + 1], cache, parents)
             cache.crop(-(shape.size + 1))
         return run
 
@@ -178,8 +198,8 @@ def main(argv=None) -> list[dict]:
     args = common.settle(common.parser(__doc__.split("\n")[0], runs=15, warmup=2).parse_args(argv))
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
-        model, draft = load(args.quick, dtype)
-        rows += decode_rows(model, draft, dtype, args.runs, args.warmup, context=32 if args.quick else 200)
+        model, draft, tokenizer = load(args.quick, dtype)
+        rows += decode_rows(model, draft, dtype, args.runs, args.warmup, context=32, tokenizer=tokenizer)
         rows += training_rows(model, dtype, max(args.runs // 3, 2), min(args.warmup, 1), args.quick)
     one = {r["dtype"]: r["limit_ms"] for r in rows if r["figure"] == "draft step"}
     notes = [f"bf16 / fp32 cost of a 1-token target forward: {one['bfloat16'] / one['float32']:.2f}"]

@@ -65,8 +65,8 @@ class DemoConfig:
     eval_max_new_tokens: int = 64
     """Tokens generated per held-out prompt."""
     draft_tokens: int = 2
-    """Most tokens the draft proposes per verification (measured on the TTT-2 draft, 12 held-out prompts: 2 fixed
-    1.26x, up to 3 / 5 / 8 with ``min_confidence`` 0.3 1.24x / 1.23x / 1.21x)."""
+    """With ``tree`` "": most tokens the draft's chain proposes per verification (measured on the TTT-2 draft,
+    12 held-out prompts: 2 fixed 1.26x, up to 3 / 5 / 8 with ``min_confidence`` 0.3 1.24x / 1.23x / 1.21x)."""
     min_confidence: float = 0.0
     """Dynamic draft length: a round stops drafting once the draft's probability of its next token is below this."""
     tree: str = "3,8,24"
@@ -111,7 +111,7 @@ def _prepare_data(config: DemoConfig, model, tokenizer, out: Path) -> Path:
     return path
 
 
-def _plot(metrics_path: Path, png_path: Path) -> None:
+def _plot(metrics_path: Path, png_path: Path, decoding: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,23 +127,26 @@ def _plot(metrics_path: Path, png_path: Path) -> None:
         ax_acc.plot(steps, accuracies[:, k], label=f"TTT step {k}")
     ax_acc.set(title="per-step accuracy (vs target argmax)", xlabel="step", ylabel="accuracy", ylim=(0, 1))
     ax_acc.legend(fontsize=7)
-    _plot_acceptance(ax_accept, rows)
+    _plot_acceptance(ax_accept, rows, decoding)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
 
 
-def _plot_acceptance(ax, rows: list[dict]) -> None:
-    """The training proxy (acceptance simulated on each batch, averaged over 20 steps) and the acceptance length
-    measured by real speculative decoding of held-out prompts (``--eval-every`` rows)."""
+def _plot_acceptance(ax, rows: list[dict], decoding: str = "") -> None:
+    """The training proxy (acceptance of a chain as deep as the TTT unroll, simulated on each batch, averaged over
+    20 steps) and the acceptance length measured by real speculative decoding of held-out prompts (``--eval-every``
+    rows; ``decoding`` says how it drafted)."""
     simulated = torch.tensor([r["sim_acceptance_length"] for r in rows], dtype=torch.float64)
     window = min(20, len(rows))
     smoothed = torch.nn.functional.avg_pool1d(simulated.view(1, 1, -1), window, stride=1).view(-1)
-    ax.plot([r["step"] for r in rows][window - 1:], smoothed, label=f"simulated on training batches ({window}-step mean)")
+    ax.plot([r["step"] for r in rows][window - 1:], smoothed,
+            label=f"simulated on training batches (a chain of the TTT steps, {window}-step mean)")
     measured = [r for r in rows if "eval_acceptance_length" in r]
     if measured:
         ax.plot([r["step"] for r in measured], [r["eval_acceptance_length"] for r in measured], "o-",
-                label=f"measured: speculative decoding of {measured[-1]['eval_prompts']} held-out prompts")
+                label=f"measured: speculative decoding of {measured[-1]['eval_prompts']} held-out prompts"
+                      + (f", {decoding}" if decoding else ""))
     ax.set(title="acceptance length (tokens per target forward)", xlabel="step", ylabel="tokens")
     ax.legend(fontsize=7)
 
@@ -288,7 +291,8 @@ def run_demo(config: DemoConfig) -> int:
     phases["regenerate_s"] = time.perf_counter() - started - phases["load_target_s"]
     target = Eagle3TargetModel(model)
     trainer, untrained_draft, train_seconds = _train(config, data_path, target, tokenizer, out, phases)
-    _plot(out / "train" / "metrics.jsonl", out / "training.png")
+    decoding = f"tree {config.tree}" if config.tree else f"chain of {config.draft_tokens}"
+    _plot(out / "train" / "metrics.jsonl", out / "training.png", decoding)
     evaluated = time.perf_counter()
     results, generalisation = _evaluate_in_fresh_process(config, out, untrained_draft, target.dtype)
     phases["evaluate_s"] = time.perf_counter() - evaluated
@@ -296,7 +300,7 @@ def run_demo(config: DemoConfig) -> int:
     summary = {
         "config": asdict(config), "dtype": str(target.dtype).removeprefix("torch."), "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - started, "phases": {k: round(v, 1) for k, v in phases.items()},
-        "decoding": f"tree {config.tree}" if config.tree else f"chain of {config.draft_tokens}",
+        "decoding": decoding,
         "untrained": untrained.to_dict(), "trained": trained.to_dict(),
         "acceptance_ratio": trained.acceptance_length / untrained.acceptance_length,
         "generalisation": generalisation,
