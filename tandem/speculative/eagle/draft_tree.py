@@ -119,11 +119,11 @@ def draft_tree(draft: Eagle3DraftModel, new_tokens: torch.Tensor, new_aux: torch
         base = torch.tensor([nodes[i].score if i >= 0 else 0.0 for i in frontier]).unsqueeze(1)
         best, index = log_probs.topk(min(shape.top_k, log_probs.shape[-1]), dim=-1)
         scores = base + best.cpu()
-        targets = draft.draft_to_target(index).cpu()
+        # One conversion to Python numbers per depth (indexing tensors element by element costs more).
+        score_rows, target_rows = scores.tolist(), draft.draft_to_target(index).tolist()
         first_new = len(nodes)
-        for row, parent in enumerate(frontier):
-            for col in range(index.shape[1]):
-                nodes.append(_Node(int(targets[row, col]), parent, depth, float(scores[row, col])))
+        for parent, row_targets, row_scores in zip(frontier, target_rows, score_rows):
+            nodes.extend(_Node(token, parent, depth, score) for token, score in zip(row_targets, row_scores))
         if depth == shape.depth:
             break
         # Expand the top_k best children of this depth next, each from its parent's output hidden state.
