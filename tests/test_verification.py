@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tandem.speculative.eagle.verification import CANDIDATES, dot_magnitude, greedy_from_hidden, near_tie_mask
+from tandem.speculative.eagle.verification import (
+    CANDIDATES, WIDE_CANDIDATES, dot_magnitude, greedy_from_hidden, near_tie_mask,
+)
 
 
 def _hidden_and_head(rows: int, dtype: torch.dtype, seed: int = 0):
@@ -40,6 +42,24 @@ def test_flat_rows_fall_back_to_the_full_projection():
     assert CANDIDATES < weight.shape[0]
     assert int(next_ids[0, 1]) == int(logits[0, 1].argmax()) and bool(near_ties[0, 1])
     assert torch.equal(next_ids, logits.argmax(-1))
+
+
+def test_rows_too_flat_for_the_first_candidates_are_settled_by_the_wide_ones(monkeypatch):
+    """A row whose best 40 tokens are within rounding of each other: 16 candidates cannot hold every possible
+    answer, 512 can; the answer and its near-tie flag are the float32 projection's, without computing it."""
+    hidden, weight = _hidden_and_head(3, torch.bfloat16, seed=5)
+    weight[:40] = weight[0]  # 40 identical rows: an exact 40-way tie at the top of row 1
+    hidden[0, 1] = weight[0] * 4
+    logits = torch.nn.functional.linear(hidden.float(), weight.float())
+    assert CANDIDATES < 40 < WIDE_CANDIDATES < weight.shape[0]
+    projections = []
+    original = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: projections.append(a) or original(*a))
+    next_ids, near_ties = greedy_from_hidden(hidden, weight)
+    assert len(projections) == 1  # the low-precision projection only: no float32 fallback
+    assert int(next_ids[0, 1]) < 40 and bool(near_ties[0, 1])  # one of the tied tokens, flagged as a tie
+    keep = ~near_ties[0]
+    assert torch.equal(next_ids[0][keep], logits[0].argmax(-1)[keep])
 
 
 def test_a_position_gets_the_same_answer_alone_and_among_others():
