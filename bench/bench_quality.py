@@ -134,10 +134,10 @@ def decode_rows(model, draft, dtype: torch.dtype, runs: int, warmup: int, contex
                      "limit_ms": one * 1e3})
     for shape in TREE_SHAPES:
         verify, drafting = common.median(times[f"tree verify {shape}"]), common.median(times[f"tree round {shape}"])
-        rows.append({"dtype": rows[0]["dtype"], "figure": f"tree {shape.depth},{shape.top_k},{shape.size}: verify "
+        rows.append({"dtype": rows[0]["dtype"], "figure": f"tree {shape}: verify "
                      f"{shape.size + 1} tokens", "ms": verify * 1e3, "limit": "target forward, 1 token",
                      "limit_ms": one * 1e3, "cost_ratio": verify / one})
-        rows.append({"dtype": rows[0]["dtype"], "figure": f"tree {shape.depth},{shape.top_k},{shape.size}: round "
+        rows.append({"dtype": rows[0]["dtype"], "figure": f"tree {shape}: round "
                      "(draft + verify)", "ms": (verify + drafting) * 1e3, "limit": "target forward, 1 token",
                      "limit_ms": one * 1e3, "cost_ratio": (verify + drafting) / one,
                      "breakeven_acceptance": 1.2 * (verify + drafting) / one})

@@ -165,7 +165,7 @@ def cmd_eval(args) -> int:
     if args.target_url:
         result["target_url"] = args.target_url
     if args.tree is not None:
-        result["tree"] = f"{args.tree.depth},{args.tree.top_k},{args.tree.size}"
+        result["tree"] = str(args.tree)
     print(json.dumps(result, indent=2))
     return 0 if summary.outputs_match else 1
 
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tree", type=_tree_shape, default=None, metavar="DEPTH,TOP_K,SIZE",
                    help="draft a tree instead of a chain (EAGLE-2 style): DEPTH draft forwards, each expanding the "
                         "TOP_K best-scored nodes into TOP_K children, and the SIZE best nodes verified in one target "
-                        "forward (e.g. 3,4,12, the demo's); the output is unchanged; --draft-tokens and "
+                        "forward (e.g. 3,8,24, the demo's); the output is unchanged; --draft-tokens and "
                         "--min-confidence then do not apply")
     p.add_argument("--aux-layer-ids", type=int, nargs=3, default=None,
                    help="the layers the draft was trained on (default: those its export records)")

@@ -35,7 +35,12 @@ class TreeShape:
 
     def __post_init__(self):
         if self.depth < 1 or self.top_k < 1 or self.size < 1:
-            raise ValueError(f"a draft tree needs depth, top_k and size >= 1, got {self}")
+            raise ValueError(f"a draft tree needs depth, top_k and size >= 1, got depth={self.depth}, "
+                             f"top_k={self.top_k}, size={self.size}")
+
+    def __str__(self) -> str:
+        """``"DEPTH,TOP_K,SIZE"``, as :meth:`parse` reads it."""
+        return f"{self.depth},{self.top_k},{self.size}"
 
     @classmethod
     def parse(cls, text: str) -> "TreeShape":
@@ -45,6 +50,18 @@ class TreeShape:
         except ValueError:
             raise ValueError(f"a draft tree is DEPTH,TOP_K,SIZE (three integers, like 3,4,8), got {text!r}") from None
         return cls(depth, top_k, size)
+
+
+def ancestor_mask(parents: list[int], device: torch.device | None = None) -> torch.Tensor:
+    """``[n, n]`` bool for a tree given by ``parents`` (each an earlier index, -1 for the root): row i is True at
+    i's ancestors and at i itself (what position i may attend to)."""
+    n = len(parents)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for i, parent in enumerate(parents):
+        if parent >= 0:
+            mask[i] = mask[parent]
+        mask[i, i] = True
+    return mask.to(device) if device is not None else mask
 
 
 @dataclass
@@ -60,14 +77,8 @@ class DraftTree:
         return len(self.tokens)
 
     def ancestor_mask(self, device: torch.device | None = None) -> torch.Tensor:
-        """``[n, n]`` bool: row i is True at i's ancestors and at i itself (what position i may attend to)."""
-        n = len(self.tokens)
-        mask = torch.zeros(n, n, dtype=torch.bool)
-        for i, parent in enumerate(self.parents):
-            if parent >= 0:
-                mask[i] = mask[parent]
-            mask[i, i] = True
-        return mask.to(device) if device is not None else mask
+        """``[n, n]`` bool: see :func:`ancestor_mask`."""
+        return ancestor_mask(self.parents, device)
 
     def accept(self, greedy: list[int]) -> list[int]:
         """Verification indices of the accepted nodes (root excluded), following ``greedy`` (the target's next

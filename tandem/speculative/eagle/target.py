@@ -212,12 +212,11 @@ class Eagle3TargetModel:
         a tree verification after the ``past`` cached positions; nothing for a chain."""
         if tree_parents is None:
             return {}
-        from tandem.speculative.eagle.draft_tree import DraftTree
+        from tandem.speculative.eagle.draft_tree import ancestor_mask
 
         past, n = cache.get_seq_length(), len(tree_parents)
-        tree = DraftTree(tokens=[0] * n, parents=list(tree_parents), depths=[0] * n)
         allowed = torch.ones(n, past + n, dtype=torch.bool, device=self.device)
-        allowed[:, past:] = tree.ancestor_mask(self.device)
+        allowed[:, past:] = ancestor_mask(tree_parents, self.device)
         mask = torch.zeros(1, 1, n, past + n, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         depths = allowed[:, past:].sum(-1) - 1  # a position's ancestors in the tree are its depth

@@ -145,6 +145,14 @@ def crop_cache(cache, keep_length: int) -> None:
         cache.crop(-remove)
 
 
+def check_branch(past_length: int, branch: list[int], length: int) -> None:
+    """ValueError unless ``branch`` (tree indices, increasing, at least one) lies in the ``length - past_length``
+    positions verified after the first ``past_length`` of ``length`` cached ones (``DecodeSession.keep_branch``)."""
+    if not 0 <= past_length < length or not branch or branch[0] < 0 or past_length + branch[-1] >= length \
+            or any(b <= a for a, b in zip(branch, branch[1:])):
+        raise ValueError(f"cannot keep branch {branch} after {past_length} of {length} cached positions")
+
+
 def select_cache_positions(cache, past_length: int, keep: torch.Tensor) -> None:
     """Keep the first ``past_length`` positions of a transformers cache followed by positions ``keep [m]`` long."""
 
@@ -179,10 +187,8 @@ class LocalDecodeSession:
         return step
 
     def keep_branch(self, past_length: int, branch: list[int]) -> None:
-        keep = torch.tensor([past_length + i for i in branch], dtype=torch.long)
-        if keep.numel() and (int(keep.min()) < past_length or int(keep.max()) >= self.length or bool((keep.diff() <= 0).any())):
-            raise ValueError(f"cannot keep branch {branch} after {past_length} of {self.length} cached positions")
-        select_cache_positions(self.cache, past_length, keep)
+        check_branch(past_length, branch, self.length)
+        select_cache_positions(self.cache, past_length, torch.tensor([past_length + i for i in branch]))
         self.length = past_length + len(branch)
 
     def crop(self, keep_length: int) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from tandem.speculative.eagle.remote import protocol, wire
 from tandem.speculative.eagle.remote.answer_checks import AnswerError, TensorSpec, check_tensors, wire_answer_bytes
-from tandem.speculative.eagle.verification import VerifyStep
+from tandem.speculative.eagle.verification import VerifyStep, check_branch
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +121,7 @@ class RemoteDecodeSession:
     def keep_branch(self, past_length: int, branch: list[int]) -> None:
         """Keep the first ``past_length`` positions and positions ``past_length + i`` for i in ``branch`` of the tree
         verified after them (see ``DecodeSession``); the server is told at the next call."""
-        if not 0 <= past_length < self.length or not branch or any(b <= a for a, b in zip(branch, branch[1:])) \
-                or branch[0] < 0 or past_length + branch[-1] >= self.length:
-            raise ValueError(f"cannot keep branch {branch} after {past_length} of {self.length} cached positions")
+        check_branch(past_length, branch, self.length)
         self._tokens = self._tokens[:past_length] + [self._tokens[past_length + i] for i in branch]
         self._branch = (past_length, list(branch))
         self.length = past_length + len(branch)
