@@ -5,6 +5,9 @@ Both are built in memory from a config, so unit tests take seconds and need no d
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -77,3 +80,22 @@ def tiny_tokenizer():
 @pytest.fixture()
 def tiny_llama():
     return build_tiny_llama()
+
+
+def save_tiny_target(directory: Path, seed: int = 0) -> Path:
+    """Write ``build_tiny_llama(seed)`` and the tiny tokenizer as an HF model directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    build_tiny_llama(seed=seed).save_pretrained(directory)
+    build_tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def write_chat_data(path: Path, count: int = 24, answer_words: int = 12) -> Path:
+    """``count`` two-turn conversations whose answers are ``answer_words`` digits of a fixed pattern."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        for i in range(count):
+            answer = " ".join(str((i * 7 + j) % 13) for j in range(answer_words))
+            messages = [{"role": "user", "content": f"go {i}"}, {"role": "assistant", "content": answer}]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    return path

@@ -13,15 +13,7 @@ from typing import Callable
 import torch
 
 from tandem.speculative.eagle.remote.launch import TargetServerProcess, start_target_server
-from tests.conftest import TINY_VOCAB_SIZE, build_tiny_llama, build_tiny_tokenizer
-
-
-def save_tiny_target(directory: Path, seed: int = 0) -> Path:
-    """Write ``build_tiny_llama(seed)`` and the tiny tokenizer as an HF model directory."""
-    directory.mkdir(parents=True, exist_ok=True)
-    build_tiny_llama(seed=seed).save_pretrained(directory)
-    build_tiny_tokenizer().save_pretrained(directory)
-    return directory
+from tests.conftest import TINY_VOCAB_SIZE, build_tiny_llama, build_tiny_tokenizer, save_tiny_target  # noqa: F401 (re-exported)
 
 
 def load_tiny_target(directory: Path, dtype: str = "float32"):

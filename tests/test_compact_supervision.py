@@ -17,7 +17,7 @@ from tandem.speculative.eagle import compact
 from tandem.speculative.eagle.recipe import TrainConfig, train
 from tandem.speculative.eagle.supervision import SUPERVISION_KEYS, compute_supervision
 from tandem.speculative.eagle.target import Eagle3TargetModel
-from tests.conftest import build_tiny_llama, build_tiny_tokenizer
+from tests.conftest import build_tiny_llama, build_tiny_tokenizer, write_chat_data
 from tests.remote_utils import tiny_batch, tiny_vocab_mapping
 
 
@@ -85,18 +85,9 @@ class CompactInProcessTarget(Eagle3TargetModel):
         return compact.expand_supervision(small, compact.draft_lm_head(self.model, self.selected_token_ids))
 
 
-def write_chat_data(path, count: int = 16):
-    with open(path, "w") as handle:
-        for i in range(count):
-            answer = " ".join(str((i * 7 + j) % 13) for j in range(10))
-            messages = [{"role": "user", "content": f"go {i}"}, {"role": "assistant", "content": answer}]
-            handle.write(json.dumps({"messages": messages}) + "\n")
-    return path
-
-
 def train_losses(tmp_path, name: str, target_model, **overrides) -> list[float]:
     config = TrainConfig(**overrides,
-        data=str(write_chat_data(tmp_path / "data.jsonl")), output_dir=str(tmp_path / name), total_steps=6,
+        data=str(write_chat_data(tmp_path / "data.jsonl", count=16, answer_words=10)), output_dir=str(tmp_path / name), total_steps=6,
         batch_size=4, max_seq_len=48, draft_vocab_size=120, warmup_steps=1, ttt_steps=3, save_every=100,
         show_progress=False, learning_rate=3e-3, dtype="float32",
     )

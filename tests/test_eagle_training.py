@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import build_tiny_llama, build_tiny_tokenizer
+from tests.conftest import build_tiny_llama, build_tiny_tokenizer, write_chat_data
 from tandem.speculative.eagle.decode import evaluate_speculative, greedy_decode, speculative_decode
 from tandem.speculative.eagle.draft import Eagle3DraftConfig, Eagle3DraftModel
 from tandem.speculative.eagle.recipe import TrainConfig, Trainer, lr_at
@@ -20,16 +20,6 @@ def peaked_target(seed: int = 0) -> Eagle3TargetModel:
     with torch.no_grad():
         model.lm_head.weight.mul_(30.0)
     return Eagle3TargetModel(model, aux_layer_ids=[0, 1, 2])
-
-
-def write_chat_data(path, count: int = 24):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        for i in range(count):
-            answer = " ".join(str((i * 7 + j) % 13) for j in range(12))
-            handle.write(json.dumps({"messages": [{"role": "user", "content": f"go {i}"},
-                                                  {"role": "assistant", "content": answer}]}) + "\n")
-    return path
 
 
 def tiny_run_config(tmp_path, **overrides) -> TrainConfig:
