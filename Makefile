@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.tandem-installed
 
-.PHONY: demo test test-fast bench setup clean
+.PHONY: demo test test-fast lint bench setup clean
 
 setup: $(STAMP)
 
@@ -22,8 +22,11 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/tandem demo --out runs/demo
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q -rs
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -rs -m "not slow"

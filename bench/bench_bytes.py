@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from bench import common
-from tandem.speculative.eagle.remote import wire
+from tandem.speculative.remote import wire
 
 
 def bench_shape(shape: common.SupervisionShape) -> list[dict]:

@@ -22,8 +22,8 @@ import torch
 
 from bench import common
 from bench.bench_wire import tensor_bytes_copied
-from tandem.speculative.eagle.remote import wire
-from tandem.speculative.eagle.supervision import compute_target_distribution
+from tandem.speculative.remote import wire
+from tandem.speculative.target.supervision import compute_target_distribution
 
 
 def cuda_timed(fn) -> float:

@@ -38,10 +38,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bench import common
-from tandem.moe.ep import Buffer, ElasticBuffer
+from tandem.moe.ep import Buffer, ElasticBuffer, reduction
 from tandem.moe.ep.layout import send_order
-from tandem.moe.ep import reduction
 from tandem.moe.ep.workspace import Workspace
+
 
 def _slowest(seconds: float) -> float:
     t = torch.tensor([seconds], dtype=torch.float64)

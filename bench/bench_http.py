@@ -24,7 +24,7 @@ import struct
 import torch
 
 from bench import common
-from tandem.speculative.eagle.remote import protocol, wire
+from tandem.speculative.remote import protocol, wire
 
 _LEN = struct.Struct("<Q")
 
@@ -42,7 +42,8 @@ class _Target:
 
 
 def _serve_http(shape: common.SupervisionShape, ready) -> None:
-    from tandem.speculative.eagle.remote.server import TargetModelServer, _decode_tensors, serve
+    from tandem.speculative.remote.server import TargetModelServer, _decode_tensors
+    from tandem.speculative.remote.serving.http import serve
 
     answer = common.make_supervision(shape, "full")
 
@@ -76,7 +77,7 @@ def _recv_exactly(sock: socket.socket, into: bytearray) -> None:
 
 
 def bench_shape(shape: common.SupervisionShape, runs: int, warmup: int) -> list[dict]:
-    from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel
+    from tandem.speculative.remote.client import RemoteEagle3TargetModel
 
     nbytes = wire.body_size(wire.encode(common.make_supervision(shape, "full")))
     ctx = mp.get_context("spawn")

@@ -22,7 +22,7 @@ import socket
 
 from bench import common
 from bench.bench_http import _recv_exactly
-from tandem.speculative.eagle.remote import protocol, wire
+from tandem.speculative.remote import protocol, wire
 
 
 def _free_port() -> int:
@@ -34,7 +34,7 @@ def _free_port() -> int:
 def _serve(shape: common.SupervisionShape, pg_port: int, ready) -> None:
     import torch
 
-    from tandem.speculative.eagle.remote.transport import NCCLTransport
+    from tandem.speculative.remote.transport import NCCLTransport
 
     torch.set_num_threads(1)
     answer = common.make_supervision(shape, "full")
@@ -57,7 +57,7 @@ def _serve(shape: common.SupervisionShape, pg_port: int, ready) -> None:
 
 
 def bench_shape(shape: common.SupervisionShape, runs: int, warmup: int) -> list[dict]:
-    from tandem.speculative.eagle.remote.transport import NCCLTransport
+    from tandem.speculative.remote.transport import NCCLTransport
 
     ctx = mp.get_context("spawn")
     ready = ctx.Queue()

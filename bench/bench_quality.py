@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from bench import common
-from tandem.speculative.eagle.decode import _draft_chain
-from tandem.speculative.eagle.draft_tree import TreeShape, draft_tree
+from tandem.speculative.decoding.decode import _draft_chain
+from tandem.speculative.decoding.tree import TreeShape, draft_tree
 
 DRAFT_LENGTHS = (1, 2, 3, 4, 5, 6)
 TREE_SHAPES = (TreeShape(3, 4, 12), TreeShape(2, 8, 16), TreeShape(3, 8, 24), TreeShape(4, 8, 32))
@@ -31,7 +31,7 @@ COLUMNS = (("dtype", "dtype", "s"), ("figure", "figure", "s"), ("ms", "ms", ".1f
 def load(quick: bool, dtype: torch.dtype):
     """``(model, draft, tokenizer)``: SmolLM2-135M and a draft of its shape (4096-token vocabulary), or tiny ones
     (no tokenizer)."""
-    from tandem.speculative.eagle.draft import Eagle3DraftConfig, Eagle3DraftModel
+    from tandem.speculative.drafts.eagle3 import Eagle3DraftConfig, Eagle3DraftModel
 
     if quick:
         from tests.conftest import build_tiny_llama
@@ -55,8 +55,8 @@ def decode_text(target, tokenizer, context: int, verified: int) -> tuple[torch.T
     if tokenizer is None:
         vocab = target.config.vocab_size
         return torch.randint(3, vocab, (1, context)), torch.randint(3, vocab, (1, verified))
-    from tandem.speculative.eagle.data import default_prompt_path, prompt_ids, read_chat_jsonl
-    from tandem.speculative.eagle.decode import greedy_decode
+    from tandem.speculative.decoding.decode import greedy_decode
+    from tandem.speculative.training.data import default_prompt_path, prompt_ids, read_chat_jsonl
 
     prompt = prompt_ids(tokenizer, read_chat_jsonl(default_prompt_path("heldout"), limit=1)[0].messages)
     answer = torch.tensor([greedy_decode(target, prompt, 16 + verified).tokens])
@@ -66,8 +66,8 @@ def decode_text(target, tokenizer, context: int, verified: int) -> tuple[torch.T
 def decode_rows(model, draft, dtype: torch.dtype, runs: int, warmup: int, context: int, tokenizer=None) -> list[dict]:
     from transformers import DynamicCache
 
-    from tandem.speculative.eagle.draft import DraftKVCache
-    from tandem.speculative.eagle.target import Eagle3TargetModel
+    from tandem.speculative.drafts.eagle3 import DraftKVCache
+    from tandem.speculative.target.model import Eagle3TargetModel
 
     target = Eagle3TargetModel(model)
     longest = max([k + 1 for k in DRAFT_LENGTHS] + [shape.size + 1 for shape in TREE_SHAPES])
@@ -150,10 +150,10 @@ def decode_rows(model, draft, dtype: torch.dtype, runs: int, warmup: int, contex
 
 def training_rows(model, dtype: torch.dtype, runs: int, warmup: int, quick: bool) -> list[dict]:
     """A training step from cached supervision and one with the target's forward in it, against that forward."""
-    from tandem.speculative.eagle.compact import draft_lm_head, expand_supervision
-    from tandem.speculative.eagle.draft import Eagle3DraftConfig, Eagle3DraftModel
-    from tandem.speculative.eagle.target import Eagle3TargetModel
-    from tandem.speculative.eagle.trainer import ttt_loss
+    from tandem.speculative.drafts.eagle3 import Eagle3DraftConfig, Eagle3DraftModel
+    from tandem.speculative.target.compact import draft_lm_head, expand_supervision
+    from tandem.speculative.target.model import Eagle3TargetModel
+    from tandem.speculative.training.eagle3_loss import ttt_loss
 
     batch, seq = (2, 32) if quick else (4, 256)
     vocab_draft = 200 if quick else 4096

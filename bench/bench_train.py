@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.bench_train            # writes bench/results/bench_train.json
 
 One small random Llama target (sized so its forward is no slower than a draft training step: the
-condition under which the client must never wait) and the real recipe (``tandem.speculative.eagle.recipe
+condition under which the client must never wait) and the real recipe (``tandem.speculative.training.trainer
 .train``), run twice on the same data:
 
 - in-process: the target and the draft share one core; each step runs the target, then trains;
@@ -54,7 +54,8 @@ def save_target(directory: Path, layers: int, hidden: int) -> Path:
 
 def run(root: Path, name: str, target_dir: Path, args, **overrides) -> list[dict]:
     """Train ``args.steps`` steps; the per-step metrics."""
-    from tandem.speculative.eagle.recipe import TrainConfig, train
+    from tandem.speculative.training.config import TrainConfig
+    from tandem.speculative.training.trainer import train
     from tests.conftest import build_tiny_tokenizer
 
     config = TrainConfig(
@@ -154,7 +155,7 @@ def pin_cores(server_pid: int, pin: bool) -> None:
 
 def bench_target(root: Path, data: Path, layers: int, args) -> list[dict]:
     """Rounds of in-process and remote runs with a ``layers``-layer target; the table rows."""
-    from tandem.speculative.eagle.remote.launch import start_target_server
+    from tandem.speculative.remote.launch import start_target_server
 
     root.mkdir(parents=True)
     (root / "data.jsonl").write_bytes(data.read_bytes())

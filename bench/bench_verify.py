@@ -30,13 +30,13 @@ COLUMNS = (("figure", "figure", "s"), ("ms", "ms", ".1f"), ("limit", "limit", "s
 def _setup(args, directory: Path):
     """``(in-process target, draft, prompts, stop ids, model dir or spec)``."""
     from tandem.models import load_target
-    from tandem.speculative.eagle.checkpoint import exported_aux_layer_ids, load_exported_draft
-    from tandem.speculative.eagle.data import default_prompt_path, prompt_ids, read_chat_jsonl
-    from tandem.speculative.eagle.draft import Eagle3DraftConfig, Eagle3DraftModel
-    from tandem.speculative.eagle.target import Eagle3TargetModel
+    from tandem.speculative.drafts.eagle3 import Eagle3DraftConfig, Eagle3DraftModel
+    from tandem.speculative.export.eagle3 import exported_aux_layer_ids, load_exported_draft
+    from tandem.speculative.target.model import Eagle3TargetModel
+    from tandem.speculative.training.data import default_prompt_path, prompt_ids, read_chat_jsonl
 
     if args.quick:
-        from tests.remote_utils import save_tiny_target
+        from tests.speculative.remote.remote_utils import save_tiny_target
 
         spec = str(save_tiny_target(directory / "target"))
     else:
@@ -56,7 +56,7 @@ def _setup(args, directory: Path):
 
 def _round_bytes(hidden: int, dtype: torch.dtype, new: int) -> tuple[int, int]:
     """Wire bytes of a ``/verify`` request and answer carrying ``new`` positions (HTTP headers excluded)."""
-    from tandem.speculative.eagle.remote import protocol, wire
+    from tandem.speculative.remote import protocol, wire
 
     request = wire.body_size(wire.encode({"input_ids": torch.zeros(1, new, dtype=torch.long)}))
     answer = dict(zip(protocol.VERIFY_ANSWER_KEYS, (torch.zeros(1, new, dtype=torch.long), torch.zeros(1, new, dtype=torch.bool),
@@ -74,10 +74,10 @@ def main(argv=None) -> list[dict]:
     args = common.settle(p.parse_args(argv))
     if args.quick:
         args.prompts, args.max_new_tokens = min(args.prompts, 2), min(args.max_new_tokens, 12)
-    from tandem.speculative.eagle.decode import for_decoding, greedy_decode, speculative_decode
-    from tandem.speculative.eagle.live_eval import LiveEvaluator
-    from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel
-    from tandem.speculative.eagle.remote.launch import start_target_server
+    from tandem.speculative.decoding.decode import for_decoding, greedy_decode, speculative_decode
+    from tandem.speculative.decoding.live_eval import LiveEvaluator
+    from tandem.speculative.remote.client import RemoteEagle3TargetModel
+    from tandem.speculative.remote.launch import start_target_server
 
     with tempfile.TemporaryDirectory() as tmp:
         target, draft, prompts, stop_ids, spec = _setup(args, Path(tmp))

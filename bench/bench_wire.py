@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from bench import common
-from tandem.speculative.eagle.remote import wire
+from tandem.speculative.remote import wire
 
 
 def tensor_bytes_copied(tensors: dict[str, torch.Tensor], buffers: list) -> int:

@@ -69,7 +69,7 @@ def make_supervision(shape: SupervisionShape, encoding: str = "full", seed: int 
     Returns:
         key -> tensor in the order the server sends them.
     """
-    from tandem.speculative.eagle import compact
+    from tandem.speculative.target import compact
 
     generator = torch.Generator().manual_seed(seed)
     b, s, h = shape.batch, shape.seq, shape.hidden

@@ -32,7 +32,7 @@ import torch
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from tandem.speculative.eagle.remote import protocol, wire
+from tandem.speculative.remote import protocol, wire
 
 MAGIC = struct.pack("<I", wire.MAGIC)
 # Python-level allocations decode may make beyond the body (the shape list, the error message).

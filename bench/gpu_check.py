@@ -32,7 +32,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # tests.remote_utils builds the tiny target the tests use
+    sys.path.insert(0, str(REPO))  # tests.speculative.remote.remote_utils builds the tiny target the tests use
 
 
 class Row(NamedTuple):
@@ -63,7 +63,7 @@ def _same(got: dict, want: dict) -> str:
 
 def _remote_check(name: str, url: str, client_device: str, enable_nccl: bool, expected: dict, batch, mapping,
                   want_group: bool, repeats: int) -> Row:
-    from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel
+    from tandem.speculative.remote.client import RemoteEagle3TargetModel
 
     with RemoteEagle3TargetModel(url, device=client_device, enable_nccl=enable_nccl, nccl_timeout_s=60) as client:
         client.set_vocab_mapping(*mapping)
@@ -81,8 +81,8 @@ def _remote_check(name: str, url: str, client_device: str, enable_nccl: bool, ex
 
 
 def _nccl_round_trip_peer(port: int) -> None:
-    from tests.test_transport import sample_tensors
-    from tandem.speculative.eagle.remote.transport import NCCLTransport
+    from tandem.speculative.remote.transport import NCCLTransport
+    from tests.speculative.remote.test_transport import sample_tensors
 
     torch.cuda.set_device(0)
     server = NCCLTransport(port, "127.0.0.1", is_server=True, device="cuda:0")
@@ -96,9 +96,9 @@ def _nccl_round_trip_peer(port: int) -> None:
 def _nccl_round_trip() -> Row:
     import torch.multiprocessing as mp
 
-    from tandem.speculative.eagle.remote import protocol
-    from tandem.speculative.eagle.remote.transport import NCCLTransport
-    from tests.test_transport import free_port, sample_tensors
+    from tandem.speculative.remote import protocol
+    from tandem.speculative.remote.transport import NCCLTransport
+    from tests.speculative.remote.test_transport import free_port, sample_tensors
 
     port = free_port()
     peer = mp.get_context("spawn").Process(target=_nccl_round_trip_peer, args=(port,), daemon=True)
@@ -120,10 +120,15 @@ def _nccl_round_trip() -> Row:
 
 
 def run_checks(repeats: int) -> list[Row]:
-    from tandem.speculative.eagle.supervision import compute_supervision
-    from tests.remote_utils import save_tiny_target, start_tiny_server, tiny_batch, tiny_vocab_mapping
     from tandem.models import load_target
-    from tandem.speculative.eagle.target import Eagle3TargetModel
+    from tandem.speculative.target.model import Eagle3TargetModel
+    from tandem.speculative.target.supervision import compute_supervision
+    from tests.speculative.remote.remote_utils import (
+        save_tiny_target,
+        start_tiny_server,
+        tiny_batch,
+        tiny_vocab_mapping,
+    )
 
     rows: list[Row] = []
     target_dir = save_tiny_target(Path(tempfile.mkdtemp(prefix="tandem-gpu-check-")) / "target")

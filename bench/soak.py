@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tandem.speculative.eagle.remote.launch import TargetServerProcess
-from tests.remote_utils import save_tiny_target, start_tiny_server
+from tandem.speculative.remote.launch import TargetServerProcess
+from tests.speculative.remote.remote_utils import save_tiny_target, start_tiny_server
 
 CLIENTS = ("a", "b")
 

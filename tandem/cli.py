@@ -25,14 +25,14 @@ logger = logging.getLogger("tandem")
 def _resolve_prompts(spec: str):
     from pathlib import Path
 
-    from tandem.speculative.eagle.data import PROMPT_SPLITS, default_prompt_path
+    from tandem.speculative.training.data import PROMPT_SPLITS, default_prompt_path
 
     return default_prompt_path(spec) if spec in PROMPT_SPLITS else Path(spec)
 
 
 def cmd_regenerate(args) -> int:
     from tandem.models import load_target
-    from tandem.speculative.eagle.data import regenerate_file
+    from tandem.speculative.training.regenerate import regenerate_file
 
     model, tokenizer = load_target(args.model, dtype=args.dtype)
     count = regenerate_file(model, tokenizer, _resolve_prompts(args.input), args.output,
@@ -54,10 +54,11 @@ def _without_nproc_flag(train_argv: list[str]) -> list[str]:
 
 
 def cmd_train(args) -> int:
-    from tandem.speculative.eagle.recipe import TrainConfig, train
+    from tandem.speculative.training.config import TrainConfig
+    from tandem.speculative.training.trainer import train
 
     if args.nproc_per_node and "TORCHELASTIC_RUN_ID" not in os.environ:  # not yet under torchrun: become it
-        from tandem.train import relaunch_with_torchrun
+        from tandem.torchrun import relaunch_with_torchrun
 
         train_argv = _without_nproc_flag(args.argv[args.argv.index("train") + 1 :])
         return relaunch_with_torchrun(train_argv, args.nproc_per_node, args.log_level)
@@ -65,11 +66,11 @@ def cmd_train(args) -> int:
     if args.target_url:
         args.target_urls = [*(args.target_urls or []), *args.target_url]
     config = config_from_args(TrainConfig, args, base)
-    from tandem.targets import build_target
+    from tandem.speculative.training.target_factory import build_target
 
     trainer = train(config, target_factory=build_target)
     if trainer.dist.is_main:
-        from tandem.speculative.eagle.checkpoint import EXPORT_DIRNAME
+        from tandem.speculative.export.eagle3 import EXPORT_DIRNAME
 
         print(f"trained {trainer.step} steps; draft exported to {trainer.output_dir / EXPORT_DIRNAME}")
     return 0
@@ -77,8 +78,8 @@ def cmd_train(args) -> int:
 
 def _check_draft_target(draft_dir, model, tokenizer, aux_layer_ids, spec: str, allow: bool, what: str) -> None:
     """The target ``model`` must be the one the exported draft records it was trained against."""
-    from tandem.speculative.eagle import identity
-    from tandem.speculative.eagle.checkpoint import read_export_record
+    from tandem.speculative.export.eagle3 import read_export_record
+    from tandem.speculative.target import identity
 
     record = read_export_record(draft_dir)
     if record is None or not record.get("target"):
@@ -92,8 +93,8 @@ def _check_draft_target(draft_dir, model, tokenizer, aux_layer_ids, spec: str, a
 def _local_eval_target(args):
     """``(Eagle3TargetModel, tokenizer)`` of ``--model``, checked against the target the draft records."""
     from tandem.models import load_target
-    from tandem.speculative.eagle.checkpoint import exported_aux_layer_ids
-    from tandem.speculative.eagle.target import Eagle3TargetModel
+    from tandem.speculative.export.eagle3 import exported_aux_layer_ids
+    from tandem.speculative.target.model import Eagle3TargetModel
 
     model, tokenizer = load_target(args.model, dtype=args.dtype)
     # The layers the draft was trained on, as its export records them, unless told otherwise.
@@ -107,9 +108,9 @@ def _remote_eval_target(args):
     """``(RemoteEagle3TargetModel, tokenizer)`` for ``--target-url``: no target weights here, only the tokenizer
     (``--tokenizer``, default ``--model``); the server must serve the target and aux layers the draft records."""
     from tandem.models import load_tokenizer
-    from tandem.speculative.eagle import identity
-    from tandem.speculative.eagle.checkpoint import exported_aux_layer_ids, read_export_record
-    from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel
+    from tandem.speculative.export.eagle3 import exported_aux_layer_ids, read_export_record
+    from tandem.speculative.remote.client import RemoteEagle3TargetModel
+    from tandem.speculative.target import identity
 
     if args.aux_layer_ids:
         raise ValueError("--aux-layer-ids does not apply with --target-url: the server captures its own layers")
@@ -135,7 +136,7 @@ def _remote_eval_target(args):
 
 def _tree_shape(text: str):
     """argparse type of ``--tree``: a ``draft_tree.TreeShape`` (imported here: ``--help`` stays fast)."""
-    from tandem.speculative.eagle.draft_tree import TreeShape
+    from tandem.speculative.decoding.tree import TreeShape
 
     try:
         return TreeShape.parse(text)
@@ -144,9 +145,9 @@ def _tree_shape(text: str):
 
 
 def cmd_eval(args) -> int:
-    from tandem.speculative.eagle.checkpoint import load_exported_draft
-    from tandem.speculative.eagle.data import prompt_ids, read_chat_jsonl
-    from tandem.speculative.eagle.decode import evaluate_speculative, teacher_forced_accuracy
+    from tandem.speculative.decoding.evaluation import evaluate_speculative, teacher_forced_accuracy
+    from tandem.speculative.export.eagle3 import load_exported_draft
+    from tandem.speculative.training.data import prompt_ids, read_chat_jsonl
 
     draft = load_exported_draft(args.draft)
     target, tokenizer = _remote_eval_target(args) if args.target_url else _local_eval_target(args)
@@ -174,7 +175,8 @@ def cmd_export(args) -> int:
     import json as _json
     from pathlib import Path
 
-    from tandem.speculative.eagle import checkpoint as ckpt
+    from tandem.speculative.export import eagle3 as ckpt
+    from tandem.speculative.export.engine_conventions import dtype_name, parse_dtype
 
     source = Path(args.draft)
     draft = ckpt.load_exported_draft(source)
@@ -182,7 +184,7 @@ def cmd_export(args) -> int:
     target = (record or {}).get("target") or {}
     stored = _json.loads((source / "config.json").read_text())
     stored_dtype = stored.get("torch_dtype") or (stored.get("transformer_layer_config") or {}).get("torch_dtype")
-    dtype = ckpt.parse_dtype(args.export_dtype or target.get("dtype") or stored_dtype or "float32")
+    dtype = parse_dtype(args.export_dtype or target.get("dtype") or stored_dtype or "float32")
     aux_layer_ids = ckpt.exported_aux_layer_ids(source)
     if args.model:
         from tandem.models import load_target
@@ -194,13 +196,14 @@ def cmd_export(args) -> int:
     out = ckpt.export_draft(draft, args.output, dtype, aux_layer_ids, export_format=args.format, record=record,
                             verifier=verifier, verifier_architectures=target.get("architectures"),
                             speculative_tokens=args.speculative_tokens)
-    print(f"exported {source} as {args.format} ({ckpt.dtype_name(dtype)}) to {out}")
+    print(f"exported {source} as {args.format} ({dtype_name(dtype)}) to {out}")
     return 0
 
 
 def cmd_cache_supervision(args) -> int:
-    from tandem.speculative.eagle.recipe import TrainConfig, Trainer
-    from tandem.targets import build_target
+    from tandem.speculative.training.config import TrainConfig
+    from tandem.speculative.training.target_factory import build_target
+    from tandem.speculative.training.trainer import Trainer
 
     base = TrainConfig.from_yaml(args.config) if args.config else None
     if args.target_url:
@@ -228,7 +231,7 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from tandem.demo import DemoConfig
     from tandem.models import DTYPE_CHOICES
-    from tandem.speculative.eagle.recipe import TrainConfig
+    from tandem.speculative.training.config import TrainConfig
 
     parser = argparse.ArgumentParser(prog="tandem", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default: INFO)")
@@ -325,12 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export for a --model other than the target the draft was trained against, on purpose")
     p.set_defaults(func=cmd_export)
 
-    try:
-        from tandem.speculative.eagle.remote.serve_cli import add_serve_target_parser
-    except ImportError:
-        add_serve_target_parser = None
-    if add_serve_target_parser is not None:
-        add_serve_target_parser(sub)
+    from tandem.speculative.remote.serving.cli import add_serve_target_parser
+
+    add_serve_target_parser(sub)
     return parser
 
 

@@ -93,7 +93,8 @@ class DemoConfig:
 
 
 def _prepare_data(config: DemoConfig, model, tokenizer, out: Path) -> Path:
-    from tandem.speculative.eagle.data import default_prompt_path, regenerate_file
+    from tandem.speculative.training.data import default_prompt_path
+    from tandem.speculative.training.regenerate import regenerate_file
 
     path = out / "train_regenerated.jsonl"
     stamp = out / "train_regenerated.json"
@@ -155,8 +156,9 @@ def _plot_acceptance(ax, rows: list[dict], decoding: str = "") -> None:
 def _train(config: DemoConfig, data_path: Path, target, tokenizer, out: Path, phases: dict):
     """Train the draft (against a serve-target subprocess unless ``remote`` is off); returns
     ``(trainer, untrained draft, seconds)`` and adds the phases' seconds to ``phases``."""
-    from tandem.speculative.eagle.recipe import TrainConfig, Trainer
-    from tandem.targets import build_target
+    from tandem.speculative.training.config import TrainConfig
+    from tandem.speculative.training.target_factory import build_target
+    from tandem.speculative.training.trainer import Trainer
 
     train_config = TrainConfig(
         data=str(data_path), output_dir=str(out / "train"), target=config.target, dtype=config.dtype,
@@ -175,7 +177,7 @@ def _train(config: DemoConfig, data_path: Path, target, tokenizer, out: Path, ph
     server = None
     started = time.perf_counter()
     if config.remote:
-        from tandem.speculative.eagle.remote.launch import start_target_server
+        from tandem.speculative.remote.launch import start_target_server
 
         server = start_target_server(config.target, log_path=out / "serve-target.log", extra_args=("--dtype", config.dtype))
         train_config.target_urls = [server.url]
@@ -201,9 +203,9 @@ def _train(config: DemoConfig, data_path: Path, target, tokenizer, out: Path, ph
 def _evaluate(config: DemoConfig, target, tokenizer, drafts: dict) -> tuple[dict, dict | None]:
     """Real speculative decoding of the held-out prompts with each draft, then the trained draft's step-0
     accuracy on training vs held-out prompts (memorisation check)."""
-    from tandem.speculative.eagle.data import default_prompt_path, prompt_ids, read_chat_jsonl
-    from tandem.speculative.eagle.decode import evaluate_drafts, teacher_forced_accuracy
-    from tandem.speculative.eagle.draft_tree import TreeShape
+    from tandem.speculative.decoding.evaluation import evaluate_drafts, teacher_forced_accuracy
+    from tandem.speculative.decoding.tree import TreeShape
+    from tandem.speculative.training.data import default_prompt_path, prompt_ids, read_chat_jsonl
 
     records = read_chat_jsonl(default_prompt_path("heldout"), limit=config.eval_prompts)
     prompts = [prompt_ids(tokenizer, r.messages) for r in records]
@@ -244,8 +246,8 @@ def _evaluate_in_fresh_process(config: DemoConfig, out: Path, untrained_draft, d
     import subprocess
     import sys
 
-    from tandem.speculative.eagle.checkpoint import export_draft
-    from tandem.speculative.eagle.decode import EvalSummary
+    from tandem.speculative.decoding.evaluation import EvalSummary
+    from tandem.speculative.export.eagle3 import export_draft
 
     export_draft(untrained_draft, out / "untrained-draft", dtype=dtype)
     request = {"config": asdict(config), "answer": str(out / "evaluation.json"),
@@ -262,8 +264,8 @@ def _evaluate_in_fresh_process(config: DemoConfig, out: Path, untrained_draft, d
 def _answer_evaluation_request(request_path: str) -> None:
     """The child side of ``_evaluate_in_fresh_process``."""
     from tandem.models import load_target
-    from tandem.speculative.eagle.checkpoint import load_exported_draft
-    from tandem.speculative.eagle.target import Eagle3TargetModel
+    from tandem.speculative.export.eagle3 import load_exported_draft
+    from tandem.speculative.target.model import Eagle3TargetModel
 
     request = json.loads(Path(request_path).read_text())
     config = DemoConfig(**request["config"])
@@ -277,10 +279,10 @@ def _answer_evaluation_request(request_path: str) -> None:
 
 def run_demo(config: DemoConfig) -> int:
     from tandem.models import load_target
-    from tandem.speculative.eagle.target import Eagle3TargetModel
+    from tandem.speculative.target.model import Eagle3TargetModel
 
     if config.tree:
-        from tandem.speculative.eagle.draft_tree import TreeShape
+        from tandem.speculative.decoding.tree import TreeShape
 
         TreeShape.parse(config.tree)  # a typo fails now, not after the training
     started = time.perf_counter()

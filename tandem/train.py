@@ -10,7 +10,6 @@ one-node shortcut: it re-launches itself through torchrun with the same flags.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 
@@ -26,20 +25,6 @@ def split_log_level(argv: list[str]) -> tuple[list[str], list[str]]:
         else:
             rest.append(arg)
     return level, rest
-
-
-def torchrun_command(train_argv: list[str], nproc_per_node: int, log_level: str) -> list[str]:
-    """The torchrun command line that runs ``tandem train train_argv`` on ``nproc_per_node`` local ranks.
-
-    ``--standalone``: one node, rendezvous on a free local port (no address or port to choose).
-    """
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
-            "-m", "tandem.train", "--log-level", log_level, *train_argv]
-
-
-def relaunch_with_torchrun(train_argv: list[str], nproc_per_node: int, log_level: str) -> int:
-    """Run ``tandem train`` under torchrun and return its exit status (the ranks' logs pass through)."""
-    return subprocess.call(torchrun_command(train_argv, nproc_per_node, log_level))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ for V1); `TANDEM_EP_BACKEND=portable` forces the portable one. That path has not
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -285,12 +286,13 @@ class ElasticBuffer(CommBuffer):
         self._check_dispatch_inputs(data, handle, topk_idx, topk_weights, num_experts, do_expand, do_zero_padding,
                                     previous_event, allocate_on_comm_stream)
         if handle is not None:
-            run = lambda: elastic_ops.dispatch_cached(self.group, data, scales, topk_weights, handle, self._workspace)
+            run = functools.partial(elastic_ops.dispatch_cached, self.group, data, scales, topk_weights, handle,
+                                    self._workspace)
         else:
             topk_copy = topk_idx.clone() if do_handle_copy else topk_idx
-            run = lambda: elastic_ops.dispatch(
-                self.group, data, scales, topk_copy, topk_weights, num_experts, m, alignment, do_cpu_sync,
-                do_expand, num_sms, self._workspace)
+            run = functools.partial(
+                elastic_ops.dispatch, self.group, data, scales, topk_copy, topk_weights, num_experts, m, alignment,
+                do_cpu_sync, do_expand, num_sms, self._workspace)
         result, event = self._streams.run(
             run, data.device, _as_overlap(previous_event), async_with_compute_stream, allocate_on_comm_stream,
             (data, scales, topk_idx, topk_weights))

@@ -33,7 +33,6 @@ from .exchange import (
     unpack_rows,
 )
 from .handle import DispatchHandle
-from .workspace import Workspace
 from .layout import (
     channel_prefix_matrix,
     recv_channel_prefix_matrix,
@@ -42,6 +41,7 @@ from .layout import (
     to_local_experts,
     token_prefix,
 )
+from .workspace import Workspace
 
 
 def _block_counts(handle: DispatchHandle, rank: int) -> Tuple[List[int], List[int]]:

@@ -24,9 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.speculative.eagle.decode import (
-    DecodeResult, continuation_hits, for_decoding, greedy_decode, speculative_decode, summarize, target_aux_states,
-)
+from tandem.speculative.decoding.decode import DecodeResult, for_decoding, greedy_decode, speculative_decode
+from tandem.speculative.decoding.evaluation import continuation_hits, summarize, target_aux_states
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.speculative.eagle.draft import DraftKVCache, Eagle3DraftModel
+from tandem.speculative.drafts.eagle3 import DraftKVCache, Eagle3DraftModel
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from tandem.speculative.eagle import compact
-from tandem.speculative.eagle.remote.wire import CODE_TO_DTYPE
-from tandem.speculative.eagle.supervision import SUPERVISION_KEYS
+from tandem.speculative.remote.wire import CODE_TO_DTYPE
+from tandem.speculative.target import compact
+from tandem.speculative.target.supervision import SUPERVISION_KEYS
 
 # A JSON answer (model info, statuses, errors, data-plane metadata) is a few hundred bytes.
 JSON_ANSWER_BYTES = 1 << 20

@@ -30,198 +30,38 @@ import logging
 import os
 import socket
 import threading
-import time
 import uuid
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
-from urllib.parse import urlsplit
+from typing import Optional, Sequence, Union
 
 import torch
 
-from tandem.speculative.eagle import compact, identity
-from tandem.speculative.eagle.remote import protocol, wire
-from tandem.speculative.eagle.remote.answer_checks import (
-    JSON_ANSWER_BYTES, AnswerError, check_metadata, check_tensors, supervision_specs, target_dtypes, weight_spec,
+from tandem.speculative.remote import protocol, wire
+from tandem.speculative.remote.answer_checks import (
+    JSON_ANSWER_BYTES,
+    AnswerError,
+    check_metadata,
+    check_tensors,
+    supervision_specs,
+    target_dtypes,
+    weight_spec,
     wire_answer_bytes,
 )
-from tandem.speculative.eagle.vocab import vocab_digest
-from tandem.speculative.eagle.remote.transport import (
-    PORT_ATTEMPTS, PORT_RETRY_STRIDE, NCCLTransport, TransportError, nccl_enabled, nccl_port_for,
+from tandem.speculative.remote.client_data_plane import ClientDataPlane
+from tandem.speculative.remote.decode_session import RemoteDecodeSession, request_verify
+from tandem.speculative.remote.http_client import (
+    RemoteTargetError,
+    RetryPolicy,
+    ServerConnection,
+    error_message,
 )
+from tandem.speculative.remote.transport import TransportError, nccl_enabled, nccl_port_for
+from tandem.speculative.target import compact, identity
+from tandem.speculative.training.vocab import vocab_digest
 
 logger = logging.getLogger(__name__)
 
 # The version-1 fields of a /model_info answer; the others are tandem's identity extras.
 MODEL_INFO_V1_FIELDS = ("num_hidden_layers", "hidden_size", "vocab_size", "aux_layer_ids")
-
-
-class RemoteTargetError(RuntimeError):
-    """A request to a target server failed; names the server, the endpoint and (if any) the HTTP status."""
-
-    def __init__(self, url: str, endpoint: str, message: str, status: Optional[int] = None):
-        where = f"target server {url} /{endpoint}"
-        super().__init__(f"{where}: HTTP {status}: {message}" if status else f"{where}: {message}")
-        self.url = url
-        self.endpoint = endpoint
-        self.status = status
-        self.message = message
-
-
-@dataclass(kw_only=True)
-class RetryPolicy:
-    """How hard to try before giving up on a server."""
-
-    max_retries: int = 8
-    """Retries after the first attempt (connection errors and 5xx only; a 4xx is never retried)."""
-    backoff_s: float = 0.5
-    """Wait before the first retry; doubled after each failure."""
-    max_backoff_s: float = 8.0
-    """Cap on one wait. The defaults ride out about 45 s of server downtime (a restart)."""
-
-    def delays(self):
-        return (min(self.backoff_s * 2**i, self.max_backoff_s) for i in range(self.max_retries))
-
-
-def _error_message(body: bytes) -> str:
-    """The ``error`` field of a JSON error body, or the raw text."""
-    try:
-        return str(protocol.decode_json(body).get("error", body[:500].decode("utf-8", "replace")))
-    except protocol.ProtocolError:
-        return bytes(body[:500]).decode("utf-8", "replace")
-
-
-class _ServerConnection:
-    """Keep-alive HTTP connections to one server: one per concurrent request, reused afterwards."""
-
-    # Where large answers are read into (set by the client; shared by its servers). None: a new buffer each.
-    receive_pool: Optional[wire.ReceivePool] = None
-    # Called with (server, connection) for every new connection before its first request (set by the client
-    # once the run's target identity is known): a server that came back serving another model is caught here.
-    on_new_connection: Optional[Callable[["_ServerConnection", http.client.HTTPConnection], None]] = None
-
-    def __init__(self, url: str, *, timeout_s: float, token: Optional[str], client_id: str, retry: RetryPolicy):
-        parts = urlsplit(url if "://" in url else f"http://{url}")
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"target URL must look like http://host:port, got {url!r}")
-        self.url = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
-        self._scheme, self._host, self._port = parts.scheme, parts.hostname, parts.port
-        self.host = parts.hostname
-        self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        # Set by the client when the process-group data plane is enabled.
-        self.data_plane: Optional[_DataPlane] = None
-        self._base_path = parts.path.rstrip("/")
-        self._timeout_s = timeout_s
-        self._retry = retry
-        self._headers = {protocol.CLIENT_ID_HEADER: client_id}
-        if token:
-            self._headers[protocol.AUTH_HEADER] = protocol.bearer(token)
-        self._idle: list[http.client.HTTPConnection] = []
-        self._lock = threading.Lock()
-
-    def _connection(self, reuse: bool) -> http.client.HTTPConnection:
-        with self._lock:
-            if reuse and self._idle:
-                return self._idle.pop()
-        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-        conn = cls(self._host, self._port, timeout=self._timeout_s)
-        if self.on_new_connection is not None:
-            try:
-                self.on_new_connection(self, conn)
-            except BaseException:
-                conn.close()
-                raise
-        return conn
-
-    def _once(self, method: str, endpoint: str, body: Sequence, headers: dict, max_bytes: int) -> tuple[int, bytearray, dict]:
-        """One request; ``(status, body, response headers)``. Raises OSError/HTTPException on I/O failure,
-        ``AnswerError`` for an answer longer than ``max_bytes``.
-
-        A pooled connection the server has meanwhile closed (its idle timeout, a restart) fails at once;
-        that is no sign of trouble, so the request is sent again on a fresh connection without backoff.
-        """
-        with self._lock:
-            pooled = bool(self._idle)
-        try:
-            return self._exchange(self._connection(reuse=True), method, endpoint, body, headers, max_bytes)
-        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-            if not pooled:
-                raise
-        return self._exchange(self._connection(reuse=False), method, endpoint, body, headers, max_bytes)
-
-    def _exchange(self, conn, method: str, endpoint: str, body: Sequence, headers: dict,
-                  max_bytes: int, pool: bool = True) -> tuple[int, bytearray, dict]:
-        """One request on ``conn``: ``(status, body, response headers)``; afterwards ``conn`` goes back to the
-        idle pool (unless ``pool`` is False: its caller goes on using it) or is closed when the server said so."""
-        try:
-            conn.putrequest(method, f"{self._base_path}/{endpoint}", skip_accept_encoding=True)
-            for name, value in {**self._headers, **headers, "Content-Length": str(wire.body_size(body))}.items():
-                conn.putheader(name, value)
-            conn.endheaders()
-            for buffer in body:
-                conn.send(buffer)
-            response = conn.getresponse()
-            payload = _read_body(response, self.receive_pool, max_bytes)
-        except BaseException:
-            conn.close()
-            raise
-        if response.will_close:
-            conn.close()
-        elif pool:
-            with self._lock:
-                self._idle.append(conn)
-        return response.status, payload, {k.lower(): v for k, v in response.getheaders()}
-
-    def request(
-        self,
-        endpoint: str,
-        body: Sequence = (),
-        *,
-        method: str = "POST",
-        content_type: str = protocol.WIRE_CONTENT_TYPE,
-        retry: Optional[RetryPolicy] = None,
-        headers: Optional[dict] = None,
-        with_nccl_flag: bool = False,
-        max_answer_bytes: int = JSON_ANSWER_BYTES,
-    ) -> Union[bytearray, tuple[bytearray, bool]]:
-        """Send one request with retries; returns the 200 body or raises ``RemoteTargetError``.
-
-        With ``with_nccl_flag`` returns ``(body, flag)``, the flag True when the server echoed ``X-NeMo-NCCL: 1``
-        (the body is then data-plane metadata and the tensors follow over the group). An answer announcing
-        more than ``max_answer_bytes`` is refused before it is read (never retried: the server is broken).
-        """
-        headers = {**(headers or {}), "Content-Type": content_type}
-        policy = retry or self._retry
-        delays = policy.delays()
-        attempt = 0
-        while True:
-            attempt += 1
-            retry_after = 0.0
-            try:
-                status, payload, answer_headers = self._once(method, endpoint, body, headers, max_answer_bytes)
-            except AnswerError as exc:
-                raise RemoteTargetError(self.url, endpoint, f"refused the answer: {exc}") from None
-            except (OSError, http.client.HTTPException) as exc:
-                failure = f"{type(exc).__name__}: {exc}"
-            else:
-                if status == 200:
-                    return (payload, answer_headers.get(protocol.NCCL_HEADER.lower()) == "1") if with_nccl_flag else payload
-                if status < 500:
-                    raise RemoteTargetError(self.url, endpoint, _error_message(payload), status)
-                failure = f"HTTP {status}: {_error_message(payload)}"
-                retry_after = _retry_after_s(answer_headers.get("retry-after"))  # a saturated server's 503
-            delay = next(delays, None)
-            if delay is not None:
-                delay = max(delay, min(retry_after, policy.max_backoff_s))
-            if delay is None:
-                raise RemoteTargetError(self.url, endpoint, f"gave up after {attempt} attempts; last error: {failure}")
-            logger.warning("target server %s /%s failed (%s); retry %d in %.1f s", self.url, endpoint, failure, attempt, delay)
-            time.sleep(delay)
-
-    def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
 
 
 def _batch_shape(input_ids: torch.Tensor) -> tuple[int, int]:
@@ -243,144 +83,6 @@ def _check_model_info(url: str, info: dict) -> None:
     aux = info.get("aux_layer_ids")
     if not isinstance(aux, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in aux):
         raise RemoteTargetError(url, protocol.EP_MODEL_INFO, f"aux_layer_ids must be a list of integers, got {aux!r}")
-
-
-def _retry_after_s(value: Optional[str]) -> float:
-    """Seconds of a ``Retry-After: N`` header (0 when absent or not a number of seconds)."""
-    try:
-        return max(float(value), 0.0) if value is not None else 0.0
-    except ValueError:
-        return 0.0
-
-
-def _read_body(response: http.client.HTTPResponse, pool: Optional[wire.ReceivePool] = None,
-               max_bytes: int = JSON_ANSWER_BYTES) -> bytearray:
-    """Read the whole response into one preallocated buffer (decoded tensors will view it in place);
-    from ``pool`` when given, so that a large answer lands in memory without page faults.
-
-    ``AnswerError`` for an answer longer than ``max_bytes``: refused before a byte of it is read when its
-    ``Content-Length`` says so, else (a chunked or close-delimited answer) after ``max_bytes + 1`` bytes.
-    """
-    if response.length is None:
-        body = response.read(max_bytes + 1)
-        if len(body) > max_bytes:
-            raise AnswerError(f"the answer runs past {max_bytes} bytes, the most this request can take")
-        return bytearray(body)
-    if response.length > max_bytes:
-        raise AnswerError(f"Content-Length {response.length} exceeds {max_bytes} bytes, the most this request can take")
-    body = pool.take(response.length) if pool is not None else bytearray(response.length)
-    view, got = memoryview(body), 0
-    while got < len(view):
-        n = response.readinto(view[got:])
-        if not n:
-            raise http.client.IncompleteRead(b"", len(view) - got)
-        got += n
-    return body
-
-
-# Another independent job's group may hold our data-plane port on a shared server (see transport.py).
-_PORT_RETRY_STRIDE = PORT_RETRY_STRIDE
-_PORT_ATTEMPTS = PORT_ATTEMPTS
-# A refusal of /init_nccl comes back within this; a longer wait means the server is in the rendezvous.
-_QUICK_ANSWER_S = 0.5
-
-
-class _DataPlane:
-    """One server's process-group data plane, as the client sees it: set up once, given up for good on a failure.
-
-    ``lock`` makes transfers with this server one at a time (request, metadata, receive): the group pairs
-    sends and receives in order, so two interleaved transfers would swap tensors.
-    """
-
-    def __init__(self, port: int, timeout_s: float, device: torch.device):
-        self.port = port
-        self.timeout_s = timeout_s
-        self.device = device
-        self.lock = threading.Lock()
-        self.transport: Optional[NCCLTransport] = None
-        self.state = "new"  # -> "up" or "off"
-
-    @property
-    def active(self) -> bool:
-        return self.state != "off"
-
-    def ensure(self, server: "_ServerConnection") -> bool:
-        """True when the group is up (setting it up on first use). Call with ``lock`` held."""
-        if self.state == "new":
-            self.state = "up" if self._start(server) else "off"
-        return self.state == "up"
-
-    def _start(self, server: "_ServerConnection") -> bool:
-        """Set the group up on our port; if another client's group holds that port on this server (an
-        independent job with the same ranks), on the next ones, ``_PORT_RETRY_STRIDE`` apart."""
-        status = None
-        for attempt in range(_PORT_ATTEMPTS):
-            port = self.port + attempt * _PORT_RETRY_STRIDE
-            status, reason = self._start_on(server, port)
-            if status == protocol.NCCL_STATUS_OK:
-                self.port = port
-                return True
-            if reason != protocol.NCCL_REASON_PORT_IN_USE or attempt + 1 == _PORT_ATTEMPTS:
-                break
-            logger.info("target server %s: data-plane port %d is held by another client; proposing %d",
-                        server.url, port, port + _PORT_RETRY_STRIDE)
-        logger.info("target server %s: no data plane (server said %s); using HTTP bodies", server.url, status)
-        return False
-
-    def _start_on(self, server: "_ServerConnection", port: int) -> tuple[Optional[str], Optional[str]]:
-        """``/init_nccl`` on ``port`` and our side of the rendezvous; ``(status, reason)`` of the server's answer.
-
-        The request goes first: a refusal (port held, data plane disabled) comes back at once, before our
-        store client has connected to whatever listens on that port -- another client's group, whose
-        store would keep our client waiting. Only an answer slower than ``_QUICK_ANSWER_S`` means the
-        server is waiting for us, and our side starts.
-        """
-        rendezvous_id = uuid.uuid4().hex
-        body = protocol.encode_json({"nccl_port": port, "rendezvous_id": rendezvous_id})
-        answer: dict = {}
-
-        def ask() -> None:
-            try:
-                reply = server.request(protocol.EP_INIT_NCCL, [body], content_type=protocol.JSON_CONTENT_TYPE,
-                                       retry=RetryPolicy(max_retries=0))
-                answer.update(protocol.decode_json(reply, "init_nccl answer"))
-            except (RemoteTargetError, protocol.ProtocolError) as exc:
-                answer["status"] = f"error: {exc}"
-
-        asking = threading.Thread(target=ask, name="tandem-init-nccl", daemon=True)
-        asking.start()
-        asking.join(_QUICK_ANSWER_S)
-        if not asking.is_alive():
-            return answer.get("status"), answer.get("reason")
-        transport = NCCLTransport(port, server.host, is_server=False, device=self.device, rendezvous_id=rendezvous_id)
-        outcome: dict[str, bool] = {}
-        ours = threading.Thread(
-            target=lambda: outcome.update(ok=transport.initialize(self.timeout_s)), name="tandem-rendezvous", daemon=True
-        )
-        ours.start()
-        asking.join()  # the server answers once its side of the rendezvous is over
-        status = answer.get("status")
-        if status == protocol.NCCL_STATUS_OK:
-            ours.join(self.timeout_s + 5)  # the server's side is done, so ours ends now too
-            if outcome.get("ok"):
-                self.transport = transport
-                logger.info("target server %s: data plane up (%s group, port %d)", server.url, transport.backend, port)
-                return status, None
-        # Our rendezvous, if still waiting, notices destroy() within about a second: wait for it, so no
-        # thread is left retrying inside torch's store code when the process exits (which can abort the
-        # process). One case cannot be waited for: a store client that reached a foreign listener on the
-        # port blocks in torch until that listener goes away; the daemon thread is then left behind.
-        transport.destroy()
-        ours.join(2.0)
-        return status, answer.get("reason")
-
-    def lose(self, server_url: str, reason: str) -> None:
-        """Tear the group down for good: this server is used over HTTP from now on."""
-        self.state = "off"
-        transport, self.transport = self.transport, None
-        if transport is not None:
-            transport.destroy()
-        logger.warning("target server %s: data plane lost (%s); using HTTP bodies from now on", server_url, reason)
 
 
 class RemoteEagle3TargetModel:
@@ -436,7 +138,7 @@ class RemoteEagle3TargetModel:
         token = token if token is not None else os.environ.get(protocol.TOKEN_ENV)
         self.retry = retry or RetryPolicy()
         self._servers = [
-            _ServerConnection(u, timeout_s=timeout_s, token=token, client_id=self.client_id, retry=self.retry) for u in urls
+            ServerConnection(u, timeout_s=timeout_s, token=token, client_id=self.client_id, retry=self.retry) for u in urls
         ]
         # Answers alive at once: those in flight, the one being trained on and one the caller still holds.
         receive_pool = wire.ReceivePool(capacity=prefetch_depth + 2)
@@ -462,7 +164,7 @@ class RemoteEagle3TargetModel:
             rank = int(os.environ.get("RANK", "0")) if nccl_rank is None else nccl_rank
             for index, server in enumerate(self._servers):
                 port = nccl_port_for(server.port, index, len(self._servers), rank)
-                server.data_plane = _DataPlane(port, nccl_timeout_s, self._device)
+                server.data_plane = ClientDataPlane(port, nccl_timeout_s, self._device)
 
     @property
     def urls(self) -> list[str]:
@@ -498,7 +200,7 @@ class RemoteEagle3TargetModel:
                 server.on_new_connection = self._verify_connection
         return self._info
 
-    def _verify_connection(self, server: _ServerConnection, conn: http.client.HTTPConnection) -> None:
+    def _verify_connection(self, server: ServerConnection, conn: http.client.HTTPConnection) -> None:
         """A new connection to ``server`` (after the first: a reconnect, or a restarted server) must reach the
         target this run started with; otherwise the run stops here, naming both, instead of training on."""
         status, payload, _ = server._exchange(conn, "POST", protocol.EP_MODEL_INFO, (),
@@ -506,7 +208,7 @@ class RemoteEagle3TargetModel:
         if status >= 500:  # not up yet: an I/O-like failure, retried with backoff like any other
             raise ConnectionError(f"/model_info answered HTTP {status} on a new connection")
         if status != 200:
-            raise RemoteTargetError(server.url, protocol.EP_MODEL_INFO, _error_message(payload), status)
+            raise RemoteTargetError(server.url, protocol.EP_MODEL_INFO, error_message(payload), status)
         info = protocol.decode_json(payload, f"{server.url} /model_info")
         identity.check_same_target(identity.reported_identity(self._info), identity.reported_identity(info),
                                    fields=identity.SAME_SERVING_FIELDS,
@@ -530,7 +232,7 @@ class RemoteEagle3TargetModel:
             self._embeddings = self._fetch_weight(self._servers[0], protocol.EP_INPUT_EMBEDDINGS, specs).to(self._device)
         return self._embeddings
 
-    def _fetch_weight(self, server: _ServerConnection, endpoint: str, specs: dict, headers: Optional[dict] = None):
+    def _fetch_weight(self, server: ServerConnection, endpoint: str, specs: dict, headers: Optional[dict] = None):
         """The ``weight`` tensor of a one-tensor wire answer of exactly ``specs`` (``AnswerError`` -> named error)."""
         raw = server.request(endpoint, headers=headers, max_answer_bytes=wire_answer_bytes(specs))
         try:
@@ -560,7 +262,7 @@ class RemoteEagle3TargetModel:
 
     # ------------------------------------------------------------ supervision
 
-    def _next_server(self) -> _ServerConnection:
+    def _next_server(self) -> ServerConnection:
         with self._round_robin_lock:
             return next(self._round_robin)
 
@@ -585,7 +287,7 @@ class RemoteEagle3TargetModel:
         return {c: supervision_specs(*batch_shape, info["hidden_size"], draft_vocab, target_dtypes(info), c)
                 for c in encodings}
 
-    def _request_generate(self, server: _ServerConnection, body: Sequence, headers: dict,
+    def _request_generate(self, server: ServerConnection, body: Sequence, headers: dict,
                           specs: dict[bool, dict], encoding: Optional[str] = None) -> tuple[bytearray, bool]:
         """``/generate`` with retries; a 409 (a restarted server, or our vocabulary replaced by another client
         sharing our id) is answered with the vocabulary and retried. The answer is bounded by ``specs``;
@@ -604,7 +306,7 @@ class RemoteEagle3TargetModel:
             server.request(protocol.EP_SET_VOCAB_MAPPING, [self._vocab_body])
             return server.request(protocol.EP_GENERATE, body, headers=headers, with_nccl_flag=True, max_answer_bytes=bound)
 
-    def _generate_on(self, server: _ServerConnection, body: Sequence, batch_shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def _generate_on(self, server: ServerConnection, body: Sequence, batch_shape: tuple[int, int]) -> dict[str, torch.Tensor]:
         specs = self._answer_specs(batch_shape)
         plane = server.data_plane
         if plane is not None and plane.active:
@@ -618,7 +320,7 @@ class RemoteEagle3TargetModel:
         return self._decode_supervision(server, raw, specs)
 
     def _generate_over_group(
-        self, server: _ServerConnection, plane: _DataPlane, body: Sequence, specs: dict[bool, dict]
+        self, server: ServerConnection, plane: ClientDataPlane, body: Sequence, specs: dict[bool, dict]
     ) -> Optional[dict[str, torch.Tensor]]:
         """One batch over the group; None (the group torn down) if it did not arrive."""
         raw, used_group = self._request_generate(server, body, {protocol.NCCL_HEADER: "1"}, specs)
@@ -643,7 +345,7 @@ class RemoteEagle3TargetModel:
         self._count("group")
         return supervision
 
-    def _decode_supervision(self, server: _ServerConnection, raw: bytearray, specs: dict[bool, dict]) -> dict[str, torch.Tensor]:
+    def _decode_supervision(self, server: ServerConnection, raw: bytearray, specs: dict[bool, dict]) -> dict[str, torch.Tensor]:
         try:
             tensors = wire.decode(raw, max_entries=len(protocol.SUPERVISION_KEYS))
         except wire.WireFormatError as exc:
@@ -652,7 +354,7 @@ class RemoteEagle3TargetModel:
         self._count("http")
         return supervision
 
-    def _supervision_from(self, server: _ServerConnection, tensors: dict, specs: dict[bool, dict]) -> dict[str, torch.Tensor]:
+    def _supervision_from(self, server: ServerConnection, tensors: dict, specs: dict[bool, dict]) -> dict[str, torch.Tensor]:
         """The ``SUPERVISION_KEYS`` dict on ``device`` from a full answer, or from a compact one (its keys say
         which) by projecting the final hidden state onto the draft vocabulary here; every tensor's shape and
         dtype checked against what was asked for."""
@@ -665,7 +367,7 @@ class RemoteEagle3TargetModel:
         out = {k: tensors[k].to(self._device) for k in keys}
         return compact.expand_supervision(out, self._draft_lm_head(server)) if compact_answer else out
 
-    def _draft_lm_head(self, server: _ServerConnection) -> torch.Tensor:
+    def _draft_lm_head(self, server: ServerConnection) -> torch.Tensor:
         """``[Vd, H]`` the target's ``lm_head`` rows for the draft vocabulary, fetched once (every server
         serves the same model, as ``model_info`` checked) and kept on ``device``."""
         with self._draft_head_lock:
@@ -771,7 +473,7 @@ class RemoteEagle3TargetModel:
 
     # ------------------------------------------------------------ speculative decoding (/verify)
 
-    def _verify_server(self) -> _ServerConnection:
+    def _verify_server(self) -> ServerConnection:
         """The first server, once it has said it serves ``/verify`` (a server of the original design does not)."""
         info = self._model_info()
         if protocol.EP_VERIFY not in (info.get(protocol.EXTENSIONS_FIELD) or ()):
@@ -783,7 +485,6 @@ class RemoteEagle3TargetModel:
     def decode_session(self):
         """A ``remote_decoding.RemoteDecodeSession``: one sequence decoded through the first server's ``/verify``,
         its KV cache kept there (``decode.py`` runs on it as on an in-process target)."""
-        from tandem.speculative.eagle.remote.remote_decoding import RemoteDecodeSession
 
         info = self._model_info()
         return RemoteDecodeSession(self._verify_server(), info["hidden_size"], target_dtypes(info), self._device)
@@ -792,7 +493,6 @@ class RemoteEagle3TargetModel:
         """Stateless ``/verify`` of whole sequences ``input_ids [B, n]`` long (equal lengths): a
         ``verification.VerifyStep`` with ``next_token_ids [B, n]``, ``near_ties [B, n]``, ``aux_hidden_states
         [B, n, 3H]`` on ``device``."""
-        from tandem.speculative.eagle.remote.remote_decoding import request_verify
 
         info = self._model_info()
         return request_verify(self._verify_server(), input_ids, info["hidden_size"], target_dtypes(info), self._device)

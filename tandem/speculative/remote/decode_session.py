@@ -15,9 +15,10 @@ import logging
 
 import torch
 
-from tandem.speculative.eagle.remote import protocol, wire
-from tandem.speculative.eagle.remote.answer_checks import AnswerError, TensorSpec, check_tensors, wire_answer_bytes
-from tandem.speculative.eagle.verification import VerifyStep, check_branch
+from tandem.speculative.decoding.verification import VerifyStep, check_branch
+from tandem.speculative.remote import protocol, wire
+from tandem.speculative.remote.answer_checks import AnswerError, TensorSpec, check_tensors, wire_answer_bytes
+from tandem.speculative.remote.http_client import RemoteTargetError
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +38,8 @@ def request_verify(server, input_ids: torch.Tensor, hidden: int, hidden_dtypes: 
     """One ``/verify`` call with ``input_ids [B, n]`` long (``tree_parents``: a draft tree's, for B = 1); the
     checked answer, copied onto ``device``.
 
-    ``server``: a ``client._ServerConnection`` (retries on connection errors and 5xx: with ``X-Tandem-Past`` a
+    ``server``: a ``http_client.ServerConnection`` (retries on connection errors and 5xx: with ``X-Tandem-Past`` a
     repeated call does the same as the first). ``RemoteTargetError`` for a refusal or a malformed answer."""
-    from tandem.speculative.eagle.remote.client import RemoteTargetError
 
     specs = verify_specs(*input_ids.shape, hidden, hidden_dtypes)
     body = {"input_ids": input_ids.to("cpu", torch.long)}
@@ -59,7 +59,7 @@ class RemoteDecodeSession:
     """A ``verification.DecodeSession`` whose KV cache lives on a target server (see the module docstring).
 
     Arguments:
-        server: the ``client._ServerConnection`` every call of this sequence goes to (its cache lives there).
+        server: the ``http_client.ServerConnection`` every call of this sequence goes to (its cache lives there).
         hidden: the target's hidden size ``H``; hidden_dtypes: the dtypes its aux states may have.
         device: where the answers' tensors are put (the draft's device).
     """
@@ -86,7 +86,6 @@ class RemoteDecodeSession:
 
     def extend(self, input_ids: torch.Tensor, tree_parents: list[int] | None = None) -> VerifyStep:
         """The target on ``input_ids [1, n]`` long after the ``length`` cached positions (see ``DecodeSession``)."""
-        from tandem.speculative.eagle.remote.client import RemoteTargetError
 
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"a decode session extends one sequence: input_ids must be [1, n], got {list(input_ids.shape)}")

@@ -13,8 +13,8 @@ from typing import Any, Optional
 
 import torch
 
-from tandem.speculative.eagle.remote.wire import CODE_TO_DTYPE, code_from_dtype
-from tandem.speculative.eagle.supervision import SUPERVISION_KEYS
+from tandem.speculative.remote.wire import CODE_TO_DTYPE, code_from_dtype
+from tandem.speculative.target.supervision import SUPERVISION_KEYS
 
 __all__ = [
     "SUPERVISION_KEYS",

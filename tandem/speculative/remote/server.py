@@ -29,30 +29,48 @@ from typing import Optional
 
 import torch
 
-from tandem.speculative.eagle import compact
-from tandem.speculative.eagle.identity import identity_of
-from tandem.speculative.eagle.remote import protocol, wire
-from tandem.speculative.eagle.remote.fair_queue import FairQueue, Place
-from tandem.speculative.eagle.remote.http_server import (  # noqa: F401 - the original module's names
-    DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS,
-    _make_request_handler, serve,
+from tandem.speculative.decoding.verification import crop_cache, select_cache_positions
+from tandem.speculative.remote import protocol, wire
+from tandem.speculative.remote.serving.data_plane import DataPlaneHost
+from tandem.speculative.remote.serving.decode_caches import DecodeCacheTable
+from tandem.speculative.remote.serving.fair_queue import FairQueue, Place
+from tandem.speculative.remote.serving.http import (  # noqa: F401 - the original module's names
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_MAX_CONNECTIONS,
+    _make_request_handler,
+    serve,
 )
-from tandem.speculative.eagle.remote.decode_caches import DecodeCacheTable
-from tandem.speculative.eagle.remote.request_checks import (  # noqa: F401 - re-exported for callers of this module
-    Reply, RequestError, check_generate_inputs, check_tree_parents, check_verify_inputs, check_vocab_mapping,
-    decode_session_headers, decode_tensors, init_nccl_request, keep_branch_header,
+from tandem.speculative.remote.serving.request_checks import (  # noqa: F401 - re-exported for callers of this module
+    Reply,
+    RequestError,
+    check_generate_inputs,
+    check_tree_parents,
+    check_verify_inputs,
+    check_vocab_mapping,
+    decode_session_headers,
+    decode_tensors,
+    init_nccl_request,
+    keep_branch_header,
 )
-from tandem.speculative.eagle.remote.server_data_plane import DataPlaneHost
-from tandem.speculative.eagle.remote.sessions import (
-    DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_IDLE_TIMEOUT_S, SessionTable, VocabMapping,
+from tandem.speculative.remote.serving.sessions import (
+    DEFAULT_MAX_SESSIONS,
+    DEFAULT_SESSION_IDLE_TIMEOUT_S,
+    SessionTable,
+    VocabMapping,
 )
-from tandem.speculative.eagle.remote.token_budget import (
-    check_batch_shape, context_window, default_max_batch_tokens, generate_body_limit,
+from tandem.speculative.remote.serving.token_budget import (
+    check_batch_shape,
+    context_window,
+    default_max_batch_tokens,
+    generate_body_limit,
 )
-from tandem.speculative.eagle.remote.transport import default_port_range
-from tandem.speculative.eagle.supervision import compute_supervision  # noqa: F401 - named by the spec page
-from tandem.speculative.eagle.verification import crop_cache, select_cache_positions
-from tandem.speculative.eagle.vocab import vocab_digest
+from tandem.speculative.remote.transport import default_port_range
+from tandem.speculative.target import compact
+from tandem.speculative.target.identity import identity_of
+from tandem.speculative.target.supervision import compute_supervision  # noqa: F401 - named by the spec page
+from tandem.speculative.training.vocab import vocab_digest
 
 logger = logging.getLogger(__name__)
 
@@ -542,12 +560,3 @@ class TargetModelServer:
     def _infer_device(self) -> torch.device:
         """Where the target's outputs live (the data plane's NCCL-or-gloo choice starts from it)."""
         return torch.device(getattr(self.target_wrapper, "device", "cpu"))
-
-
-def __getattr__(name: str):
-    # The CLI moved to serve_cli.py; these names stay importable from here (tests, launchers).
-    if name in ("READY_LINE", "add_serve_target_parser", "cmd_serve_target"):
-        from tandem.speculative.eagle.remote import serve_cli
-
-        return getattr(serve_cli, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

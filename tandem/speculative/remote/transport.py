@@ -40,7 +40,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from tandem.speculative.eagle.remote.wire import CODE_TO_DTYPE
+from tandem.speculative.remote.wire import CODE_TO_DTYPE
 
 logger = logging.getLogger(__name__)
 

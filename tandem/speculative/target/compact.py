@@ -23,8 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from tandem.speculative.eagle.supervision import SUPERVISION_KEYS, draft_position_mask
-from tandem.speculative.eagle.target import shift_left
+from tandem.speculative.target.supervision import SUPERVISION_KEYS, draft_position_mask, shift_left
 
 FINAL_HIDDEN_KEY = "final_hidden_states"
 # The compact answer: the full encoding's keys with target_probs replaced, in the data-plane send order.

@@ -28,7 +28,7 @@ import logging
 import torch
 from torch import nn
 
-from tandem.speculative.eagle.vocab import vocab_digest
+from tandem.speculative.training.vocab import vocab_digest
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from tandem.speculative.eagle.supervision import compute_supervision
+from tandem.speculative.target.supervision import compute_supervision, shift_left
 
 
 class VocabMappingMissingError(RuntimeError):
@@ -73,12 +73,6 @@ def validate_aux_layer_ids(aux_layer_ids: list[int], num_layers: int) -> list[in
                          f"(SGLang and vLLM record layer inputs), so a draft trained on it would be served other "
                          f"states; choose layers in 0 .. {num_layers - 2}")
     return ids
-
-
-def shift_left(tensor: torch.Tensor) -> torch.Tensor:
-    """``out[:, i] = tensor[:, i + 1]`` and ``out[:, -1] = 0`` (dim 1 is the sequence)."""
-    tail = torch.zeros_like(tensor[:, :1])
-    return torch.cat([tensor[:, 1:], tail], dim=1)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -212,7 +206,7 @@ class Eagle3TargetModel:
         a tree verification after the ``past`` cached positions; nothing for a chain."""
         if tree_parents is None:
             return {}
-        from tandem.speculative.eagle.draft_tree import ancestor_mask
+        from tandem.speculative.decoding.tree import ancestor_mask
 
         past, n = cache.get_seq_length(), len(tree_parents)
         allowed = torch.ones(n, past + n, dtype=torch.bool, device=self.device)
@@ -232,7 +226,7 @@ class Eagle3TargetModel:
         For a bf16 or fp16 target the projection runs in the target's dtype and only a few candidates a position
         are scored in float32 (``verification.greedy_from_hidden``): the same tokens and near-tie flags as the
         float32 logits, at a fifth of the cost for a verification of 6 tokens."""
-        from tandem.speculative.eagle.verification import VerifyStep, greedy_from_hidden, greedy_step
+        from tandem.speculative.decoding.verification import VerifyStep, greedy_from_hidden, greedy_step
 
         head = self._output_head()
         if head is None or self.dtype == torch.float32:
@@ -245,14 +239,14 @@ class Eagle3TargetModel:
 
     def decode_session(self):
         """A ``verification.LocalDecodeSession``: one sequence's KV cache, for ``decode.py``."""
-        from tandem.speculative.eagle.verification import LocalDecodeSession
+        from tandem.speculative.decoding.verification import LocalDecodeSession
 
         return LocalDecodeSession(self)
 
     def _output_head(self) -> nn.Linear | None:
         """The output projection (looked up once) when the logits are exactly ``lm_head(model.model(...))``;
         None for targets whose logits are more than that."""
-        from tandem.speculative.eagle.compact import output_projection
+        from tandem.speculative.target.compact import output_projection
 
         if not hasattr(self, "_head"):
             self._head = output_projection(self.model) if hasattr(self.model, "model") else None
@@ -289,7 +283,7 @@ class Eagle3TargetModel:
                           loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """The compact supervision dict (``compact.COMPACT_SUPERVISION_KEYS``): the final hidden state in
         place of ``target_probs`` (see ``compact.compute_compact_supervision``); arguments as ``supervise``."""
-        from tandem.speculative.eagle.compact import compute_compact_supervision
+        from tandem.speculative.target.compact import compute_compact_supervision
 
         if self.selected_token_ids is None:
             raise VocabMappingMissingError("set_vocab_mapping must be called before supervision is computed")
@@ -300,7 +294,7 @@ class Eagle3TargetModel:
     def draft_lm_head(self) -> torch.Tensor:
         """``[Vd, H]`` (target dtype): the target's ``lm_head`` rows of the draft vocabulary, which turn a
         compact answer into ``target_probs`` (``compact.expand_supervision``)."""
-        from tandem.speculative.eagle.compact import draft_lm_head
+        from tandem.speculative.target.compact import draft_lm_head
 
         if self.selected_token_ids is None:
             raise VocabMappingMissingError("set_vocab_mapping must be called before the draft lm_head is taken")

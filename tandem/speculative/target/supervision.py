@@ -12,6 +12,12 @@ import torch
 SUPERVISION_KEYS = ["aux_hidden_states", "target_probs", "position_mask", "input_ids", "loss_mask"]
 
 
+def shift_left(tensor: torch.Tensor) -> torch.Tensor:
+    """``out[:, i] = tensor[:, i + 1]`` and ``out[:, -1] = 0`` (dim 1 is the sequence)."""
+    tail = torch.zeros_like(tensor[:, :1])
+    return torch.cat([tensor[:, 1:], tail], dim=1)
+
+
 def compute_target_distribution(
     logits: torch.Tensor,
     selected_token_ids: torch.Tensor,

@@ -19,11 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
-from tandem.speculative.eagle import checkpoint as ckpt
+import torch
+
+from tandem.speculative.atomic_files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,35 @@ class ResumeMismatchError(ValueError):
 # ------------------------------------------------------------------ checkpoints
 
 
+def save_training_state(state: dict, path: str | Path) -> None:
+    """Atomically write a trainer ``state_dict()`` (local disk only)."""
+    atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+
+
+def load_training_state(path: str | Path) -> dict:
+    """Read a state written by ``save_training_state``; refuses anything but tensors and plain containers."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# Only names tandem writes: a user's step_best.pt or step_60_backup.pt is not one of them.
+_CHECKPOINT_NAME = re.compile(r"step_(0|[1-9][0-9]*)\.pt")
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """N for a file tandem names ``step_N.pt``; None for anything else."""
+    match = _CHECKPOINT_NAME.fullmatch(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    """The newest ``step_N.pt`` under ``checkpoint_dir`` (by N), or None; other files are not checkpoints."""
+    directory = Path(checkpoint_dir)
+    if not directory.is_dir():
+        return None
+    found = [(step, p) for p in directory.iterdir() if (step := checkpoint_step(p)) is not None and p.is_file()]
+    return max(found)[1] if found else None
+
+
 def checkpoint_path(output_dir: Path, step: int) -> Path:
     return Path(output_dir) / CHECKPOINT_DIR / f"step_{step}.pt"
 
@@ -55,7 +87,7 @@ def tandem_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [(ckpt.checkpoint_step(p), p) for p in directory.iterdir() if p.is_file()]
+    found = [(checkpoint_step(p), p) for p in directory.iterdir() if p.is_file()]
     return sorted((step, p) for step, p in found if step is not None)
 
 
@@ -85,7 +117,7 @@ def load_newest_intact(directory: Path, set_aside: bool = False) -> tuple[Option
     """
     for step, path in reversed(tandem_checkpoints(directory)):
         try:
-            state = ckpt.load_training_state(path)
+            state = load_training_state(path)
             problem = None if isinstance(state, dict) and "step" in state and "draft" in state else "not a training checkpoint"
         except _UNREADABLE as exc:
             problem = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -129,19 +161,16 @@ def trim_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [json.dumps(row) for row in read_metric_rows(path) if row["step"] <= step]
-    ckpt.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
 
 
 # ------------------------------------------------------------------ what a run is
 
 
-def target_identity(model_info: dict) -> dict:
-    """What names the target in a checkpoint, compared on resume.
-
-    HOOK for the target's identity (issue #13: ``/model_info`` and the in-process target report an
-    ``identity`` -- name, weights digest, dtype, tokenizer digest): used whole once present; until then
-    the architecture facts every target reports, and its dtype.
-    """
+def target_record(model_info: dict) -> dict:
+    """What names the target in a checkpoint, compared on resume: the target's ``identity`` record (name,
+    weights digest, dtype, tokenizer digest) when ``model_info`` carries one, else the architecture facts
+    every target reports, and its dtype."""
     identity = model_info.get("identity")
     if isinstance(identity, dict):
         return dict(identity)
@@ -152,7 +181,7 @@ def target_identity(model_info: dict) -> dict:
 def run_identity(config, *, data_digest: str, vocab_digest: str, model_info: dict) -> dict:
     """What a checkpoint records about the run it belongs to (plain JSON-able values)."""
     fields = {name: getattr(config, name) for name in RUN_CHANGING_FIELDS}
-    return {"data_digest": data_digest, "vocab_digest": vocab_digest, "target": target_identity(model_info),
+    return {"data_digest": data_digest, "vocab_digest": vocab_digest, "target": target_record(model_info),
             "config": json.loads(json.dumps(fields))}
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tandem.speculative.eagle.draft import Eagle3DraftModel
-from tandem.speculative.eagle.target import shift_left
+from tandem.speculative.drafts.eagle3 import Eagle3DraftModel
+from tandem.speculative.target.supervision import shift_left
 
 
 @dataclass

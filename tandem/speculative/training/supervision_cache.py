@@ -34,10 +34,9 @@ from pathlib import Path
 
 import torch
 
-from tandem.speculative.eagle import compact
-from tandem.speculative.eagle.supervision import SUPERVISION_KEYS
-from tandem.speculative.eagle.target import shift_left
-from tandem.speculative.eagle.vocab import vocab_digest
+from tandem.speculative.target import compact
+from tandem.speculative.target.supervision import SUPERVISION_KEYS, shift_left
+from tandem.speculative.training.vocab import vocab_digest
 
 logger = logging.getLogger(__name__)
 

@@ -11,15 +11,15 @@ import os
 import socket
 import uuid
 
-from tandem.speculative.eagle.distributed import DistributedContext, target_urls_for_rank
-from tandem.speculative.eagle.recipe import TrainConfig
+from tandem.speculative.training.config import TrainConfig
+from tandem.speculative.training.distributed import DistributedContext, target_urls_for_rank
 
 
 def build_target(config: TrainConfig, distributed: DistributedContext | None = None):
     """The in-process target, or the remote client when ``target_urls`` is set (rank r: its share of them)."""
     distributed = distributed or DistributedContext()
     if config.target_urls:
-        from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel
+        from tandem.speculative.remote.client import RemoteEagle3TargetModel
 
         urls = target_urls_for_rank(config.target_urls, distributed.rank, distributed.world_size)
         # The rank in the id makes the servers' per-client summary readable.
@@ -28,7 +28,7 @@ def build_target(config: TrainConfig, distributed: DistributedContext | None = N
                                        client_id=client_id, nccl_rank=distributed.rank,
                                        supervision_encoding=config.supervision_encoding)
     from tandem.models import load_target
-    from tandem.speculative.eagle.target import Eagle3TargetModel
+    from tandem.speculative.target.model import Eagle3TargetModel
 
     model, _ = load_target(config.target, dtype=config.dtype, device=distributed.device)
     return Eagle3TargetModel(model, config.aux_layer_ids)

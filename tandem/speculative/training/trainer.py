@@ -15,150 +15,50 @@ import dataclasses
 import json
 import logging
 import math
-import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
-from tandem.speculative.eagle import checkpoint as ckpt
-from tandem.speculative.eagle import identity
-from tandem.speculative.eagle import run_state
-from tandem.speculative.eagle.data import ChatCollator, TokenizedChatDataset, batch_order, pad_token_id_for, read_chat_jsonl
-from tandem.speculative.eagle.distributed import (
-    DistributedContext, RankThroughput, current_context, init_distributed, servers_in_use,
+from tandem.speculative.decoding.tree import TreeShape
+from tandem.speculative.drafts.eagle3 import Eagle3DraftConfig, Eagle3DraftModel
+from tandem.speculative.export import eagle3 as ckpt
+from tandem.speculative.export.engine_conventions import parse_dtype
+from tandem.speculative.target import identity
+from tandem.speculative.training import checkpoint as run_state
+from tandem.speculative.training.config import TrainConfig
+from tandem.speculative.training.data import (
+    ChatCollator,
+    TokenizedChatDataset,
+    batch_order,
+    pad_token_id_for,
+    read_chat_jsonl,
+)
+from tandem.speculative.training.distributed import (
+    DistributedContext,
+    RankThroughput,
+    current_context,
+    init_distributed,
+    servers_in_use,
     throughput_summary,
 )
-from tandem.speculative.eagle.draft import Eagle3DraftConfig, Eagle3DraftModel
-from tandem.speculative.eagle.draft_tree import TreeShape
-from tandem.speculative.eagle.supervision_cache import SupervisionCache, cache_identity
-from tandem.speculative.eagle.trainer import TTTObjective, step_valid_counts
-from tandem.speculative.eagle.vocab import (
-    DraftVocab, build_draft_vocab, count_tokens, file_digest, load_draft_vocab, save_draft_vocab, vocab_digest,
+from tandem.speculative.training.eagle3_loss import TTTObjective, step_valid_counts
+from tandem.speculative.training.prefetch import SupervisionPrefetcher
+from tandem.speculative.training.supervision_cache import SupervisionCache, cache_identity
+from tandem.speculative.training.vocab import (
+    DraftVocab,
+    build_draft_vocab,
+    count_tokens,
+    file_digest,
+    load_draft_vocab,
+    save_draft_vocab,
+    vocab_digest,
     vocab_fingerprint,
 )
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(kw_only=True)
-class TrainConfig:
-    """Everything a training run needs; every field is also a ``tandem train`` flag."""
-
-    data: str = ""
-    """Chat JSONL to train on (ShareGPT ``conversations`` or ``messages`` lines)."""
-    output_dir: str = "runs/train"
-    """Where checkpoints, metrics.jsonl, the vocabulary cache and the exported draft go."""
-    target: str = "default"
-    """In-process target: ``default`` (SmolLM2-135M-Instruct), an HF directory, or a .gguf file."""
-    tokenizer: str | None = None
-    """Tokenizer spec (same forms as ``target``); defaults to ``target``."""
-    target_urls: list[str] = field(default_factory=list)
-    """Remote target servers (``tandem serve-target``); when set, no target is loaded here."""
-    prefetch_depth: int = 2
-    """Remote only: supervision requests kept in flight ahead of the training step."""
-    supervision_encoding: str = "full"
-    """Remote only: ``full`` (fp32 draft-vocabulary probabilities on the wire) or ``compact`` (the target's final
-    hidden state; the client computes the probabilities: ~4.6x fewer bytes a token for Llama-3.1-8B)."""
-    dtype: str = "auto"
-    """In-process target dtype: ``auto`` (bfloat16 where the hardware multiplies it natively -- GPUs, CPUs with
-    AVX512-BF16 or AMX -- else float32), ``float32``, ``bfloat16`` or ``float16``. A remote target runs in its
-    server's ``--dtype``."""
-    mixed_precision: bool = True
-    """Run the draft's forward in the target's dtype (autocast) when that is not float32; the master weights
-    and the optimizer state stay float32."""
-    supervision_cache: str | None = None
-    """Directory of the supervision cache: each sample's target answer is computed once (alone, in the compact
-    encoding) and reused in later epochs and runs; fill it ahead with ``tandem cache-supervision``."""
-    aux_layer_ids: list[int] | None = None
-    """Target layers whose outputs feed the draft; default ``[1, L//2-1, L-4]``."""
-    max_seq_len: int = 256
-    """Conversations are truncated to this many tokens."""
-    batch_size: int = 4
-    """Sequences per micro-batch on each rank (the global batch is world_size times this)."""
-    grad_accum_steps: int = 1
-    """Micro-batches per optimizer step."""
-    total_steps: int = 200
-    """Optimizer steps in the whole run (the schedule's length)."""
-    learning_rate: float = 1e-3
-    """Peak AdamW learning rate."""
-    min_lr_ratio: float = 0.1
-    """The cosine decays to ``learning_rate * min_lr_ratio``."""
-    warmup_steps: int = 20
-    """Linear warmup from 0 to the peak."""
-    weight_decay: float = 0.0
-    max_grad_norm: float = 0.5
-    """Gradient clipping threshold (global L2 norm)."""
-    ttt_steps: int = 7
-    """Unrolled training-time-test steps K."""
-    ttt_decay: float = 0.8
-    """Loss weight ratio between consecutive TTT steps."""
-    draft_vocab_size: int = 8192
-    """Draft vocabulary size Vd (clamped to the target vocabulary)."""
-    seed_lm_head: bool = True
-    """Start lm_head from the target's embedding rows of the draft vocabulary (tied-embedding targets)."""
-    seed: int = 0
-    """Seeds the draft's initialisation and the data order."""
-    save_every: int = 100
-    """Write a resumable checkpoint every this many steps (and always at the end); 0: only at the end."""
-    keep_checkpoints: int = 2
-    """How many resumable checkpoints to keep on disk."""
-    stop_at_step: int | None = None
-    """End this run at this step (checkpointed) though the schedule spans total_steps: for time-boxed jobs."""
-    resume: bool = False
-    """Continue from the newest checkpoint in ``output_dir/checkpoints`` that loads (a damaged newer one is skipped)."""
-    export_format: str = "sglang"
-    """The exported draft's format: ``sglang`` (SGLang and vLLM load it) or ``speculators`` (vLLM's native one)."""
-    export_dtype: str | None = None
-    """The exported weights' dtype: float32, bfloat16 or float16 (default: the target's, as engines expect)."""
-    allow_target_mismatch: bool = False
-    """Accept on purpose a target that is not the one the run was trained against (``--resume``), or a
-    tokenizer other than the target's; without it either is an error."""
-    allow_resume_mismatch: bool = False
-    """With --resume: continue although the data, the vocabulary or a run-changing setting differs from the
-    checkpoint's (each difference is then a warning instead of an error)."""
-    eval_every: int = 0
-    """Measure the draft by real speculative decoding every this many steps and at the end, against the run's own
-    target (in-process, or the server's ``/verify``): acceptance length and step-0 accuracy on held-out prompts go
-    to metrics.jsonl and the progress bar beside the simulated figure. 0: never. Rank 0 evaluates."""
-    eval_prompts: str = "heldout"
-    """The evaluation's prompts: ``heldout`` or ``train`` (the shipped prompt sets), or a chat JSONL file."""
-    eval_limit: int = 8
-    """Prompts an evaluation decodes (the first ones of ``eval_prompts``)."""
-    eval_max_new_tokens: int = 64
-    """Tokens an evaluation decodes a prompt."""
-    eval_draft_tokens: int = 4
-    """The longest draft chain a round of the evaluation's speculative decoding."""
-    eval_min_confidence: float = 0.0
-    """Dynamic draft length of the evaluation's decoding (see ``tandem eval --min-confidence``)."""
-    eval_tree: str = ""
-    """The evaluation drafts trees of this shape, ``DEPTH,TOP_K,SIZE`` (see ``tandem eval --tree``); "": chains."""
-    show_progress: bool = True
-
-    def __post_init__(self) -> None:
-        # Checked here, not after hours of training at export time.
-        if self.export_format not in ckpt.EXPORT_FORMATS:
-            raise ValueError(f"export_format must be one of {ckpt.EXPORT_FORMATS}, got {self.export_format!r}")
-        if self.export_dtype is not None:
-            ckpt.parse_dtype(self.export_dtype)
-        if self.eval_every < 0 or self.eval_limit < 1 or self.eval_max_new_tokens < 1 or self.eval_draft_tokens < 1:
-            raise ValueError("eval_every must be >= 0, and eval_limit, eval_max_new_tokens, eval_draft_tokens >= 1")
-        if self.eval_tree:
-            TreeShape.parse(self.eval_tree)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown config keys {unknown}")
-        raw.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**raw)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -171,53 +71,6 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.learning_rate * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
 
 
-class SupervisionPrefetcher:
-    """Requests the supervision of the next ``depth`` micro-batches ahead of the step that needs them.
-
-    A remote target's forward then overlaps the draft's training step. Micro-batches are a pure function
-    of their index, so the prefetched supervision is exactly what a synchronous request would return.
-
-    Arguments:
-        target: anything with ``supervise_async(input_ids, attention_mask, loss_mask) -> Future``.
-        micro_batch: index -> batch dict (``input_ids``, ``attention_mask``, ``loss_mask``).
-        depth: micro-batches requested ahead (the target may cap what is in flight further).
-        stop: the first index never to request (the end of training).
-    """
-
-    def __init__(self, target, micro_batch, depth: int, stop: int):
-        self.target, self.micro_batch, self.depth, self.stop = target, micro_batch, max(depth, 1), stop
-        self.pending: dict[int, object] = {}
-        self.latency_s = 0.0
-        """Summed request-to-answer time of the completed requests (throughput report)."""
-        self.answered = 0
-        self._lock = threading.Lock()
-
-    def _request(self, index: int):
-        batch = self.micro_batch(index)
-        future = self.target.supervise_async(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-        future.add_done_callback(self._timer(time.perf_counter()))
-        return future
-
-    def _timer(self, submitted: float):
-        def done(future) -> None:
-            if not future.cancelled():
-                with self._lock:  # runs on the client's threads, several at once
-                    self.latency_s += time.perf_counter() - submitted
-                    self.answered += 1
-        return done
-
-    def take(self, indices) -> list:
-        """Futures for ``indices`` (consecutive), after requesting up to ``depth`` micro-batches beyond."""
-        first = indices[0]
-        futures = [self.pending.pop(i, None) or self._request(i) for i in indices]
-        for stale in [i for i in self.pending if i < first]:
-            self.pending.pop(stale).cancel()
-        for index in range(indices[-1] + 1, min(indices[-1] + 1 + self.depth, self.stop)):
-            if index not in self.pending:
-                self.pending[index] = self._request(index)
-        return futures
-
-
 class Trainer:
     """Builds the run in phases, then ``train()``; ``state_dict()`` / ``load_state_dict()`` for resume.
 
@@ -227,7 +80,7 @@ class Trainer:
             ``get_input_embeddings``, ``set_vocab_mapping``, ``model_info``).
         tokenizer: built from ``config.tokenizer or config.target`` if None.
         target_factory: ``(config, distributed) -> target`` when ``target`` is None;
-            ``tandem.targets.build_target`` is the one the CLI uses. The recipe itself never imports the
+            ``tandem.speculative.training.target_factory.build_target`` is the one the CLI uses. The recipe itself never imports the
             remote package: ``remote/`` depends on ``eagle/``, not the reverse.
         distributed: this rank's place in a data-parallel job (see ``distributed.py``); default: the
             initialised default process group, else a single process.
@@ -255,7 +108,7 @@ class Trainer:
 
         if target is None:
             if target_factory is None:
-                raise ValueError("no target: pass target=, or target_factory= (tandem.targets.build_target builds "
+                raise ValueError("no target: pass target=, or target_factory= (tandem.speculative.training.target_factory.build_target builds "
                                  "the in-process or remote target a TrainConfig names)")
             target = target_factory(self.config, self.dist)
         self.target = target
@@ -412,14 +265,14 @@ class Trainer:
         if not self.dist.is_main:
             return None
         path = run_state.checkpoint_path(self.output_dir, self.step)
-        ckpt.save_training_state(self.state_dict(), path)
+        run_state.save_training_state(self.state_dict(), path)
         run_state.rotate(path.parent, self.config.keep_checkpoints)
         return path
 
     def _check_fresh_output_dir(self) -> None:
         """A run from step 0 must not mix with an earlier run's checkpoints and metrics (a later
         ``--resume`` would pick the wrong checkpoint); refuse rather than delete anything."""
-        old = ckpt.latest_checkpoint(self.output_dir / run_state.CHECKPOINT_DIR)
+        old = run_state.latest_checkpoint(self.output_dir / run_state.CHECKPOINT_DIR)
         if old is not None and not self.config.resume:
             raise ValueError(f"{self.output_dir} already holds checkpoints of another run ({old.name}): pass --resume "
                              f"to continue it, or choose a new --output-dir")
@@ -442,7 +295,7 @@ class Trainer:
             if not path.is_file():
                 raise FileNotFoundError(f"rank {self.dist.rank}: cannot read {path}, which rank 0 resumes from: put "
                                         f"--output-dir on a filesystem every node shares")
-            state = ckpt.load_training_state(path)
+            state = run_state.load_training_state(path)
         # The target's facts are the target record's to check (in load_state_dict, --allow-target-mismatch);
         # this one checks the data, the vocabulary, the settings and the dtype (--allow-resume-mismatch).
         owned_by_record = identity.SAME_MODEL_FIELDS if "record" in state else ()
@@ -625,8 +478,8 @@ class Trainer:
     def live_evaluator(self):
         """A ``live_eval.LiveEvaluator`` over the first ``eval_limit`` prompts of ``eval_prompts``, decoding against
         this run's target (remote: through the server's ``/verify``)."""
-        from tandem.speculative.eagle.data import PROMPT_SPLITS, default_prompt_path, prompt_ids
-        from tandem.speculative.eagle.live_eval import LiveEvaluator
+        from tandem.speculative.decoding.live_eval import LiveEvaluator
+        from tandem.speculative.training.data import PROMPT_SPLITS, default_prompt_path, prompt_ids
 
         spec = self.config.eval_prompts
         path = default_prompt_path(spec) if spec in PROMPT_SPLITS else Path(spec)
@@ -657,7 +510,7 @@ class Trainer:
         in ``export_format``, in ``export_dtype`` or else the target's dtype."""
         dtype = self.config.export_dtype or getattr(self.target, "dtype", None) or torch.float32
         return ckpt.export_draft(
-            self.draft, out_dir or self.output_dir / ckpt.EXPORT_DIRNAME, ckpt.parse_dtype(dtype),
+            self.draft, out_dir or self.output_dir / ckpt.EXPORT_DIRNAME, parse_dtype(dtype),
             self.model_info["aux_layer_ids"], export_format=self.config.export_format, record=self.record,
             verifier=self.target_identity.get("name") or self.config.tokenizer or self.config.target,
             verifier_architectures=self.target_identity.get("architectures"), speculative_tokens=self.config.ttt_steps,
@@ -685,7 +538,7 @@ def train(config: TrainConfig, target=None, tokenizer=None, target_factory=None)
     if target is None and target_factory is None:
         # The entry point's convenience: the CLI's own factory (in-process or remote, from the config).
         # Imported here, not at the top, so that importing the recipe never loads the remote package.
-        from tandem.targets import build_target as target_factory
+        from tandem.speculative.training.target_factory import build_target as target_factory
     distributed = init_distributed()
     try:
         trainer = Trainer(config, target=target, tokenizer=tokenizer, distributed=distributed,

@@ -127,7 +127,7 @@ def file_digest(path: str | Path) -> str:
 
 def save_draft_vocab(vocab: DraftVocab, path: str | Path, counts: torch.Tensor | None = None, fingerprint: str = "") -> None:
     """Write the vocabulary cache atomically: a crash mid-write leaves the old file or none, never half of one."""
-    from tandem.speculative.eagle.checkpoint import atomic_write
+    from tandem.speculative.atomic_files import atomic_write
 
     tensors = {"selected_token_ids": vocab.selected_token_ids, "selected_token_mask": vocab.selected_token_mask}
     if counts is not None:

@@ -16,7 +16,13 @@ import torch
 import torch.distributed as dist
 
 from tests.conformance.backends import (
-    BACKENDS, EXPERTS_PER_RANK, HIDDEN, MAX_TOKENS, TOPK, BackendSpec, Dispatched,
+    BACKENDS,
+    EXPERTS_PER_RANK,
+    HIDDEN,
+    MAX_TOKENS,
+    TOPK,
+    BackendSpec,
+    Dispatched,
 )
 from tests.conformance.reference import (
     RankInput,

@@ -8,10 +8,10 @@ import torch
 
 from tandem.demo import DemoConfig, _answer_evaluation_request, _evaluate
 from tandem.models import load_target
-from tandem.speculative.eagle.checkpoint import export_draft, load_exported_draft
-from tandem.speculative.eagle.draft import Eagle3DraftConfig, Eagle3DraftModel
-from tandem.speculative.eagle.target import Eagle3TargetModel
-from tests.remote_utils import save_tiny_target
+from tandem.speculative.drafts.eagle3 import Eagle3DraftConfig, Eagle3DraftModel
+from tandem.speculative.export.eagle3 import export_draft, load_exported_draft
+from tandem.speculative.target.model import Eagle3TargetModel
+from tests.speculative.remote.remote_utils import save_tiny_target
 
 
 def test_the_evaluation_request_answers_what_the_in_memory_drafts_measure(tmp_path):

@@ -4,10 +4,11 @@ against chain forwards, and tree speculative decoding equal to greedy decoding w
 import pytest
 import torch
 
-from tandem.speculative.eagle.decode import _draft_chain, evaluate_speculative, greedy_decode, speculative_decode
-from tandem.speculative.eagle.draft import DraftKVCache
-from tandem.speculative.eagle.draft_tree import DraftTree, TreeShape, draft_tree
-from tests.test_eagle_training import fit, on_own_continuations, peaked_target
+from tandem.speculative.decoding.decode import _draft_chain, greedy_decode, speculative_decode
+from tandem.speculative.decoding.evaluation import evaluate_speculative
+from tandem.speculative.decoding.tree import DraftTree, TreeShape, draft_tree
+from tandem.speculative.drafts.eagle3 import DraftKVCache
+from tests.speculative.tiny_runs import fit, on_own_continuations, peaked_target
 
 
 def test_tree_shape_parses_and_refuses_nonsense():
@@ -132,7 +133,7 @@ def test_tree_decoding_equals_greedy_and_accepts_more_than_the_chain():
 
 
 def test_bf16_tree_decoding_leaves_greedy_only_at_near_ties():
-    from tandem.speculative.eagle.decode import summarize
+    from tandem.speculative.decoding.evaluation import summarize
 
     target, draft, prompts = trained_setup(steps=30)
     target.model.to(torch.bfloat16)
@@ -149,10 +150,10 @@ def test_eval_command_drafts_a_tree_and_refuses_a_malformed_shape(tmp_path, caps
 
     from tandem.cli import main
     from tandem.models import load_target
-    from tandem.speculative.eagle.checkpoint import export_draft
-    from tandem.speculative.eagle.draft import Eagle3DraftConfig, Eagle3DraftModel
-    from tests.remote_utils import save_tiny_target
-    from tests.test_eagle_training import write_chat_data
+    from tandem.speculative.drafts.eagle3 import Eagle3DraftConfig, Eagle3DraftModel
+    from tandem.speculative.export.eagle3 import export_draft
+    from tests.conftest import write_chat_data
+    from tests.speculative.remote.remote_utils import save_tiny_target
 
     target_dir = save_tiny_target(tmp_path / "target")
     model, _ = load_target(str(target_dir))

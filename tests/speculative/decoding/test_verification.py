@@ -6,8 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tandem.speculative.eagle.verification import (
-    CANDIDATES, WIDE_CANDIDATES, dot_magnitude, greedy_from_hidden, near_tie_mask,
+from tandem.speculative.decoding.verification import (
+    CANDIDATES,
+    WIDE_CANDIDATES,
+    dot_magnitude,
+    greedy_from_hidden,
+    near_tie_mask,
 )
 
 

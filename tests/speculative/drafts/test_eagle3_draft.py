@@ -5,10 +5,9 @@ import json
 import pytest
 import torch
 
-from tandem.speculative.eagle.checkpoint import (
-    EXPORT_WEIGHT_KEYS, export_draft, latest_checkpoint, load_exported_draft, load_training_state, save_training_state,
-)
-from tandem.speculative.eagle.draft import DraftKVCache, Eagle3DraftConfig, Eagle3DraftModel, ttt_attention
+from tandem.speculative.drafts.eagle3 import DraftKVCache, Eagle3DraftConfig, Eagle3DraftModel, ttt_attention
+from tandem.speculative.export.eagle3 import EXPORT_WEIGHT_KEYS, export_draft, load_exported_draft
+from tandem.speculative.training.checkpoint import latest_checkpoint, load_training_state, save_training_state
 
 
 def tiny_config(**overrides) -> Eagle3DraftConfig:
@@ -167,7 +166,7 @@ def test_speculators_format_round_trips_and_names_layers_the_vllm_way(tmp_path):
     loaded = load_exported_draft(out)
     for key, value in draft.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
-    from tandem.speculative.eagle.checkpoint import exported_aux_layer_ids
+    from tandem.speculative.export.eagle3 import exported_aux_layer_ids
 
     assert exported_aux_layer_ids(out) == [1, 5, 9]
     with pytest.raises(ValueError, match="needs the aux layer ids and the verifier"):

@@ -26,11 +26,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import build_tiny_llama, build_tiny_tokenizer
-from tests.test_eagle_training import write_chat_data
-from tandem.speculative.eagle import checkpoint as ckpt
-from tandem.speculative.eagle.recipe import TrainConfig, Trainer
-from tandem.speculative.eagle.target import Eagle3TargetModel
+from tandem.speculative.export import eagle3 as ckpt
+from tandem.speculative.target.model import Eagle3TargetModel
+from tandem.speculative.training.config import TrainConfig
+from tandem.speculative.training.trainer import Trainer
+from tests.conftest import build_tiny_llama, build_tiny_tokenizer, write_chat_data
 
 SGLANG = "sgl-project/sglang"
 VLLM = "vllm-project/vllm"

@@ -14,8 +14,8 @@ import socket
 import threading
 import time
 
-from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel
-from tests.remote_utils import assert_same_supervision
+from tandem.speculative.remote.client import RemoteEagle3TargetModel
+from tests.speculative.remote.remote_utils import assert_same_supervision
 
 
 @contextlib.contextmanager

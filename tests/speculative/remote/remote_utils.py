@@ -12,14 +12,14 @@ from typing import Callable
 
 import torch
 
-from tandem.speculative.eagle.remote.launch import TargetServerProcess, start_target_server
+from tandem.speculative.remote.launch import TargetServerProcess, start_target_server
 from tests.conftest import TINY_VOCAB_SIZE, build_tiny_llama, build_tiny_tokenizer, save_tiny_target  # noqa: F401 (re-exported)
 
 
 def load_tiny_target(directory: Path, dtype: str = "float32"):
     """The in-process reference: ``Eagle3TargetModel`` over the saved tiny target, in ``dtype``."""
     from tandem.models import load_target
-    from tandem.speculative.eagle.target import Eagle3TargetModel
+    from tandem.speculative.target.model import Eagle3TargetModel
 
     model, _ = load_target(str(directory), dtype=dtype)
     return Eagle3TargetModel(model)

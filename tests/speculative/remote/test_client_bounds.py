@@ -18,10 +18,11 @@ import threading
 import pytest
 import torch
 
-from tandem.speculative.eagle.remote import protocol, wire
-from tandem.speculative.eagle.remote.answer_checks import AnswerError, check_metadata, supervision_specs
-from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel, RemoteTargetError, RetryPolicy
-from tests.remote_utils import tiny_batch, tiny_vocab_mapping
+from tandem.speculative.remote import protocol, wire
+from tandem.speculative.remote.answer_checks import AnswerError, check_metadata, supervision_specs
+from tandem.speculative.remote.client import RemoteEagle3TargetModel
+from tandem.speculative.remote.http_client import RemoteTargetError, RetryPolicy
+from tests.speculative.remote.remote_utils import tiny_batch, tiny_vocab_mapping
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -105,9 +106,9 @@ def endless(head: bytes, chunk: bytes):
 
 CLIENT = """
 import json, os, sys, time
-from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel, RemoteTargetError, RetryPolicy
-from tests.http_utils import proc_memory_kib
-from tests.remote_utils import tiny_batch, tiny_vocab_mapping
+from tandem.speculative.remote.client import RemoteEagle3TargetModel, RemoteTargetError, RetryPolicy
+from tests.speculative.remote.http_utils import proc_memory_kib
+from tests.speculative.remote.remote_utils import tiny_batch, tiny_vocab_mapping
 
 client = RemoteEagle3TargetModel(sys.argv[1], enable_nccl=False, retry=RetryPolicy(max_retries=0), timeout_s=30)
 client.set_vocab_mapping(*tiny_vocab_mapping())

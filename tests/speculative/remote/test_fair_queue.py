@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from tandem.speculative.eagle.remote.fair_queue import FairQueue
-from tandem.speculative.eagle.remote.request_checks import RequestError
+from tandem.speculative.remote.serving.fair_queue import FairQueue
+from tandem.speculative.remote.serving.request_checks import RequestError
 
 
 def wait_until(condition, limit_s: float = 10.0) -> None:

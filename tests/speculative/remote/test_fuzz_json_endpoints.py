@@ -16,9 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.fuzz_wire import check_json_body, json_bodies
-from tandem.speculative.eagle.remote import protocol
-from tandem.speculative.eagle.remote.server import RequestError, TargetModelServer
-from tandem.speculative.eagle.target import Eagle3TargetModel
+from tandem.speculative.remote import protocol
+from tandem.speculative.remote.server import TargetModelServer
+from tandem.speculative.remote.serving.request_checks import RequestError
+from tandem.speculative.target.model import Eagle3TargetModel
 from tests.conftest import build_tiny_llama
 
 pytestmark = pytest.mark.timeout(120)

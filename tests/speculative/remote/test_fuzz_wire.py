@@ -16,9 +16,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.fuzz_wire import (
-    MAGIC, check_wire_body, huge_shape_bodies, mutated_bodies, truncated_bodies, valid_bodies,
+    MAGIC,
+    check_wire_body,
+    huge_shape_bodies,
+    mutated_bodies,
+    truncated_bodies,
+    valid_bodies,
 )
-from tandem.speculative.eagle.remote import wire
+from tandem.speculative.remote import wire
 
 pytestmark = pytest.mark.timeout(120)
 

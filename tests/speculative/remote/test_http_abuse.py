@@ -18,11 +18,17 @@ import time
 import pytest
 import torch
 
-from tandem.speculative.eagle.remote import protocol, wire
-from tandem.speculative.eagle.supervision import compute_supervision
+from tandem.speculative.remote import protocol, wire
+from tandem.speculative.target.supervision import compute_supervision
 from tests import http_utils
-from tests.http_utils import error_of, parse_responses, proc_threads, read_until_closed
-from tests.remote_utils import load_tiny_target, save_tiny_target, start_tiny_server, tiny_batch, tiny_vocab_mapping
+from tests.speculative.remote.http_utils import error_of, parse_responses, proc_threads, read_until_closed
+from tests.speculative.remote.remote_utils import (
+    load_tiny_target,
+    save_tiny_target,
+    start_tiny_server,
+    tiny_batch,
+    tiny_vocab_mapping,
+)
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -14,13 +14,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from tandem.speculative.eagle.remote import protocol, wire
-from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel, RemoteTargetError, RetryPolicy
-from tandem.speculative.eagle.supervision import compute_supervision
-from tests.remote_utils import (
-    assert_same_supervision, load_tiny_target, save_tiny_target, start_tiny_server, tiny_batch, tiny_vocab_mapping,
+from tandem.speculative.remote import protocol, wire
+from tandem.speculative.remote.client import RemoteEagle3TargetModel
+from tandem.speculative.remote.http_client import RemoteTargetError, RetryPolicy
+from tandem.speculative.target.supervision import compute_supervision
+from tests.speculative.remote.remote_utils import (
+    assert_same_supervision,
+    load_tiny_target,
+    save_tiny_target,
+    start_tiny_server,
+    tiny_batch,
+    tiny_vocab_mapping,
 )
-from tests.test_wire import MALFORMED
+from tests.speculative.remote.test_wire import MALFORMED
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -16,10 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tandem.speculative.eagle.recipe import TrainConfig, train
-from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel, RetryPolicy
+from tandem.speculative.remote.client import RemoteEagle3TargetModel
+from tandem.speculative.remote.http_client import RetryPolicy
+from tandem.speculative.training.config import TrainConfig
+from tandem.speculative.training.trainer import train
 from tests.conftest import build_tiny_tokenizer
-from tests.remote_utils import restart_on_call, save_tiny_target, start_tiny_server
+from tests.speculative.remote.remote_utils import restart_on_call, save_tiny_target, start_tiny_server
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -20,15 +20,29 @@ import numpy as np
 import pytest
 import torch
 
-from tandem.speculative.eagle.remote import protocol, wire
-from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel, RetryPolicy
-from tandem.speculative.eagle.supervision import compute_supervision
-from tests.http_utils import (
-    connect, error_of, good_client_running, head, listening_addresses, parse_responses, proc_cpu_seconds,
-    proc_memory_kib, proc_threads, read_until_closed,
+from tandem.speculative.remote import protocol, wire
+from tandem.speculative.remote.client import RemoteEagle3TargetModel
+from tandem.speculative.remote.http_client import RetryPolicy
+from tandem.speculative.target.supervision import compute_supervision
+from tests.speculative.remote.http_utils import (
+    connect,
+    error_of,
+    good_client_running,
+    head,
+    listening_addresses,
+    parse_responses,
+    proc_cpu_seconds,
+    proc_memory_kib,
+    proc_threads,
+    read_until_closed,
 )
-from tests.remote_utils import (
-    assert_same_supervision, load_tiny_target, save_tiny_target, start_tiny_server, tiny_batch, tiny_vocab_mapping,
+from tests.speculative.remote.remote_utils import (
+    assert_same_supervision,
+    load_tiny_target,
+    save_tiny_target,
+    start_tiny_server,
+    tiny_batch,
+    tiny_vocab_mapping,
 )
 
 pytestmark = pytest.mark.timeout(180)

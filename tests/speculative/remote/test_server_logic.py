@@ -7,11 +7,12 @@ import struct
 import pytest
 import torch
 
-from tandem.speculative.eagle.remote import protocol, wire
-from tandem.speculative.eagle.remote.server import RequestError, TargetModelServer
-from tandem.speculative.eagle.supervision import compute_supervision
-from tandem.speculative.eagle.target import Eagle3TargetModel
-from tests.remote_utils import assert_same_supervision, tiny_batch, tiny_vocab_mapping
+from tandem.speculative.remote import protocol, wire
+from tandem.speculative.remote.server import TargetModelServer
+from tandem.speculative.remote.serving.request_checks import RequestError
+from tandem.speculative.target.model import Eagle3TargetModel
+from tandem.speculative.target.supervision import compute_supervision
+from tests.speculative.remote.remote_utils import assert_same_supervision, tiny_batch, tiny_vocab_mapping
 
 
 @pytest.fixture()

@@ -17,11 +17,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tandem.speculative.eagle.remote import protocol
-from tandem.speculative.eagle.remote.transport import (
-    NCCLTransport, ReceiveBufferPool, TransportError, _agree_backend, nccl_enabled, nccl_port_for,
+from tandem.speculative.remote import protocol
+from tandem.speculative.remote.transport import (
+    NCCLTransport,
+    ReceiveBufferPool,
+    TransportError,
+    _agree_backend,
+    nccl_enabled,
+    nccl_port_for,
 )
-from tandem.speculative.eagle.remote.wire import CODE_TO_DTYPE
+from tandem.speculative.remote.wire import CODE_TO_DTYPE
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -89,7 +94,7 @@ def _peer(port: int, is_server: bool, scenario: str) -> None:
 
 def start_peer(port: int, scenario: str, is_server: bool = True):
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "tandem.speculative.eagle.remote.transport"])
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "tandem.speculative.remote.transport"])
     process = ctx.Process(target=_peer, args=(port, is_server, scenario), daemon=True)
     process.start()
     return process
@@ -330,8 +335,9 @@ def test_gpu_check_passes_on_cuda():
 
 
 def test_init_nccl_checks_its_body_and_answers_disabled_when_off(tiny_llama):
-    from tandem.speculative.eagle.remote.server import RequestError, TargetModelServer
-    from tandem.speculative.eagle.target import Eagle3TargetModel
+    from tandem.speculative.remote.server import TargetModelServer
+    from tandem.speculative.remote.serving.request_checks import RequestError
+    from tandem.speculative.target.model import Eagle3TargetModel
 
     target = Eagle3TargetModel(tiny_llama)
     on = TargetModelServer(target, nccl_port=0, enable_nccl=True, nccl_timeout_s=1, nccl_port_range=(1024, 65535))

@@ -16,17 +16,23 @@ from pathlib import Path
 
 import pytest
 
-from tandem.speculative.eagle.recipe import train
-from tandem.targets import build_target
-from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel, RetryPolicy
-from tandem.speculative.eagle.remote.launch import TargetServerProcess
-from tandem.speculative.eagle.remote.transport import NCCLTransport
-from tandem.speculative.eagle.supervision import compute_supervision
+from tandem.speculative.remote.client import RemoteEagle3TargetModel
+from tandem.speculative.remote.http_client import RetryPolicy
+from tandem.speculative.remote.launch import TargetServerProcess
+from tandem.speculative.remote.transport import NCCLTransport
+from tandem.speculative.target.supervision import compute_supervision
+from tandem.speculative.training.target_factory import build_target
+from tandem.speculative.training.trainer import train
 from tests.conftest import build_tiny_tokenizer
-from tests.remote_utils import (
-    assert_same_supervision, load_tiny_target, save_tiny_target, start_tiny_server, tiny_batch, tiny_vocab_mapping,
+from tests.speculative.remote.remote_utils import (
+    assert_same_supervision,
+    load_tiny_target,
+    save_tiny_target,
+    start_tiny_server,
+    tiny_batch,
+    tiny_vocab_mapping,
 )
-from tests.test_remote_training import STEPS, assert_same_run, run_config, write_chat_data
+from tests.speculative.remote.test_remote_training import STEPS, assert_same_run, run_config, write_chat_data
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -116,7 +122,7 @@ def test_taken_port_falls_back_to_the_wire_format_at_once(server, expected, monk
 def test_two_jobs_proposing_the_same_port_each_get_a_group(server, expected, monkeypatch):
     # Two independent trainers (each RANK 0) on one server propose the same data-plane port: the server
     # refuses the second at once with "port_in_use", and the second proposes the port 1000 above.
-    from tandem.speculative.eagle.remote.client import _PORT_RETRY_STRIDE
+    from tandem.speculative.remote.transport import PORT_RETRY_STRIDE as _PORT_RETRY_STRIDE
 
     while True:
         base = free_port()
@@ -142,8 +148,9 @@ def test_two_jobs_proposing_the_same_port_each_get_a_group(server, expected, mon
 SLOW_SEND_SERVER = """
 import sys, time, logging
 from pathlib import Path
-from tandem.speculative.eagle.remote.server import READY_LINE, TargetModelServer, serve
-from tests.remote_utils import load_tiny_target
+from tandem.speculative.remote.server import TargetModelServer, serve
+from tandem.speculative.remote.serving.cli import READY_LINE
+from tests.speculative.remote.remote_utils import load_tiny_target
 
 class SlowSend(TargetModelServer):
     def flush_nccl_send(self):
@@ -209,9 +216,9 @@ def test_server_killed_mid_transfer_client_falls_back_and_the_run_resumes(root, 
 # A client that dies right after the metadata arrives, before it receives: the server is sending to nobody.
 DYING_CLIENT = """
 import os, sys
-from tandem.speculative.eagle.remote import transport
-from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel
-from tests.remote_utils import tiny_batch, tiny_vocab_mapping
+from tandem.speculative.remote import transport
+from tandem.speculative.remote.client import RemoteEagle3TargetModel
+from tests.speculative.remote.remote_utils import tiny_batch, tiny_vocab_mapping
 
 transport.NCCLTransport.recv_tensors = lambda self, metadata, keys_order: os._exit(17)
 client = RemoteEagle3TargetModel(sys.argv[1], nccl_timeout_s=float(sys.argv[2]), client_id="doomed")

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tandem.speculative.eagle.decode import greedy_decode, speculative_decode
-from tandem.speculative.eagle.draft import Eagle3DraftConfig, Eagle3DraftModel
-from tandem.speculative.eagle.remote import protocol, wire
-from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel
-from tandem.speculative.eagle.vocab import build_draft_vocab
+from tandem.speculative.decoding.decode import greedy_decode, speculative_decode
+from tandem.speculative.drafts.eagle3 import Eagle3DraftConfig, Eagle3DraftModel
+from tandem.speculative.remote import protocol, wire
+from tandem.speculative.remote.client import RemoteEagle3TargetModel
+from tandem.speculative.training.vocab import build_draft_vocab
 from tests.conftest import build_tiny_llama, build_tiny_tokenizer
-from tests.remote_utils import load_tiny_target, start_tiny_server
-from tests.test_eagle_training import fit
+from tests.speculative.remote.remote_utils import load_tiny_target, start_tiny_server
+from tests.speculative.tiny_runs import fit
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -148,7 +148,7 @@ def test_bad_verify_requests_get_a_clear_4xx_and_the_server_goes_on(server, ids,
 
 
 def test_tree_decoding_through_the_server_equals_greedy_and_the_in_process_decode(server, local, trained_draft):
-    from tandem.speculative.eagle.draft_tree import TreeShape
+    from tandem.speculative.decoding.tree import TreeShape
 
     draft, prompts = trained_draft
     shape = TreeShape(depth=3, top_k=3, size=6)
@@ -164,7 +164,7 @@ def test_tree_decoding_through_the_server_equals_greedy_and_the_in_process_decod
 
 
 def test_a_tree_whose_cache_was_lost_is_sent_whole_and_answers_the_same(server, local):
-    from tandem.speculative.eagle.draft_tree import DraftTree
+    from tandem.speculative.decoding.tree import DraftTree
 
     prompt = torch.randint(3, 250, (1, 7))
     tree = DraftTree(tokens=[11, 20, 21, 30], parents=[-1, 0, 0, 2], depths=[0, 1, 1, 2])
@@ -213,7 +213,7 @@ def test_keeping_a_branch_of_no_cached_tree_is_409(server):
 def test_decode_caches_are_bounded_and_freed_on_disconnect(local):
     # The request logic alone (no sockets): the caches of several clients never hold more than the budget, and
     # a client's cache goes with its /disconnect.
-    from tandem.speculative.eagle.remote.server import TargetModelServer
+    from tandem.speculative.remote.server import TargetModelServer
 
     logic = TargetModelServer(local, nccl_port=0, max_decode_tokens=40)
     body = bytearray(b"".join(bytes(b) for b in wire.encode({"input_ids": torch.randint(3, 250, (1, 15))})))
@@ -231,8 +231,8 @@ def test_eval_command_against_a_server_reports_what_the_in_process_eval_does(ser
     import json
 
     from tandem.cli import main
-    from tandem.speculative.eagle.checkpoint import export_draft
-    from tests.test_eagle_training import write_chat_data
+    from tandem.speculative.export.eagle3 import export_draft
+    from tests.conftest import write_chat_data
 
     draft, _ = trained_draft
     export_draft(draft, tmp_path / "draft", aux_layer_ids=[0, 1, 2])

@@ -14,8 +14,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tandem.speculative.eagle.remote import wire
-from tandem.speculative.eagle.remote.wire import WireFormatError, decode, encode, encode_to_bytes
+from tandem.speculative.remote import wire
+from tandem.speculative.remote.wire import WireFormatError, decode, encode, encode_to_bytes
 
 MAGIC = struct.pack("<I", 0x4E4D4554)
 

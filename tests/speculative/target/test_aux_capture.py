@@ -3,10 +3,14 @@
 import pytest
 import torch
 
-from tests.conftest import build_tiny_llama
-from tandem.speculative.eagle.target import (
-    Eagle3TargetModel, VocabMappingMissingError, capturable_layers, default_aux_layer_ids, shift_left,
+from tandem.speculative.target.model import (
+    Eagle3TargetModel,
+    VocabMappingMissingError,
+    capturable_layers,
+    default_aux_layer_ids,
 )
+from tandem.speculative.target.supervision import shift_left
+from tests.conftest import build_tiny_llama
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "mistral"])

@@ -13,12 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from tandem.speculative.eagle import compact
-from tandem.speculative.eagle.recipe import TrainConfig, train
-from tandem.speculative.eagle.supervision import SUPERVISION_KEYS, compute_supervision
-from tandem.speculative.eagle.target import Eagle3TargetModel
+from tandem.speculative.target import compact
+from tandem.speculative.target.model import Eagle3TargetModel
+from tandem.speculative.target.supervision import SUPERVISION_KEYS, compute_supervision
+from tandem.speculative.training.config import TrainConfig
+from tandem.speculative.training.trainer import train
 from tests.conftest import build_tiny_llama, build_tiny_tokenizer, write_chat_data
-from tests.remote_utils import tiny_batch, tiny_vocab_mapping
+from tests.speculative.remote.remote_utils import tiny_batch, tiny_vocab_mapping
 
 
 def supervise_both(target: Eagle3TargetModel, seed: int = 0):
@@ -107,7 +108,7 @@ def test_training_on_compact_supervision_matches_full_within_1e_5(tmp_path):
 
 
 def compact_server(model=None):
-    from tandem.speculative.eagle.remote.server import TargetModelServer
+    from tandem.speculative.remote.server import TargetModelServer
 
     target = Eagle3TargetModel(model if model is not None else build_tiny_llama())
     server = TargetModelServer(target, nccl_port=0)
@@ -115,14 +116,14 @@ def compact_server(model=None):
 
 
 def generate_body(seed: int = 0) -> bytes:
-    from tandem.speculative.eagle.remote import wire
+    from tandem.speculative.remote import wire
 
     input_ids, attention_mask, loss_mask = tiny_batch(seed=seed)
     return wire.encode_to_bytes({"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask})
 
 
 def set_vocab(server, client_id: str = "c") -> torch.Tensor:
-    from tandem.speculative.eagle.remote import wire
+    from tandem.speculative.remote import wire
 
     ids, mask = tiny_vocab_mapping(draft_size=120)
     body = wire.encode_to_bytes({"selected_token_ids": ids, "selected_token_mask": mask})
@@ -131,7 +132,7 @@ def set_vocab(server, client_id: str = "c") -> torch.Tensor:
 
 
 def test_a_client_that_does_not_ask_gets_the_v1_answer_and_no_echo():
-    from tandem.speculative.eagle.remote import protocol, wire
+    from tandem.speculative.remote import protocol, wire
 
     _, server = compact_server()
     set_vocab(server)
@@ -141,7 +142,7 @@ def test_a_client_that_does_not_ask_gets_the_v1_answer_and_no_echo():
 
 
 def test_a_client_that_asks_gets_the_compact_answer_echoed_and_the_lm_head_rows():
-    from tandem.speculative.eagle.remote import protocol, wire
+    from tandem.speculative.remote import protocol, wire
 
     target, server = compact_server()
     ids = set_vocab(server)
@@ -156,8 +157,8 @@ def test_a_client_that_asks_gets_the_compact_answer_echoed_and_the_lm_head_rows(
 
 
 def test_a_target_without_exact_compact_form_answers_in_full_and_says_so():
-    from tandem.speculative.eagle.remote import protocol, wire
-    from tandem.speculative.eagle.remote.server import RequestError
+    from tandem.speculative.remote import protocol, wire
+    from tandem.speculative.remote.serving.request_checks import RequestError
 
     model = build_tiny_llama()
     model.config.final_logit_softcapping = 30.0
@@ -172,8 +173,8 @@ def test_a_target_without_exact_compact_form_answers_in_full_and_says_so():
 
 
 def test_bad_encoding_header_is_400_and_lm_head_before_vocabulary_is_409():
-    from tandem.speculative.eagle.remote import protocol
-    from tandem.speculative.eagle.remote.server import RequestError
+    from tandem.speculative.remote import protocol
+    from tandem.speculative.remote.serving.request_checks import RequestError
 
     _, server = compact_server()
     with pytest.raises(RequestError) as info:
@@ -190,7 +191,7 @@ def test_bad_encoding_header_is_400_and_lm_head_before_vocabulary_is_409():
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from tests.remote_utils import save_tiny_target, start_tiny_server
+    from tests.speculative.remote.remote_utils import save_tiny_target, start_tiny_server
 
     root = tmp_path_factory.mktemp("compact_remote")
     target_dir = save_tiny_target(root / "target", seed=3)
@@ -202,8 +203,8 @@ def served(tmp_path_factory):
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("data_plane", [False, True], ids=["http", "group"])
 def test_remote_compact_supervision_equals_in_process_full(served, data_plane):
-    from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel
-    from tests.remote_utils import load_tiny_target
+    from tandem.speculative.remote.client import RemoteEagle3TargetModel
+    from tests.speculative.remote.remote_utils import load_tiny_target
 
     _, target_dir, server = served
     reference = load_tiny_target(target_dir)
@@ -224,8 +225,8 @@ def test_remote_compact_supervision_equals_in_process_full(served, data_plane):
 
 @pytest.mark.timeout(240)
 def test_remote_training_with_compact_supervision_matches_in_process_within_1e_5(served):
-    from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel
-    from tests.remote_utils import load_tiny_target
+    from tandem.speculative.remote.client import RemoteEagle3TargetModel
+    from tests.speculative.remote.remote_utils import load_tiny_target
 
     root, target_dir, server = served
     full = train_losses(root, "in_process", load_tiny_target(target_dir))

@@ -18,17 +18,18 @@ import torch
 
 from tandem.cli import main
 from tandem.models import load_target
-from tandem.speculative.eagle import identity
-from tandem.speculative.eagle.checkpoint import EXPORT_DIRNAME, read_export_record
-from tandem.speculative.eagle.identity import TargetMismatchError
-from tandem.speculative.eagle.recipe import Trainer, train
-from tandem.speculative.eagle.remote import protocol
-from tandem.speculative.eagle.remote.client import RemoteEagle3TargetModel, RetryPolicy
-from tandem.speculative.eagle.remote.server import TargetModelServer
-from tandem.speculative.eagle.target import Eagle3TargetModel
-from tests.conftest import build_tiny_llama, build_tiny_tokenizer
-from tests.remote_utils import restart_on_call, save_tiny_target, start_tiny_server
-from tests.test_eagle_training import tiny_run_config, write_chat_data
+from tandem.speculative.export.eagle3 import EXPORT_DIRNAME, read_export_record
+from tandem.speculative.remote import protocol
+from tandem.speculative.remote.client import RemoteEagle3TargetModel
+from tandem.speculative.remote.http_client import RetryPolicy
+from tandem.speculative.remote.server import TargetModelServer
+from tandem.speculative.target import identity
+from tandem.speculative.target.identity import TargetMismatchError
+from tandem.speculative.target.model import Eagle3TargetModel
+from tandem.speculative.training.trainer import Trainer, train
+from tests.conftest import build_tiny_llama, build_tiny_tokenizer, write_chat_data
+from tests.speculative.remote.remote_utils import restart_on_call, save_tiny_target, start_tiny_server
+from tests.speculative.tiny_runs import tiny_run_config
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -200,7 +201,7 @@ def test_export_refuses_another_target_unless_allowed(exported, targets, caplog)
 
 def test_the_supervision_cache_keeps_models_of_one_shape_apart(tmp_path):
     # model_info and dtype alone cannot tell two models of the same shape apart; the weights digest does.
-    from tandem.speculative.eagle.supervision_cache import SupervisionCache, cache_identity
+    from tandem.speculative.training.supervision_cache import SupervisionCache, cache_identity
 
     ids = torch.arange(120)
     directories = set()

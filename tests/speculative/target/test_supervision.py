@@ -2,10 +2,10 @@
 
 import torch
 
+from tandem.speculative.target.model import Eagle3TargetModel
+from tandem.speculative.target.supervision import SUPERVISION_KEYS, compute_supervision, compute_target_distribution
+from tandem.speculative.training.vocab import build_draft_vocab, count_tokens, load_draft_vocab, save_draft_vocab
 from tests.conftest import build_tiny_llama
-from tandem.speculative.eagle.supervision import SUPERVISION_KEYS, compute_supervision, compute_target_distribution
-from tandem.speculative.eagle.target import Eagle3TargetModel
-from tandem.speculative.eagle.vocab import build_draft_vocab, count_tokens, load_draft_vocab, save_draft_vocab
 
 
 def test_vocab_order_specials_then_frequency_then_lowest_unused():

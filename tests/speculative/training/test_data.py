@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import torch
 
-from tandem.speculative.eagle.data import (
+from tandem.speculative.training.data import (
     PROMPT_SPLITS,
     ChatCollator,
     ChatRecord,
@@ -21,11 +21,10 @@ from tandem.speculative.eagle.data import (
     default_prompt_path,
     pad_token_id_for,
     read_chat_jsonl,
-    regenerate,
-    regenerate_file,
     tokenize_conversation,
     write_jsonl,
 )
+from tandem.speculative.training.regenerate import regenerate, regenerate_file
 from tests.conftest import build_tiny_tokenizer
 
 # SmolLM2's template: a default system prompt when the conversation has none.

@@ -22,10 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tandem.speculative.eagle.distributed import target_urls_for_rank, throughput_summary
-from tandem.speculative.eagle.recipe import TrainConfig, Trainer, train
-from tests.moe_dist_utils import run_ranks
-from tests.remote_utils import load_tiny_target, save_tiny_target
+from tandem.speculative.training.config import TrainConfig
+from tandem.speculative.training.distributed import target_urls_for_rank, throughput_summary
+from tandem.speculative.training.trainer import Trainer, train
+from tests.moe.dist_utils import run_ranks
+from tests.speculative.remote.remote_utils import load_tiny_target, save_tiny_target
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -142,7 +143,8 @@ class ThreadServer:
     """A real ``serve()`` HTTP server on loopback, in a thread of this process (no start-up cost)."""
 
     def __init__(self, target_dir: Path):
-        from tandem.speculative.eagle.remote.server import TargetModelServer, serve
+        from tandem.speculative.remote.server import TargetModelServer
+        from tandem.speculative.remote.serving.http import serve
 
         self.logic = TargetModelServer(load_tiny_target(target_dir), nccl_port=0)
         ready = threading.Event()
@@ -254,7 +256,7 @@ def test_torchrun_kill_then_resume_is_exact(root, two_ranks):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     killed = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-         "tests.test_data_parallel", "--log-level", "WARNING", *cli_flags(fields)],
+         "tests.speculative.training.test_data_parallel", "--log-level", "WARNING", *cli_flags(fields)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
     assert killed.returncode != 0, killed.stdout + killed.stderr
     assert output_files(root / "killed" / "checkpoints") == ["step_2.pt"]

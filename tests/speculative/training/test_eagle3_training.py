@@ -1,33 +1,19 @@
-"""The TTT loss and the training loop: learning, metrics, bit-exact resume, speculative decoding."""
+"""The TTT loss and the training loop: learning, metrics, bit-exact resume, export dtype, live evaluation."""
 
 import json
 
 import pytest
 import torch
 
+from tandem.speculative.decoding.evaluation import evaluate_speculative
+from tandem.speculative.drafts.eagle3 import Eagle3DraftConfig, Eagle3DraftModel
+from tandem.speculative.target.model import Eagle3TargetModel
+from tandem.speculative.training.config import TrainConfig
+from tandem.speculative.training.eagle3_loss import soft_cross_entropy, ttt_loss
+from tandem.speculative.training.trainer import Trainer, lr_at
+from tandem.speculative.training.vocab import build_draft_vocab
 from tests.conftest import build_tiny_llama, build_tiny_tokenizer, write_chat_data
-from tandem.speculative.eagle.decode import evaluate_speculative, greedy_decode, speculative_decode
-from tandem.speculative.eagle.draft import Eagle3DraftConfig, Eagle3DraftModel
-from tandem.speculative.eagle.recipe import TrainConfig, Trainer, lr_at
-from tandem.speculative.eagle.target import Eagle3TargetModel
-from tandem.speculative.eagle.trainer import soft_cross_entropy, ttt_loss
-from tandem.speculative.eagle.vocab import build_draft_vocab
-
-
-def peaked_target(seed: int = 0) -> Eagle3TargetModel:
-    """A tiny random target whose next-token distributions are peaked, so there is something to learn."""
-    model = build_tiny_llama(seed=seed)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30.0)
-    return Eagle3TargetModel(model, aux_layer_ids=[0, 1, 2])
-
-
-def tiny_run_config(tmp_path, **overrides) -> TrainConfig:
-    fields = dict(data=str(write_chat_data(tmp_path / "data.jsonl")), output_dir=str(tmp_path / "out"), total_steps=8,
-                  batch_size=4, max_seq_len=64, draft_vocab_size=120, warmup_steps=2, ttt_steps=3, save_every=4,
-                  show_progress=False, learning_rate=3e-3, dtype="float32")
-    fields.update(overrides)
-    return TrainConfig(**fields)
+from tests.speculative.tiny_runs import peaked_target, tiny_run_config
 
 
 def test_soft_cross_entropy_matches_formula_and_ignores_masked():
@@ -96,7 +82,9 @@ def test_resume_is_bit_exact(tmp_path):
     assert resumed.step == 8
     for key, value in straight.draft.state_dict().items():
         assert torch.equal(resumed.draft.state_dict()[key], value), key
-    losses = lambda d: [json.loads(l)["loss"] for l in (d / "out" / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (run / "out" / "metrics.jsonl").read_text().splitlines()]
+
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
@@ -107,149 +95,6 @@ def test_training_data_errors_are_clear(tmp_path):
         Trainer(tiny_run_config(tmp_path, data=str(bad)), target=peaked_target(), tokenizer=build_tiny_tokenizer())
     with pytest.raises(ValueError, match="--data"):
         Trainer(tiny_run_config(tmp_path, data=""), target=peaked_target(), tokenizer=build_tiny_tokenizer())
-
-
-@pytest.mark.parametrize("num_draft_tokens", [1, 3, 6])
-def test_speculative_decoding_equals_greedy_with_random_draft(num_draft_tokens):
-    target = peaked_target(seed=3)
-    torch.manual_seed(num_draft_tokens)
-    draft = Eagle3DraftModel(Eagle3DraftConfig.from_target_config(target.config, 320)).eval()
-    draft.seed_from_target(target.get_input_embeddings())
-    for prompt_len in (1, 5, 17):
-        prompt = torch.randint(3, 250, (1, prompt_len))
-        greedy = greedy_decode(target, prompt, 25)
-        spec = speculative_decode(target, draft, prompt, 25, num_draft_tokens)
-        assert spec.tokens == greedy.tokens
-        assert len(spec.tokens) == 25
-
-
-def on_own_continuations(num_prompts: int, new_tokens: int):
-    """A peaked tiny target, random prompts, the supervision of its own greedy continuations of them, and a
-    fresh draft whose vocabulary comes from those tokens: ``(target, draft, prompts, supervision, mask)``."""
-    target = peaked_target(seed=5)
-    prompts = [torch.randint(3, 250, (1, 6)) for _ in range(num_prompts)]
-    continuations = [torch.tensor([greedy_decode(target, p, new_tokens).tokens]) for p in prompts]
-    ids = torch.cat([torch.cat([p, c], 1) for p, c in zip(prompts, continuations)])
-    mask = torch.ones_like(ids)
-    vocab = build_draft_vocab(torch.bincount(ids.flatten(), minlength=320), 320)
-    target.set_vocab_mapping(vocab.selected_token_ids, vocab.selected_token_mask)
-    torch.manual_seed(0)
-    draft = Eagle3DraftModel(Eagle3DraftConfig.from_target_config(target.config, 320))
-    draft.seed_from_target(target.get_input_embeddings(), vocab.selected_token_ids, seed_lm_head=True)
-    return target, draft, prompts, target.supervise(ids, mask, mask), mask
-
-
-def fit(draft, supervision, mask, steps: int, ttt_steps: int) -> None:
-    """``steps`` AdamW steps of the TTT loss on one batch."""
-    optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=3e-3)
-    draft.train()
-    for _ in range(steps):
-        loss = ttt_loss(draft, supervision, mask, ttt_steps=ttt_steps).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-
-def test_trained_draft_is_accepted_and_still_exact(tmp_path):
-    """Train the draft on the target's own greedy continuations, then decode: same tokens, fewer forwards."""
-    target, draft, prompts, supervision, mask = on_own_continuations(num_prompts=8, new_tokens=40)
-    fit(draft, supervision, mask, steps=60, ttt_steps=3)
-    summary = evaluate_speculative(target, draft, prompts, max_new_tokens=40, num_draft_tokens=3, progress=False)
-    assert summary.outputs_match
-    assert summary.acceptance_length > 1.5
-
-
-def test_dynamic_draft_length_drafts_less_and_stays_exact():
-    target, draft, prompts, supervision, mask = on_own_continuations(num_prompts=4, new_tokens=30)
-    fit(draft, supervision, mask, steps=30, ttt_steps=3)
-    draft.eval()
-    for prompt in prompts:
-        greedy = greedy_decode(target, prompt, 30)
-        fixed = speculative_decode(target, draft, prompt, 30, num_draft_tokens=5)
-        dynamic = speculative_decode(target, draft, prompt, 30, num_draft_tokens=5, min_confidence=0.9)
-        assert fixed.tokens == dynamic.tokens == greedy.tokens
-        assert fixed.drafted == 5 * (fixed.target_forwards - 1)  # every round drafts the full chain
-        assert dynamic.drafted < fixed.drafted
-
-
-def test_bf16_speculative_decoding_leaves_greedy_only_at_near_ties():
-    """In bf16 a (k+1)-token verification rounds differently from a 1-token forward; an output may leave the
-    greedy one only where the top two logits of one of the two forwards were within bf16 rounding."""
-    from tandem.speculative.eagle.decode import summarize
-
-    target, draft, prompts, supervision, mask = on_own_continuations(num_prompts=6, new_tokens=30)
-    fit(draft, supervision, mask, steps=30, ttt_steps=3)
-    target.model.to(torch.bfloat16)
-    draft = draft.to(torch.bfloat16).eval()
-    greedy = [greedy_decode(target, p, 30) for p in prompts]
-    spec = [speculative_decode(target, draft, p, 30, num_draft_tokens=4) for p in prompts]
-    summary = summarize(greedy, spec)
-    assert summary.exact_up_to_ties, summary
-    assert all(len(r.near_ties) == len(r.tokens) for r in greedy + spec)
-
-
-def test_teacher_forced_proposals_are_the_decoders_first_proposals():
-    # The held-out accuracy the demo reports is only meaningful if it measures what decoding does: the
-    # first proposal the decoder makes after each committed prefix, built incrementally through its caches.
-    from transformers import DynamicCache
-
-    from tandem.speculative.eagle.decode import _draft_chain, teacher_forced_proposals
-    from tandem.speculative.eagle.draft import DraftKVCache
-
-    target = peaked_target(seed=4)
-    torch.manual_seed(1)
-    draft = Eagle3DraftModel(Eagle3DraftConfig.from_target_config(target.config, 320)).eval()
-    draft.seed_from_target(target.get_input_embeddings())
-    prompt = torch.randint(3, 250, (1, 4))
-    ids = torch.cat([prompt, torch.tensor([greedy_decode(target, prompt, 10).tokens])], dim=1)
-    proposals = teacher_forced_proposals(target, draft, ids)
-    assert proposals.shape == (ids.shape[1] - 1,)
-    for committed in range(2, ids.shape[1] + 1):
-        # The decoder's state with ids[:committed] committed: prefill of all but the last, which is pending.
-        _, aux = target.forward_cached(ids[:, : committed - 1], DynamicCache())
-        with torch.no_grad():
-            first = _draft_chain(draft, ids[:, 1:committed], aux, 0, DraftKVCache(), num_draft_tokens=1)[0]
-        assert first == int(proposals[committed - 2])
-
-
-def test_teacher_forced_accuracy_of_a_trained_draft_beats_a_random_one():
-    from tandem.speculative.eagle.decode import teacher_forced_accuracy
-
-    target, draft, prompts, supervision, mask = on_own_continuations(num_prompts=6, new_tokens=30)
-    before = teacher_forced_accuracy(target, draft, prompts, max_new_tokens=30)
-    fit(draft, supervision, mask, steps=40, ttt_steps=1)
-    after = teacher_forced_accuracy(target, draft, prompts, max_new_tokens=30)
-    assert 0.0 <= before < 0.5 < after <= 1.0
-    # The demo reuses the evaluation's plain decodes as the continuations: the same figure.
-    from tandem.speculative.eagle.decode import evaluate_drafts
-
-    greedy = []
-    evaluate_drafts(target, {"trained": draft}, prompts, 30, 3, progress=False, greedy_results=greedy)
-    assert len(greedy) == len(prompts)
-    reused = teacher_forced_accuracy(target, draft, prompts, 30, continuations=[g.tokens for g in greedy])
-    assert reused == after
-
-
-def test_eval_command_reports_acceptance_and_step0_accuracy(tmp_path, capsys):
-    # `tandem eval --step0-accuracy` end to end on a saved tiny target and an exported (untrained) draft.
-    from tests.remote_utils import save_tiny_target
-    from tandem.cli import main
-    from tandem.models import load_target
-    from tandem.speculative.eagle.checkpoint import export_draft
-
-    target_dir = save_tiny_target(tmp_path / "target")
-    model, _ = load_target(str(target_dir))
-    torch.manual_seed(0)
-    draft = Eagle3DraftModel(Eagle3DraftConfig.from_target_config(model.config, 320))
-    export_draft(draft, tmp_path / "draft")
-    prompts = write_chat_data(tmp_path / "prompts.jsonl", count=3)
-    code = main(["--log-level", "WARNING", "eval", "--draft", str(tmp_path / "draft"), "--model", str(target_dir),
-                 "--prompts", str(prompts), "--limit", "3", "--max-new-tokens", "8", "--draft-tokens", "2",
-                 "--step0-accuracy"])
-    out = capsys.readouterr().out
-    report = json.loads(out[out.index("{"):])
-    assert code == 0 and report["outputs_match"] and report["prompts"] == 3
-    assert report["acceptance_length"] >= 1.0 and 0.0 <= report["step0_accuracy"] <= 1.0
 
 
 def test_the_run_exports_in_the_targets_dtype_unless_told(tmp_path):
@@ -268,8 +113,8 @@ def test_the_run_exports_in_the_targets_dtype_unless_told(tmp_path):
 def test_live_evaluation_measures_what_eval_does_and_leaves_training_bit_identical(tmp_path):
     # --eval-every: the figures it logs are those `tandem eval`'s decoder gives for the same draft and prompts,
     # and the run's weights are those of the same run without it, bit for bit.
-    from tandem.speculative.eagle.data import prompt_ids, read_chat_jsonl
-    from tandem.speculative.eagle.decode import teacher_forced_accuracy
+    from tandem.speculative.decoding.evaluation import teacher_forced_accuracy
+    from tandem.speculative.training.data import prompt_ids, read_chat_jsonl
 
     prompts_path = write_chat_data(tmp_path / "prompts.jsonl", count=3)
     tokenizer = build_tiny_tokenizer()
@@ -294,12 +139,3 @@ def test_live_evaluation_measures_what_eval_does_and_leaves_training_bit_identic
     assert rows[-1]["eval_step0_accuracy"] == teacher_forced_accuracy(measured.target, measured.draft, prompts, 8, stop_ids)
 
 
-def test_a_divergence_counts_as_a_tie_when_either_forward_saw_one():
-    from tandem.speculative.eagle.decode import DecodeResult, summarize
-
-    greedy = DecodeResult([5, 6, 7], 3, 1.0, near_ties=[False, False, False])
-    tie_in_verification = DecodeResult([5, 9, 7], 2, 1.0, drafted=2, near_ties=[False, True, False])
-    no_tie_anywhere = DecodeResult([5, 9, 7], 2, 1.0, drafted=2, near_ties=[False, False, True])
-    assert summarize([greedy], [tie_in_verification]).exact_up_to_ties
-    summary = summarize([greedy], [no_tie_anywhere])
-    assert (summary.diverged, summary.diverged_at_ties, summary.exact_up_to_ties) == (1, 0, False)

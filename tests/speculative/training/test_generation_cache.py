@@ -4,7 +4,7 @@ import torch
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from tandem.speculative.eagle import batched_decoding
+from tandem.speculative.training import generation_cache as batched_decoding
 
 
 class _Module(torch.nn.Module):

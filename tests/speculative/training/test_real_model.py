@@ -19,11 +19,13 @@ def smollm2():
 
 
 def test_default_target_short_train_and_real_speculative_eval(smollm2, tmp_path):
-    from tandem.speculative.eagle.checkpoint import load_exported_draft
-    from tandem.speculative.eagle.data import default_prompt_path, prompt_ids, read_chat_jsonl, regenerate_file
-    from tandem.speculative.eagle.decode import evaluate_speculative
-    from tandem.speculative.eagle.recipe import TrainConfig, Trainer
-    from tandem.speculative.eagle.target import Eagle3TargetModel
+    from tandem.speculative.decoding.evaluation import evaluate_speculative
+    from tandem.speculative.export.eagle3 import load_exported_draft
+    from tandem.speculative.target.model import Eagle3TargetModel
+    from tandem.speculative.training.config import TrainConfig
+    from tandem.speculative.training.data import default_prompt_path, prompt_ids, read_chat_jsonl
+    from tandem.speculative.training.regenerate import regenerate_file
+    from tandem.speculative.training.trainer import Trainer
 
     model, tokenizer = smollm2
     target = Eagle3TargetModel(model)

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from bench.soak import effective_history, exported, read_metrics, train_command, write_chat_data
-from tandem.speculative.eagle import run_state
-from tandem.speculative.eagle.data import DataFormatError, read_chat_jsonl
-from tests.remote_utils import save_tiny_target
+from tandem.speculative.training import checkpoint as run_state
+from tandem.speculative.training.data import DataFormatError, read_chat_jsonl
+from tests.speculative.remote.remote_utils import save_tiny_target
 
 pytestmark = pytest.mark.timeout(600)
 

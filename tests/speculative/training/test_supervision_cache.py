@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from tandem.models import resolve_dtype
-from tandem.speculative.eagle.recipe import TrainConfig, Trainer
-from tandem.speculative.eagle.supervision_cache import SupervisionCache, cache_identity
+from tandem.speculative.training.config import TrainConfig
+from tandem.speculative.training.supervision_cache import SupervisionCache, cache_identity
+from tandem.speculative.training.trainer import Trainer
 from tests.conftest import build_tiny_tokenizer
-from tests.remote_utils import load_tiny_target, save_tiny_target, start_tiny_server
+from tests.speculative.remote.remote_utils import load_tiny_target, save_tiny_target, start_tiny_server
 
 REPO = Path(__file__).resolve().parents[1]
 

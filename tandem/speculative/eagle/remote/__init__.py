@@ -1,1 +1,1 @@
-"""The remote target: wire format, protocol, server, client, process-group transport."""
+"""Re-exports of the remote target's seed modules; the code is in ``tandem.speculative.remote``."""

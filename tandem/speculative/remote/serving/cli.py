@@ -10,15 +10,22 @@ import time
 
 import torch
 
-from tandem.speculative.eagle.remote import protocol
-from tandem.speculative.eagle.remote.http_server import (
-    DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_CONNECTIONS, serve,
+from tandem.speculative.remote import protocol
+from tandem.speculative.remote.server import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_QUEUED_REQUESTS,
+    DEFAULT_NCCL_TIMEOUT_S,
+    TargetModelServer,
 )
-from tandem.speculative.eagle.remote.server import (
-    DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUED_REQUESTS, DEFAULT_NCCL_TIMEOUT_S, TargetModelServer,
+from tandem.speculative.remote.serving.http import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_MAX_CONNECTIONS,
+    serve,
 )
-from tandem.speculative.eagle.remote.sessions import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_IDLE_TIMEOUT_S
-from tandem.speculative.eagle.remote.transport import default_port_range, nccl_enabled, nccl_port_for, parse_port_range
+from tandem.speculative.remote.serving.sessions import DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_IDLE_TIMEOUT_S
+from tandem.speculative.remote.transport import default_port_range, nccl_enabled, nccl_port_for, parse_port_range
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +93,7 @@ def add_serve_target_parser(subparsers) -> None:
 
 def cmd_serve_target(args) -> int:
     from tandem.models import load_target
-    from tandem.speculative.eagle.target import Eagle3TargetModel
+    from tandem.speculative.target.model import Eagle3TargetModel
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     token = args.token or os.environ.get(protocol.TOKEN_ENV) or None
@@ -94,7 +101,7 @@ def cmd_serve_target(args) -> int:
         logger.warning("serving on %s without a token: anyone who reaches this port can use the target", args.host)
     nccl_port = nccl_port_for(args.port)
     port_range = parse_port_range(args.nccl_port_range) if args.nccl_port_range else default_port_range(nccl_port)
-    from tandem.speculative.eagle.identity import describe, target_identity
+    from tandem.speculative.target.identity import describe, target_identity
 
     model, tokenizer = load_target(args.model, dtype=args.dtype, device=device)
     target = Eagle3TargetModel(model, args.aux_layer_ids)

@@ -15,9 +15,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from tandem.speculative.eagle.remote import protocol
-from tandem.speculative.eagle.remote.sessions import Session, SessionTable
-from tandem.speculative.eagle.remote.transport import NCCLTransport, TransportError, open_rendezvous_listener
+from tandem.speculative.remote import protocol
+from tandem.speculative.remote.serving.sessions import Session, SessionTable
+from tandem.speculative.remote.transport import NCCLTransport, TransportError, open_rendezvous_listener
 
 logger = logging.getLogger(__name__)
 

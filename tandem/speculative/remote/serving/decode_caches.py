@@ -17,8 +17,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from tandem.speculative.eagle.remote import protocol
-from tandem.speculative.eagle.remote.request_checks import RequestError
+from tandem.speculative.remote import protocol
+from tandem.speculative.remote.serving.request_checks import RequestError
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from collections import deque
 from contextlib import contextmanager
 from typing import Iterator
 
-from tandem.speculative.eagle.remote.request_checks import RequestError
+from tandem.speculative.remote.serving.request_checks import RequestError
 
 # Seconds a refused client is told to wait (``Retry-After``); its retries back off further by themselves.
 RETRY_AFTER_S = 1

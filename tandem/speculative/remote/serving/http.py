@@ -30,12 +30,13 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from typing import Callable, Optional
 
-from tandem.speculative.eagle.remote import protocol, wire
-from tandem.speculative.eagle.remote.request_checks import Reply, RequestError, check_client_id
+from tandem.speculative.remote import protocol, wire
+from tandem.speculative.remote.serving.request_checks import Reply, RequestError, RequestHeaders
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,15 @@ MAX_HEADER_BYTES = 64 * 1024
 _MAX_LINGERING = 64
 _LINGER_S = 1.0
 _LINGER_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class HTTPLimits:
+    """How long the server waits on a client; see the module constants for why each default."""
+
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
 
 
 class _ClientGone(Exception):
@@ -136,209 +146,197 @@ def _printable(text: str) -> str:
     return text.translate(BaseHTTPRequestHandler._control_char_table)
 
 
-def _make_request_handler(
-    server_logic,
-    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
-    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
-    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
-):
-    """A ``BaseHTTPRequestHandler`` class bound to ``server_logic``: parse, check, read, answer, log."""
+class TargetRequestHandler(BaseHTTPRequestHandler):
+    """One connection of the target server: parse, check, read, hand to the logic, answer, log.
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive: one connection carries a client's whole run
-        server_version = "tandem-target/1"
-        disable_nagle_algorithm = True  # small header writes must not wait for the peer's delayed ACK
-        timeout = idle_timeout_s  # socket timeout for writes and between requests
+    ``logic`` (a ``TargetModelServer``) answers the requests and ``limits`` (:class:`HTTPLimits`) bound the
+    waits: those of the :class:`BoundedHTTPServer` that accepted the connection, unless a subclass binds its
+    own (:func:`_make_request_handler`).
+    """
 
-        def setup(self):
-            super().setup()
-            self.rfile.close()
-            self._reader = _DeadlineReader(self.connection, idle_timeout_s)
-            self.rfile = io.BufferedReader(self._reader, 64 * 1024)
-            self._served = 0
+    @property
+    def logic(self):
+        return self.server.logic
 
-        def handle_one_request(self):
-            if self._served:  # between requests of a kept-alive connection: the idle timeout
-                self._reader.phase()
-                try:
-                    if not self.rfile.peek(1):
-                        self.close_connection = True
-                        return
-                except OSError:  # idle past the timeout, or the peer reset: close quietly
+    @property
+    def limits(self) -> HTTPLimits:
+        return self.server.limits
+
+    protocol_version = "HTTP/1.1"  # keep-alive: one connection carries a client's whole run
+    server_version = "tandem-target/1"
+    disable_nagle_algorithm = True  # small header writes must not wait for the peer's delayed ACK
+
+    @property
+    def timeout(self) -> float:  # read by StreamRequestHandler.setup: socket timeout for writes and between requests
+        return self.limits.idle_timeout_s
+
+    def setup(self):
+        super().setup()
+        self.rfile.close()
+        self._reader = _DeadlineReader(self.connection, self.limits.idle_timeout_s)
+        self.rfile = io.BufferedReader(self._reader, 64 * 1024)
+        self._served = 0
+
+    def handle_one_request(self):
+        if self._served:  # between requests of a kept-alive connection: the idle timeout
+            self._reader.phase()
+            try:
+                if not self.rfile.peek(1):
                     self.close_connection = True
                     return
-            # A request's line and headers have one deadline and one size budget: from its first byte, or for
-            # a new connection from the accept (a connection that never speaks holds a thread that long only).
-            self._reader.phase(header_timeout_s, MAX_HEADER_BYTES)
-            self._served += 1
-            try:
-                super().handle_one_request()
-            except _DeadlineExpired:
-                self._refuse_headers(408, f"request headers not received within {header_timeout_s:g} s")
-            except _HeadersTooLarge:
-                self._refuse_headers(431, f"request line and headers exceed {MAX_HEADER_BYTES} bytes")
-
-        def _refuse_headers(self, code: int, message: str) -> None:
-            self.close_connection = True
-            if self._reader.received == 0:
-                return  # a new connection that never sent a byte: nobody to answer
-            self.request_version = getattr(self, "request_version", None) or "HTTP/1.1"
-            self.command = getattr(self, "command", None)
-            self.requestline = getattr(self, "requestline", "")
-            try:
-                self.send_error(code, message)
-            except OSError:
-                pass
-
-        def do_GET(self):
-            self._serve("GET")
-
-        def do_POST(self):
-            self._serve("POST")
-
-        def do_PUT(self):
-            self._serve("PUT")
-
-        def do_DELETE(self):
-            self._serve("DELETE")
-
-        def log_message(self, format, *args):  # noqa: A002 - the base class's name
-            logger.debug("%s %s", self.address_string(), _printable(format % args))
-
-        def log_request(self, code="-", size="-"):
-            pass  # _serve logs one line per request, with the client and the byte counts
-
-        def handle(self):
-            # One handler per connection: when it ends, tell the logic which clients it carried, so a
-            # client that died (all its connections closed) loses its data-plane group and frees the port.
-            self._client_ids: set[str] = set()
-            try:
-                super().handle()
-            finally:
-                for client_id in self._client_ids:
-                    server_logic.connection_closed(client_id)
-
-        def send_error(self, code, message=None, explain=None):
-            # Malformed HTTP (bad request line, oversized headers, unknown method) gets JSON too.
-            self.close_connection = True
-            # A garbled request line leaves the version at HTTP/0.9, which has no status line: answer 1.0.
-            if self.request_version == "HTTP/0.9":
-                self.request_version = "HTTP/1.0"
-            body = protocol.error_body(int(code), message or explain or HTTPStatus(code).phrase)
-            self.send_response(code, message)
-            self.send_header("Content-Type", protocol.JSON_CONTENT_TYPE)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Connection", "close")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-
-        def _check_framing(self) -> int:
-            """The body's length; refuses every framing two parsers could read differently."""
-            if any("\r" in value or "\n" in value for value in self.headers.values()):
-                raise RequestError(400, "folded (multi-line) header values are not accepted")
-            if self.headers.get_all("Transfer-Encoding"):
-                raise RequestError(411, "Transfer-Encoding (chunked) request bodies are not supported: send Content-Length")
-            values = self.headers.get_all("Content-Length") or ["0"]
-            # Two different lengths let a proxy and this server split the stream differently (request
-            # smuggling); isascii: str.isdigit() also takes "\u00b2", which int() then refuses.
-            if len(set(values)) > 1:
-                raise RequestError(400, f"conflicting Content-Length headers {values}")
-            value = values[0].strip()
-            if not (value.isascii() and value.isdigit()):
-                raise RequestError(400, f"invalid Content-Length {value!r}")
-            return int(value)
-
-        def _client_id(self) -> str:
-            values = self.headers.get_all(protocol.CLIENT_ID_HEADER) or []
-            if len(values) > 1:
-                raise RequestError(400, f"more than one {protocol.CLIENT_ID_HEADER} header")
-            return check_client_id(values[0] if values else None)
-
-        def _read_body(self, length: int) -> bytearray:
-            # One preallocated buffer, filled in place; wire.decode then views tensors inside it.
-            body = bytearray(length)
-            view, got = memoryview(body), 0
-            self._reader.phase(body_timeout_s)  # one deadline for the whole body, not per recv
-            try:
-                while got < length:
-                    n = self.rfile.readinto1(view[got:])
-                    if not n:
-                        raise _ClientGone(f"body ended after {got} of {length} bytes")
-                    got += n
-            except _DeadlineExpired:
-                raise RequestError(408, f"request body not received within {body_timeout_s:g} s: got {got} of "
-                                        f"{length} bytes") from None
-            finally:
-                self._reader.phase()
-            return body
-
-        def _serve(self, method: str) -> None:
-            start = time.perf_counter()
-            self._reader.phase()  # the headers are in
-            status, bytes_in, client_id, place = 200, 0, protocol.ANONYMOUS_CLIENT, None
-            try:
-                length = self._check_framing()
-                client_id = self._client_id()
-                if client_id not in self._client_ids:
-                    self._client_ids.add(client_id)
-                    server_logic.connection_opened(client_id)
-                endpoint = server_logic.route(method, self.path)
-                server_logic.authorize(endpoint, self.headers.get(protocol.AUTH_HEADER))
-                server_logic.check_body_size(length, endpoint)
-                place = server_logic.admit(endpoint, client_id)  # a full queue is refused before the body is read
-                raw = self._read_body(length)
-                bytes_in = length
-                reply = server_logic.handle(
-                    endpoint, raw, client_id=client_id, client_wants_nccl=self.headers.get(protocol.NCCL_HEADER) == "1",
-                    supervision_encoding=self.headers.get(protocol.SUPERVISION_HEADER),
-                    vocab_digest=self.headers.get(protocol.VOCAB_DIGEST_HEADER), place=place,
-                    decode_session=self.headers.get(protocol.DECODE_SESSION_HEADER),
-                    past=self.headers.get(protocol.PAST_HEADER), keep_branch=self.headers.get(protocol.KEEP_BRANCH_HEADER))
-            except RequestError as exc:
-                status = exc.status
-                reply = Reply([protocol.error_body(exc.status, exc.message)], protocol.JSON_CONTENT_TYPE, exc.headers)
-                # A refused request may leave an unread body behind, which must never be parsed as a request.
-                self.close_connection = True
-            except (_ClientGone, OSError) as exc:
-                logger.debug("client %s went away mid-request: %s", client_id, exc)
+            except OSError:  # idle past the timeout, or the peer reset: close quietly
                 self.close_connection = True
                 return
-            finally:
-                if place is not None:
-                    place.release()
-            self._answered = False
-            bytes_out = self._answer(status, reply, client_id)
-            if status == 200 and self._answered:
-                server_logic.flush_nccl_send()  # the data plane's tensors go only after the metadata
-            else:
-                server_logic.discard_nccl_send()
-            server_logic.record(status, bytes_in, bytes_out)
-            logger.debug("%s %s client=%s status=%d in=%d out=%d %.1f ms", method, _printable(self.path), client_id,
-                         status, bytes_in, bytes_out, 1000 * (time.perf_counter() - start))
+        # A request's line and headers have one deadline and one size budget: from its first byte, or for
+        # a new connection from the accept (a connection that never speaks holds a thread that long only).
+        self._reader.phase(self.limits.header_timeout_s, MAX_HEADER_BYTES)
+        self._served += 1
+        try:
+            super().handle_one_request()
+        except _DeadlineExpired:
+            self._refuse_headers(408, f"request headers not received within {self.limits.header_timeout_s:g} s")
+        except _HeadersTooLarge:
+            self._refuse_headers(431, f"request line and headers exceed {MAX_HEADER_BYTES} bytes")
 
-        def _answer(self, status: int, reply: Reply, client_id: str) -> int:
-            length = wire.body_size(reply.body)
-            try:
-                self.connection.settimeout(idle_timeout_s)
-                self.send_response(status)
-                self.send_header("Content-Type", reply.content_type)
-                self.send_header("Content-Length", str(length))
-                for name, value in reply.headers.items():
-                    self.send_header(name, value)
-                if self.close_connection:
-                    self.send_header("Connection", "close")
-                self.end_headers()
-                sent = _send_buffers(self.connection, reply.body)
-                self._answered = True
-                return sent
-            except OSError as exc:
-                # The client left mid-response (crash, timeout, Ctrl-C): its problem, not the server's.
-                logger.debug("client %s went away mid-response: %s", client_id, exc)
-                self.close_connection = True
-                return 0
+    def _refuse_headers(self, code: int, message: str) -> None:
+        self.close_connection = True
+        if self._reader.received == 0:
+            return  # a new connection that never sent a byte: nobody to answer
+        self.request_version = getattr(self, "request_version", None) or "HTTP/1.1"
+        self.command = getattr(self, "command", None)
+        self.requestline = getattr(self, "requestline", "")
+        try:
+            self.send_error(code, message)
+        except OSError:
+            pass
 
-    return Handler
+    def do_GET(self):
+        self._serve("GET")
+
+    def do_POST(self):
+        self._serve("POST")
+
+    def do_PUT(self):
+        self._serve("PUT")
+
+    def do_DELETE(self):
+        self._serve("DELETE")
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+        logger.debug("%s %s", self.address_string(), _printable(format % args))
+
+    def log_request(self, code="-", size="-"):
+        pass  # _serve logs one line per request, with the client and the byte counts
+
+    def handle(self):
+        # One handler per connection: when it ends, tell the logic which clients it carried, so a
+        # client that died (all its connections closed) loses its data-plane group and frees the port.
+        self._client_ids: set[str] = set()
+        try:
+            super().handle()
+        finally:
+            for client_id in self._client_ids:
+                self.logic.connection_closed(client_id)
+
+    def send_error(self, code, message=None, explain=None):
+        # Malformed HTTP (bad request line, oversized headers, unknown method) gets JSON too.
+        self.close_connection = True
+        # A garbled request line leaves the version at HTTP/0.9, which has no status line: answer 1.0.
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"
+        body = protocol.error_body(int(code), message or explain or HTTPStatus(code).phrase)
+        self.send_response(code, message)
+        self.send_header("Content-Type", protocol.JSON_CONTENT_TYPE)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _read_body(self, length: int) -> bytearray:
+        # One preallocated buffer, filled in place; wire.decode then views tensors inside it.
+        body = bytearray(length)
+        view, got = memoryview(body), 0
+        self._reader.phase(self.limits.body_timeout_s)  # one deadline for the whole body, not per recv
+        try:
+            while got < length:
+                n = self.rfile.readinto1(view[got:])
+                if not n:
+                    raise _ClientGone(f"body ended after {got} of {length} bytes")
+                got += n
+        except _DeadlineExpired:
+            raise RequestError(408, f"request body not received within {self.limits.body_timeout_s:g} s: got {got} of "
+                                    f"{length} bytes") from None
+        finally:
+            self._reader.phase()
+        return body
+
+    def _serve(self, method: str) -> None:
+        start = time.perf_counter()
+        self._reader.phase()  # the headers are in
+        status, bytes_in, client_id, place = 200, 0, protocol.ANONYMOUS_CLIENT, None
+        try:
+            headers = RequestHeaders.parse(self.headers)
+            length, client_id = headers.content_length, headers.client_id
+            if client_id not in self._client_ids:
+                self._client_ids.add(client_id)
+                self.logic.connection_opened(client_id)
+            endpoint = self.logic.route(method, self.path)
+            self.logic.authorize(endpoint, self.headers.get(protocol.AUTH_HEADER))
+            self.logic.check_body_size(length, endpoint)
+            place = self.logic.admit(endpoint, client_id)  # a full queue is refused before the body is read
+            raw = self._read_body(length)
+            bytes_in = length
+            reply = self.logic.handle(endpoint, raw, place=place, **headers.for_logic())
+        except RequestError as exc:
+            status = exc.status
+            reply = Reply([protocol.error_body(exc.status, exc.message)], protocol.JSON_CONTENT_TYPE, exc.headers)
+            # A refused request may leave an unread body behind, which must never be parsed as a request.
+            self.close_connection = True
+        except (_ClientGone, OSError) as exc:
+            logger.debug("client %s went away mid-request: %s", client_id, exc)
+            self.close_connection = True
+            return
+        finally:
+            if place is not None:
+                place.release()
+        self._answered = False
+        bytes_out = self._answer(status, reply, client_id)
+        if status == 200 and self._answered:
+            self.logic.flush_nccl_send()  # the data plane's tensors go only after the metadata
+        else:
+            self.logic.discard_nccl_send()
+        self.logic.record(status, bytes_in, bytes_out)
+        logger.debug("%s %s client=%s status=%d in=%d out=%d %.1f ms", method, _printable(self.path), client_id,
+                     status, bytes_in, bytes_out, 1000 * (time.perf_counter() - start))
+
+    def _answer(self, status: int, reply: Reply, client_id: str) -> int:
+        length = wire.body_size(reply.body)
+        try:
+            self.connection.settimeout(self.limits.idle_timeout_s)
+            self.send_response(status)
+            self.send_header("Content-Type", reply.content_type)
+            self.send_header("Content-Length", str(length))
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            sent = _send_buffers(self.connection, reply.body)
+            self._answered = True
+            return sent
+        except OSError as exc:
+            # The client left mid-response (crash, timeout, Ctrl-C): its problem, not the server's.
+            logger.debug("client %s went away mid-response: %s", client_id, exc)
+            self.close_connection = True
+            return 0
+
+
+def _make_request_handler(server_logic, limits: HTTPLimits | None = None) -> type[TargetRequestHandler]:
+    """The original design's handler factory: a :class:`TargetRequestHandler` bound to ``server_logic``, for
+    any ``socketserver`` server (``serve`` uses :class:`BoundedHTTPServer`, which needs none)."""
+    return type("BoundTargetRequestHandler", (TargetRequestHandler,),
+                {"logic": server_logic, "limits": limits or HTTPLimits()})
 
 
 def _linger_then_close(sock: socket.socket, deadline: float) -> None:
@@ -382,11 +380,14 @@ class BoundedHTTPServer:
 
     Arguments:
         address: ``(host, port)``; port 0 picks a free one (see ``server_address``).
-        handler_class: a ``socketserver.BaseRequestHandler`` (called as ``handler(sock, addr, server)``).
+        logic: the request logic the handlers read (``self.logic``), a ``TargetModelServer``.
+        limits: the handlers' timeouts (``self.limits``).
         max_connections: connections served at once.
+        handler_class: a ``socketserver.BaseRequestHandler`` (called as ``handler(sock, addr, server)``).
     """
 
-    def __init__(self, address: tuple[str, int], handler_class, max_connections: int = DEFAULT_MAX_CONNECTIONS):
+    def __init__(self, address: tuple[str, int], logic, limits: "HTTPLimits | None" = None,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, handler_class=TargetRequestHandler):
         if max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, got {max_connections}")
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -395,6 +396,8 @@ class BoundedHTTPServer:
         self.socket.setblocking(False)
         self.server_address = self.socket.getsockname()[:2]
         self.handler_class = handler_class
+        self.logic = logic
+        self.limits = limits or HTTPLimits()
         self.max_connections = max_connections
         self._refusal = _saturated_response(max_connections)
         self._active = 0
@@ -525,8 +528,8 @@ def serve(
             gets 408 and is closed.
         max_connections: connections served at once; one more gets 503 and is closed.
     """
-    handler = _make_request_handler(server_logic, idle_timeout_s, body_timeout_s, header_timeout_s)
-    httpd = BoundedHTTPServer((host, port), handler, max_connections)
+    limits = HTTPLimits(idle_timeout_s, body_timeout_s, header_timeout_s)
+    httpd = BoundedHTTPServer((host, port), server_logic, limits, max_connections)
     bound_host, bound_port = httpd.server_address
     restore = _stop_on_sigterm(server_logic.shutdown_event)
     loop = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="tandem-http", daemon=True)

@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from tandem.speculative.eagle.remote import protocol, wire
+from tandem.speculative.remote import protocol, wire
 
 
 class RequestError(Exception):
@@ -49,6 +49,59 @@ def check_client_id(value: Optional[str]) -> str:
         shown = repr(value[:40]) + ("..." if len(value) > 40 else "")
         raise RequestError(400, f"{protocol.CLIENT_ID_HEADER} must be 1-128 characters of [A-Za-z0-9._:@+=-], got {shown}")
     return value
+
+
+class RequestHeaders(NamedTuple):
+    """A request's headers, parsed and checked once; the field names are ``TargetModelServer.handle``'s keywords.
+
+    ``content_length`` and ``authorization`` are for the plumbing (framing, :meth:`TargetModelServer.authorize`);
+    the others go to the logic as they are (``handle(endpoint, raw, **headers.for_logic(), place=...)``).
+    """
+
+    content_length: int
+    authorization: Optional[str]
+    client_id: str
+    client_wants_nccl: bool
+    supervision_encoding: Optional[str]
+    vocab_digest: Optional[str]
+    decode_session: Optional[str]
+    past: Optional[str]
+    keep_branch: Optional[str]
+
+    @classmethod
+    def parse(cls, headers) -> "RequestHeaders":
+        """From an ``email.message.Message`` of headers; ``RequestError`` for framing two parsers could read
+        differently (folded values, chunked bodies, conflicting or malformed ``Content-Length``) and bad ids."""
+        if any("\r" in value or "\n" in value for value in headers.values()):
+            raise RequestError(400, "folded (multi-line) header values are not accepted")
+        if headers.get_all("Transfer-Encoding"):
+            raise RequestError(411, "Transfer-Encoding (chunked) request bodies are not supported: send Content-Length")
+        lengths = headers.get_all("Content-Length") or ["0"]
+        # Two different lengths let a proxy and this server split the stream differently (request
+        # smuggling); isascii: str.isdigit() also takes "\u00b2", which int() then refuses.
+        if len(set(lengths)) > 1:
+            raise RequestError(400, f"conflicting Content-Length headers {lengths}")
+        length = lengths[0].strip()
+        if not (length.isascii() and length.isdigit()):
+            raise RequestError(400, f"invalid Content-Length {length!r}")
+        client_ids = headers.get_all(protocol.CLIENT_ID_HEADER) or []
+        if len(client_ids) > 1:
+            raise RequestError(400, f"more than one {protocol.CLIENT_ID_HEADER} header")
+        return cls(
+            content_length=int(length), authorization=headers.get(protocol.AUTH_HEADER),
+            client_id=check_client_id(client_ids[0] if client_ids else None),
+            client_wants_nccl=headers.get(protocol.NCCL_HEADER) == "1",
+            supervision_encoding=headers.get(protocol.SUPERVISION_HEADER),
+            vocab_digest=headers.get(protocol.VOCAB_DIGEST_HEADER),
+            decode_session=headers.get(protocol.DECODE_SESSION_HEADER), past=headers.get(protocol.PAST_HEADER),
+            keep_branch=headers.get(protocol.KEEP_BRANCH_HEADER),
+        )
+
+    def for_logic(self) -> dict:
+        """The keywords ``TargetModelServer.handle`` takes."""
+        fields = self._asdict()
+        del fields["content_length"], fields["authorization"]
+        return fields
 
 
 def decode_tensors(raw: bytes, expected: tuple[str, ...], what: str, optional: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:

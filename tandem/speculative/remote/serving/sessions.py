@@ -24,9 +24,9 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from tandem.speculative.eagle.remote import protocol
-from tandem.speculative.eagle.remote.request_checks import RequestError
-from tandem.speculative.eagle.remote.transport import NCCLTransport
+from tandem.speculative.remote import protocol
+from tandem.speculative.remote.serving.request_checks import RequestError
+from tandem.speculative.remote.transport import NCCLTransport
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from tandem.speculative.eagle.remote.request_checks import RequestError
+from tandem.speculative.remote.serving.request_checks import RequestError
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,129 @@
+"""``TrainConfig``: every field of a training run, each a ``tandem train`` flag with its docstring as help."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tandem.speculative.decoding.tree import TreeShape
+from tandem.speculative.export.eagle3 import EXPORT_FORMATS
+from tandem.speculative.export.engine_conventions import parse_dtype
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything a training run needs; every field is also a ``tandem train`` flag."""
+
+    data: str = ""
+    """Chat JSONL to train on (ShareGPT ``conversations`` or ``messages`` lines)."""
+    output_dir: str = "runs/train"
+    """Where checkpoints, metrics.jsonl, the vocabulary cache and the exported draft go."""
+    target: str = "default"
+    """In-process target: ``default`` (SmolLM2-135M-Instruct), an HF directory, or a .gguf file."""
+    tokenizer: str | None = None
+    """Tokenizer spec (same forms as ``target``); defaults to ``target``."""
+    target_urls: list[str] = field(default_factory=list)
+    """Remote target servers (``tandem serve-target``); when set, no target is loaded here."""
+    prefetch_depth: int = 2
+    """Remote only: supervision requests kept in flight ahead of the training step."""
+    supervision_encoding: str = "full"
+    """Remote only: ``full`` (fp32 draft-vocabulary probabilities on the wire) or ``compact`` (the target's final
+    hidden state; the client computes the probabilities: ~4.6x fewer bytes a token for Llama-3.1-8B)."""
+    dtype: str = "auto"
+    """In-process target dtype: ``auto`` (bfloat16 where the hardware multiplies it natively -- GPUs, CPUs with
+    AVX512-BF16 or AMX -- else float32), ``float32``, ``bfloat16`` or ``float16``. A remote target runs in its
+    server's ``--dtype``."""
+    mixed_precision: bool = True
+    """Run the draft's forward in the target's dtype (autocast) when that is not float32; the master weights
+    and the optimizer state stay float32."""
+    supervision_cache: str | None = None
+    """Directory of the supervision cache: each sample's target answer is computed once (alone, in the compact
+    encoding) and reused in later epochs and runs; fill it ahead with ``tandem cache-supervision``."""
+    aux_layer_ids: list[int] | None = None
+    """Target layers whose outputs feed the draft; default ``[1, L//2-1, L-4]``."""
+    max_seq_len: int = 256
+    """Conversations are truncated to this many tokens."""
+    batch_size: int = 4
+    """Sequences per micro-batch on each rank (the global batch is world_size times this)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step."""
+    total_steps: int = 200
+    """Optimizer steps in the whole run (the schedule's length)."""
+    learning_rate: float = 1e-3
+    """Peak AdamW learning rate."""
+    min_lr_ratio: float = 0.1
+    """The cosine decays to ``learning_rate * min_lr_ratio``."""
+    warmup_steps: int = 20
+    """Linear warmup from 0 to the peak."""
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.5
+    """Gradient clipping threshold (global L2 norm)."""
+    ttt_steps: int = 7
+    """Unrolled training-time-test steps K."""
+    ttt_decay: float = 0.8
+    """Loss weight ratio between consecutive TTT steps."""
+    draft_vocab_size: int = 8192
+    """Draft vocabulary size Vd (clamped to the target vocabulary)."""
+    seed_lm_head: bool = True
+    """Start lm_head from the target's embedding rows of the draft vocabulary (tied-embedding targets)."""
+    seed: int = 0
+    """Seeds the draft's initialisation and the data order."""
+    save_every: int = 100
+    """Write a resumable checkpoint every this many steps (and always at the end); 0: only at the end."""
+    keep_checkpoints: int = 2
+    """How many resumable checkpoints to keep on disk."""
+    stop_at_step: int | None = None
+    """End this run at this step (checkpointed) though the schedule spans total_steps: for time-boxed jobs."""
+    resume: bool = False
+    """Continue from the newest checkpoint in ``output_dir/checkpoints`` that loads (a damaged newer one is skipped)."""
+    export_format: str = "sglang"
+    """The exported draft's format: ``sglang`` (SGLang and vLLM load it) or ``speculators`` (vLLM's native one)."""
+    export_dtype: str | None = None
+    """The exported weights' dtype: float32, bfloat16 or float16 (default: the target's, as engines expect)."""
+    allow_target_mismatch: bool = False
+    """Accept on purpose a target that is not the one the run was trained against (``--resume``), or a
+    tokenizer other than the target's; without it either is an error."""
+    allow_resume_mismatch: bool = False
+    """With --resume: continue although the data, the vocabulary or a run-changing setting differs from the
+    checkpoint's (each difference is then a warning instead of an error)."""
+    eval_every: int = 0
+    """Measure the draft by real speculative decoding every this many steps and at the end, against the run's own
+    target (in-process, or the server's ``/verify``): acceptance length and step-0 accuracy on held-out prompts go
+    to metrics.jsonl and the progress bar beside the simulated figure. 0: never. Rank 0 evaluates."""
+    eval_prompts: str = "heldout"
+    """The evaluation's prompts: ``heldout`` or ``train`` (the shipped prompt sets), or a chat JSONL file."""
+    eval_limit: int = 8
+    """Prompts an evaluation decodes (the first ones of ``eval_prompts``)."""
+    eval_max_new_tokens: int = 64
+    """Tokens an evaluation decodes a prompt."""
+    eval_draft_tokens: int = 4
+    """The longest draft chain a round of the evaluation's speculative decoding."""
+    eval_min_confidence: float = 0.0
+    """Dynamic draft length of the evaluation's decoding (see ``tandem eval --min-confidence``)."""
+    eval_tree: str = ""
+    """The evaluation drafts trees of this shape, ``DEPTH,TOP_K,SIZE`` (see ``tandem eval --tree``); "": chains."""
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        # Checked here, not after hours of training at export time.
+        if self.export_format not in EXPORT_FORMATS:
+            raise ValueError(f"export_format must be one of {EXPORT_FORMATS}, got {self.export_format!r}")
+        if self.export_dtype is not None:
+            parse_dtype(self.export_dtype)
+        if self.eval_every < 0 or self.eval_limit < 1 or self.eval_max_new_tokens < 1 or self.eval_draft_tokens < 1:
+            raise ValueError("eval_every must be >= 0, and eval_limit, eval_max_new_tokens, eval_draft_tokens >= 1")
+        if self.eval_tree:
+            TreeShape.parse(self.eval_tree)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown config keys {unknown}")
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**raw)
