@@ -30,7 +30,8 @@ def bench_shape(shape: common.SupervisionShape) -> list[dict]:
             "shape": shape.name, "encoding": encoding, "tokens": shape.tokens, "answer_bytes": size,
             "answer_bytes_per_token": size / shape.tokens, "request_bytes_per_token": request / shape.tokens,
             "one_off_bytes": head_bytes if encoding == "compact" else 0,
-            "ratio": sizes["full"] / size, "target": 3.0 if shape.name.startswith("Llama") and encoding == "compact" else None,
+            "ratio": sizes["full"] / size,
+            "target": 3.0 if shape.name.startswith("Llama") and encoding == "compact" else None,
         })
         rows[-1]["meets_target"] = None if rows[-1]["target"] is None else bool(rows[-1]["ratio"] >= rows[-1]["target"])
         rows[-1]["KB_per_token"] = rows[-1]["answer_bytes_per_token"] / 1024
@@ -48,7 +49,8 @@ COLUMNS = (
 def main(argv=None) -> list[dict]:
     args = common.settle(common.parser(__doc__.split("\n")[0], runs=1, warmup=0).parse_args(argv))
     rows = [row for shape in common.bench_shapes(args.quick) for row in bench_shape(shape)]
-    common.publish("bench_bytes", "bytes on the wire per supervised token", rows, args, common.format_table(rows, COLUMNS))
+    common.publish("bench_bytes", "bytes on the wire per supervised token", rows, args,
+                   common.format_table(rows, COLUMNS))
     return rows
 
 

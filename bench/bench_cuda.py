@@ -45,7 +45,8 @@ def bench_supervision(shape: common.SupervisionShape, runs: int, warmup: int) ->
     mask[ids] = True
     loss_mask = torch.ones(shape.batch, shape.seq, dtype=torch.long, device=device)
     touched = logits.numel() * logits.element_size() + shape.tokens * shape.draft_vocab * 4
-    src, dst = torch.empty(touched // 2, dtype=torch.uint8, device=device), torch.empty(touched // 2, dtype=torch.uint8, device=device)
+    src, dst = (torch.empty(touched // 2, dtype=torch.uint8, device=device),
+                torch.empty(touched // 2, dtype=torch.uint8, device=device))
     cases = {"d2d": lambda: cuda_timed(lambda: dst.copy_(src)),
              "supervision": lambda: cuda_timed(lambda: compute_target_distribution(logits, ids, mask, loss_mask))}
     times = common.interleaved(cases, runs, warmup)
@@ -75,9 +76,10 @@ def bench_staging(shape: common.SupervisionShape, runs: int, warmup: int) -> lis
     extra = {"shape": shape.name}
     copied = tensor_bytes_copied(pinned, wire.encode(pinned))
     return [
-        common.ratio_row("D2H staging into pinned buffers", times["pinned"], "one pinned D2H copy", times["floor"], nbytes,
-                         target=0.8, **extra),
-        common.ratio_row("D2H .cpu() (pageable, new)", times["pageable"], "one pinned D2H copy", times["floor"], nbytes, **extra),
+        common.ratio_row("D2H staging into pinned buffers", times["pinned"], "one pinned D2H copy", times["floor"],
+                         nbytes, target=0.8, **extra),
+        common.ratio_row("D2H .cpu() (pageable, new)", times["pageable"], "one pinned D2H copy", times["floor"], nbytes,
+                         **extra),
         common.ratio_row("wire encode from pinned", times["encode"], "one pinned D2H copy", times["floor"], nbytes,
                          tensor_bytes_copied=copied, **extra),
     ]

@@ -7,11 +7,11 @@
 For each group size the ranks run, interleaved in one loop: a fresh dispatch (layout included) plus
 combine and a cached dispatch plus combine through each API (V2: one `dispatch` call in the plain layout,
 combine in DeepEP V2's reference order), and two limits, each two raw `all_to_all_single` calls moving
-exactly the same token bytes with the same split sizes (both APIs move the same rows): one allocating its outputs per call (as any
-caller of the collective, and the Buffer, returns new tensors), one reusing preallocated buffers (the
-floor no API that returns fresh tensors can reach). Each iteration's time is the slowest rank's; the
-table reports medians and the ratio limit/ours (1.0 means the buffer costs nothing over the raw
-collective; the target is at least 0.8).
+exactly the same token bytes with the same split sizes (both APIs move the same rows): one allocating
+its outputs per call (as any caller of the collective, and the Buffer, returns new tensors), one reusing
+preallocated buffers (the floor no API that returns fresh tensors can reach). Each iteration's time is
+the slowest rank's; the table reports medians and the ratio limit/ours (1.0 means the buffer costs
+nothing over the raw collective; the target is at least 0.8).
 
 The ranks run with glibc's allocator told to keep freed memory (`MALLOC_MMAP_THRESHOLD_`,
 `MALLOC_TRIM_THRESHOLD_`, unless already set), as PyTorch's caching allocator does on a GPU. With the
@@ -213,7 +213,8 @@ def run(world: int, args) -> dict:
         p.join()
     rows = []
     for name, label in FIGURES:
-        for limit, limit_label in (("raw_fresh", "raw a2a x2, new outputs"), ("raw_preallocated", "raw a2a x2, reused buffers")):
+        for limit, limit_label in (("raw_fresh", "raw a2a x2, new outputs"),
+                                   ("raw_preallocated", "raw a2a x2, reused buffers")):
             rows.append(common.ratio_row(
                 label, out["times"][name], limit_label, out["times"][limit], int(out["bytes_moved_all_ranks"]),
                 target=TARGET, ranks=world,

@@ -116,8 +116,10 @@ def bench_shape(shape: common.SupervisionShape, runs: int, warmup: int) -> list[
         http_proc.join(30)
     extra = {"shape": shape.name, "tokens": shape.tokens}
     return [
-        common.ratio_row("HTTP /generate", times["http"], "raw socket, reused buffer", times["raw_reused"], nbytes, target=0.8, **extra),
-        common.ratio_row("HTTP /generate", times["http"], "raw socket, new buffer", times["raw_fresh"], nbytes, **extra),
+        common.ratio_row("HTTP /generate", times["http"], "raw socket, reused buffer", times["raw_reused"], nbytes,
+                         target=0.8, **extra),
+        common.ratio_row("HTTP /generate", times["http"], "raw socket, new buffer", times["raw_fresh"], nbytes,
+                         **extra),
     ]
 
 

@@ -86,7 +86,8 @@ def bench_shape(shape: common.SupervisionShape, runs: int, warmup: int) -> list[
         transport.recv_tensors(metadata, keys)
 
     try:
-        cases = {"raw_reused": lambda: raw_into(reused), "raw_fresh": lambda: raw_into(bytearray(nbytes)), "pg": data_plane}
+        cases = {"raw_reused": lambda: raw_into(reused), "raw_fresh": lambda: raw_into(bytearray(nbytes)),
+                 "pg": data_plane}
         times = common.interleaved(cases, runs, warmup)
     finally:
         control.close()
@@ -94,7 +95,8 @@ def bench_shape(shape: common.SupervisionShape, runs: int, warmup: int) -> list[
         server.join(30)
     extra = {"shape": shape.name, "tokens": shape.tokens, "tensor_bytes": tensor_bytes}
     return [
-        common.ratio_row("gloo data plane", times["pg"], "raw socket, reused buffer", times["raw_reused"], nbytes, target=0.8, **extra),
+        common.ratio_row("gloo data plane", times["pg"], "raw socket, reused buffer", times["raw_reused"], nbytes,
+                         target=0.8, **extra),
         common.ratio_row("gloo data plane", times["pg"], "raw socket, new buffer", times["raw_fresh"], nbytes, **extra),
     ]
 

@@ -1,6 +1,6 @@
 """What decides whether a draft pays for itself: decode costs and training speed, per dtype, as ratios.
 
-    .venv/bin/python -m bench.bench_quality            # SmolLM2-135M (the demo's target); writes bench/results/bench_quality.json
+    .venv/bin/python -m bench.bench_quality            # SmolLM2-135M (the demo's target); bench/results/*.json
     .venv/bin/python -m bench.bench_quality --quick    # a tiny random Llama, seconds
 
 Decode (one prompt, KV-cached, as ``decode.speculative_decode`` runs): a verifying target forward of
@@ -130,7 +130,8 @@ def decode_rows(model, draft, dtype: torch.dtype, runs: int, warmup: int, contex
     for k in (2, 3):
         chain = common.median(times[f"chain round {k}"])
         rows.append({"dtype": rows[0]["dtype"], "figure": f"chain round k={k} (draft {k} + verify {k + 1})",
-                     "ms": chain * 1e3 + common.median(times[f"verify {k + 1}"]) * 1e3, "limit": "target forward, 1 token",
+                     "ms": chain * 1e3 + common.median(times[f"verify {k + 1}"]) * 1e3,
+                     "limit": "target forward, 1 token",
                      "limit_ms": one * 1e3})
     for shape in TREE_SHAPES:
         verify, drafting = common.median(times[f"tree verify {shape}"]), common.median(times[f"tree round {shape}"])

@@ -60,7 +60,8 @@ def run(root: Path, name: str, target_dir: Path, args, **overrides) -> list[dict
 
     config = TrainConfig(
         data=str(root / "data.jsonl"), output_dir=str(root / name), target=str(target_dir), total_steps=args.steps,
-        batch_size=args.batch_size, max_seq_len=args.seq, draft_vocab_size=256, warmup_steps=1, ttt_steps=args.ttt_steps,
+        batch_size=args.batch_size, max_seq_len=args.seq, draft_vocab_size=256, warmup_steps=1,
+        ttt_steps=args.ttt_steps,
         save_every=10_000, show_progress=False, **overrides,
     )
     train(config, tokenizer=build_tiny_tokenizer())
@@ -92,18 +93,22 @@ def summarize(rounds: list[dict], encoding: str) -> list[dict]:
         {"figure": "tokens/s", "encoding": encoding, "ours": med("tokens_per_s"), "limit": "in-process tokens/s",
          "limit_value": med("local_tokens_per_s"), "ratio": speedup, "runs": per_round("tokens_per_s"),
          "limit_runs": per_round("local_tokens_per_s")},
-        {"figure": "target forward / training step", "encoding": encoding, "ours": forward, "limit": "condition: at most 1",
-         "limit_value": 1.0, "ratio": None, "meets_target": bool(forward <= 1.0), "runs": per_round("forward_over_step")},
+        {"figure": "target forward / training step", "encoding": encoding, "ours": forward,
+         "limit": "condition: at most 1",
+         "limit_value": 1.0, "ratio": None, "meets_target": bool(forward <= 1.0),
+         "runs": per_round("forward_over_step")},
         {"figure": "remote step time (s)", "encoding": encoding, "ours": med("remote_step_s"),
          "limit": "in-process step minus supervision", "limit_value": med("local_train_s"), "ratio": step_ratio,
          "runs": per_round("remote_step_s"), "limit_runs": per_round("local_train_s")},
-        {"figure": "client blocked on supervision / step", "encoding": encoding, "ours": blocked, "limit": "target: under 0.05",
+        {"figure": "client blocked on supervision / step", "encoding": encoding, "ours": blocked,
+         "limit": "target: under 0.05",
          "limit_value": 0.05, "ratio": None, "meets_target": bool(blocked < 0.05), "runs": per_round("blocked_share")},
     ]
 
 
 COLUMNS = (
-    ("target layers", "target_layers", "d"), ("encoding", "encoding", "s"), ("figure", "figure", "s"), ("remote", "ours", ".3f"), ("limit", "limit", "s"),
+    ("target layers", "target_layers", "d"), ("encoding", "encoding", "s"), ("figure", "figure", "s"),
+    ("remote", "ours", ".3f"), ("limit", "limit", "s"),
     ("limit value", "limit_value", ".3f"), ("ratio", "ratio", ".2f"), ("meets", "meets_target", ""),
 )
 
@@ -160,7 +165,8 @@ def bench_target(root: Path, data: Path, layers: int, args) -> list[dict]:
     root.mkdir(parents=True)
     (root / "data.jsonl").write_bytes(data.read_bytes())
     target_dir = save_target(root / "target", layers, args.hidden)
-    server = start_target_server(str(target_dir), log_path=root / "serve.log", extra_args=("--device", "cpu", "--dtype", "float32"))
+    server = start_target_server(str(target_dir), log_path=root / "serve.log",
+                                 extra_args=("--device", "cpu", "--dtype", "float32"))
     pin_cores(server.proc.pid, args.pin)
     rounds: dict[str, list[dict]] = {encoding: [] for encoding in args.encodings}
     try:

@@ -48,7 +48,8 @@ def _setup(args, directory: Path):
     else:  # an untrained draft: the costs of a round, whatever it accepts
         torch.manual_seed(0)
         draft = Eagle3DraftModel(Eagle3DraftConfig.from_target_config(model.config, min(4096, model.config.vocab_size)))
-        draft.seed_from_target(target.get_input_embeddings(), torch.arange(draft.lm_head.out_features), seed_lm_head=True)
+        draft.seed_from_target(target.get_input_embeddings(), torch.arange(draft.lm_head.out_features),
+                               seed_lm_head=True)
     records = read_chat_jsonl(default_prompt_path("heldout"), limit=args.prompts)
     prompts = [prompt_ids(tokenizer, r.messages) for r in records]
     return target, draft, prompts, {tokenizer.eos_token_id}, spec
@@ -59,8 +60,9 @@ def _round_bytes(hidden: int, dtype: torch.dtype, new: int) -> tuple[int, int]:
     from tandem.speculative.remote import protocol, wire
 
     request = wire.body_size(wire.encode({"input_ids": torch.zeros(1, new, dtype=torch.long)}))
-    answer = dict(zip(protocol.VERIFY_ANSWER_KEYS, (torch.zeros(1, new, dtype=torch.long), torch.zeros(1, new, dtype=torch.bool),
-                                                    torch.zeros(1, new, 3 * hidden, dtype=dtype))))
+    answer = dict(zip(protocol.VERIFY_ANSWER_KEYS,
+                      (torch.zeros(1, new, dtype=torch.long), torch.zeros(1, new, dtype=torch.bool),
+                       torch.zeros(1, new, 3 * hidden, dtype=dtype))))
     return request, wire.body_size(wire.encode(answer))
 
 

@@ -126,7 +126,8 @@ def ratio_row(figure: str, ours: Sequence[float], limit_name: str, limit: Sequen
     ours_s, limit_s = median(ours), median(limit)
     ratio = limit_s / ours_s if ours_s > 0 else float("inf")
     row = {
-        "figure": figure, "bytes": int(nbytes), "median_s": ours_s, "GB_per_s": nbytes / ours_s / 1e9 if ours_s else None,
+        "figure": figure, "bytes": int(nbytes), "median_s": ours_s,
+        "GB_per_s": nbytes / ours_s / 1e9 if ours_s else None,
         "limit": limit_name, "limit_median_s": limit_s, "limit_GB_per_s": nbytes / limit_s / 1e9 if limit_s else None,
         "ratio": ratio, "target": target, "meets_target": None if target is None else bool(ratio >= target),
         "runs": list(ours), "limit_runs": list(limit),
@@ -155,7 +156,8 @@ def format_table(rows: list[dict], columns: Sequence[tuple[str, str, str]]) -> s
 
 def machine() -> dict:
     """Where the figures were taken (a ratio is only comparable with one from the same kind of machine)."""
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+              else f"CPU ({platform.processor() or platform.machine()})")
     return {
         "device": device, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "python": platform.python_version(), "host": socket.gethostname(),
@@ -182,7 +184,8 @@ def parser(description: str, runs: int, warmup: int = 1) -> argparse.ArgumentPar
     """The flags every benchmark takes: ``--runs``, ``--warmup``, ``--quick`` (a smoke run in seconds:
     small shapes, few runs, nothing written unless ``--out`` is given) and ``--out``."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--runs", type=int, default=runs, help=f"timed runs per case; the median is reported (default: {runs})")
+    p.add_argument("--runs", type=int, default=runs,
+                   help=f"timed runs per case; the median is reported (default: {runs})")
     p.add_argument("--warmup", type=int, default=warmup, help=f"untimed rounds first (default: {warmup})")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny shapes, 2 runs, no results file unless --out")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: bench/results/<name>.json)")

@@ -172,7 +172,8 @@ def check_wire_body(body: bytes) -> bool:
         assert tensor.untyped_storage().nbytes() <= len(body), key
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes:
-            assert start <= tensor.data_ptr() and tensor.data_ptr() + nbytes <= end, f"{key!r} is not a view of the body"
+            assert start <= tensor.data_ptr() and tensor.data_ptr() + nbytes <= end, \
+                f"{key!r} is not a view of the body"
     return True
 
 

@@ -111,9 +111,11 @@ def _nccl_round_trip() -> Row:
         expected = sample_tensors(0)
         keys, metadata = protocol.decode_nccl_metadata(protocol.encode_nccl_metadata(expected, list(expected)))
         got = client.recv_tensors(metadata, keys)
-        bad = [k for k, v in expected.items() if (v is None) != (got[k] is None) or (v is not None and not torch.equal(got[k].cpu(), v))]
+        bad = [k for k, v in expected.items()
+               if (v is None) != (got[k] is None) or (v is not None and not torch.equal(got[k].cpu(), v))]
         result = "FAIL" if bad or client.backend != "nccl" else "PASS"
-        return Row("NCCL round trip (every dtype)", "cuda:0 -> cuda:1", result, f"backend {client.backend}; differing: {bad or 'none'}")
+        return Row("NCCL round trip (every dtype)", "cuda:0 -> cuda:1", result,
+                   f"backend {client.backend}; differing: {bad or 'none'}")
     finally:
         client.destroy()
         peer.join(30)
@@ -137,17 +139,18 @@ def run_checks(repeats: int) -> list[Row]:
     expected = compute_supervision(Eagle3TargetModel(model), *mapping, *[t.cuda() for t in batch])
     server = start_tiny_server(target_dir, target_dir.parent / "serve.log", "--device", "cuda:0", nccl_timeout_s=60)
     try:
-        rows.append(_remote_check("wire, CUDA target", server.url, "cuda:0", False, expected, batch, mapping, False, repeats))
-        rows.append(_remote_check("gloo group, CUDA target -> CPU client", server.url, "cpu", True, expected, batch, mapping,
-                                  True, repeats))
+        rows.append(_remote_check("wire, CUDA target", server.url, "cuda:0", False, expected, batch, mapping, False,
+                                  repeats))
+        rows.append(_remote_check("gloo group, CUDA target -> CPU client", server.url, "cpu", True, expected, batch,
+                                  mapping, True, repeats))
         if torch.cuda.device_count() < 2:
             reason = f"{torch.cuda.device_count()} GPU: NCCL refuses two ranks on one device (needs 2 GPUs)"
             rows.append(Row("NCCL round trip (every dtype)", "cuda:0 -> cuda:1", "SKIP", reason))
             rows.append(Row("NCCL group, CUDA target -> CUDA client", "cuda:0 -> cuda:1", "SKIP", reason))
         else:
             rows.append(_nccl_round_trip())
-            rows.append(_remote_check("NCCL group, CUDA target -> CUDA client", server.url, "cuda:1", True, expected, batch,
-                                      mapping, True, repeats))
+            rows.append(_remote_check("NCCL group, CUDA target -> CUDA client", server.url, "cuda:1", True, expected,
+                                      batch, mapping, True, repeats))
     finally:
         server.stop()
     return rows

@@ -48,7 +48,8 @@ def run(module: str, quick: bool, timeout_s: float) -> tuple[int, float]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: --quick to each module that takes it, skip the rest")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: --quick to each module that takes it, skip the rest")
     p.add_argument("--only", nargs="+", default=None, help="module names, with or without the bench_ prefix")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds one module may run (default: 900)")
     args = p.parse_args(argv)

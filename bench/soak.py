@@ -92,7 +92,8 @@ def default_schedule(steps: int, save_every: int) -> list[Fault]:
         Fault(kind="teardown_pg", watch="a", at_step=max(min(s // 2, steps - 2), 1)),
         Fault(kind="kill_server", watch="a", at_step=min(s, steps - 2)),
         Fault(kind="kill_client", watch="b", at_step=min(s + save_every, steps - 2), target="b"),
-        *([Fault(kind="kill_client", watch="a", at_step=steps - save_every // 2 - 1, target="a")] if steps >= 4 * save_every else []),
+        *([Fault(kind="kill_client", watch="a", at_step=steps - save_every // 2 - 1, target="a")]
+          if steps >= 4 * save_every else []),
     ]
 
 

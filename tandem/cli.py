@@ -155,7 +155,8 @@ def cmd_eval(args) -> int:
         records = read_chat_jsonl(_resolve_prompts(args.prompts), limit=args.limit)
         prompts = [prompt_ids(tokenizer, r.messages) for r in records]
         stop_ids = {tokenizer.eos_token_id}
-        summary = evaluate_speculative(target, draft, prompts, args.max_new_tokens, args.draft_tokens, stop_ids=stop_ids,
+        summary = evaluate_speculative(target, draft, prompts, args.max_new_tokens, args.draft_tokens,
+                                       stop_ids=stop_ids,
                                        min_confidence=args.min_confidence, tree=args.tree)
         result = summary.to_dict()
         if args.step0_accuracy:
@@ -217,7 +218,8 @@ def cmd_cache_supervision(args) -> int:
     finally:
         if config.target_urls:
             trainer.target.close()
-    print(f"supervision cache {trainer.supervision_cache.directory}: {computed} samples computed, {reused} already there")
+    print(f"supervision cache {trainer.supervision_cache.directory}: "
+          f"{computed} samples computed, {reused} already there")
     return 0
 
 
@@ -233,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     from tandem.models import DTYPE_CHOICES
     from tandem.speculative.training.config import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="tandem", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="tandem", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default: INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

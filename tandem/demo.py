@@ -179,7 +179,8 @@ def _train(config: DemoConfig, data_path: Path, target, tokenizer, out: Path, ph
     if config.remote:
         from tandem.speculative.remote.launch import start_target_server
 
-        server = start_target_server(config.target, log_path=out / "serve-target.log", extra_args=("--dtype", config.dtype))
+        server = start_target_server(config.target, log_path=out / "serve-target.log",
+                                     extra_args=("--dtype", config.dtype))
         train_config.target_urls = [server.url]
     try:
         trainer = Trainer(train_config, target=None if config.remote else target, tokenizer=tokenizer,
@@ -228,7 +229,8 @@ def _evaluate(config: DemoConfig, target, tokenizer, drafts: dict) -> tuple[dict
     generalisation = {
         "prompts": n, "max_new_tokens": config.eval_max_new_tokens,
         "train_step0_accuracy": teacher_forced_accuracy(target, trained, seen, config.eval_max_new_tokens, stop),
-        "heldout_step0_accuracy": teacher_forced_accuracy(target, trained, prompts[:n], config.eval_max_new_tokens, stop,
+        "heldout_step0_accuracy": teacher_forced_accuracy(target, trained, prompts[:n], config.eval_max_new_tokens,
+                                                          stop,
                                                           continuations=[g.tokens for g in greedy[:n]]),
     }
     return results, generalisation
@@ -327,8 +329,8 @@ def _print_table(summary: dict, out: Path) -> None:
           f"{summary['trained']['greedy_tokens_per_s']:>7.1f}")
     for name, r in rows:
         if r["diverged"]:
-            print(f"{name}: {r['diverged']} of {r['prompts']} outputs left the greedy one, {r['diverged_at_ties']} of them "
-                  f"first at a near-tie of the top two logits in {summary['dtype']} (a 1-token and a (k+1)-token "
+            print(f"{name}: {r['diverged']} of {r['prompts']} outputs left the greedy one, {r['diverged_at_ties']} of "
+                  f"them first at a near-tie of the top two logits in {summary['dtype']} (a 1-token and a (k+1)-token "
                   f"forward round differently); the outputs are equal up to those ties")
     print(f"\ntrained / untrained acceptance: {summary['acceptance_ratio']:.2f}x   "
           f"training {summary['train_seconds']:.0f} s, demo {summary['total_seconds']:.0f} s")
@@ -345,5 +347,6 @@ def _print_table(summary: dict, out: Path) -> None:
 if __name__ == "__main__":  # the demo's evaluation child (see _evaluate_in_fresh_process)
     import sys
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     _answer_evaluation_request(sys.argv[1])

@@ -100,7 +100,8 @@ def load_tokenizer(spec: str):
     return tokenizer
 
 
-def load_target(spec: str = DEFAULT_TARGET, dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def load_target(spec: str = DEFAULT_TARGET, dtype: str | torch.dtype = torch.float32,
+                device: str | torch.device = "cpu"):
     """Load ``(model, tokenizer)`` for a target spec, in eval mode with gradients off.
 
     Arguments:

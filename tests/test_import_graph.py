@@ -114,7 +114,8 @@ def test_every_module_imports_on_its_own(module):
 
 
 SEED_PATHS = [
-    ("tandem.speculative.eagle.remote.server", ["TargetModelServer", "serve", "compute_supervision", "_make_request_handler"]),
+    ("tandem.speculative.eagle.remote.server",
+     ["TargetModelServer", "serve", "compute_supervision", "_make_request_handler"]),
     ("tandem.speculative.eagle.remote.transport", ["NCCLTransport"]),
     ("tandem.moe.uccl_ep.buffer", ["UCCLBuffer"]),
     ("tandem.moe.uccl_ep", ["UCCLBuffer"]),

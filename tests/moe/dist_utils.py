@@ -66,7 +66,8 @@ def run_ranks(world_size: int, fn: Callable, timeout: float = 120.0, backend: st
     ctx.set_forkserver_preload(["torch", "torch.distributed", "tandem.moe.ep", __name__])
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, results, backend), daemon=True) for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, results, backend),
+                         daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()
     outputs: Dict[int, object] = {}

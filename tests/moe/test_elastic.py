@@ -133,7 +133,8 @@ def sc_num_max_tokens_defaults_to_the_groups_largest_count(rank, ws):
                                                       num_experts=EXPERTS_PER_RANK * ws)
     largest = max(i.x.size(0) for i in inputs)
     assert handle.num_max_tokens_per_rank == largest
-    assert torch.equal(handle.recv_src_metadata[:, 0].long(), received(inputs, rank, EXPERTS_PER_RANK * ws, largest).source)
+    assert torch.equal(handle.recv_src_metadata[:, 0].long(),
+                       received(inputs, rank, EXPERTS_PER_RANK * ws, largest).source)
 
 
 def sc_bad_arguments_get_errors_that_name_them(rank, ws):

@@ -45,7 +45,8 @@ def _truncate(tokens: list[int], max_new_tokens: int, stop_ids: set[int]) -> lis
 
 
 @torch.no_grad()
-def greedy_decode(target, input_ids: torch.Tensor, max_new_tokens: int, stop_ids: set[int] = frozenset()) -> DecodeResult:
+def greedy_decode(target, input_ids: torch.Tensor, max_new_tokens: int,
+                  stop_ids: set[int] = frozenset()) -> DecodeResult:
     """Plain greedy decoding of ``input_ids [1, S]`` long, one target forward a token.
 
     ``target``: an ``Eagle3TargetModel`` or a ``RemoteEagle3TargetModel`` (anything with ``decode_session()``,

@@ -96,14 +96,16 @@ def evaluate_drafts(target: Eagle3TargetModel, drafts: dict[str, Eagle3DraftMode
     for prompt in tqdm(prompts, desc="decode", unit="prompt", disable=not progress, leave=False):
         greedy.append(greedy_decode(target, prompt, max_new_tokens, stop_ids))
         for name, draft in drafts.items():
-            speculative[name].append(speculative_decode(target, draft, prompt, max_new_tokens, num_draft_tokens, stop_ids,
+            speculative[name].append(speculative_decode(target, draft, prompt, max_new_tokens, num_draft_tokens,
+                                                        stop_ids,
                                                         min_confidence, tree))
     return {name: summarize(greedy, results) for name, results in speculative.items()}
 
 
 def evaluate_speculative(target: Eagle3TargetModel, draft: Eagle3DraftModel, prompts: list[torch.Tensor],
                          max_new_tokens: int = 64, num_draft_tokens: int = 4, stop_ids: set[int] = frozenset(),
-                         progress: bool = True, min_confidence: float = 0.0, tree: TreeShape | None = None) -> EvalSummary:
+                         progress: bool = True, min_confidence: float = 0.0,
+                         tree: TreeShape | None = None) -> EvalSummary:
     """``evaluate_drafts`` for a single draft."""
     return evaluate_drafts(target, {"draft": draft}, prompts, max_new_tokens, num_draft_tokens, stop_ids,
                            progress, min_confidence, tree=tree)["draft"]

@@ -74,7 +74,8 @@ class LiveEvaluator:
             references = []
             for prompt in self.prompts:
                 greedy = greedy_decode(self.target, prompt, self.max_new_tokens, self.stop_ids)
-                ids = torch.cat([prompt.to(self.target.device), torch.tensor([greedy.tokens], device=self.target.device)], 1)
+                ids = torch.cat([prompt.to(self.target.device),
+                                 torch.tensor([greedy.tokens], device=self.target.device)], 1)
                 references.append(_Reference(prompt, greedy, ids, target_aux_states(self.target, ids)))
             self._references = references
             self.reference_s = time.perf_counter() - started

@@ -249,7 +249,8 @@ class Eagle3DecoderLayer(nn.Module):
         self.self_attn = Eagle3Attention(config)
         self.mlp = Eagle3MLP(config)
 
-    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, **attention_kwargs) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                **attention_kwargs) -> torch.Tensor:
         residual = hidden
         fused = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
         hidden = residual + self.self_attn(fused, positions, **attention_kwargs)
@@ -292,8 +293,10 @@ class Eagle3DraftModel(nn.Module):
         """``[B, S, 3Ht]`` -> ``[B, S, H]``: the step-0 hidden input."""
         return self.fc(aux_hidden_states.to(self.fc.weight.dtype))
 
-    def step(self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, **attention_kwargs) -> torch.Tensor:
-        """One draft step: ``input_ids [B, S]``, ``hidden [B, S, H]``, ``positions [B, S]`` -> output hidden ``[B, S, H]``."""
+    def step(self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+             **attention_kwargs) -> torch.Tensor:
+        """One draft step: ``input_ids [B, S]``, ``hidden [B, S, H]``, ``positions [B, S]`` -> output hidden
+        ``[B, S, H]``."""
         embeds = self.embed_tokens(input_ids).to(hidden.dtype)
         return self.midlayer(embeds, hidden, positions, **attention_kwargs)
 

@@ -57,7 +57,8 @@ def has_identity_vocab(draft: Eagle3DraftModel) -> bool:
     return draft.config.draft_vocab_size == draft.config.vocab_size and not bool(draft.d2t.any())
 
 
-def export_tensors(draft: Eagle3DraftModel, dtype: torch.dtype, export_format: str = "sglang") -> dict[str, torch.Tensor]:
+def export_tensors(draft: Eagle3DraftModel, dtype: torch.dtype,
+                   export_format: str = "sglang") -> dict[str, torch.Tensor]:
     """The weights file's tensors, floating point ones in ``dtype``; ``d2t``/``t2d`` only for a reduced vocabulary."""
     state = draft.state_dict()
     keys = [k for k in EXPORT_WEIGHT_KEYS if not (k in VOCAB_MAPPING_KEYS and has_identity_vocab(draft))]
@@ -91,7 +92,8 @@ def export_draft(draft: Eagle3DraftModel, out_dir: str | Path, dtype: torch.dtyp
     if export_format == "speculators":
         if aux_layer_ids is None or not verifier:
             raise ValueError("the speculators format needs the aux layer ids and the verifier (target) name")
-        config = speculators_config(draft.config, dtype, aux_layer_ids, verifier, verifier_architectures, speculative_tokens)
+        config = speculators_config(draft.config, dtype, aux_layer_ids, verifier, verifier_architectures,
+                                    speculative_tokens)
     else:
         config = export_config(draft.config, dtype, aux_layer_ids)
     tensors = export_tensors(draft, dtype, export_format)
@@ -167,7 +169,8 @@ def load_exported_draft(path: str | Path, dtype: torch.dtype = torch.float32) ->
     prefix = DECODER_PREFIX[export_format]
     state = {}
     for key in EXPORT_WEIGHT_KEYS:
-        stored = prefix + key.removeprefix(DECODER_PREFIX["sglang"]) if key.startswith(DECODER_PREFIX["sglang"]) else key
+        sglang_prefix = DECODER_PREFIX["sglang"]
+        stored = prefix + key.removeprefix(sglang_prefix) if key.startswith(sglang_prefix) else key
         if stored in tensors:
             state[key] = tensors[stored]
     missing = [k for k in EXPORT_WEIGHT_KEYS if k not in state and k not in VOCAB_MAPPING_KEYS]

@@ -79,7 +79,8 @@ def _check_model_info(url: str, info: dict) -> None:
     for key, limit in _MODEL_INFO_LIMITS.items():
         value = info.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
-            raise RemoteTargetError(url, protocol.EP_MODEL_INFO, f"{key} must be an integer in [1, {limit}], got {value!r}")
+            raise RemoteTargetError(url, protocol.EP_MODEL_INFO, f"{key} must be an integer in [1, {limit}], got "
+                                                                 f"{value!r}")
     aux = info.get("aux_layer_ids")
     if not isinstance(aux, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in aux):
         raise RemoteTargetError(url, protocol.EP_MODEL_INFO, f"aux_layer_ids must be a list of integers, got {aux!r}")
@@ -124,7 +125,8 @@ class RemoteEagle3TargetModel:
         supervision_encoding: str = protocol.ENCODING_FULL,
     ):
         if supervision_encoding not in protocol.SUPERVISION_ENCODINGS:
-            raise ValueError(f"supervision_encoding must be one of {protocol.SUPERVISION_ENCODINGS}, got {supervision_encoding!r}")
+            raise ValueError(f"supervision_encoding must be one of {protocol.SUPERVISION_ENCODINGS}, got "
+                             f"{supervision_encoding!r}")
         self.supervision_encoding = supervision_encoding
         # The draft vocabulary's lm_head rows [Vd, H], fetched at the first compact answer.
         self._draft_head: Optional[torch.Tensor] = None
@@ -138,7 +140,8 @@ class RemoteEagle3TargetModel:
         token = token if token is not None else os.environ.get(protocol.TOKEN_ENV)
         self.retry = retry or RetryPolicy()
         self._servers = [
-            ServerConnection(u, timeout_s=timeout_s, token=token, client_id=self.client_id, retry=self.retry) for u in urls
+            ServerConnection(u, timeout_s=timeout_s, token=token, client_id=self.client_id,
+                             retry=self.retry) for u in urls
         ]
         # Answers alive at once: those in flight, the one being trained on and one the caller still holds.
         receive_pool = wire.ReceivePool(capacity=prefetch_depth + 2)
@@ -185,7 +188,8 @@ class RemoteEagle3TargetModel:
         """The servers' ``/model_info``, fetched once; every server must serve the same target (``identity``),
         and from then on each new connection to a server is checked to still reach it."""
         if self._info is None:
-            infos = [protocol.decode_json(s.request(protocol.EP_MODEL_INFO), f"{s.url} /model_info") for s in self._servers]
+            infos = [protocol.decode_json(s.request(protocol.EP_MODEL_INFO),
+                                          f"{s.url} /model_info") for s in self._servers]
             for server, info in zip(self._servers, infos):
                 _check_model_info(server.url, info)
             first = identity.reported_identity(infos[0])
@@ -204,7 +208,8 @@ class RemoteEagle3TargetModel:
         """A new connection to ``server`` (after the first: a reconnect, or a restarted server) must reach the
         target this run started with; otherwise the run stops here, naming both, instead of training on."""
         status, payload, _ = server._exchange(conn, "POST", protocol.EP_MODEL_INFO, (),
-                                              {"Content-Type": protocol.JSON_CONTENT_TYPE}, JSON_ANSWER_BYTES, pool=False)
+                                              {"Content-Type": protocol.JSON_CONTENT_TYPE}, JSON_ANSWER_BYTES,
+                                              pool=False)
         if status >= 500:  # not up yet: an I/O-like failure, retried with backoff like any other
             raise ConnectionError(f"/model_info answered HTTP {status} on a new connection")
         if status != 200:
@@ -229,7 +234,8 @@ class RemoteEagle3TargetModel:
         if self._embeddings is None:
             info = self._model_info()
             specs = weight_spec(info["vocab_size"], info["hidden_size"], target_dtypes(info))
-            self._embeddings = self._fetch_weight(self._servers[0], protocol.EP_INPUT_EMBEDDINGS, specs).to(self._device)
+            self._embeddings = self._fetch_weight(self._servers[0], protocol.EP_INPUT_EMBEDDINGS,
+                                                  specs).to(self._device)
         return self._embeddings
 
     def _fetch_weight(self, server: ServerConnection, endpoint: str, specs: dict, headers: Optional[dict] = None):
@@ -250,7 +256,8 @@ class RemoteEagle3TargetModel:
             selected_token_mask: ``[V]`` bool, True for target ids in the draft vocabulary.
         """
         body = wire.encode_to_bytes(
-            {"selected_token_ids": selected_token_ids.to(torch.long), "selected_token_mask": selected_token_mask.to(torch.bool)}
+            {"selected_token_ids": selected_token_ids.to(torch.long),
+             "selected_token_mask": selected_token_mask.to(torch.bool)}
         )
         for server in self._servers:
             server.request(protocol.EP_SET_VOCAB_MAPPING, [body])
@@ -298,15 +305,18 @@ class RemoteEagle3TargetModel:
             headers = {**headers, protocol.SUPERVISION_HEADER: encoding}
         bound = max(JSON_ANSWER_BYTES, wire_answer_bytes(*specs.values()))
         try:
-            return server.request(protocol.EP_GENERATE, body, headers=headers, with_nccl_flag=True, max_answer_bytes=bound)
+            return server.request(protocol.EP_GENERATE, body, headers=headers, with_nccl_flag=True,
+                                  max_answer_bytes=bound)
         except RemoteTargetError as exc:
             if exc.status != 409 or self._vocab_body is None:
                 raise
             logger.warning("target server %s forgot the draft vocabulary (restarted?); sending it again", server.url)
             server.request(protocol.EP_SET_VOCAB_MAPPING, [self._vocab_body])
-            return server.request(protocol.EP_GENERATE, body, headers=headers, with_nccl_flag=True, max_answer_bytes=bound)
+            return server.request(protocol.EP_GENERATE, body, headers=headers, with_nccl_flag=True,
+                                  max_answer_bytes=bound)
 
-    def _generate_on(self, server: ServerConnection, body: Sequence, batch_shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def _generate_on(self, server: ServerConnection, body: Sequence,
+                     batch_shape: tuple[int, int]) -> dict[str, torch.Tensor]:
         specs = self._answer_specs(batch_shape)
         plane = server.data_plane
         if plane is not None and plane.active:
@@ -334,7 +344,8 @@ class RemoteEagle3TargetModel:
             check_metadata(keys_order, metadata, specs[compact_answer])  # before a byte is allocated for the transfer
         except (protocol.ProtocolError, AnswerError) as exc:
             plane.lose(server.url, f"refused the data-plane metadata: {exc}")
-            raise RemoteTargetError(server.url, protocol.EP_GENERATE, f"refused the data-plane metadata: {exc}") from None
+            raise RemoteTargetError(server.url, protocol.EP_GENERATE,
+                                    f"refused the data-plane metadata: {exc}") from None
         try:
             tensors = plane.transport.recv_tensors(metadata, keys_order)
         except TransportError as exc:
@@ -345,7 +356,8 @@ class RemoteEagle3TargetModel:
         self._count("group")
         return supervision
 
-    def _decode_supervision(self, server: ServerConnection, raw: bytearray, specs: dict[bool, dict]) -> dict[str, torch.Tensor]:
+    def _decode_supervision(self, server: ServerConnection, raw: bytearray,
+                            specs: dict[bool, dict]) -> dict[str, torch.Tensor]:
         try:
             tensors = wire.decode(raw, max_entries=len(protocol.SUPERVISION_KEYS))
         except wire.WireFormatError as exc:
@@ -354,7 +366,8 @@ class RemoteEagle3TargetModel:
         self._count("http")
         return supervision
 
-    def _supervision_from(self, server: ServerConnection, tensors: dict, specs: dict[bool, dict]) -> dict[str, torch.Tensor]:
+    def _supervision_from(self, server: ServerConnection, tensors: dict,
+                          specs: dict[bool, dict]) -> dict[str, torch.Tensor]:
         """The ``SUPERVISION_KEYS`` dict on ``device`` from a full answer, or from a compact one (its keys say
         which) by projecting the final hidden state onto the draft vocabulary here; every tensor's shape and
         dtype checked against what was asked for."""
@@ -373,7 +386,8 @@ class RemoteEagle3TargetModel:
         with self._draft_head_lock:
             if self._draft_head is None:
                 info = self._model_info()
-                specs = weight_spec(self._draft_vocab_size or info["vocab_size"], info["hidden_size"], target_dtypes(info))
+                specs = weight_spec(self._draft_vocab_size or info["vocab_size"], info["hidden_size"],
+                                    target_dtypes(info))
                 try:
                     weight = self._fetch_weight(server, protocol.EP_DRAFT_LM_HEAD, specs, self._vocab_headers)
                 except RemoteTargetError as exc:
@@ -446,11 +460,13 @@ class RemoteEagle3TargetModel:
         """
         if self._closed:
             raise RuntimeError("RemoteEagle3TargetModel is closed")
-        body = [wire.encode_to_bytes({"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask})]
+        body = [wire.encode_to_bytes({"input_ids": input_ids, "attention_mask": attention_mask,
+                                      "loss_mask": loss_mask})]
         self._slots.acquire()
         try:
             if self._executor is None:
-                self._executor = concurrent.futures.ThreadPoolExecutor(self.prefetch_depth, thread_name_prefix="tandem-target")
+                self._executor = concurrent.futures.ThreadPoolExecutor(self.prefetch_depth,
+                                                                       thread_name_prefix="tandem-target")
             future = self._executor.submit(self._generate_on, self._next_server(), body, _batch_shape(input_ids))
         except BaseException:
             self._slots.release()
@@ -514,7 +530,8 @@ class RemoteEagle3TargetModel:
             server.on_new_connection = None  # ending a session needs no identity check, even on another target
             try:
                 server.request(
-                    protocol.EP_DISCONNECT, [b"{}"], content_type=protocol.JSON_CONTENT_TYPE, retry=RetryPolicy(max_retries=0)
+                    protocol.EP_DISCONNECT, [b"{}"], content_type=protocol.JSON_CONTENT_TYPE,
+                    retry=RetryPolicy(max_retries=0)
                 )
             except RemoteTargetError as exc:
                 logger.debug("disconnect from %s failed: %s", server.url, exc)

@@ -91,7 +91,8 @@ class ClientDataPlane:
         transport = NCCLTransport(port, server.host, is_server=False, device=self.device, rendezvous_id=rendezvous_id)
         outcome: dict[str, bool] = {}
         ours = threading.Thread(
-            target=lambda: outcome.update(ok=transport.initialize(self.timeout_s)), name="tandem-rendezvous", daemon=True
+            target=lambda: outcome.update(ok=transport.initialize(self.timeout_s)), name="tandem-rendezvous",
+            daemon=True
         )
         ours.start()
         asking.join()  # the server answers once its side of the rendezvous is over

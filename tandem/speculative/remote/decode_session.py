@@ -45,7 +45,8 @@ def request_verify(server, input_ids: torch.Tensor, hidden: int, hidden_dtypes: 
     body = {"input_ids": input_ids.to("cpu", torch.long)}
     if tree_parents is not None:
         body[protocol.VERIFY_TREE_KEY] = torch.tensor(tree_parents, dtype=torch.long)
-    raw = server.request(protocol.EP_VERIFY, wire.encode(body), headers=headers, max_answer_bytes=wire_answer_bytes(specs))
+    raw = server.request(protocol.EP_VERIFY, wire.encode(body), headers=headers,
+                         max_answer_bytes=wire_answer_bytes(specs))
     try:
         tensors = wire.decode(raw, max_entries=len(specs))
         check_tensors(tensors, specs)
@@ -88,7 +89,8 @@ class RemoteDecodeSession:
         """The target on ``input_ids [1, n]`` long after the ``length`` cached positions (see ``DecodeSession``)."""
 
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise ValueError(f"a decode session extends one sequence: input_ids must be [1, n], got {list(input_ids.shape)}")
+            raise ValueError("a decode session extends one sequence: input_ids must be [1, n], "
+                             f"got {list(input_ids.shape)}")
         new_ids = input_ids[0].tolist()
         try:
             step = self._call(input_ids, self.length, tree_parents, self._branch)

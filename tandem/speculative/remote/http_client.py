@@ -99,7 +99,8 @@ class ServerConnection:
                 raise
         return conn
 
-    def _once(self, method: str, endpoint: str, body: Sequence, headers: dict, max_bytes: int) -> tuple[int, bytearray, dict]:
+    def _once(self, method: str, endpoint: str, body: Sequence, headers: dict,
+              max_bytes: int) -> tuple[int, bytearray, dict]:
         """One request; ``(status, body, response headers)``. Raises OSError/HTTPException on I/O failure,
         ``AnswerError`` for an answer longer than ``max_bytes``.
 
@@ -171,7 +172,8 @@ class ServerConnection:
                 failure = f"{type(exc).__name__}: {exc}"
             else:
                 if status == 200:
-                    return (payload, answer_headers.get(protocol.NCCL_HEADER.lower()) == "1") if with_nccl_flag else payload
+                    return ((payload, answer_headers.get(protocol.NCCL_HEADER.lower()) == "1")
+                            if with_nccl_flag else payload)
                 if status < 500:
                     raise RemoteTargetError(self.url, endpoint, error_message(payload), status)
                 failure = f"HTTP {status}: {error_message(payload)}"
@@ -181,7 +183,8 @@ class ServerConnection:
                 delay = max(delay, min(retry_after, policy.max_backoff_s))
             if delay is None:
                 raise RemoteTargetError(self.url, endpoint, f"gave up after {attempt} attempts; last error: {failure}")
-            logger.warning("target server %s /%s failed (%s); retry %d in %.1f s", self.url, endpoint, failure, attempt, delay)
+            logger.warning("target server %s /%s failed (%s); retry %d in %.1f s",
+                           self.url, endpoint, failure, attempt, delay)
             time.sleep(delay)
 
     def close(self) -> None:

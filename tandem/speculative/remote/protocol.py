@@ -157,7 +157,8 @@ def encode_nccl_metadata(tensor_dict: dict[str, Optional[torch.Tensor]], keys_or
     metadata: dict[str, Optional[dict]] = {}
     for key in keys_order:
         tensor = tensor_dict.get(key)
-        metadata[key] = None if tensor is None else {"dtype_code": code_from_dtype(tensor.dtype), "shape": list(tensor.shape)}
+        metadata[key] = (None if tensor is None
+                         else {"dtype_code": code_from_dtype(tensor.dtype), "shape": list(tensor.shape)})
     return encode_json({"keys_order": list(keys_order), "metadata": metadata})
 
 
@@ -184,7 +185,8 @@ def decode_nccl_metadata(raw: bytes) -> tuple[list[str], dict[str, Optional[dict
         # isinstance first: a list is unhashable (TypeError in the dict lookup) and 1.0 would match code 1.
         if not isinstance(code, int) or isinstance(code, bool) or code not in CODE_TO_DTYPE:
             raise ProtocolError(f"data-plane metadata: key {key!r} has unknown dtype_code {code!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise ProtocolError(f"data-plane metadata: key {key!r} has an invalid shape {shape!r}")
         numel = 1
         for dim in shape:

@@ -189,7 +189,8 @@ class TargetModelServer:
     def route(self, method: str, path: str) -> str:
         """The endpoint name for ``method path``; 404 for an unknown path, 405 for a wrong method."""
         endpoint = path.split("?", 1)[0].strip("/")
-        allowed = "GET" if endpoint in protocol.GET_ENDPOINTS else "POST" if endpoint in protocol.POST_ENDPOINTS else None
+        allowed = ("GET" if endpoint in protocol.GET_ENDPOINTS
+                   else "POST" if endpoint in protocol.POST_ENDPOINTS else None)
         if allowed is None:
             shown = endpoint[:64] + ("..." if len(endpoint) > 64 else "")
             raise RequestError(404, f"unknown endpoint {'/' + shown!r}; known: "
@@ -229,7 +230,8 @@ class TargetModelServer:
             raise RequestError(413, f"request body of {length} bytes exceeds the limit of {limit} bytes for {where}")
 
     def admit(self, endpoint: str, client_id: str) -> Optional[Place]:
-        """A place in the target's queue for a ``/generate`` or ``/verify`` (503 when the queue is full); None otherwise."""
+        """A place in the target's queue for a ``/generate`` or ``/verify`` (503 when the queue is full);
+        None otherwise."""
         return self.queue.reserve(client_id) if endpoint in protocol.TARGET_ENDPOINTS else None
 
     # ------------------------------------------------------------ dispatch
@@ -252,7 +254,8 @@ class TargetModelServer:
             if endpoint == protocol.EP_VERIFY:
                 answer = self.verify(raw, client_id, decode_session, past, place, keep_branch)
                 return Reply(wire.encode(answer), protocol.WIRE_CONTENT_TYPE, {})
-            return self._dispatch(endpoint, raw, client_id, client_wants_nccl, supervision_encoding, vocab_digest, place)
+            return self._dispatch(endpoint, raw, client_id, client_wants_nccl, supervision_encoding,
+                                  vocab_digest, place)
         except RequestError:
             raise
         except protocol.ProtocolError as exc:
@@ -265,8 +268,9 @@ class TargetModelServer:
                   supervision_encoding: Optional[str], vocab_digest: Optional[str], place: Optional[Place]) -> Reply:
         if endpoint == protocol.EP_GENERATE:
             use_compact = self._use_compact(supervision_encoding)
-            body, used_nccl = self.generate_buffers(raw, client_wants_nccl, client_id=client_id, compact_encoding=use_compact,
-                                                    vocab_digest=vocab_digest, place=place)
+            body, used_nccl = self.generate_buffers(raw, client_wants_nccl, client_id=client_id,
+                                                    compact_encoding=use_compact, vocab_digest=vocab_digest,
+                                                    place=place)
             # Echo the encoding used only to a client that asked: v1 answers stay exactly v1.
             echo = {} if supervision_encoding is None else {
                 protocol.SUPERVISION_HEADER: protocol.ENCODING_COMPACT if use_compact else protocol.ENCODING_FULL}
@@ -300,8 +304,8 @@ class TargetModelServer:
         if digest is None:
             raise RequestError(409, f"{what} before set_vocab_mapping: send the draft vocabulary first")
         shown = digest[:40] if digest.isalnum() else "(malformed)"
-        raise RequestError(409, f"{what}: this client never sent the draft vocabulary {shown} ({protocol.VOCAB_DIGEST_HEADER}); "
-                                f"send it with set_vocab_mapping")
+        raise RequestError(409, f"{what}: this client never sent the draft vocabulary {shown} "
+                                f"({protocol.VOCAB_DIGEST_HEADER}); send it with set_vocab_mapping")
 
     # ------------------------------------------------------------ the endpoints
 
@@ -338,8 +342,8 @@ class TargetModelServer:
         """Whether to answer compactly: the client asked and this target's logits allow it exactly."""
         if supervision_encoding not in (None, *protocol.SUPERVISION_ENCODINGS):
             shown = supervision_encoding[:40] if supervision_encoding.isprintable() else "(unprintable)"
-            raise RequestError(400, f"{protocol.SUPERVISION_HEADER} must be one of {list(protocol.SUPERVISION_ENCODINGS)}, "
-                                    f"got {shown!r}")
+            raise RequestError(400, f"{protocol.SUPERVISION_HEADER} must be one of "
+                                    f"{list(protocol.SUPERVISION_ENCODINGS)}, got {shown!r}")
         return supervision_encoding == protocol.ENCODING_COMPACT and self.compact_supported
 
     def draft_lm_head_buffers(self, client_id: str, vocab_digest: Optional[str] = None) -> list:
@@ -436,7 +440,8 @@ class TargetModelServer:
             entry.length, entry.kept_branch = base + len(indices), branch
         if past_length > entry.length:
             raise RequestError(409, f"verify: cannot continue {name!r} after {past_length} positions: only "
-                                    f"{entry.length} are cached; send the whole sequence with {protocol.PAST_HEADER}: 0")
+                                    f"{entry.length} are cached; "
+                                    f"send the whole sequence with {protocol.PAST_HEADER}: 0")
         crop_cache(entry.cache, past_length)
         step = self.target_wrapper.greedy_forward(input_ids, entry.cache, tree_parents)
         entry.length = past_length + input_ids.shape[1]

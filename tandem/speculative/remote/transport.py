@@ -84,7 +84,8 @@ def nccl_enabled(environ: Optional[Mapping[str, str]] = None) -> bool:
 
 
 def nccl_port_for(
-    http_port: int, server_index: int = 0, num_servers: int = 1, rank: int = 0, environ: Optional[Mapping[str, str]] = None
+    http_port: int, server_index: int = 0, num_servers: int = 1, rank: int = 0,
+    environ: Optional[Mapping[str, str]] = None
 ) -> int:
     """The rendezvous port a client proposes to server ``server_index`` (of ``num_servers``).
 
@@ -301,7 +302,8 @@ class NCCLTransport:
         # ``is`` tests: an empty pool has len() 0 and must not count as "no pool".
         # Fault injection (tests and the soak only): the next send tears the group down mid-transfer.
         self._teardown_next_send = False
-        self._receive_pool = ReceiveBufferPool() if receive_pool is True else None if receive_pool is False else receive_pool
+        self._receive_pool = (ReceiveBufferPool() if receive_pool is True
+                              else None if receive_pool is False else receive_pool)
 
     @property
     def is_initialized(self) -> bool:
@@ -443,14 +445,16 @@ class NCCLTransport:
             # gloo connects its pairs in the constructor, bounded by this; transfers pass their own timeout.
             options._timeout = timedelta(seconds=max(deadline - time.monotonic(), 1.0))
             options._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]
-            backend, backend_type = dist.ProcessGroupGloo(store, self._rank, 2, options), dist.ProcessGroup.BackendType.GLOO
+            backend = dist.ProcessGroupGloo(store, self._rank, 2, options)
+            backend_type = dist.ProcessGroup.BackendType.GLOO
         else:
             # The NCCL watchdog's default on a timeout (3) ends the whole process: a long-lived server
             # must only lose this group (2 = abort the communicator). Read once, at construction.
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = self._timeout
-            backend, backend_type = dist.ProcessGroupNCCL(store, self._rank, 2, options), dist.ProcessGroup.BackendType.NCCL
+            backend = dist.ProcessGroupNCCL(store, self._rank, 2, options)
+            backend_type = dist.ProcessGroup.BackendType.NCCL
         pg._set_default_backend(backend_type)
         backend._set_sequence_number_for_group()
         pg._register_backend(self.device, backend_type, backend)

@@ -89,7 +89,8 @@ def compute_compact_supervision(
     """
     head = output_projection(getattr(target_wrapper, "model", None))
     if head is None:
-        raise ValueError("compact supervision needs a target whose logits are a bias-free linear map of its final hidden state")
+        raise ValueError("compact supervision needs a target whose logits are a bias-free linear map of its final "
+                         "hidden state")
     captured: list[torch.Tensor] = []
     # A pre-hook sees exactly the tensor the logits were computed from (after any logits_to_keep slicing).
     handle = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))

@@ -69,9 +69,9 @@ def validate_aux_layer_ids(aux_layer_ids: list[int], num_layers: int) -> list[in
     if bad:
         raise ValueError(f"aux_layer_ids {bad} out of range for a target with {num_layers} layers")
     if num_layers - 1 in ids:
-        raise ValueError(f"aux layer {num_layers - 1} is the target's last layer: no serving engine captures its output "
-                         f"(SGLang and vLLM record layer inputs), so a draft trained on it would be served other "
-                         f"states; choose layers in 0 .. {num_layers - 2}")
+        raise ValueError(f"aux layer {num_layers - 1} is the target's last layer: no serving engine captures "
+                         f"its output (SGLang and vLLM record layer inputs), so a draft trained on it would be served "
+                         f"other states; choose layers in 0 .. {num_layers - 2}")
     return ids
 
 
@@ -145,7 +145,8 @@ class Eagle3TargetModel:
         return next(self.model.parameters()).dtype
 
     @torch.no_grad()
-    def generate_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> TargetBatch:
+    def generate_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       loss_mask: torch.Tensor) -> TargetBatch:
         """Run the target once and return the draft's raw teaching signal.
 
         Arguments:
@@ -198,7 +199,8 @@ class Eagle3TargetModel:
         if head is None:
             outputs = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, **layout)
             return outputs.logits.float(), self._capture.take()
-        hidden = self.model.model(input_ids=input_ids, past_key_values=cache, use_cache=True, **layout).last_hidden_state
+        hidden = self.model.model(input_ids=input_ids, past_key_values=cache, use_cache=True,
+                                  **layout).last_hidden_state
         return torch.nn.functional.linear(hidden.float(), head), self._capture.take()
 
     def _tree_layout(self, cache, tree_parents: list[int] | None) -> dict:
@@ -263,7 +265,8 @@ class Eagle3TargetModel:
         """Fix the draft vocabulary: ``selected_token_ids [Vd]`` long, ``selected_token_mask [V]`` bool."""
         vocab_size = self.config.vocab_size
         if selected_token_mask.shape != (vocab_size,):
-            raise ValueError(f"selected_token_mask must have shape [{vocab_size}], got {list(selected_token_mask.shape)}")
+            raise ValueError(f"selected_token_mask must have shape [{vocab_size}], got "
+                             f"{list(selected_token_mask.shape)}")
         if selected_token_ids.dim() != 1 or selected_token_ids.numel() == 0:
             raise ValueError(f"selected_token_ids must be a non-empty 1-D tensor, got {list(selected_token_ids.shape)}")
         if int(selected_token_ids.min()) < 0 or int(selected_token_ids.max()) >= vocab_size:
@@ -271,7 +274,8 @@ class Eagle3TargetModel:
         self.selected_token_ids = selected_token_ids.to(self.device, torch.long)
         self.selected_token_mask = selected_token_mask.to(self.device, torch.bool)
 
-    def supervise(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def supervise(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """The supervision dict keyed by ``SUPERVISION_KEYS`` (see ``compute_supervision``)."""
         if self.selected_token_ids is None:
             raise VocabMappingMissingError("set_vocab_mapping must be called before supervision is computed")

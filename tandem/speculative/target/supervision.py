@@ -42,7 +42,8 @@ def compute_target_distribution(
     return target_probs, position_mask
 
 
-def draft_position_mask(logits: torch.Tensor, selected_token_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+def draft_position_mask(logits: torch.Tensor, selected_token_mask: torch.Tensor,
+                        loss_mask: torch.Tensor) -> torch.Tensor:
     """``[B, S, 1]`` bool: the target's full-vocabulary argmax lies in the draft vocabulary and the
     position is trained. ``logits [B, S, V]``, ``selected_token_mask [V]`` bool, ``loss_mask [B, S]``."""
     top = logits.argmax(dim=-1)

@@ -118,7 +118,8 @@ def load_newest_intact(directory: Path, set_aside: bool = False) -> tuple[Option
     for step, path in reversed(tandem_checkpoints(directory)):
         try:
             state = load_training_state(path)
-            problem = None if isinstance(state, dict) and "step" in state and "draft" in state else "not a training checkpoint"
+            problem = (None if isinstance(state, dict) and "step" in state and "draft" in state
+                       else "not a training checkpoint")
         except _UNREADABLE as exc:
             problem = f"{type(exc).__name__}: {str(exc)[:200]}"
         if problem is None:
@@ -189,7 +190,8 @@ def identity_mismatches(saved: dict, current: dict, skip_target_fields=()) -> li
     """One line per difference between a checkpoint's :func:`run_identity` and the current run's, naming the
     field; target identities are compared on the keys both record, but ``skip_target_fields``."""
     problems = []
-    for key, what in (("data_digest", "--data (its contents' digest)"), ("vocab_digest", "the draft vocabulary (digest)")):
+    for key, what in (("data_digest", "--data (its contents' digest)"),
+                      ("vocab_digest", "the draft vocabulary (digest)")):
         if key in saved and saved[key] != current[key]:
             problems.append(f"{what}: checkpoint {str(saved[key])[:16]}, now {str(current[key])[:16]}")
     old_target, new_target = saved.get("target") or {}, current["target"]
@@ -199,7 +201,8 @@ def identity_mismatches(saved: dict, current: dict, skip_target_fields=()) -> li
     old_config = saved.get("config") or {}
     for key in RUN_CHANGING_FIELDS:
         if key in old_config and old_config[key] != current["config"][key]:
-            problems.append(f"--{key.replace('_', '-')}: checkpoint {old_config[key]!r}, now {current['config'][key]!r}")
+            problems.append(f"--{key.replace('_', '-')}: checkpoint {old_config[key]!r}, "
+                            f"now {current['config'][key]!r}")
     return problems
 
 
@@ -216,7 +219,8 @@ def check_resume(saved: Optional[dict], current: dict, allow_mismatch: bool, whe
     problems = identity_mismatches(saved, current, skip_target_fields)
     if problems and not allow_mismatch:
         raise ResumeMismatchError(f"--resume: {where} belongs to another run: " + "; ".join(problems)
-                                  + ". Pass --allow-resume-mismatch to continue it anyway, or choose a new --output-dir")
+                                  + ". Pass --allow-resume-mismatch to continue it anyway, "
+                                    "or choose a new --output-dir")
     for problem in problems:
         logger.warning("--resume with --allow-resume-mismatch: %s", problem)
     return problems

@@ -273,7 +273,8 @@ def assistant_spans(tokenizer, messages: Sequence[Message]) -> tuple[list[int], 
     return full, spans
 
 
-def tokenize_conversation(tokenizer, messages: Sequence[Message], max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize_conversation(tokenizer, messages: Sequence[Message],
+                          max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenise a conversation with the tokenizer's chat template and mark what the draft learns.
 
     Arguments:

@@ -94,7 +94,8 @@ def ttt_loss(draft: Eagle3DraftModel, supervision: dict[str, torch.Tensor], atte
         with torch.no_grad():
             correct = (logits.argmax(-1) == target_probs.argmax(-1)) & position_mask
             step_losses.append(loss_k.detach().float())
-            step_accuracies.append(correct.sum().float() / (position_mask.sum().clamp(min=1) if count_k is None else count_k))
+            denominator = position_mask.sum().clamp(min=1) if count_k is None else count_k
+            step_accuracies.append(correct.sum().float() / denominator)
             valid_everywhere = valid_everywhere & position_mask
             still_correct = still_correct & correct
             chain_counts.append(still_correct)

@@ -63,7 +63,8 @@ def _left_pad(prompts: Sequence[list[int]], pad_token_id: int, device) -> tuple[
 
 
 @torch.inference_mode()
-def _generate_batch(model, jobs: Sequence[_GenerationJob], pad_token_id: int, stop_ids: set[int], max_new_tokens: int) -> list[list[int]]:
+def _generate_batch(model, jobs: Sequence[_GenerationJob], pad_token_id: int, stop_ids: set[int],
+                    max_new_tokens: int) -> list[list[int]]:
     """Greedy answers for a batch of prompts, one list of new token ids per job (stop token excluded).
 
     A plain KV-cached loop rather than ``model.generate``: a row that has stopped leaves the batch (its
@@ -108,7 +109,8 @@ def _generate_batch(model, jobs: Sequence[_GenerationJob], pad_token_id: int, st
                        past_key_values=cache, use_cache=True).logits[:, -1]
 
 
-def _run_round(model, tokenizer, jobs: list[_GenerationJob], batch_size: int, max_new_tokens: int, progress) -> list[str]:
+def _run_round(model, tokenizer, jobs: list[_GenerationJob], batch_size: int, max_new_tokens: int,
+               progress) -> list[str]:
     """Generate every job (sorted by prompt length so a batch pads little); answers in job order."""
     pad_token_id = pad_token_id_for(tokenizer)
     stop_ids = end_of_turn_token_ids(tokenizer)
@@ -194,7 +196,8 @@ def regenerate(
                 if round_index < len(turns):
                     turn = turns[round_index]
                     prompt = conversations[record_index].messages[:turn]
-                    jobs.append(_GenerationJob(record_index, turn, render_ids(tokenizer, prompt, add_generation_prompt=True)))
+                    jobs.append(_GenerationJob(record_index, turn,
+                                               render_ids(tokenizer, prompt, add_generation_prompt=True)))
             answers = _run_round(model, tokenizer, jobs, batch_size, max_new_tokens, progress)
             for job, answer in zip(jobs, answers):
                 messages = conversations[job.record].messages

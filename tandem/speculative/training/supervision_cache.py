@@ -94,7 +94,8 @@ class SupervisionCache:
             logger.warning("supervision cache entry %s is unreadable (%s); recomputing it", path, exc)
             return None
         if set(entry) != set(ENTRY_KEYS):
-            logger.warning("supervision cache entry %s holds %s, not %s; recomputing it", path, sorted(entry), ENTRY_KEYS)
+            logger.warning("supervision cache entry %s holds %s, not %s; recomputing it", path, sorted(entry),
+                           ENTRY_KEYS)
             return None
         return entry
 

@@ -80,8 +80,8 @@ class Trainer:
             ``get_input_embeddings``, ``set_vocab_mapping``, ``model_info``).
         tokenizer: built from ``config.tokenizer or config.target`` if None.
         target_factory: ``(config, distributed) -> target`` when ``target`` is None;
-            ``tandem.speculative.training.target_factory.build_target`` is the one the CLI uses. The recipe itself never imports the
-            remote package: ``remote/`` depends on ``eagle/``, not the reverse.
+            ``tandem.speculative.training.target_factory.build_target`` is the one the CLI uses. The recipe
+            itself never imports the remote package: ``remote/`` depends on ``eagle/``, not the reverse.
         distributed: this rank's place in a data-parallel job (see ``distributed.py``); default: the
             initialised default process group, else a single process.
     """
@@ -108,18 +108,21 @@ class Trainer:
 
         if target is None:
             if target_factory is None:
-                raise ValueError("no target: pass target=, or target_factory= (tandem.speculative.training.target_factory.build_target builds "
+                raise ValueError("no target: pass target=, or target_factory= "
+                                 "(tandem.speculative.training.target_factory.build_target builds "
                                  "the in-process or remote target a TrainConfig names)")
             target = target_factory(self.config, self.dist)
         self.target = target
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.config.tokenizer or self.config.target)
+        self.tokenizer = (tokenizer if tokenizer is not None
+                          else load_tokenizer(self.config.tokenizer or self.config.target))
         self.model_info = self.target.model_info()
         self._check_target_identity()
 
     def _check_target_identity(self) -> None:
         """Learn the target's identity (see ``identity.py``); the data must be tokenized by the target's tokenizer."""
         self.target_identity = identity.identity_of(self.target, tokenizer=self.tokenizer)
-        identity.check_same_target({"tokenizer_digest": identity.tokenizer_digest(self.tokenizer)}, self.target_identity,
+        identity.check_same_target({"tokenizer_digest": identity.tokenizer_digest(self.tokenizer)},
+                                   self.target_identity,
                                    what="the training tokenizer and the target's", fields=("tokenizer_digest",),
                                    allow=self.config.allow_target_mismatch)
 
@@ -135,8 +138,8 @@ class Trainer:
         self.dataset = TokenizedChatDataset.from_records(self.tokenizer, records, self.config.max_seq_len)
         self.global_batch_size = self.config.batch_size * self.dist.world_size
         if len(self.dataset) < self.global_batch_size:
-            raise ValueError(f"{self.config.data}: {len(self.dataset)} usable conversations, fewer than the global batch "
-                             f"batch_size={self.config.batch_size} x world_size={self.dist.world_size}")
+            raise ValueError(f"{self.config.data}: {len(self.dataset)} usable conversations, fewer than the global "
+                             f"batch batch_size={self.config.batch_size} x world_size={self.dist.world_size}")
         self.collate = ChatCollator(pad_token_id=pad_token_id_for(self.tokenizer))
         self._epoch_orders: dict[int, list[list[int]]] = {}
         if self.dist.is_main:
@@ -154,7 +157,8 @@ class Trainer:
         if not self.dist.all_agree(vocab is not None):
             # Rank r counts samples r, r+W, ...: disjoint shards covering the data, so the sum is the 1-rank count.
             shard = (self.dataset[i] for i in range(self.dist.rank, len(self.dataset), self.dist.world_size))
-            counts = self.dist.all_reduce_sum(count_tokens(((s["input_ids"], s["loss_mask"]) for s in shard), vocab_size))
+            counts = self.dist.all_reduce_sum(count_tokens(((s["input_ids"], s["loss_mask"]) for s in shard),
+                                                           vocab_size))
             vocab = build_draft_vocab(counts, self.config.draft_vocab_size, self.tokenizer.all_special_ids)
             if self.dist.is_main:
                 save_draft_vocab(vocab, cache_path, counts, fingerprint)
@@ -239,11 +243,13 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         self.step = int(state["step"])
-        self._explain_world_size_change(int(state.get("world_size", 1)), int(state.get("global_batch_size", self.global_batch_size)))
+        self._explain_world_size_change(int(state.get("world_size", 1)),
+                                        int(state.get("global_batch_size", self.global_batch_size)))
 
     def _explain_world_size_change(self, saved_world_size: int, saved_global_batch: int) -> None:
         """Say what a resume at another world size keeps and what it changes (rank 0, once)."""
-        if not self.dist.is_main or saved_world_size == self.dist.world_size and saved_global_batch == self.global_batch_size:
+        if not self.dist.is_main or (saved_world_size == self.dist.world_size
+                                     and saved_global_batch == self.global_batch_size):
             return
         kept = "weights, optimizer moments, step and learning-rate schedule carry over"
         if saved_global_batch == self.global_batch_size:
@@ -251,8 +257,10 @@ class Trainer:
                            "order (the same samples per step); only floating-point summation order changes",
                            saved_world_size, self.dist.world_size, saved_global_batch, kept)
             return
-        per_rank = saved_global_batch // self.dist.world_size if saved_global_batch % self.dist.world_size == 0 else None
-        hint = f"; pass --batch-size {per_rank} to keep global batch {saved_global_batch} and the data order" if per_rank else ""
+        per_rank = (saved_global_batch // self.dist.world_size if saved_global_batch % self.dist.world_size == 0
+                    else None)
+        hint = (f"; pass --batch-size {per_rank} to keep global batch {saved_global_batch} and the data order"
+                if per_rank else "")
         logger.warning("resuming a run with global batch %d (%d ranks) at global batch %d (%d ranks x batch_size %d): "
                        "%s, but each step now averages over %d sequences and the data order from step %d on is that of "
                        "a global-batch-%d run (samples of the current epoch may be repeated or skipped)%s",
@@ -317,7 +325,8 @@ class Trainer:
         selected = d2t.long() + torch.arange(d2t.numel(), dtype=torch.long)
         self.vocab = DraftVocab(selected, t2d.bool())
         self.target.set_vocab_mapping(self.vocab.selected_token_ids, self.vocab.selected_token_mask)
-        logger.warning("--resume: training on with the checkpoint's draft vocabulary, not the one built from --data now")
+        logger.warning("--resume: training on with the checkpoint's draft vocabulary, "
+                       "not the one built from --data now")
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -407,7 +416,8 @@ class Trainer:
 
     def _count_throughput(self, tokens: int, elapsed: float, wait: float, synchronous: bool, requests: int) -> None:
         totals = self.throughput
-        totals.tokens, totals.step_s, totals.wait_s = totals.tokens + tokens, totals.step_s + elapsed, totals.wait_s + wait
+        totals.tokens, totals.step_s, totals.wait_s = (totals.tokens + tokens, totals.step_s + elapsed,
+                                                       totals.wait_s + wait)
         if synchronous:  # a synchronous request's latency is the wait (prefetched ones are timed by the prefetcher)
             totals.latency_s, totals.requests = totals.latency_s + wait, totals.requests + requests
 
@@ -446,7 +456,8 @@ class Trainer:
         last: dict = {}
         prefetcher = None
         if hasattr(self.target, "supervise_async") and self.supervision_cache is None:
-            prefetcher = SupervisionPrefetcher(self.target, self.micro_batch, self.config.prefetch_depth, stop=end * accum)
+            prefetcher = SupervisionPrefetcher(self.target, self.micro_batch, self.config.prefetch_depth,
+                                               stop=end * accum)
         evaluator = self.live_evaluator() if main and self.config.eval_every else None
         measured: dict = {}
         started = time.perf_counter()
@@ -501,7 +512,8 @@ class Trainer:
         logger.info("step %d: measured acceptance %.2f on %d prompts (simulated on the batch: %.2f), step-0 accuracy "
                     "%.2f, outputs equal greedy%s; took %.1f s (%.0f %% of the run so far)", self.step,
                     measured["eval_acceptance_length"], measured["eval_prompts"], last["sim_acceptance_length"],
-                    measured["eval_step0_accuracy"], "" if measured["eval_outputs_match"] else " NOT (beyond near-ties)",
+                    measured["eval_step0_accuracy"],
+                    "" if measured["eval_outputs_match"] else " NOT (beyond near-ties)",
                     measured["eval_s"], 100 * measured["eval_s"] / max(run_s, 1e-9))
         return measured
 

@@ -125,7 +125,8 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def save_draft_vocab(vocab: DraftVocab, path: str | Path, counts: torch.Tensor | None = None, fingerprint: str = "") -> None:
+def save_draft_vocab(vocab: DraftVocab, path: str | Path, counts: torch.Tensor | None = None,
+                     fingerprint: str = "") -> None:
     """Write the vocabulary cache atomically: a crash mid-write leaves the old file or none, never half of one."""
     from tandem.speculative.atomic_files import atomic_write
 

@@ -107,7 +107,8 @@ def test_tree_verification_equals_a_chain_forward_along_each_branch():
         alone.extend(prompt)
         chain = alone.extend(torch.tensor([[tree.tokens[i] for i in branch]]))
         assert int(step.next_token_ids[0, node]) == int(chain.next_token_ids[0, -1])
-        torch.testing.assert_close(step.aux_hidden_states[0, node], chain.aux_hidden_states[0, -1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(step.aux_hidden_states[0, node], chain.aux_hidden_states[0, -1], rtol=1e-4,
+                                   atol=1e-5)
     # Keeping one branch leaves the cache a plain sequence: the next forward sees prompt + that branch.
     session.keep_branch(prompt.shape[1], [0, 2, 4])
     assert session.length == prompt.shape[1] + 3
@@ -115,7 +116,8 @@ def test_tree_verification_equals_a_chain_forward_along_each_branch():
     fresh = target.decode_session()
     fresh_step = fresh.extend(torch.cat([prompt, torch.tensor([[11, 21, 31, 50]])], 1))
     assert int(after.next_token_ids[0, -1]) == int(fresh_step.next_token_ids[0, -1])
-    torch.testing.assert_close(after.aux_hidden_states[0, -1], fresh_step.aux_hidden_states[0, -1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(after.aux_hidden_states[0, -1], fresh_step.aux_hidden_states[0, -1], rtol=1e-4,
+                               atol=1e-5)
     with pytest.raises(ValueError, match="cannot keep branch"):
         session.keep_branch(prompt.shape[1], [5, 1])
 

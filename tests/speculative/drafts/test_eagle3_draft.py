@@ -78,7 +78,8 @@ def test_ttt_step_zero_equals_plain_causal_forward():
     ids = torch.randint(0, 50, (2, 5))
     hidden = torch.randn(2, 5, 32)
     positions = torch.arange(5).expand(2, 5)
-    torch.testing.assert_close(draft.step(ids, hidden, positions, ttt_cache=[], key_padding_mask=torch.ones(2, 5, dtype=torch.bool)),
+    torch.testing.assert_close(draft.step(ids, hidden, positions, ttt_cache=[],
+                                          key_padding_mask=torch.ones(2, 5, dtype=torch.bool)),
                                draft.step(ids, hidden, positions), rtol=1e-5, atol=1e-5)
 
 

@@ -136,11 +136,13 @@ VLLM_LOADER_SOURCES = (
            "aux_hidden_state_layers, before layer idx runs; default (2, L//2, L-3)"),
 )
 VLLM_V1_SOURCE = Source(VLLM, "vllm/v1/worker/gpu_model_runner.py", "not pinned: as the issue and the copies read",
-                        "GPUModelRunner._get_eagle3_aux_layers_from_config: top-level eagle_aux_hidden_state_layer_ids, "
-                        "else eagle_config['eagle_aux_hidden_state_layer_ids'], used as-is")
+                        "GPUModelRunner._get_eagle3_aux_layers_from_config: top-level "
+                        "eagle_aux_hidden_state_layer_ids, else eagle_config['eagle_aux_hidden_state_layer_ids'], "
+                        "used as-is")
 VLLM_V2_SOURCE = Source(VLLM, "vllm/v1/worker/gpu/spec_decode/eagle/eagle3_utils.py",
                         "0cfdd2e15d6991f354c6e22fd7f7e7577afe0424",
-                        "get_eagle3_aux_layers_from_config: line 112 top-level key; lines 135-138 eagle_config['layer_ids']; "
+                        "get_eagle3_aux_layers_from_config: line 112 top-level key; "
+                        "lines 135-138 eagle_config['layer_ids']; "
                         "set_eagle3_aux_hidden_state_layers line 29: the model's default otherwise")
 SPECULATORS_SOURCES = (
     Source(VLLM, "vllm/transformers_utils/configs/speculators/algos.py", "cfb173ab8e1b8e44dd35f8b5188255b6a03e13ec",
@@ -224,7 +226,8 @@ def engine_parameters(rules: EngineRules, config: dict) -> dict[str, dict]:
         f"{layer}input_layernorm.weight": {None: (hidden,)},
         f"{layer}hidden_norm.weight": {None: (hidden,)},
         f"{layer}post_attention_layernorm.weight": {None: (hidden,)},
-        f"{layer}self_attn.qkv_proj.weight": {"q": (heads * head_dim, 2 * hidden), "k": (kv_heads * head_dim, 2 * hidden),
+        f"{layer}self_attn.qkv_proj.weight": {"q": (heads * head_dim, 2 * hidden),
+                                              "k": (kv_heads * head_dim, 2 * hidden),
                                               "v": (kv_heads * head_dim, 2 * hidden)},
         f"{layer}self_attn.o_proj.weight": {None: (hidden, heads * head_dim)},
         f"{layer}mlp.gate_up_proj.weight": {0: (inter, hidden), 1: (inter, hidden)},
@@ -290,7 +293,8 @@ def _neox_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.
 
 def engine_forward(rules: EngineRules, config: dict, weights: dict, hot_token_id, aux: torch.Tensor,
                    input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One draft step as the engine computes it: ``(draft-vocabulary logits [B, S, Vd], proposed target ids [B, S])``."""
+    """One draft step as the engine computes it: ``(draft-vocabulary logits [B, S, Vd], proposed target ids
+    [B, S])``."""
     w = {(name if shard is None else f"{name}[{shard}]"): value for (name, shard), value in weights.items()}
     layer, eps = rules.decoder, config["rms_norm_eps"]
     heads = config["num_attention_heads"]

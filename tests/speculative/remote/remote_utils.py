@@ -26,7 +26,8 @@ def load_tiny_target(directory: Path, dtype: str = "float32"):
 
 
 def start_tiny_server(
-    directory: Path, log_path: Path, *extra: str, port: int = 0, token: str | None = None, nccl_timeout_s: float | None = None,
+    directory: Path, log_path: Path, *extra: str, port: int = 0, token: str | None = None,
+    nccl_timeout_s: float | None = None,
     dtype: str = "float32", any_nccl_port: bool = True,
 ) -> TargetServerProcess:
     """``tandem serve-target --model directory --dtype dtype`` on loopback, logging at DEBUG to ``log_path``.

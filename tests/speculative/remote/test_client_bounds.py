@@ -149,7 +149,8 @@ def test_an_answer_larger_than_asked_for_is_refused_without_reading_it(name, gen
 
 @pytest.mark.parametrize("override, fragment", [
     ({"target_probs": torch.zeros(2, 16, 201)}, "'target_probs' has shape [2, 16, 201], expected [2, 16, 200]"),
-    ({"aux_hidden_states": torch.zeros(2, 16, 3 * 64, dtype=torch.float64)}, "'aux_hidden_states' has dtype torch.float64"),
+    ({"aux_hidden_states": torch.zeros(2, 16, 3 * 64, dtype=torch.float64)},
+     "'aux_hidden_states' has dtype torch.float64"),
     ({"input_ids": torch.zeros(2, 17, dtype=torch.long)}, "'input_ids' has shape [2, 17]"),
     ({"position_mask": torch.ones(2, 16, 1, dtype=torch.uint8)}, "'position_mask' has dtype torch.uint8"),
     ({"extra": torch.zeros(1)}, "one more than the 5 expected"),

@@ -57,7 +57,8 @@ def test_truncated_bodies_decode_in_place_or_raise_wire_format_error(body):
 def test_huge_or_lying_shapes_never_allocate_and_raise_wire_format_error(body):
     # A few real bytes can never back a huge shape: anything that decodes holds at most the body.
     if check_wire_body(body):
-        assert sum(t.numel() * t.element_size() for t in wire.decode(bytearray(body)).values() if t is not None) <= len(body)
+        tensors = wire.decode(bytearray(body)).values()
+        assert sum(t.numel() * t.element_size() for t in tensors if t is not None) <= len(body)
 
 
 @FUZZ
@@ -66,7 +67,8 @@ def test_valid_bodies_always_decode(body):
     assert check_wire_body(body)
 
 
-@pytest.mark.parametrize("shape", [(0, 2**62, 4), (0, 2**61, 4), (2**56, 2**56, 0), (2**62, 0, 2**62), (1, 0, 2**63 - 1, 2)])
+@pytest.mark.parametrize("shape",
+                         [(0, 2**62, 4), (0, 2**61, 4), (2**56, 2**56, 0), (2**62, 0, 2**62), (1, 0, 2**63 - 1, 2)])
 def test_empty_tensor_whose_other_dims_overflow_is_a_wire_format_error(shape):
     """Found by the fuzzer: numel is 0, yet torch.empty raised RuntimeError computing strides or storage
     size from the other dims ("Stride calculation overflowed", "Storage size calculation overflowed")."""
@@ -86,6 +88,7 @@ def test_empty_tensor_with_large_but_representable_dims_round_trips():
 def test_the_checker_itself_catches_a_decoder_that_copies(monkeypatch):
     """The in-place check can fail: a decoder that returns copies is caught."""
     original = wire.decode
-    monkeypatch.setattr(wire, "decode", lambda buffer: {k: None if v is None else v.clone() for k, v in original(buffer).items()})
+    monkeypatch.setattr(wire, "decode",
+                        lambda buffer: {k: None if v is None else v.clone() for k, v in original(buffer).items()})
     with pytest.raises(AssertionError, match="not a view of the body"):
         check_wire_body(wire.encode_to_bytes({"x": torch.arange(4)}))

@@ -87,7 +87,8 @@ def test_bytes_past_content_length_are_the_next_request_and_garbage_there_is_400
 def test_a_smuggled_second_request_past_content_length_is_just_a_second_request(server, expected):
     """Extra bytes are never read as part of the first body: they parse as the next request (pipelining)."""
     with good_client_running(server, expected), connect(server) as sock:
-        sock.sendall(head("POST", "/heartbeat", 2) + b"{}" + head("GET", "/health", token=None, extra="Connection: close\r\n"))
+        sock.sendall(head("POST", "/heartbeat", 2) + b"{}" + head("GET", "/health", token=None,
+                                                                  extra="Connection: close\r\n"))
         replies = parse_responses(read_until_closed(sock))
     assert [(s, json.loads(b)) for s, _, b in replies] == [(200, {"status": "ok"}), (200, {"status": "ok"})]
 
@@ -256,7 +257,8 @@ def test_without_a_token_the_server_reads_no_body_and_health_stays_public(server
         assert replies[0][0] == 401
         with connect(server) as sock:
             sock.sendall(head("GET", "/health", token=None, extra="Connection: close\r\n"))
-            assert [(s, json.loads(b)) for s, _, b in parse_responses(read_until_closed(sock))] == [(200, {"status": "ok"})]
+            replies = [(s, json.loads(b)) for s, _, b in parse_responses(read_until_closed(sock))]
+            assert replies == [(200, {"status": "ok"})]
 
 
 def test_json_past_the_parsers_limits_is_400_over_http(server, expected):

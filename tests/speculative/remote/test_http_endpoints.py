@@ -42,7 +42,8 @@ def target_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(target_dir, tmp_path_factory):
-    process = start_tiny_server(target_dir, tmp_path_factory.mktemp("http_log") / "serve.log", "--max-body-mb", "1", token=TOKEN)
+    process = start_tiny_server(target_dir, tmp_path_factory.mktemp("http_log") / "serve.log", "--max-body-mb", "1",
+                                token=TOKEN)
     yield process
     process.stop()
 
@@ -139,16 +140,19 @@ HTTP_CASES = {
     "wrong method": ("GET", "/generate", b"", {}, TOKEN, 405, "takes POST"),
     "missing token": ("POST", "/model_info", b"", {}, None, 401, "missing Authorization"),
     "wrong token": ("POST", "/model_info", b"", {}, "nope", 401, "invalid bearer token"),
-    "body over the limit": ("POST", "/generate", b"x" * 16, {"Content-Length": str(2 << 20)}, TOKEN, 413, "exceeds the limit"),
+    "body over the limit": ("POST", "/generate", b"x" * 16, {"Content-Length": str(2 << 20)}, TOKEN, 413,
+                            "exceeds the limit"),
     "bad content length": ("POST", "/generate", b"", {"Content-Length": "-5"}, TOKEN, 400, "Content-Length"),
     "chunked body": ("POST", "/generate", b"", {"Transfer-Encoding": "chunked"}, TOKEN, 411, "chunked"),
     "generate before set_vocab_mapping": ("POST", "/generate", _generate_body(), {}, TOKEN, 409, "set_vocab_mapping"),
     "init_nccl with bad JSON": ("POST", "/init_nccl", b"{oops", {}, TOKEN, 400, "JSON"),
     "generate missing a tensor": (
-        "POST", "/generate", wire.encode_to_bytes({"input_ids": torch.zeros(1, 4, dtype=torch.long)}), {}, TOKEN, 400, "missing",
+        "POST", "/generate", wire.encode_to_bytes({"input_ids": torch.zeros(1, 4, dtype=torch.long)}), {}, TOKEN, 400,
+        "missing",
     ),
     # DESIGN 3.2: every malformed wire body, as a /generate request.
-    **{f"wire: {name}": ("POST", "/generate", body, {}, TOKEN, 400, fragment) for name, (body, fragment) in MALFORMED.items()},
+    **{f"wire: {name}": ("POST", "/generate", body, {}, TOKEN, 400, fragment)
+       for name, (body, fragment) in MALFORMED.items()},
 }
 
 
@@ -208,7 +212,8 @@ def test_a_client_vanishing_mid_response_disturbs_nobody(server, reference):
 
     def vanishing_client():
         vocab = wire.encode_to_bytes(dict(zip(("selected_token_ids", "selected_token_mask"), mapping)))
-        assert raw_request(server.port, "POST", "/set_vocab_mapping", vocab, {protocol.CLIENT_ID_HEADER: "vanishing"})[0] == 200
+        assert raw_request(server.port, "POST", "/set_vocab_mapping", vocab,
+                           {protocol.CLIENT_ID_HEADER: "vanishing"})[0] == 200
         with socket.socket() as sock:
             # A tiny receive window: the server is still writing megabytes when the client resets.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -286,7 +291,8 @@ def test_5xx_is_retried_with_backoff_until_the_server_recovers():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
-        client = RemoteEagle3TargetModel(f"http://127.0.0.1:{httpd.server_address[1]}", retry=RetryPolicy(backoff_s=0.01))
+        client = RemoteEagle3TargetModel(f"http://127.0.0.1:{httpd.server_address[1]}",
+                                         retry=RetryPolicy(backoff_s=0.01))
         assert client.model_info()["vocab_size"] == 16
         assert seen == [503, 500, 200]
         answers[:] = [503] * 10

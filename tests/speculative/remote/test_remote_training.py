@@ -92,7 +92,8 @@ def server(root, target_dir):
 
 def test_remote_training_is_bit_identical_to_in_process(root, target_dir, reference, server):
     url = server["process"].url
-    trainer = train(run_config(root, "remote", target_dir, target_urls=[url], prefetch_depth=2), tokenizer=build_tiny_tokenizer())
+    trainer = train(run_config(root, "remote", target_dir, target_urls=[url], prefetch_depth=2),
+                    tokenizer=build_tiny_tokenizer())
     assert trainer.step == STEPS
     assert_same_run(root / "remote", reference)
     log = server["process"].log_tail(100_000)
@@ -107,8 +108,8 @@ def test_two_trainers_share_one_server_and_both_match(root, target_dir, referenc
         [sys.executable, "-m", "tandem.cli", "--log-level", "WARNING", "train", "--data", str(root / "data.jsonl"),
          "--output-dir", str(root / "cli"), "--target", str(target_dir), "--target-url", url, "--prefetch-depth", "2",
          "--total-steps", str(STEPS), "--batch-size", "4", "--max-seq-len", "48", "--draft-vocab-size", "120",
-         "--warmup-steps", "1", "--ttt-steps", "2", "--save-every", "100", "--learning-rate", "3e-3", "--dtype", "float32",
-         "--no-show-progress"],
+         "--warmup-steps", "1", "--ttt-steps", "2", "--save-every", "100", "--learning-rate", "3e-3",
+         "--dtype", "float32", "--no-show-progress"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     trainer = train(run_config(root, "concurrent", target_dir, target_urls=[url]), tokenizer=build_tiny_tokenizer())
@@ -140,7 +141,8 @@ def test_server_crash_and_restart_mid_training_is_retried_through(root, target_d
 
 def test_remote_training_is_bit_identical_in_bfloat16(root, target_dir):
     """A bf16 server and a bf16 in-process target (bf16 draft compute, fp32 master weights) train the same draft."""
-    reference = train(run_config(root, "in_process_bf16", target_dir, dtype="bfloat16"), tokenizer=build_tiny_tokenizer())
+    reference = train(run_config(root, "in_process_bf16", target_dir, dtype="bfloat16"),
+                      tokenizer=build_tiny_tokenizer())
     assert reference.compute_dtype == torch.bfloat16
     server = start_tiny_server(target_dir, root / "serve-target-bf16.log", dtype="bfloat16")
     try:

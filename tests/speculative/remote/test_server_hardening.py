@@ -358,8 +358,10 @@ def test_every_refused_request_closes_its_connection(http_server):
 
 def test_a_client_flooding_big_batches_makes_a_small_client_wait_for_one_forward_at_most(http_server, expected):
     mapping, cases = expected
-    big = (torch.randint(0, 320, (16, 512)), torch.ones(16, 512, dtype=torch.long), torch.ones(16, 512, dtype=torch.long))
-    flooder = RemoteEagle3TargetModel(http_server.url, token=TOKEN, client_id="flooder", enable_nccl=False, timeout_s=120)
+    big = (torch.randint(0, 320, (16, 512)), torch.ones(16, 512, dtype=torch.long),
+           torch.ones(16, 512, dtype=torch.long))
+    flooder = RemoteEagle3TargetModel(http_server.url, token=TOKEN, client_id="flooder", enable_nccl=False,
+                                      timeout_s=120)
     small = RemoteEagle3TargetModel(http_server.url, token=TOKEN, client_id="small", enable_nccl=False, timeout_s=120)
     flooder.set_vocab_mapping(*mapping)
     small.set_vocab_mapping(*mapping)

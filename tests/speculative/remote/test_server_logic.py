@@ -90,7 +90,8 @@ def test_exit_when_idle_stops_after_the_last_client_leaves(target):
 
 @pytest.mark.parametrize(
     "header,ok",
-    [(None, False), ("Bearer wrong", False), ("Basic s3cret", False), ("Bearer s3cret", True), ("Bearer s3cret ", True)],
+    [(None, False), ("Bearer wrong", False), ("Basic s3cret", False), ("Bearer s3cret", True),
+     ("Bearer s3cret ", True)],
 )
 def test_bearer_token_is_required_except_for_health(logic, header, ok):
     logic.authorize("health", header)  # public, whatever the header

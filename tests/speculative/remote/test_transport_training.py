@@ -85,7 +85,8 @@ def check_batches(client: RemoteEagle3TargetModel, expected, count: int = 2) -> 
 
 
 def test_remote_training_over_the_group_is_bit_identical_to_in_process(root, target_dir, server):
-    reference = train(run_config(root, "in_process", target_dir), tokenizer=build_tiny_tokenizer(), target_factory=build_target)
+    reference = train(run_config(root, "in_process", target_dir), tokenizer=build_tiny_tokenizer(),
+                      target_factory=build_target)
     client = RemoteEagle3TargetModel(server.url, prefetch_depth=2, nccl_timeout_s=GROUP_TIMEOUT_S)
     trainer = train(run_config(root, "over_group", target_dir), target=client, tokenizer=build_tiny_tokenizer())
     assert trainer.step == STEPS
@@ -165,7 +166,8 @@ serve(logic, "127.0.0.1", 0, on_ready=lambda h, p: print(READY_LINE.format(host=
 """
 
 
-def start_slow_send_server(target_dir: Path, log_path: Path, group_timeout_s: float = GROUP_TIMEOUT_S) -> TargetServerProcess:
+def start_slow_send_server(target_dir: Path, log_path: Path,
+                           group_timeout_s: float = GROUP_TIMEOUT_S) -> TargetServerProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
@@ -185,7 +187,8 @@ def test_server_killed_mid_transfer_client_falls_back_and_the_run_resumes(root, 
     restarted = threading.Event()
 
     def restart():
-        holder["process"] = start_tiny_server(target_dir, root / "restarted.log", port=slow.port, nccl_timeout_s=GROUP_TIMEOUT_S)
+        holder["process"] = start_tiny_server(target_dir, root / "restarted.log", port=slow.port,
+                                              nccl_timeout_s=GROUP_TIMEOUT_S)
         restarted.set()
 
     original_recv = NCCLTransport.recv_tensors

@@ -133,13 +133,15 @@ def _raw_verify(server, ids: torch.Tensor, headers: dict, extra: dict | None = N
 @pytest.mark.parametrize("ids, headers, status, says", [
     (torch.randint(3, 250, (2, 4)), {protocol.DECODE_SESSION_HEADER: "s"}, 400, "one sequence"),
     (torch.randint(3, 250, (1, 4)), {protocol.PAST_HEADER: "3"}, 400, "without"),
-    (torch.randint(3, 250, (1, 4)), {protocol.DECODE_SESSION_HEADER: "s", protocol.PAST_HEADER: "-1"}, 400, "non-negative"),
+    (torch.randint(3, 250, (1, 4)), {protocol.DECODE_SESSION_HEADER: "s", protocol.PAST_HEADER: "-1"}, 400,
+     "non-negative"),
     (torch.randint(3, 250, (1, 4)), {protocol.DECODE_SESSION_HEADER: "bad name!"}, 400, protocol.DECODE_SESSION_HEADER),
     (torch.full((1, 4), 10_000), {}, 400, "must lie in"),
     (torch.rand(1, 4), {}, 400, "integer"),
     (torch.randint(3, 250, (1, 4)), {protocol.DECODE_SESSION_HEADER: "never-seen", protocol.PAST_HEADER: "5"}, 409,
      "send the whole sequence"),
-    (torch.randint(3, 250, (1, MAX_DECODE_TOKENS + 1)), {protocol.DECODE_SESSION_HEADER: "s"}, 413, "--max-decode-tokens"),
+    (torch.randint(3, 250, (1, MAX_DECODE_TOKENS + 1)), {protocol.DECODE_SESSION_HEADER: "s"}, 413,
+     "--max-decode-tokens"),
 ])
 def test_bad_verify_requests_get_a_clear_4xx_and_the_server_goes_on(server, ids, headers, status, says):
     got, body = _raw_verify(server, ids, headers)
@@ -225,8 +227,8 @@ def test_decode_caches_are_bounded_and_freed_on_disconnect(local):
     assert len(logic.decode_caches) == 1 and logic.decode_caches.tokens == 15
 
 
-def test_eval_command_against_a_server_reports_what_the_in_process_eval_does(server, target_dir, trained_draft, tmp_path,
-                                                                             capsys):
+def test_eval_command_against_a_server_reports_what_the_in_process_eval_does(server, target_dir, trained_draft,
+                                                                             tmp_path, capsys):
     # `tandem eval --target-url`: no target weights loaded here, the same table as `tandem eval --model`.
     import json
 

@@ -20,7 +20,8 @@ from tandem.speculative.remote.wire import WireFormatError, decode, encode, enco
 MAGIC = struct.pack("<I", 0x4E4D4554)
 
 
-def entry(key: str | bytes, code: int | None = None, shape=(), data: bytes = b"", nbytes: int | None = None, flags=None):
+def entry(key: str | bytes, code: int | None = None, shape=(), data: bytes = b"", nbytes: int | None = None,
+          flags=None):
     """One entry exactly as DESIGN 3.2 lays it out; ``code=None`` is a None value."""
     key_bytes = key.encode("utf-8") if isinstance(key, str) else key
     out = struct.pack("<I", len(key_bytes)) + key_bytes

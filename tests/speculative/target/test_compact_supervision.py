@@ -88,8 +88,8 @@ class CompactInProcessTarget(Eagle3TargetModel):
 
 def train_losses(tmp_path, name: str, target_model, **overrides) -> list[float]:
     config = TrainConfig(**overrides,
-        data=str(write_chat_data(tmp_path / "data.jsonl", count=16, answer_words=10)), output_dir=str(tmp_path / name), total_steps=6,
-        batch_size=4, max_seq_len=48, draft_vocab_size=120, warmup_steps=1, ttt_steps=3, save_every=100,
+        data=str(write_chat_data(tmp_path / "data.jsonl", count=16, answer_words=10)), output_dir=str(tmp_path / name),
+        total_steps=6, batch_size=4, max_seq_len=48, draft_vocab_size=120, warmup_steps=1, ttt_steps=3, save_every=100,
         show_progress=False, learning_rate=3e-3, dtype="float32",
     )
     train(config, target=target_model, tokenizer=build_tiny_tokenizer())
@@ -153,7 +153,8 @@ def test_a_client_that_asks_gets_the_compact_answer_echoed_and_the_lm_head_rows(
     head = wire.decode(b"".join(server.handle(protocol.EP_DRAFT_LM_HEAD, b"", client_id="c").body))["weight"]
     assert torch.equal(head, target.model.lm_head.weight[ids])
     full = compute_supervision(target, ids, tiny_vocab_mapping(draft_size=120)[1], *tiny_batch())
-    torch.testing.assert_close(compact.expand_supervision(answer, head)["target_probs"], full["target_probs"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(compact.expand_supervision(answer, head)["target_probs"], full["target_probs"],
+                               rtol=1e-5, atol=1e-7)
 
 
 def test_a_target_without_exact_compact_form_answers_in_full_and_says_so():

@@ -83,7 +83,8 @@ def test_model_info_carries_the_identity_as_fields_a_v1_client_ignores():
 def targets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("contract")
     write_chat_data(root / "data.jsonl", count=16)
-    return {"root": root, "a": save_tiny_target(root / "target-a", seed=0), "b": save_tiny_target(root / "target-b", seed=1)}
+    return {"root": root, "a": save_tiny_target(root / "target-a", seed=0),
+            "b": save_tiny_target(root / "target-b", seed=1)}
 
 
 def test_servers_of_one_run_must_serve_the_same_target(targets):
@@ -106,7 +107,8 @@ def test_a_server_restarted_with_another_model_mid_run_stops_the_run(targets):
     port = holder["process"].port
     client = RemoteEagle3TargetModel(holder["process"].url, prefetch_depth=2, enable_nccl=False,
                                      retry=RetryPolicy(max_retries=60, backoff_s=0.1, max_backoff_s=1.0))
-    restarted = restart_on_call(client, holder, 3, lambda: start_tiny_server(targets["b"], root / "after.log", port=port))
+    restarted = restart_on_call(client, holder, 3,
+                                lambda: start_tiny_server(targets["b"], root / "after.log", port=port))
     config = tiny_run_config(root / "restarted", data=str(root / "data.jsonl"), target=str(targets["a"]),
                              total_steps=8, save_every=100)
     try:
@@ -190,12 +192,14 @@ def test_eval_refuses_another_target_unless_allowed(exported, targets, caplog):
 
 def test_export_refuses_another_target_unless_allowed(exported, targets, caplog):
     out = targets["root"] / "re-exported"
-    args = ["--log-level", "WARNING", "export", "--draft", str(exported), "--format", "speculators", "--output", str(out)]
+    args = ["--log-level", "WARNING", "export", "--draft", str(exported), "--format", "speculators", "--output",
+            str(out)]
     with caplog.at_level(logging.ERROR):
         assert main([*args, "--model", str(targets["b"])]) == 2
     assert "differs in weights_digest" in caplog.text and not out.exists()
     assert main([*args, "--model", str(targets["a"])]) == 0
-    assert json.loads((out / "config.json").read_text())["speculators_config"]["verifier"]["name_or_path"] == str(targets["a"])
+    verifier = json.loads((out / "config.json").read_text())["speculators_config"]["verifier"]
+    assert verifier["name_or_path"] == str(targets["a"])
     assert read_export_record(out) == read_export_record(exported)  # the record travels with the draft
 
 

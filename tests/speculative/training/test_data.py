@@ -46,7 +46,8 @@ HEADER_TEMPLATE = (
 # Renders the number of messages up front, so a prefix's rendering is not a prefix of the whole.
 UNSTABLE_TEMPLATE = (
     "{{ messages|length }}"
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' }}{% endfor %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
@@ -86,13 +87,15 @@ def write_lines(path, lines: list[str]) -> str:
 # ------------------------------------------------------------------ loss masks
 
 
-@pytest.mark.parametrize("template", [None, DEFAULT_SYSTEM_TEMPLATE, HEADER_TEMPLATE], ids=["chatml", "default_system", "header"])
+@pytest.mark.parametrize("template", [None, DEFAULT_SYSTEM_TEMPLATE, HEADER_TEMPLATE],
+                         ids=["chatml", "default_system", "header"])
 @pytest.mark.parametrize("messages", [CONVERSATION, CONVERSATION[1:]], ids=["with_system", "without_system"])
 def test_loss_mask_covers_exactly_assistant_content_and_end_token(template, messages):
     tokenizer = tokenizer_with_template(template)
     input_ids, loss_mask = tokenize_conversation(tokenizer, messages, max_seq_len=4096)
     assert input_ids.dtype == torch.long and input_ids.shape == loss_mask.shape
-    expected_ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    expected_ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False),
+                             add_special_tokens=False)["input_ids"]
     assert input_ids.tolist() == expected_ids
     answers = [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
     assert [tokenizer.decode(run) for run in masked_runs(input_ids, loss_mask)] == answers
@@ -303,7 +306,8 @@ def direct_greedy_answer(model, tokenizer, messages, max_new_tokens):
 def test_regenerate_matches_unbatched_greedy_and_keeps_order(tiny_llama, tiny_tokenizer):
     records = [
         ChatRecord([{"role": "user", "content": "a much longer first prompt, to be sorted last"}], {"category": "x"}),
-        ChatRecord([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "OLD"}, {"role": "user", "content": "more"}]),
+        ChatRecord([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "OLD"},
+                    {"role": "user", "content": "more"}]),
         [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "OLD"}],
     ]
     out = regenerate(tiny_llama, tiny_tokenizer, records, max_new_tokens=5, batch_size=2, show_progress=False)

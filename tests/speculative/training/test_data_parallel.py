@@ -105,7 +105,8 @@ def _audit_writes(root: str, seen: list) -> None:
     def hook(event, args):
         if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
             mode, flags = args[1], args[2]
-            writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (isinstance(flags, int) and flags & write_flags)
+            writes = ((isinstance(mode, str) and any(c in mode for c in "wax+"))
+                      or (isinstance(flags, int) and flags & write_flags))
             if writes and os.fsdecode(args[0]).startswith(root):
                 seen.append(f"open {args[0]} {mode!r}")
         elif event in ("os.mkdir", "os.rename", "os.remove", "os.replace") and os.fsdecode(args[0]).startswith(root):

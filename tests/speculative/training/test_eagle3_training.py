@@ -102,7 +102,8 @@ def test_the_run_exports_in_the_targets_dtype_unless_told(tmp_path):
     from safetensors.torch import load_file
 
     model = build_tiny_llama(seed=1).to(torch.bfloat16)
-    trainer = Trainer(tiny_run_config(tmp_path), target=Eagle3TargetModel(model, [0, 1, 2]), tokenizer=build_tiny_tokenizer())
+    trainer = Trainer(tiny_run_config(tmp_path), target=Eagle3TargetModel(model, [0, 1, 2]),
+                      tokenizer=build_tiny_tokenizer())
     tensors = load_file(str(trainer.export() / "model.safetensors"))
     assert tensors["fc.weight"].dtype == torch.bfloat16
     assert torch.equal(tensors["embed_tokens.weight"], model.get_input_embeddings().weight)  # lossless
@@ -120,7 +121,8 @@ def test_live_evaluation_measures_what_eval_does_and_leaves_training_bit_identic
     tokenizer = build_tiny_tokenizer()
 
     def run(name: str, **overrides) -> Trainer:
-        trainer = Trainer(tiny_run_config(tmp_path / name, **overrides), target=peaked_target(seed=1), tokenizer=tokenizer)
+        trainer = Trainer(tiny_run_config(tmp_path / name, **overrides), target=peaked_target(seed=1),
+                          tokenizer=tokenizer)
         trainer.train()
         return trainer
 
@@ -136,6 +138,7 @@ def test_live_evaluation_measures_what_eval_does_and_leaves_training_bit_identic
     summary = evaluate_speculative(measured.target, measured.draft, prompts, 8, 3, stop_ids=stop_ids, progress=False)
     assert rows[-1]["eval_acceptance_length"] == summary.acceptance_length
     assert rows[-1]["eval_outputs_match"] == summary.outputs_match
-    assert rows[-1]["eval_step0_accuracy"] == teacher_forced_accuracy(measured.target, measured.draft, prompts, 8, stop_ids)
+    assert rows[-1]["eval_step0_accuracy"] == teacher_forced_accuracy(measured.target, measured.draft, prompts, 8,
+                                                                      stop_ids)
 
 

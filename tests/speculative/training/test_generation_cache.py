@@ -23,7 +23,8 @@ def test_grouped_attention_equals_eager_with_padding_mask():
     allowed[1, :, :, :3] = False  # a left-padded row
     mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
     expected, _ = eager_attention_forward(_Module(groups), query, key, value, mask, scaling=dim ** -0.5)
-    got, weights = batched_decoding.grouped_query_attention(_Module(groups), query, key, value, mask, scaling=dim ** -0.5)
+    got, weights = batched_decoding.grouped_query_attention(_Module(groups), query, key, value, mask,
+                                                            scaling=dim ** -0.5)
     assert weights is None and got.shape == (batch, q_len, kv_heads * groups, dim)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 

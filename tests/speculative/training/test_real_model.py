@@ -31,7 +31,8 @@ def test_default_target_short_train_and_real_speculative_eval(smollm2, tmp_path)
     target = Eagle3TargetModel(model)
     assert target.aux_layer_ids == [1, 14, 26]
     data = tmp_path / "train.jsonl"
-    assert regenerate_file(model, tokenizer, default_prompt_path("train"), data, max_new_tokens=24, batch_size=8, limit=8) == 8
+    assert regenerate_file(model, tokenizer, default_prompt_path("train"), data, max_new_tokens=24, batch_size=8,
+                           limit=8) == 8
     config = TrainConfig(data=str(data), output_dir=str(tmp_path / "run"), total_steps=4, batch_size=2, max_seq_len=96,
                          ttt_steps=2, draft_vocab_size=2048, warmup_steps=1, save_every=2, show_progress=False)
     trainer = Trainer(config, target=target, tokenizer=tokenizer)

@@ -88,7 +88,8 @@ def test_rotation_deletes_only_what_tandem_wrote(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     deleted = run_state.rotate(tmp_path, keep=1)
     assert sorted(p.name for p in deleted) == ["step_2.pt", "step_4.pt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_07.pt", "step_10.pt", "step_60_backup.pt", "step_best.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_07.pt", "step_10.pt", "step_60_backup.pt",
+                                                          "step_best.pt"]
     assert [run_state.checkpoint_due(step, 0, 5) for step in range(1, 6)] == [False] * 4 + [True]
 
 

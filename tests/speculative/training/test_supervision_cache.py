@@ -85,7 +85,8 @@ def test_training_from_a_filled_cache_equals_filling_it_while_training(root):
 def test_cache_entries_from_a_server_equal_in_process_ones(root):
     """`tandem cache-supervision --target-url` against a real server writes the same bytes as the in-process fill."""
     local = root / "cache-local"
-    trainer = Trainer(config(root, "fill-local", supervision_cache=str(local)), target=load_tiny_target(root / "target"),
+    trainer = Trainer(config(root, "fill-local", supervision_cache=str(local)),
+                      target=load_tiny_target(root / "target"),
                       tokenizer=build_tiny_tokenizer())
     assert trainer.fill_supervision_cache() == (0, 12)
     remote = root / "cache-remote"
@@ -93,8 +94,9 @@ def test_cache_entries_from_a_server_equal_in_process_ones(root):
     try:
         out = subprocess.run(
             [sys.executable, "-m", "tandem.cli", "--log-level", "WARNING", "cache-supervision",
-             "--data", str(root / "data.jsonl"), "--output-dir", str(root / "fill-remote"), "--target", str(root / "target"),
-             "--target-url", server.url, "--max-seq-len", "64", "--draft-vocab-size", "120",
+             "--data", str(root / "data.jsonl"), "--output-dir", str(root / "fill-remote"),
+             "--target", str(root / "target"), "--target-url", server.url,
+             "--max-seq-len", "64", "--draft-vocab-size", "120",
              "--supervision-cache", str(remote), "--no-show-progress"],
             cwd=REPO, capture_output=True, text=True, timeout=120)
     finally:

@@ -36,13 +36,17 @@ def add_serve_target_parser(subparsers) -> None:
     """Register ``tandem serve-target`` on the CLI's subparsers."""
     from tandem.models import DTYPE_CHOICES
 
-    p = subparsers.add_parser("serve-target", help="serve a frozen target for remote training (tandem train --target-url)")
-    p.add_argument("--model", default="default", help="target: default, an HF directory or a .gguf file (default: default)")
+    p = subparsers.add_parser("serve-target",
+                              help="serve a frozen target for remote training (tandem train --target-url)")
+    p.add_argument("--model", default="default",
+                   help="target: default, an HF directory or a .gguf file (default: default)")
     p.add_argument("--host", default="127.0.0.1",
                    help="bind address; 0.0.0.0 serves every interface, so set --token (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8001, help="TCP port; 0 picks a free one and prints it (default: 8001)")
-    p.add_argument("--token", default=None, help=f"require 'Authorization: Bearer TOKEN' (default: ${protocol.TOKEN_ENV} if set)")
-    p.add_argument("--aux-layer-ids", type=int, nargs=3, default=None, help="the three captured layers (default: [1, L//2-1, L-4])")
+    p.add_argument("--token", default=None,
+                   help=f"require 'Authorization: Bearer TOKEN' (default: ${protocol.TOKEN_ENV} if set)")
+    p.add_argument("--aux-layer-ids", type=int, nargs=3, default=None,
+                   help="the three captured layers (default: [1, L//2-1, L-4])")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="target dtype; auto = bfloat16 on GPUs and on CPUs with native bf16 matmul, else float32 "
                         "(default: auto)")
@@ -57,8 +61,8 @@ def add_serve_target_parser(subparsers) -> None:
                         help="positions the /verify KV caches (speculative decoding through this server) hold in "
                              "all; the least recently used cache makes room (default: --max-batch-tokens)")
     limits.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
-                        help="/generate and /verify requests admitted at once, served round-robin across clients; one more gets "
-                             f"503 with Retry-After (default: {DEFAULT_MAX_QUEUED_REQUESTS})")
+                        help="/generate and /verify requests admitted at once, served round-robin across clients; one "
+                             f"more gets 503 with Retry-After (default: {DEFAULT_MAX_QUEUED_REQUESTS})")
     limits.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
                         help="connections (and handler threads) served at once; one more gets 503 and is closed "
                              f"(default: {DEFAULT_MAX_CONNECTIONS})")
@@ -68,7 +72,8 @@ def add_serve_target_parser(subparsers) -> None:
                         help="evict a session without connections after this many idle seconds "
                              f"(default: {DEFAULT_SESSION_IDLE_TIMEOUT_S:g})")
     limits.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT_S,
-                        help=f"close a connection silent this many seconds between requests (default: {DEFAULT_IDLE_TIMEOUT_S:g})")
+                        help="close a connection silent this many seconds between requests "
+                             f"(default: {DEFAULT_IDLE_TIMEOUT_S:g})")
     limits.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
                         help="answer 408 and close when a request's line and headers are not complete this many "
                              f"seconds after its first byte (default: {DEFAULT_HEADER_TIMEOUT_S:g})")
@@ -143,7 +148,8 @@ def cmd_serve_target(args) -> int:
         print(READY_LINE.format(host=host, port=port), flush=True)
 
     try:
-        serve(logic, args.host, args.port, on_ready=on_ready, idle_timeout_s=args.idle_timeout, body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
+        serve(logic, args.host, args.port, on_ready=on_ready, idle_timeout_s=args.idle_timeout,
+              body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
               max_connections=args.max_connections)
     except OSError as exc:
         raise ValueError(f"cannot serve on {args.host}:{args.port}: {exc}") from exc

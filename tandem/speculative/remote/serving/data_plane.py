@@ -70,8 +70,10 @@ class DataPlaneHost:
         :func:`rendezvous_budget_s` of the group timeout."""
         low, high = self.port_range
         if not low <= port <= high:
-            logger.warning("client %s proposed data-plane port %d, outside the allowed %d-%d", client_id, port, low, high)
-            return {"status": protocol.NCCL_STATUS_FAILED, "reason": NCCL_REASON_PORT_NOT_ALLOWED, "allowed": [low, high]}
+            logger.warning("client %s proposed data-plane port %d, outside the allowed %d-%d",
+                           client_id, port, low, high)
+            return {"status": protocol.NCCL_STATUS_FAILED, "reason": NCCL_REASON_PORT_NOT_ALLOWED,
+                    "allowed": [low, high]}
         live = session.transport
         if live is not None and live.is_initialized:
             # Another port for a session with a group: a second client sharing this session's id (every
@@ -150,7 +152,8 @@ class DataPlaneHost:
             with lock:
                 if self._teardown_armed.is_set():
                     self._teardown_armed.clear()
-                    logger.warning("fault injection: tearing down client %s's data plane mid-transfer", pending.client_id)
+                    logger.warning("fault injection: tearing down client %s's data plane mid-transfer",
+                                   pending.client_id)
                     pending.transport.inject_teardown_fault()
                 pending.transport.send_tensors(pending.tensors, list(pending.tensors))  # the metadata's order
         except TransportError as exc:

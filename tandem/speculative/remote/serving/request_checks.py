@@ -47,7 +47,8 @@ def check_client_id(value: Optional[str]) -> str:
         return protocol.ANONYMOUS_CLIENT
     if not _CLIENT_ID.fullmatch(value):
         shown = repr(value[:40]) + ("..." if len(value) > 40 else "")
-        raise RequestError(400, f"{protocol.CLIENT_ID_HEADER} must be 1-128 characters of [A-Za-z0-9._:@+=-], got {shown}")
+        raise RequestError(400, f"{protocol.CLIENT_ID_HEADER} must be 1-128 characters of [A-Za-z0-9._:@+=-], "
+                                f"got {shown}")
     return value
 
 
@@ -104,7 +105,8 @@ class RequestHeaders(NamedTuple):
         return fields
 
 
-def decode_tensors(raw: bytes, expected: tuple[str, ...], what: str, optional: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+def decode_tensors(raw: bytes, expected: tuple[str, ...], what: str,
+                   optional: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Decode a wire body that must hold exactly the tensors ``expected`` (and may hold ``optional`` ones); 400 for
     anything else.
 
@@ -118,7 +120,8 @@ def decode_tensors(raw: bytes, expected: tuple[str, ...], what: str, optional: t
     missing = [k for k in expected if tensors.get(k) is None]
     unexpected = sorted(set(tensors) - set(expected) - set(optional))
     if missing or unexpected:
-        raise RequestError(400, f"{what}: expected tensors {list(expected)}; missing {missing}, unexpected {unexpected}")
+        raise RequestError(400, f"{what}: expected tensors {list(expected)}; "
+                                f"missing {missing}, unexpected {unexpected}")
     return tensors
 
 
@@ -126,7 +129,8 @@ def _check_ids(name: str, ids: torch.Tensor, vocab_size: int, what: str) -> None
     if ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise RequestError(400, f"{what}: {name} must be an integer tensor, got {ids.dtype}")
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise RequestError(400, f"{what}: {name} must lie in [0, {vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
+        raise RequestError(400, f"{what}: {name} must lie in [0, {vocab_size}), "
+                                f"got [{int(ids.min())}, {int(ids.max())}]")
 
 
 def check_generate_inputs(tensors: dict[str, torch.Tensor], vocab_size: int) -> None:
@@ -138,14 +142,16 @@ def check_generate_inputs(tensors: dict[str, torch.Tensor], vocab_size: int) -> 
     for name in ("attention_mask", "loss_mask"):
         tensor = tensors[name]
         if tensor.shape != input_ids.shape:
-            raise RequestError(400, f"{what}: {name} shape {list(tensor.shape)} != input_ids shape {list(input_ids.shape)}")
+            raise RequestError(400, f"{what}: {name} shape {list(tensor.shape)} "
+                                    f"!= input_ids shape {list(input_ids.shape)}")
         if tensor.dtype.is_floating_point:
             raise RequestError(400, f"{what}: {name} must be an integer or bool tensor, got {tensor.dtype}")
     _check_ids("input_ids", input_ids, vocab_size, what)
 
 
 def check_verify_inputs(tensors: dict[str, torch.Tensor], vocab_size: int) -> torch.Tensor:
-    """``input_ids [B, n]`` long of a ``/verify`` body; 400 unless integer ``[B, n]`` with B, n >= 1 in the vocabulary."""
+    """``input_ids [B, n]`` long of a ``/verify`` body; 400 unless integer ``[B, n]`` with B, n >= 1 in the
+    vocabulary."""
     input_ids = tensors["input_ids"]
     if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
         raise RequestError(400, f"verify: input_ids must be [B, n] with B, n >= 1, got {list(input_ids.shape)}")
@@ -160,7 +166,8 @@ def check_tree_parents(parents: torch.Tensor | None, input_ids: torch.Tensor) ->
         return None
     n = input_ids.shape[1]
     if input_ids.shape[0] != 1:
-        raise RequestError(400, f"verify: a draft tree is verified for one sequence, got a batch of {input_ids.shape[0]}")
+        raise RequestError(400, "verify: a draft tree is verified for one sequence, "
+                                f"got a batch of {input_ids.shape[0]}")
     if parents.dtype.is_floating_point or parents.dtype == torch.bool or parents.shape != (n,):
         raise RequestError(400, f"verify: tree_parents must be an integer [{n}] tensor, got {parents.dtype} "
                                 f"{list(parents.shape)}")
@@ -187,7 +194,8 @@ def keep_branch_header(value: str | None, name: str | None) -> tuple[int, list[i
                                 "only a kept cache has a branch to keep")
     base, branch = int(match.group(1)), [int(i) for i in match.group(2).split(",")]
     if any(b <= a for a, b in zip(branch, branch[1:])):
-        raise RequestError(400, f"{protocol.KEEP_BRANCH_HEADER}: the branch's positions must increase, got {branch[:8]}")
+        raise RequestError(400, f"{protocol.KEEP_BRANCH_HEADER}: the branch's positions must increase, "
+                                f"got {branch[:8]}")
     return base, branch
 
 
@@ -206,7 +214,8 @@ def decode_session_headers(name: Optional[str], past: Optional[str], batch: int)
         raise RequestError(400, f"{protocol.PAST_HEADER} must be a non-negative integer, got {value[:20]!r}")
     past_length = int(value)
     if name is None and past_length:
-        raise RequestError(400, f"verify: {protocol.PAST_HEADER} {past_length} without {protocol.DECODE_SESSION_HEADER}: "
+        raise RequestError(400, f"verify: {protocol.PAST_HEADER} {past_length} without "
+                                f"{protocol.DECODE_SESSION_HEADER}: "
                                 f"a stateless call sends the whole sequence")
     if name is not None and batch != 1:
         raise RequestError(400, f"verify: a decode session caches one sequence, got a batch of {batch}; send several "
@@ -218,13 +227,15 @@ def check_vocab_mapping(ids: torch.Tensor, mask: torch.Tensor, vocab_size: int) 
     """400 unless ``selected_token_ids [Vd]`` (distinct ids) and ``selected_token_mask [V]`` bool agree."""
     what = "set_vocab_mapping"
     if mask.dtype != torch.bool or mask.shape != (vocab_size,):
-        raise RequestError(400, f"{what}: selected_token_mask must be bool [{vocab_size}], got {mask.dtype} {list(mask.shape)}")
+        raise RequestError(400, f"{what}: selected_token_mask must be bool [{vocab_size}], "
+                                f"got {mask.dtype} {list(mask.shape)}")
     if ids.dim() != 1 or ids.numel() == 0:
         raise RequestError(400, f"{what}: selected_token_ids must be a non-empty 1-D tensor, got {list(ids.shape)}")
     _check_ids("selected_token_ids", ids, vocab_size, what)
     distinct = int(torch.unique(ids).numel())
     if distinct != ids.numel() or int(mask.sum()) != distinct or not bool(mask[ids.long()].all()):
-        raise RequestError(400, f"{what}: selected_token_mask is not the indicator of the {ids.numel()} selected_token_ids")
+        raise RequestError(400, f"{what}: selected_token_mask is not the indicator of the "
+                                f"{ids.numel()} selected_token_ids")
 
 
 def init_nccl_request(payload: dict, default_port: int) -> tuple[int, str]:

@@ -136,7 +136,8 @@ class SessionTable:
 
     def _evict(self, should, why: str) -> None:
         """Drop every session ``should(id, session)`` selects among those without connections. Lock held."""
-        for client_id in [cid for cid, s in self._sessions.items() if not self._connections.get(cid) and should(cid, s)]:
+        for client_id in [cid for cid, s in self._sessions.items()
+                          if not self._connections.get(cid) and should(cid, s)]:
             session = self._sessions.pop(client_id)
             if session.transport is not None:
                 self.ports.pop(session.transport.nccl_port, None)
@@ -183,7 +184,8 @@ class SessionTable:
                 if stale is not None and stale.transport is not None:
                     self.ports[port] = client_id
                     transport, stale.transport = stale.transport, None
-                    logger.warning("client %s left without a word; its data-plane port %d goes to %s", holder, port, client_id)
+                    logger.warning("client %s left without a word; its data-plane port %d goes to %s", holder, port,
+                                   client_id)
                     transport.destroy()  # never blocks: it only aborts and drops the local group
                     holder = None
             if holder is not None:
