@@ -14,8 +14,8 @@ entries declaring huge, negative or lying shapes, ``ndim`` and ``nbytes`` over a
 long run repeats hypothesis with fresh seeds until ``--seconds`` is spent, inside an address-space limit
 (``RLIMIT_AS``) so that any large allocation fails loudly instead of passing unnoticed.
 
-The strategies and checks here are shared with ``tests/test_fuzz_wire.py`` and
-``tests/test_fuzz_json_endpoints.py``.
+The strategies and checks here are shared with ``tests/speculative/remote/test_fuzz_wire.py`` and
+``tests/speculative/remote/test_fuzz_json_endpoints.py``.
 """
 
 from __future__ import annotations

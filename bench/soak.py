@@ -19,7 +19,7 @@ At the end every client must have applied every step exactly once: its metrics, 
 a step a resumed run redid, hold steps 1..N once each with the very losses of a fault-free run (a lost or
 repeated batch would shift every later loss), and its exported draft equals the fault-free one bit for bit.
 The fault-free run is the same training with the target in-process (remote training is bit-identical to
-it, tests/test_remote_training.py). Prints requests served, faults injected, recoveries and the final
+it, tests/speculative/remote/test_remote_training.py). Prints requests served, faults injected, recoveries and the final
 loss difference (0 on CPU).
 """
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tandem.moe.ep import Buffer, DispatchHandle, EventOverlap
-from tests.moe_dist_utils import assert_scenario, scenario_fixtures
+from tests.moe.dist_utils import assert_scenario, scenario_fixtures
 
 HIDDEN = 256
 EXPERTS_PER_RANK = 4

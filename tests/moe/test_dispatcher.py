@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tandem.moe.dispatcher import APIS, GroupedSwiGLU, MoELayer, buffer_api, combine, dispatch
-from tests.moe_dist_utils import assert_scenario, scenario_fixtures
+from tests.moe.dist_utils import assert_scenario, scenario_fixtures
 
 HIDDEN, INTERMEDIATE, TOP_K = 32, 48, 2
 

@@ -1,4 +1,4 @@
-"""tandem's portable `ElasticBuffer` beyond what every backend shares (tests/conformance/ holds those):
+"""tandem's portable `ElasticBuffer` beyond what every backend shares (tests/moe/conformance/ holds those):
 DeepEP V2's exact signatures, the portable row order and slot bookkeeping, clear errors, and the expanded
 layout's pure functions."""
 
@@ -13,8 +13,8 @@ import torch.distributed as dist
 from tandem.moe.ep import ElasticBuffer, EPHandle, EventOverlap
 from tandem.moe.ep.elastic import native_elastic_buffer_class
 from tandem.moe.ep.expanded import expanded_layout, last_selection_order, selection_positions
-from tests.conformance.reference import RankInput, received
-from tests.moe_dist_utils import assert_scenario, scenario_fixtures
+from tests.moe.conformance.reference import RankInput, received
+from tests.moe.dist_utils import assert_scenario, scenario_fixtures
 
 EXPERTS_PER_RANK, TOPK, HIDDEN, M = 4, 3, 16, 20
 

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from tests.conformance.backends import (
+from tests.moe.conformance.backends import (
     BACKENDS,
     EXPERTS_PER_RANK,
     HIDDEN,
@@ -24,7 +24,7 @@ from tests.conformance.backends import (
     BackendSpec,
     Dispatched,
 )
-from tests.conformance.reference import (
+from tests.moe.conformance.reference import (
     RankInput,
     align,
     destination_ranks,

@@ -15,9 +15,9 @@ import traceback
 import pytest
 import torch.distributed as dist
 
-from tests.conformance.backends import BACKENDS
-from tests.conformance.cases import CASES, Ctx
-from tests.moe_dist_utils import assert_scenario, run_ranks
+from tests.moe.conformance.backends import BACKENDS
+from tests.moe.conformance.cases import CASES, Ctx
+from tests.moe.dist_utils import assert_scenario, run_ranks
 
 WORLD_SIZES = (2, 4)
 

@@ -20,7 +20,7 @@ import torch
 
 from tandem.speculative.remote import protocol, wire
 from tandem.speculative.target.supervision import compute_supervision
-from tests import http_utils
+from tests.speculative.remote import http_utils
 from tests.speculative.remote.http_utils import error_of, parse_responses, proc_threads, read_until_closed
 from tests.speculative.remote.remote_utils import (
     load_tiny_target,
