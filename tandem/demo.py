@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(kw_only=True)
 class DemoConfig:
-    """What the demo runs; the defaults are the measured recipe (README: "The recipe, measured") for two CPU cores."""
+    """What the demo runs; the defaults are the measured recipe for two CPU cores (docs/training.md)."""
 
     out: str = "runs/demo"
     """Output directory: data, supervision cache, checkpoints, exported draft, plot, summary.json."""
@@ -38,10 +38,10 @@ class DemoConfig:
     regen_max_new_tokens: int = 192
     """Answer length when regenerating the training set."""
     regen_batch_size: int = 128
-    """Conversations generated together (measured on 2 cores, bf16: 409 tok/s at 128 rows, 338 at 64, 468 at 256)."""
+    """Conversations generated together (throughput by batch size: docs/benchmarks.md)."""
     total_steps: int = 1200
-    """Training steps (about 0.26 s each at TTT 2 from the supervision cache on two CPU cores in bf16). Measured:
-    more steps on the same data beat more data at the same training time (README, "The recipe, measured")."""
+    """Training steps: more steps on the same data beat more data at the same training time
+    (docs/training.md, "The recipe, and how it was measured")."""
     batch_size: int = 4
     """Sequences per step."""
     max_seq_len: int = 384
@@ -53,8 +53,8 @@ class DemoConfig:
     draft_vocab_size: int = 4096
     """Draft vocabulary size (its coverage of the training tokens is logged)."""
     ttt_steps: int = 2
-    """Training-time-test unroll length (7 is the library default). Measured: 1200 steps at TTT 2 beat 600 at TTT 4
-    in the same time, on every draft step's held-out accuracy but the third and fourth."""
+    """Training-time-test unroll length (7 is the library default); shorter unrolls and more steps won in the
+    same time (docs/training.md)."""
     ttt_decay: float = 0.8
     """Loss weight ratio between consecutive TTT steps (lower puts more of the loss on the first proposal)."""
     supervision_cache: bool = True
@@ -65,17 +65,14 @@ class DemoConfig:
     eval_max_new_tokens: int = 64
     """Tokens generated per held-out prompt."""
     draft_tokens: int = 2
-    """With ``tree`` "": most tokens the draft's chain proposes per verification (measured on the TTT-2 draft,
-    12 held-out prompts: 2 fixed 1.26x, up to 3 / 5 / 8 with ``min_confidence`` 0.3 1.24x / 1.23x / 1.21x)."""
+    """With ``tree`` "": most tokens the draft's chain proposes per verification (a draft trained two steps deep
+    gains nothing from longer chains: docs/experiments.md)."""
     min_confidence: float = 0.0
     """Dynamic draft length: a round stops drafting once the draft's probability of its next token is below this."""
     tree: str = "3,8,24"
-    """The evaluations draft a tree, ``DEPTH,TOP_K,SIZE`` (``draft_tree.py``), instead of a chain of ``draft_tokens``
-    ("": a chain); the live ones during training too, through the target server's ``/verify``. Measured on the
-    fresh demo's draft, 16 held-out prompts, acceptance / speed-up: chain of 2 1.50 / 1.20x; trees 3,4,12 1.86 /
-    1.25x, 2,8,16 1.97 / 1.30x, 3,8,16 1.99 / 1.24x, 3,8,24 2.09 / 1.25-1.28x, 3,12,24 2.07 / 1.23x, 3,10,30
-    2.12 / 1.18x, 4,8,32 2.12 / 1.12x (README, "Decoding that can profit"; before the flat-row fix of
-    ``verification.greedy_from_hidden``, after which a fresh demo measured 3,8,24 at 2.09 / 1.34x)."""
+    """The evaluations draft a tree, ``DEPTH,TOP_K,SIZE`` (``decoding/tree.py``), instead of a chain of
+    ``draft_tokens`` ("": a chain); the live ones during training too, through the target server's ``/verify``.
+    Why 3,8,24: the tree sweep in docs/training.md."""
     untrained_eval_prompts: int = 4
     """Held-out prompts the untrained baseline decodes (the first of ``eval_prompts``): a random draft's acceptance
     is about 1.0 on any number of them, and each of its tree rounds costs a verification for nothing."""
@@ -239,11 +236,11 @@ def _evaluate(config: DemoConfig, target, tokenizer, drafts: dict) -> tuple[dict
 def _evaluate_in_fresh_process(config: DemoConfig, out: Path, untrained_draft, dtype: torch.dtype):
     """``_evaluate`` in a child process that loads the target and the exported drafts afresh.
 
-    Why: decoding in the demo's own process ran 1.3x slower on both sides than in a fresh one (plain greedy
-    19.7 against 25.5 tok/s, measured: a full regeneration and the training each leave the process slower),
-    and a slower target step makes the draft's fixed cost weigh more, so the speed-up read 1.12x where
-    ``tandem eval`` measured 1.20-1.21x for the same draft and prompts. The drafts go through their exported
-    files, in the target's dtype, exactly as ``for_decoding`` would have cast them.
+    Why: decoding in the demo's own process runs slower on both sides than in a fresh one (a full
+    regeneration and the training each leave the process slower), and a slower target step makes the draft's
+    fixed cost weigh more, so the speed-up read lower than ``tandem eval`` measures for the same draft and
+    prompts (docs/training.md, "Why the final evaluation runs in a child process"). The drafts go through
+    their exported files, in the target's dtype, exactly as ``for_decoding`` would have cast them.
     """
     import subprocess
     import sys

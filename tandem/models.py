@@ -27,7 +27,7 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 def has_native_bf16(device: str | torch.device = "cpu") -> bool:
     """True where bfloat16 matmuls run at hardware speed: any CUDA device of compute capability >= 8.0, or a
-    CPU with AVX512-BF16 or AMX (measured on these machines' Xeon: ~7x float32's matmul rate). Elsewhere
+    CPU with AVX512-BF16 or AMX (several times float32's matmul rate: docs/benchmarks.md). Elsewhere
     bfloat16 is emulated and slower than float32."""
     device = torch.device(device)
     if device.type == "cuda":

@@ -1,24 +1,12 @@
 """Autograd for the expert-parallel token exchange, and an MoE layer built on it.
 
-The handle's life. `dispatch` computes the layout from `topk_idx`, sends every token to the ranks that
-hold its experts and returns a `DispatchHandle` that records where each row went: which tokens this rank
-sent to which rank (`is_token_in_rank`, `send_head`) and how many rows it received from each source
-(`rank_prefix_matrix`). The handle is then used three times: by `combine` in the forward pass, to bring
-the expert outputs home; by the backward of `combine`, which is a *cached* dispatch along the same layout;
-and by the backward of `dispatch`, which is a `combine`. It is dropped with the autograd graph.
+``dispatch`` sends every token to the ranks that hold its experts and returns a handle recording where each
+row went; ``combine`` brings the expert outputs home along it. The two are each other's adjoint: the backward
+of ``dispatch`` is a ``combine``, the backward of ``combine`` a cached dispatch along the same handle, so a
+training step moves tokens with the buffer's own kernels in both directions (docs/moe.md). The same functions
+drive DeepEP's V1 ``Buffer`` and V2 ``ElasticBuffer``, tandem's portable ones or the native kernels.
 
-The backward pairing. Dispatch copies each token to some ranks, so its adjoint sums the gradients of the
-copies back onto the token: a combine. Combine sums copies, so its adjoint copies the output gradient to
-every rank that held a copy: a dispatch with the cached layout. The top-k weights travel with the tokens;
-their gradient is summed home by the same combine, after masking the entries that belong to experts on
-other ranks (those weights were zeroed by dispatch, so they carry no gradient).
-
-Either API. The same functions drive DeepEP's V1 `Buffer` (layout, then dispatch; a `DispatchHandle`)
-and its V2 `ElasticBuffer` (one dispatch call; an `EPHandle`), tandem's portable ones or the native
-kernels: a buffer without `get_dispatch_layout` is taken for V2. Both are used in the plain layout, and
-both combines return the expert rows unweighted, so the gradients are the same.
-
-Usage, on every rank of a process group `group` (e.g. under `torchrun --nproc-per-node 4`):
+Usage, on every rank of a process group ``group`` (e.g. under ``torchrun --nproc-per-node 4``):
 
     layer = MoELayer(hidden=1024, intermediate=2816, num_experts=64, top_k=6, group=group)   # api="v2" too
     y = layer(x)          # x: [tokens, hidden] local to this rank; experts are split across the group

@@ -1,17 +1,13 @@
 """`Buffer`: DeepEP's expert-parallel communication buffer on `torch.distributed`.
 
 The constructor, methods, keyword names and return arities are DeepEP's, so code written for
-`deep_ep.Buffer` runs unchanged; the token exchange itself is `all_to_all_single` on the given group,
-which makes one implementation serve gloo (CPU) and NCCL (GPU). See `normal.py` and `low_latency.py`
-for the exchanges and `stream.py` for how `previous_event` / `async_finish` are honoured.
-
-Typical use (any process group, e.g. after `torchrun --nproc-per-node 4`):
+`deep_ep.Buffer` runs unchanged; the exchange is `all_to_all_single` on the given group, so one
+implementation serves gloo (CPU) and NCCL (GPU). The exchanges live in `normal.py` and `low_latency.py`;
+`stream.py` honours `previous_event` / `async_finish`.
 
     buffer = Buffer(group)
     layout = buffer.get_dispatch_layout(topk_idx, num_experts)
-    recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
-        x, num_tokens_per_rank=layout[0], is_token_in_rank=layout[3],
-        num_tokens_per_expert=layout[2], topk_idx=topk_idx, topk_weights=topk_weights)
+    recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(x, num_tokens_per_rank=layout[0], ...)
     y, _, _ = buffer.combine(expert_out, handle)
 """
 

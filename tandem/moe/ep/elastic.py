@@ -1,27 +1,14 @@
 """`ElasticBuffer`: DeepEP's V2 expert-parallel API on `torch.distributed`.
 
-The constructor, `dispatch` and `combine` keep DeepEP V2's argument names, order, defaults and return
-arity (`deep_ep/buffers/elastic.py`), with the typed `EPHandle`; the exchange is the portable V1 one
-(`normal.py`, `all_to_all_single` on the group), so the same code runs on gloo (CPU) and NCCL (GPU).
-`elastic_ops.py` says how a V2 call maps onto it and which reduction order combine follows.
-
-Typical use (any process group, e.g. after `torchrun --nproc-per-node 4`):
+The constructor, `dispatch` and `combine` keep DeepEP V2's argument names, order, defaults and return arity,
+with the typed `EPHandle`; the exchange is the portable V1 one (`normal.py`), so the same code runs on gloo
+(CPU) and NCCL (GPU); `elastic_ops.py` maps a V2 call onto it. Where `deep_ep.ElasticBuffer` imports and the
+group is NCCL, the constructor returns DeepEP's own buffer (`TANDEM_EP_BACKEND=portable` forces ours). The
+options that only steer GPU kernels are accepted and ignored (see `ElasticBuffer`, docs/moe.md).
 
     buffer = ElasticBuffer(group, num_max_tokens_per_rank=4096, hidden=7168, num_topk=8)
-    recv_x, recv_topk_idx, recv_topk_weights, handle, _ = buffer.dispatch(
-        x, topk_idx=topk_idx, topk_weights=topk_weights, num_experts=num_experts)
+    recv_x, recv_topk_idx, recv_topk_weights, handle, _ = buffer.dispatch(x, topk_idx=topk_idx, ...)
     y, combined_topk_weights, _ = buffer.combine(expert_out, handle, topk_weights=recv_topk_weights)
-
-Options that only steer GPU kernels are accepted and do nothing here: `num_bytes`, `num_cpu_bytes`,
-`use_fp8_dispatch` (the input's type decides), `allow_hybrid_mode`, `prefer_overlap_with_compute`,
-`sl_idx`, `num_allocated_qps`, the timeouts, `num_sms`, `num_qps`, `previous_event_before_epilogue`.
-`deterministic=True` is accepted and already true: the portable order never varies. DeepEP V2's Engram,
-pipeline-parallel and all-gather/reduce-scatter methods are not provided.
-
-Native kernels: when `deep_ep.ElasticBuffer` imports, CUDA is available and `group` is an NCCL group,
-constructing an `ElasticBuffer` returns DeepEP's own buffer with the same arguments (as `UCCLBuffer` does
-for V1); `TANDEM_EP_BACKEND=portable` forces the portable one. That path has not run in this project
-(no DeepEP V2 install nor a multi-GPU machine was available); it only forwards the constructor call.
 """
 
 from __future__ import annotations

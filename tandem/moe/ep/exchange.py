@@ -179,10 +179,10 @@ def local_self_block(rank: int, send_counts: Sequence[int], recv_counts: Sequenc
     Plan an exchange whose self block is copied locally instead of through the collective.
 
     A collective delivers a rank's rows to itself through the same path as to any peer (on gloo that costs
-    about as much as sending them: ~4 ms of a ~10 ms exchange of 16 MB between two ranks here), while a
-    local copy is one memcpy. The collective takes and fills one contiguous range each, so this works when
-    the self block sits at an end of both the sent and the received rows (always with two ranks, and for
-    the first and last rank otherwise); the decision is local, so ranks may differ.
+    about as much as sending them; docs/moe.md), while a local copy is one memcpy. The collective takes and
+    fills one contiguous range each, so this works when the self block sits at an end of both the sent and the
+    received rows (always with two ranks, and for the first and last rank otherwise); the decision is local,
+    so ranks may differ.
 
     Arguments:
         rank: this rank.

@@ -1,16 +1,9 @@
 """High-throughput dispatch and combine on `all_to_all_single`.
 
-A fresh dispatch is three collectives: one small exchange of per-expert and per-channel counts (every
-rank then knows the whole rank prefix matrix), then two at once: the token rows, and the per-token
-metadata (top-k ids and weights, source index, FP8 scales) packed as bytes. A cached dispatch and a
-combine are one all-to-all of rows each (plus one in parallel for weights or scales when present).
-A rank's rows for itself skip the collective (a local gather or copy) whenever they sit at an end of
-what it sends and receives (`exchange.local_self_block`): always with two ranks, and for the first and
-last rank of any group.
-
-Every collective is started asynchronously and the local work that does not need its result runs while
-it is in flight: the rows to send are gathered while the counts travel, the self block is copied and
-the metadata unpacked while the rows travel.
+A fresh dispatch is three collectives (the counts, then the token rows and their packed metadata at once);
+a cached dispatch and a combine are one all-to-all of rows each. Each collective starts asynchronously and
+the local work that does not need its result runs while it is in flight; a rank's rows for itself skip the
+collective when they sit at an end of what it sends and receives (`exchange.local_self_block`).
 
 `all_to_all_single` takes its split sizes on the host, so each call makes one deliberate host sync to read
 the counts; DeepEP's notify kernel makes the same sync unless `num_worst_tokens` is given.

@@ -1,20 +1,10 @@
 """How a combine adds up the copies of each token that came back, exactly: fp32 accumulation, rounded once.
 
-Three ways, chosen per call (`choose`):
-
-- `OWN_FIRST` (CPU): one scatter-add (`index_add_`) of the returned rows into a zeroed output, the
-  rank's own copies first, straight from the combine's input when they skipped the collective. On CPU,
-  `index_add_` along dim 0 runs as `scatter_add_` with an expanded index, which sorts the index stably
-  and accumulates each output row in fp32 in source order before writing it once (PyTorch's
-  `cpu_scatter_reduce_expanded_index`), so this is the exact fp32 sum in a single pass with no gather.
-  `scatter_add_accumulates_in_fp32` checks that once per process; without it, this way serves only
-  tokens with at most two copies (0 + a is exact, a + b rounds once, in any arithmetic). The order: the
-  own copy first where it skipped the collective (the first and last rank), then the others in rank
-  order; V1's order. Also DeepEP V2's whenever no token has three copies (two terms commute).
-- `SORTED` (CPU): DeepEP V2's reference order (`copy_order`), for three or more copies: the returned rows
-  are gathered once in that order and scatter-added onto the bias (the first term of that order).
-- `GATHER`: the chunked gather-and-add (`sum_gathered`), on a GPU (one chunk; no atomics) and for
-  biases the scatter-add cannot start from (V1's bias comes last; two V2 biases are summed first).
+Three ways, chosen per call (`choose`): `OWN_FIRST` (CPU), one fp32 scatter-add with the rank's own copies
+first, V1's order; `SORTED` (CPU), DeepEP V2's reference order (`copy_order`) for tokens with three or more
+copies; `GATHER`, the chunked gather-and-add, on a GPU and for biases the scatter-add cannot start from.
+Why the scatter-add is exact on CPU, and when it is not trusted, is said at `start_own_first` and
+`scatter_add_accumulates_in_fp32`; the orders themselves in docs/moe.md.
 """
 
 from __future__ import annotations
@@ -32,7 +22,15 @@ OWN_FIRST, SORTED, GATHER = "own_first", "sorted", "gather"
 
 @functools.lru_cache(maxsize=None)
 def scatter_add_accumulates_in_fp32() -> bool:
-    """Whether CPU `index_add_` on bf16 rows adds in fp32 and rounds once (see the module docstring)."""
+    """Whether CPU `index_add_` on bf16 rows adds in fp32 and rounds once.
+
+    On CPU, `index_add_` along dim 0 runs as `scatter_add_` with an expanded index, which sorts the index
+    stably and accumulates each output row in fp32 in source order before writing it once (PyTorch's
+    `cpu_scatter_reduce_expanded_index`): the exact fp32 sum in one pass, with no gather. Checked once per
+    process; without it, `OWN_FIRST` serves only tokens with at most two copies (0 + a is exact, a + b
+    rounds once, in any arithmetic). Its order, the own copy first then the others by rank, is V1's, and
+    DeepEP V2's whenever no token has three copies (two terms commute).
+    """
     # 1 + 2^-8 + 2^-8: in fp32 then rounded once it is 1 + 2^-7; rounded after each add (ties to even) it
     # stays 1. Two destination rows, interleaved, so the sorting path is the one exercised.
     rows = torch.tensor([1.0, 1.0, 2**-8, 2**-8, 2**-8, 2**-8])[:, None].expand(6, 64).to(torch.bfloat16)

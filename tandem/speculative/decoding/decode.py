@@ -129,7 +129,7 @@ def speculative_decode(target, draft: Eagle3DraftModel, input_ids: torch.Tensor,
     the draft runs here, on ``target.device``. ``num_draft_tokens`` is the longest chain; with
     ``min_confidence`` > 0 a round drafts fewer tokens when the draft is unsure (dynamic draft length), which
     never changes the output, only the cost. With ``tree`` the draft proposes a tree instead of a chain
-    (``draft_tree.py``), and the chain settings are unused."""
+    (``decoding/tree.py``), and the chain settings are unused."""
     if num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens must be at least 1, got {num_draft_tokens}")
     started = time.perf_counter()

@@ -1,19 +1,12 @@
 """The real acceptance length while training: speculative decoding of held-out prompts every N steps.
 
-The training metrics give a proxy (per-step accuracy and the acceptance length it simulates on the training
-batch); what users judge a draft by is the acceptance length of real speculative decoding on prompts it
-never saw. :class:`LiveEvaluator` measures that against the run's own target -- in-process, or a target
-server through ``/verify`` -- with the same decoder as ``tandem eval`` (``decode.py``).
+The training metrics give a proxy (per-step accuracy and a simulated acceptance length); what users judge a
+draft by is the acceptance length of real speculative decoding on prompts it never saw. :class:`LiveEvaluator`
+measures that against the run's own target (in-process, or a server through ``/verify``) with the same decoder
+as ``tandem eval``. What depends on the frozen target alone (greedy references, their aux states) is computed
+once. Training is not disturbed: a run with ``--eval-every`` ends with the same weights, bit for bit (tested).
 
-The target is frozen, so what only depends on it is computed once, at the first evaluation: each prompt's
-greedy continuation (the reference every speculative output must equal, with its near-tie flags) and the
-aux states of prompt + continuation (for the teacher-forced step-0 accuracy). Each later evaluation costs
-the speculative decodes (one target forward a round) and one draft forward a prompt.
-
-Training is not disturbed: the evaluation runs without gradients on a copy of the draft in the target's
-dtype (or on the draft itself, put back in training mode afterwards), draws no random numbers, and does not
-touch the optimizer, the data order or the supervision; a run with ``--eval-every`` ends with the same
-weights, bit for bit, as one without (tested).
+    tandem train --data chat.jsonl --eval-every 100 --eval-limit 8 --eval-tree 3,8,24
 """
 
 from __future__ import annotations

@@ -1,16 +1,12 @@
 """Tree drafting (EAGLE-2 style): the draft proposes a small tree of continuations, the target verifies them
 all in one forward, and the longest branch that equals the target's greedy choices is kept.
 
-A chain bets a round on the draft's first choice at every depth; a tree also offers its runners-up, so a
-round whose top token is wrong can still accept the second or third. Growth follows EAGLE-2's dynamic tree:
-every node carries the sum of the draft's log-probabilities along its branch (its *score*, an estimate of
-the chance the whole branch is accepted); each depth expands the ``top_k`` best-scored nodes of the depth
-before, each into its ``top_k`` best children; at the end the ``size`` best-scored nodes of all depths are
-verified. A child never scores above its parent, so the chosen nodes form a tree rooted at the committed
-token.
-
-Verification order: index 0 is the root (the last committed token, not yet in the target's cache), then the
-chosen nodes by depth. ``parents[i]`` is the verification index of node i's parent (-1 for the root).
+A chain bets a round on the draft's first choice at every depth; a tree also offers its runners-up. Growth
+follows EAGLE-2's dynamic tree: a node's score is the sum of the draft's log-probabilities along its branch;
+each depth expands the ``top_k`` best nodes of the depth before into their ``top_k`` best children, and the
+``size`` best nodes of all depths are verified (a child never scores above its parent, so they form a tree).
+Verification order: index 0 is the root (the last committed token), then the chosen nodes by depth;
+``parents[i]`` is the verification index of node i's parent (-1 for the root).
 """
 
 from __future__ import annotations

@@ -82,17 +82,17 @@ def greedy_from_hidden(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torc
         hidden: ``[B, n, H]`` the final hidden states, in the target's low-precision dtype (bf16, fp16).
         weight: ``[V, H]`` the output projection, in the same dtype.
 
-    The float32 projection of a bf16 target reads twice the bytes and runs at a seventh of the bf16 rate: on
-    SmolLM2 (V = 49,152) it took 10 ms of a 62 ms one-token forward and 25 ms for 6 tokens, which made a
-    verification 1.25x a plain decoding step. Here the bf16 projection (float32 accumulation, output rounded
+    The float32 projection of a bf16 target reads twice the bytes and runs at a fraction of the bf16 rate,
+    which made a verification cost much more than a plain decoding step (docs/training.md, "The output
+    projection was the hidden cost"). Here the bf16 projection (float32 accumulation, output rounded
     to bf16: each value off by at most half a rounding step, ``eps/2 x |value|``) picks the ``CANDIDATES``
     best tokens; every token whose float32 logit could be the best or within the near-tie window
     (``2 eps magnitude``, see ``near_tie_mask``) of it lies above the last candidate when that one is lower
     than the rounded maximum by more than the window and both roundings, so the candidates then hold the
     answer, and their float32 logits, recomputed position by position (the same sums whatever the number of
     positions), give it exactly. Rows where they do not (flat distributions: after a draft tree's wrong
-    guesses, about one verification in 20) try ``WIDE_CANDIDATES`` the same way, and only rows those cannot
-    settle either pay for the full float32 projection (which converts the whole head: ~20 ms on SmolLM2)."""
+    guesses) try ``WIDE_CANDIDATES`` the same way, and only rows those cannot settle either pay for the full
+    float32 projection (which converts the whole head)."""
     approx = torch.nn.functional.linear(hidden, weight).float()
     next_ids, near_ties, complete = _from_candidates(hidden, weight, approx, CANDIDATES)
     if bool(complete.all()):
@@ -121,7 +121,7 @@ class DecodeSession(Protocol):
 
     def extend(self, input_ids: torch.Tensor, tree_parents: list[int] | None = None) -> VerifyStep:
         """Run the target on ``input_ids [1, n]`` long, the positions after the ``length`` cached ones: a causal
-        chain, or with ``tree_parents`` a draft tree (``draft_tree.py``)."""
+        chain, or with ``tree_parents`` a draft tree (``decoding/tree.py``)."""
 
     def crop(self, keep_length: int) -> None:
         """Keep the first ``keep_length`` cached positions."""

@@ -3,14 +3,11 @@
 Shapes: B batch, S sequence, H draft hidden (= target hidden), Ht target hidden, V target vocab,
 Vd draft vocab, nH / nKV attention / key-value heads, D head dim.
 
-Forward of one step: ``hidden = fc(aux [B,S,3Ht])`` at step 0 (the draft's own output hidden later);
-the decoder layer attends over ``cat(input_layernorm(embed(tokens)), hidden_norm(hidden))`` (2H wide),
-adds the residual, runs a SwiGLU MLP, and ``lm_head(norm(out))`` scores the draft vocabulary.
-
-Attention comes in two forms that agree by construction:
-- ``ttt_attention`` (training): step k's queries attend causally to step-0 keys plus the diagonal key
-  of every earlier step, which is what a query at the same place sees at decode time;
-- ``cached_attention`` (decoding): plain causal attention over a growing key/value cache.
+One step: ``hidden = fc(aux [B,S,3Ht])`` at step 0 (the draft's own output hidden later); the decoder layer
+attends over ``cat(input_layernorm(embed(tokens)), hidden_norm(hidden))`` (2H wide) and ``lm_head(norm(out))``
+scores the draft vocabulary. Attention comes in two forms that agree by construction: ``ttt_attention``
+(training: step k's queries see step-0 keys plus the diagonal key of every earlier step, what a query sees at
+decode time) and ``cached_attention`` (decoding: causal attention over a growing key/value cache).
 """
 
 from __future__ import annotations
@@ -148,7 +145,7 @@ def cached_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     (grouped as in :func:`ttt_attention`: no copy of the cache per step).
 
     ``tree_mask [Q, T]`` bool (T <= K) replaces causality for the last T keys, the speculative entries of a
-    draft tree (``draft_tree.py``): query q sees all K - T keys before them and tree key t where
+    draft tree (``decoding/tree.py``): query q sees all K - T keys before them and tree key t where
     ``tree_mask[q, t]`` (its ancestors and itself)."""
     batch, heads, q_len, dim = query.shape
     kv_heads, k_len = keys.shape[1], keys.shape[2]
@@ -258,7 +255,7 @@ class Eagle3DecoderLayer(nn.Module):
 
 
 class Eagle3DraftModel(nn.Module):
-    """The EAGLE-3 draft. Parameter names are the exported checkpoint's keys (see ``checkpoint.py``)."""
+    """The EAGLE-3 draft. Parameter names are the exported checkpoint's keys (see ``export/eagle3.py``)."""
 
     def __init__(self, config: Eagle3DraftConfig):
         super().__init__()

@@ -2,21 +2,10 @@
 
 :class:`RemoteEagle3TargetModel` exposes ``supervise`` / ``generate_batch``, ``generate_batch_async``,
 ``get_input_embeddings``, ``set_vocab_mapping`` and ``model_info`` like the in-process target, so the
-training loop does not know which one it holds. Behind them:
-
-- requests go round-robin over one or more servers, on keep-alive ``http.client`` connections; request
-  bodies are sent from the tensors' own memory (``wire.encode``) and answers are read into one
-  preallocated buffer that the supervision tensors then view (``wire.decode``);
-- connection errors and 5xx are retried with bounded exponential backoff, then raise a
-  :class:`RemoteTargetError` naming the server; a 4xx is the caller's mistake and raises at once with
-  the server's message -- except a 409 from a server that restarted and forgot the draft vocabulary,
-  which the client answers by sending the vocabulary again;
-- ``generate_batch_async`` keeps at most ``prefetch_depth`` requests in flight, so target inference
-  overlaps draft training without unbounded memory;
-- the supervision tensors come over a dedicated process group (:mod:`.transport`; NCCL between GPUs,
-  gloo between CPUs) when client and server both set one up, else in the HTTP body. A group that fails
-  mid-transfer is torn down and the batch is asked for again over HTTP: no batch is lost, and that
-  server is used over HTTP from then on.
+training loop does not know which one it holds. Behind them: round-robin over servers on keep-alive
+connections (``http_client.py``), at most ``prefetch_depth`` requests in flight so target inference overlaps
+training, and the supervision over a process group when both sides set one up (``client_data_plane.py``),
+else in the HTTP body; a group that fails mid-transfer falls back to HTTP and loses no batch.
 
     tandem train --target-url http://127.0.0.1:8001 --prefetch-depth 2
 """
@@ -105,7 +94,7 @@ class RemoteEagle3TargetModel:
             or 0; see ``transport.nccl_port_for``).
         supervision_encoding: ``"full"`` (v1: fp32 ``target_probs`` on the wire) or ``"compact"`` (the target's
             final hidden state; this client computes ``target_probs`` from the draft vocabulary's ``lm_head``
-            rows, fetched once: about 4.6x fewer bytes a token for Llama-3.1-8B). A server that cannot answer
+            rows, fetched once; far fewer bytes a token, see docs/remote-target.md). A server that cannot answer
             compactly answers in full; either way ``generate_batch`` returns the same dict.
     """
 
@@ -499,7 +488,7 @@ class RemoteEagle3TargetModel:
         return self._servers[0]
 
     def decode_session(self):
-        """A ``remote_decoding.RemoteDecodeSession``: one sequence decoded through the first server's ``/verify``,
+        """A ``decode_session.RemoteDecodeSession``: one sequence decoded through the first server's ``/verify``,
         its KV cache kept there (``decode.py`` runs on it as on an in-process target)."""
 
         info = self._model_info()

@@ -66,7 +66,7 @@ AUTH_SCHEME = "Bearer"
 # none and share the anonymous session.
 CLIENT_ID_HEADER = "X-Tandem-Client"
 # Tandem extension, negotiated per /generate request: a client sends "compact" to receive the target's final
-# hidden state instead of target_probs (see eagle/compact.py); the server echoes the encoding it used. A
+# hidden state instead of target_probs (see target/compact.py); the server echoes the encoding it used. A
 # client that sends nothing (every client of the original design) always gets the full v1 answer.
 SUPERVISION_HEADER = "X-Tandem-Supervision"
 ENCODING_FULL = "full"
@@ -83,7 +83,7 @@ TOKEN_ENV = "TANDEM_TOKEN"
 # absent: stateless, nothing kept), and how many cached positions the new ids follow ("0": start afresh).
 DECODE_SESSION_HEADER = "X-Tandem-Decode-Session"
 PAST_HEADER = "X-Tandem-Past"
-# /verify of a draft tree (``draft_tree.py``): the body adds ``tree_parents [n]``, and the next call names the
+# /verify of a draft tree (``decoding/tree.py``): the body adds ``tree_parents [n]``, and the next call names the
 # branch the client accepted, "BASE:i,j,..." -- keep the first BASE cached positions, then positions BASE+i,
 # BASE+j, ... of the tree verified after them (before cropping to X-Tandem-Past).
 KEEP_BRANCH_HEADER = "X-Tandem-Keep-Branch"

@@ -1,21 +1,12 @@
-"""Remote EAGLE-3 target server: the frozen target behind HTTP (DESIGN 3).
+"""Remote EAGLE-3 target server: the frozen target behind HTTP (docs/design.md, section 3).
 
-For each training request the server runs ``compute_supervision`` -- the very function the in-process
-trainer calls -- and ships the five supervision tensors back, so a remote run is bit-identical to a
-co-located one.
-
+For each training request the server runs ``compute_supervision``, the very function the in-process trainer
+calls, and ships the five supervision tensors back, so a remote run is bit-identical to a co-located one.
 :class:`TargetModelServer` is the request logic (routing, auth, limits, the ``handle_*`` endpoints), tested
-without sockets; the rest lives beside it, one responsibility a module:
+without sockets; its plumbing lives in ``serving/``: ``request_checks``, ``token_budget``, ``fair_queue``,
+``sessions``, ``data_plane``, ``decode_caches``, ``http`` (:func:`serve`) and ``cli`` (``tandem serve-target``).
 
-- ``request_checks``: what a request must satisfy (:class:`RequestError` carries the HTTP status of a refusal);
-- ``token_budget``: how large a batch the target accepts (``--max-batch-tokens``);
-- ``fair_queue``: who runs the target next (round-robin across clients, a bounded queue, 503 when full);
-- ``sessions``: clients' vocabularies, data-plane groups and ports, idle eviction;
-- ``server_data_plane``: ``/init_nccl`` and the sends after the HTTP flush;
-- ``http_server``: connections, deadlines and framing (:func:`serve`);
-- ``serve_cli``: ``tandem serve-target``.
-
-    tandem serve-target --model default --port 8001            # then: tandem train --target-url http://127.0.0.1:8001
+    tandem serve-target --model default --port 8001     # then: tandem train --target-url http://127.0.0.1:8001
 """
 
 from __future__ import annotations
@@ -392,7 +383,7 @@ class TargetModelServer:
         ``near_ties [B, n]`` bool and ``aux_hidden_states [B, n, 3H]`` (target dtype); see ``verification.py``.
         The forward runs in the client's turn of the target, within the token budget like ``/generate``.
 
-        A draft tree: the body adds ``tree_parents [n]`` (``draft_tree.py``), and the next call's ``keep_branch``
+        A draft tree: the body adds ``tree_parents [n]`` (``decoding/tree.py``), and the next call's ``keep_branch``
         (``X-Tandem-Keep-Branch``) says which of the tree's positions stay cached.
         """
         from transformers import DynamicCache

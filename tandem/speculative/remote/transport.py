@@ -1,28 +1,13 @@
 """The tensor data plane: a dedicated 2-rank process group between target server and training client.
 
-HTTP stays the control plane (input ids up, tensor metadata down); this group carries the large
-supervision tensors: NCCL between GPUs (NVLink within a node, RDMA/RoCE across nodes), gloo between
-CPUs, so the very same code path runs, and is tested, on a machine without a GPU.
-
-The group is built from its own ``TCPStore`` on ``nccl_port`` with torch's process-group classes
-(``ProcessGroup`` + ``ProcessGroupNCCL`` / ``ProcessGroupGloo``), never through
-``init_process_group``: it is independent of the training job's default group and is deliberately kept
-out of torch's registries (``_world.pg_map``, ``pg_names``, the C++ name registry). Were it registered,
-the trainer's ``destroy_process_group()`` would try to shut it down too and block on a server that is
-not taking part; as it is, ``destroy()`` has nothing to scrub and never waits for the peer.
-
-Failure safety (what the original design lacks): every operation runs under the group timeout; any
-failure tears the group down (which, on gloo, closes the sockets, so the peer fails at once instead of
-at its timeout) and raises :class:`TransportError`; the caller goes on over the wire format.
-
-Environment (read by :func:`nccl_enabled` and :func:`nccl_port_for`):
-
-- ``TANDEM_ENABLE_NCCL`` (or ``NEMO_EAGLE_ENABLE_NCCL``): ``1`` (default) to try the group, ``0`` to
-  force the wire format.
-- ``TANDEM_NCCL_PORT`` (or ``NEMO_EAGLE_NCCL_PORT``): base rendezvous port (default: HTTP port + 100).
-
-Hazard: like every ``torch.distributed`` group, the rendezvous store and the group's sockets are not
-authenticated (the bearer token protects HTTP only). Use the data plane on a trusted network.
+HTTP stays the control plane (input ids up, tensor metadata down); this group carries the supervision
+tensors: NCCL between GPUs, gloo between CPUs, so the same code path runs, and is tested, without a GPU.
+The group is built from its own ``TCPStore`` with torch's process-group classes, never through
+``init_process_group``, and kept out of torch's registries, so the trainer's ``destroy_process_group()``
+never waits on the server. Any failure tears the group down and raises :class:`TransportError`; the caller
+goes on over the wire format. Environment: ``TANDEM_ENABLE_NCCL`` (``0`` forces the wire format) and
+``TANDEM_NCCL_PORT`` (base rendezvous port; default HTTP port + 100). The rendezvous and the group's sockets
+are not authenticated: use the data plane on a trusted network (docs/security.md).
 """
 
 from __future__ import annotations

@@ -1,18 +1,14 @@
-"""Wire format v1: named tensors as one little-endian binary body (DESIGN 3.2).
-
-Layout::
+"""Wire format v1: named tensors as one little-endian binary body (docs/design.md, section 3.2).
 
     u32 magic = 0x4E4D4554
     entries until the end of the body, each:
         u32 key_len, key (UTF-8), u8 flags (bit 0: value is None)
         if not None: u8 dtype_code, u8 ndim, ndim x i64 shape, u64 nbytes, nbytes raw contiguous bytes
 
-Every body that crosses a socket is hostile: ``decode`` checks each length against the bytes that are
-really left *before* it looks at them, so a lying header costs a ``WireFormatError``, never a crash, a hang
-or an allocation. Nothing here unpickles; tensors are views of the buffer the bytes already sit in.
-
-Speed: ``encode`` hands back the tensors' own memory (a list of buffers for ``sendall``/``sendmsg``) and
-``decode`` views tensors in place, so a round trip over a socket copies the payload only in the kernel.
+Every body that crosses a socket is hostile: ``decode`` checks each length against the bytes really left
+before it looks at them, so a lying header costs a ``WireFormatError``, never a crash, a hang or an
+allocation. Nothing here unpickles. ``encode`` hands back the tensors' own memory and ``decode`` views
+tensors in place, so a round trip over a socket copies the payload only in the kernel.
 """
 
 from __future__ import annotations

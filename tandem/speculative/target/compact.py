@@ -1,19 +1,12 @@
 """Compact supervision: ship the target's final hidden state, not its draft-vocabulary probabilities.
 
-The full encoding's ``target_probs [B, S, Vd]`` fp32 costs ``4 * Vd`` bytes a token (128 KB at
-Vd = 32000), far more than everything else in the answer. But those probabilities are
-``softmax(lm_head(h)[..., selected_token_ids])`` of the target's final normalised hidden state ``h``
-(the input of its ``lm_head``), and ``lm_head(h)[..., selected]`` is ``h @ W_d.T`` with
-``W_d = lm_head.weight[selected_token_ids]`` ``[Vd, H]``. So the server sends ``h`` (``H`` values a token in
-the target dtype: 8 KB for Llama-3.1-8B in bf16) and the client, holding ``W_d`` (fetched once), computes
-the probabilities itself -- on its own accelerator, overlapped with training by the prefetcher.
-
-``position_mask`` needs the argmax over the *full* vocabulary, which only the server can take; it is
-sent as in the full encoding. The shift commutes with the projection: the zero tail of the shifted
-``h`` projects to the zero tail of the shifted logits, as in the full encoding.
-
-Exact only when the logits are a bias-free linear map of ``h``; :func:`output_projection` refuses other
-targets (logit soft-capping, scaled logits, a biased head) and the server answers those in full.
+The full encoding's ``target_probs [B, S, Vd]`` fp32 costs ``4 * Vd`` bytes a token, far more than the rest
+of the answer. They are ``softmax(h @ W_d.T)`` of the target's final normalised hidden state ``h`` with
+``W_d = lm_head.weight[selected_token_ids]`` ``[Vd, H]``, so the server sends ``h`` (``H`` values a token)
+and the client, holding ``W_d`` (fetched once), computes the probabilities itself, overlapped with training.
+``position_mask`` needs the full-vocabulary argmax, so the server still sends it. Exact only when the logits
+are a bias-free linear map of ``h``: :func:`output_projection` refuses other targets (soft-capping, scaled
+logits, a biased head) and the server answers those in full. Sizes: docs/remote-target.md.
 """
 
 from __future__ import annotations

@@ -1,21 +1,11 @@
 """The target's identity: which model a draft is trained against, and the checks no mismatch gets past.
 
-A draft learns one target's aux states and next-token distributions. Supervision from any other target
-(a server restarted with another model, aux layers off by one, a vocabulary from another run) trains on
-quietly and makes the draft worse; every such mismatch is an error at the first moment it can be seen.
-
-An identity is a JSON-able dict (``IDENTITY_FIELDS``):
-
-    name              the model as it was loaded (HF id, directory, GGUF file); informational
-    architectures     the transformers architectures of the target
-    weights_digest    sha256 over every parameter's name, shape and values rounded to bfloat16, so the same
-                      weights served in float32 or bfloat16 have the same digest (computed once at load)
-    dtype             the dtype the target runs in
-    num_hidden_layers, hidden_size, vocab_size, aux_layer_ids
-    tokenizer_digest  sha256 of the tokenizer's vocabulary (token -> id); None when no tokenizer is known
-
-A *run record* (``run_record``) is what a checkpoint and an exported draft keep: the identity, the aux
-layers and the draft vocabulary's digest. One comparison, ``mismatched_fields``, names what differs;
+A draft learns one target's aux states and next-token distributions. Supervision from any other target (a
+server restarted with another model, aux layers off by one, a vocabulary from another run) trains on quietly
+and makes the draft worse, so every such mismatch is an error at the first moment it can be seen. An identity
+is a JSON-able dict (``IDENTITY_FIELDS``; ``weights_digest`` hashes the weights rounded to bfloat16, so the
+same weights served in float32 or bfloat16 agree). A *run record* (``run_record``), kept by checkpoints and
+exports, adds the aux layers and the draft vocabulary's digest. ``mismatched_fields`` names what differs;
 ``check_same_target`` turns a difference into ``TargetMismatchError`` unless it is accepted on purpose.
 """
 
@@ -34,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 IDENTITY_FIELDS = ("name", "architectures", "weights_digest", "dtype", "num_hidden_layers", "hidden_size",
                    "vocab_size", "aux_layer_ids", "tokenizer_digest")
+"""An identity's fields. ``name`` (HF id, directory or GGUF file as loaded) is informational;
+``weights_digest`` is sha256 over every parameter's name, shape and values rounded to bfloat16 (computed once
+at load); ``tokenizer_digest`` is sha256 of the vocabulary (token -> id), None when no tokenizer is known."""
 SAME_MODEL_FIELDS = ("weights_digest", "num_hidden_layers", "hidden_size", "vocab_size", "aux_layer_ids",
                      "tokenizer_digest")
 """What makes two targets give the same supervision, whatever precision each runs in (eval, resume, export)."""

@@ -178,7 +178,7 @@ class Eagle3TargetModel:
 
         Arguments:
             input_ids: ``[B, n]`` long, the positions after those already in ``cache``.
-            tree_parents: for a draft tree (``draft_tree.py``), the parent of each new position (an index
+            tree_parents: for a draft tree (``decoding/tree.py``), the parent of each new position (an index
                 into ``input_ids``'s n, -1 for the first): each position then sees the cache, its ancestors
                 and itself, at the position of its depth. None: the n positions are a causal chain.
 
@@ -189,8 +189,8 @@ class Eagle3TargetModel:
         final hidden state. Rounded to bfloat16 (8 bits of mantissa: steps of 0.125 at a logit of 30), the
         top two logits of SmolLM2 tie exactly at about one token in 100, and which of them ``argmax``
         picks then depends on whether the position was computed in a 1-token forward (greedy decoding)
-        or a (k+1)-token one (speculative verification): measured, 9 of 16 held-out bf16 decodes of 64
-        tokens diverged that way, every time at an exact or one-step tie. Greedy and speculative decoding
+        or a (k+1)-token one (speculative verification): most held-out bf16 decodes diverged that way,
+        every time at a tie (docs/training.md, "bf16 and equal to greedy"). Greedy and speculative decoding
         both go through here, so both pick from the same float32 logits.
         """
         input_ids = input_ids.to(self.device)

@@ -1,17 +1,11 @@
 """A training run's state on disk: resumable checkpoints, their rotation, ``metrics.jsonl``, resume checks.
 
-What a user (or a crash) leaves in an output directory is tolerated, and only what tandem wrote is ever
-deleted:
-
-- checkpoints are ``checkpoints/step_<N>.pt``, exactly; any other file there (``step_best.pt``,
-  ``step_60_backup.pt``, notes) is neither rotated away nor taken for a checkpoint;
-- a checkpoint that does not load (truncated, empty, not a checkpoint) is skipped on resume, with a
-  warning naming it, and the newest intact one is used;
-- a torn last line of ``metrics.jsonl`` (a kill mid-write) is dropped on resume, with a warning.
-
-A checkpoint also records what its run was trained on (:func:`run_identity`): the data's digest, the
-draft vocabulary's digest, the target's identity and the config fields that change the run. Resuming
-with any of them different is refused, naming the field, unless asked for (``--allow-resume-mismatch``).
+What a user (or a crash) leaves in an output directory is tolerated, and only what tandem wrote is deleted:
+checkpoints are ``checkpoints/step_<N>.pt`` exactly (``step_best.pt`` or notes there are never rotated away),
+a checkpoint that does not load is skipped with a warning for the newest intact one, and a torn last line of
+``metrics.jsonl`` is dropped on resume. A checkpoint also records what its run was trained on
+(:func:`run_identity`: data digest, draft vocabulary digest, target identity, run-changing config fields);
+resuming with any of them different is refused, naming the field, unless ``--allow-resume-mismatch``.
 """
 
 from __future__ import annotations
@@ -35,7 +29,7 @@ METRICS_FILE = "metrics.jsonl"
 
 # TrainConfig fields whose change makes a resumed run a different run than the one checkpointed (the
 # data and the vocabulary are compared by digest, the target by identity). The batch size is not here:
-# a resume at another world size or batch size is supported and explained (recipe.Trainer).
+# a resume at another world size or batch size is supported and explained (``trainer.Trainer``).
 RUN_CHANGING_FIELDS = (
     "max_seq_len", "grad_accum_steps", "total_steps", "learning_rate", "min_lr_ratio", "warmup_steps",
     "weight_decay", "max_grad_norm", "ttt_steps", "ttt_decay", "draft_vocab_size", "seed", "aux_layer_ids",

@@ -31,7 +31,7 @@ class TrainConfig:
     """Remote only: supervision requests kept in flight ahead of the training step."""
     supervision_encoding: str = "full"
     """Remote only: ``full`` (fp32 draft-vocabulary probabilities on the wire) or ``compact`` (the target's final
-    hidden state; the client computes the probabilities: ~4.6x fewer bytes a token for Llama-3.1-8B)."""
+    hidden state; the client computes the probabilities: far fewer bytes a token, docs/remote-target.md)."""
     dtype: str = "auto"
     """In-process target dtype: ``auto`` (bfloat16 where the hardware multiplies it natively -- GPUs, CPUs with
     AVX512-BF16 or AMX -- else float32), ``float32``, ``bfloat16`` or ``float16``. A remote target runs in its

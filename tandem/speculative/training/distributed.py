@@ -1,24 +1,13 @@
-"""Data-parallel draft training: this rank's place in the job and the few collectives the recipe needs.
+"""Data-parallel draft training: this rank's place in the job and the few collectives the trainer needs.
 
-torch.distributed is the engine: torchrun starts the ranks and sets ``RANK`` / ``WORLD_SIZE`` /
-``LOCAL_RANK``, DDP averages the gradients (gloo on CPU, NCCL on GPU). This module reads what torchrun
-set into one :class:`DistributedContext` that the trainer holds (no process group lives in a module
-global), and adds what a data-parallel EAGLE-3 run needs on top:
+torch.distributed is the engine: torchrun starts the ranks, DDP averages the gradients (gloo on CPU, NCCL on
+GPU). This module reads what torchrun set into one :class:`DistributedContext` the trainer holds (no process
+group in a module global), and adds what makes W ranks at ``batch_size`` b train exactly as one rank at W*b:
+the global batch order, the loss divided by the global valid count, all-reduced vocabulary counts, rank 0
+alone writing files, and each rank's share of the ``--target-url`` servers (docs/scaling.md).
 
     torchrun --nproc-per-node 8 -m tandem.train --data chat.jsonl --output-dir runs/dp --batch-size 4
     tandem train --nproc-per-node 8 --data chat.jsonl --output-dir runs/dp --batch-size 4   # the same
-
-How W ranks at ``batch_size`` b reproduce one rank at batch W*b (same data order, same losses):
-
-- data: global micro-batch i is batch i of ``batch_order(N, W*b, seed, epoch)``; rank r takes its rows
-  ``r*b : (r+1)*b``, padded to the longest sample of the whole global batch;
-- loss: each TTT step's soft cross-entropy is summed over the rank's positions and divided by the valid
-  count of the *global* batch (all-reduced), so the ranks' losses add up to the global mean; DDP
-  averages gradients over W ranks, so each rank backpropagates W times its share;
-- vocabulary: rank r counts the tokens of samples r, r+W, ...; the counts are all-reduced;
-- files: rank 0 alone writes checkpoints, metrics, the vocabulary cache and the export; every rank
-  reads the checkpoint it resumes from (multi-node: put ``--output-dir`` on a shared filesystem);
-- target: rank r talks to its own share of the ``--target-url`` servers (:func:`target_urls_for_rank`).
 """
 
 from __future__ import annotations

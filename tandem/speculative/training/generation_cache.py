@@ -1,17 +1,11 @@
 """Batched greedy decoding on CPU without copying the key/value cache: what regeneration runs.
 
-Two copies dominate a batched decoding step of a small model after its weights, both of the whole
-cache, every layer, every step (profiled on SmolLM2-135M, bf16, 64 rows):
-
-- transformers' eager attention repeats every key/value head ``nH / nKV`` times before its matmuls
-  (``repeat_kv``: ``copy_`` was 20 % of a step). :func:`grouped_query_attention` stacks the queries of a
-  key/value group instead, so each group's keys are read once, in place: the same arithmetic.
-- ``DynamicCache`` grows by ``torch.cat`` (22 % of a step once the first copy was gone).
-  :class:`GrowingCacheLayer` writes each step into spare capacity and hands out views.
-
-The attention is registered with transformers as :data:`IMPLEMENTATION`, with eager's additive mask.
-Used by regeneration only: plain and speculative decoding keep the model's own attention, so the decodes
-they compare run the same kernels.
+Two copies of the whole cache, every layer, every step, dominate a batched decoding step of a small model
+(profile: docs/training.md): transformers' eager attention repeats each key/value head ``nH / nKV`` times
+(``repeat_kv``), and ``DynamicCache`` grows by ``torch.cat``. :func:`grouped_query_attention` stacks the
+queries of a key/value group instead (the same arithmetic, keys read once, in place), and
+:class:`GrowingCacheLayer` writes each step into spare capacity. The attention is registered with transformers
+as :data:`IMPLEMENTATION`; only regeneration uses it, so the decodes that tandem compares run the model's own.
 """
 
 from __future__ import annotations

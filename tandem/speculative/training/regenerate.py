@@ -69,10 +69,10 @@ def _generate_batch(model, jobs: Sequence[_GenerationJob], pad_token_id: int, st
 
     A plain KV-cached loop rather than ``model.generate``: a row that has stopped leaves the batch (its
     cache rows are dropped), so the long answers of a batch do not drag the finished ones along, and no
-    step pays for generation's per-step machinery. Measured on SmolLM2-135M, bf16, 2 CPU cores: about
-    2x the tokens per second of ``generate`` at batch 32. Positions count real tokens only (left padding).
-    The cache appends in place (``generation_cache.growing_cache``), and the greedy pick is ``max().indices``:
-    the same first-maximum rule as ``argmax``, which is ~5x slower on bf16 rows of 49k logits on CPU.
+    step pays for generation's per-step machinery (docs/training.md, "Regenerating the answers with the
+    target"). Positions count real tokens only (left padding). The cache appends in place
+    (``generation_cache.growing_cache``), and the greedy pick is ``max().indices``: the same first-maximum
+    rule as ``argmax``, which is much slower on bf16 rows on CPU.
     """
 
     device = next(model.parameters()).device
@@ -146,10 +146,10 @@ class _Progress:
 
 
 def _decode_friendly_attention(model) -> str | None:
-    """Switch a CPU model to :mod:`batched_decoding`'s grouped-query attention for batched one-token decoding
+    """Switch a CPU model to :mod:`generation_cache`'s grouped-query attention for batched one-token decoding
     steps; returns the implementation to restore (None: nothing changed). PyTorch's fused CPU attention kernel
-    spends ~3.5 ms a layer on a one-token query over a short cache (SmolLM2-135M, bf16, batch 64), and eager
-    attention copies the whole cache to repeat its key/value heads; the grouped form does neither."""
+    is slow on a one-token query over a short cache, and eager attention copies the whole cache to repeat its
+    key/value heads; the grouped form does neither."""
 
     current = getattr(model.config, "_attn_implementation", None)
     device = next(model.parameters()).device

@@ -1,26 +1,12 @@
 """The supervision cache: the frozen target's answer for each sample, computed once and reused (offline training).
 
-The target never changes during a run, so its answer for a sample is the same in every epoch; a run that
-sees each sample E times pays for E target forwards where one would do. The cache keeps that one answer
-on disk, in the compact encoding (``compact.py``): the three aux hidden states and the final normalised
-hidden state in the target dtype, plus the position mask -- ``4H`` values a token (4.6 KB for SmolLM2 in
-bf16) instead of the full encoding's ``4 * Vd`` bytes of probabilities, and far less than the hidden
-states of every layer that offline EAGLE pipelines often store. The trainer turns an entry back into
-``target_probs`` with the draft vocabulary's ``lm_head`` rows (``compact.expand_supervision``).
-
-Exactness. Each sample is answered alone, unpadded (``B = 1``): padding changes a target's floating-point
-sums (measured: up to one bf16 ulp in the hidden states), so an answer computed inside one batch would
-differ from the same sample's answer inside another. Answered alone, a sample's entry is a function of
-the sample and the target only, whoever computes it (the in-process target or any ``tandem serve-target``:
-both run ``compute_compact_supervision``) and whenever. A run that fills the cache as it trains therefore
-equals, bit for bit, a run that reads a cache filled ahead (``tandem cache-supervision``) on other machines.
-
-Layout: ``DIR/<identity digest>/<key[:2]>/<key>.safetensors``. The identity (the target's ``model_info``,
-its dtype, the draft vocabulary) names the directory, so a cache made for another target, dtype or
-vocabulary is never read: it is simply another directory. The key is the SHA-256 of the sample's token
-ids and loss mask, so a changed data file reuses the entries of its unchanged samples. Entries are
-written atomically (temporary file, then rename), so concurrent fillers and a killed run leave only
-whole entries; an unreadable entry is recomputed and rewritten.
+The target never changes during a run, so a run that sees each sample E times would pay for E forwards where
+one does. The cache keeps that one answer on disk in the compact encoding (``target/compact.py``: aux hidden
+states, final hidden state, position mask); the trainer expands it with the draft vocabulary's ``lm_head``
+rows. Each sample is answered alone, unpadded, because padding changes a target's floating-point sums: an
+entry is then a function of the sample and the target only, whoever computes it, so a run that fills the
+cache as it trains equals, bit for bit, one that reads a cache filled ahead (``tandem cache-supervision``).
+Layout and atomic writes: :class:`SupervisionCache`.
 """
 
 from __future__ import annotations
@@ -60,6 +46,12 @@ def identity_digest(identity: dict) -> str:
 
 class SupervisionCache:
     """Per-sample compact supervision on disk (see the module docstring).
+
+    Layout: ``DIR/<identity digest>/<key[:2]>/<key>.safetensors``. The identity names the directory, so a
+    cache made for another target, dtype or vocabulary is never read; the key is the SHA-256 of the sample's
+    token ids and loss mask, so a changed data file reuses the entries of its unchanged samples. Entries are
+    written atomically (temporary file, then rename): concurrent fillers and a killed run leave only whole
+    entries, and an unreadable entry is recomputed and rewritten.
 
     Arguments:
         root: the cache directory (shared by runs; each identity gets its own subdirectory).

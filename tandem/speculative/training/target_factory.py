@@ -1,8 +1,8 @@
 """Which target a training run talks to: the in-process model, or remote servers (``--target-url``).
 
-This lives above ``speculative/eagle`` so that the training recipe never imports the remote package
-(``remote/`` depends on ``eagle/``, never the reverse); the CLI, ``python -m tandem.train`` and the demo
-hand ``build_target`` to the recipe as its ``target_factory``.
+The trainer never imports the remote package (``remote/`` builds on the rest of ``speculative/``, never the
+reverse): the CLI, ``python -m tandem.train`` and the demo hand ``build_target`` to it as its
+``target_factory``, and ``train()`` imports this module lazily.
 """
 
 from __future__ import annotations

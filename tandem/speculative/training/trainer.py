@@ -80,8 +80,8 @@ class Trainer:
             ``get_input_embeddings``, ``set_vocab_mapping``, ``model_info``).
         tokenizer: built from ``config.tokenizer or config.target`` if None.
         target_factory: ``(config, distributed) -> target`` when ``target`` is None;
-            ``tandem.speculative.training.target_factory.build_target`` is the one the CLI uses. The recipe
-            itself never imports the remote package: ``remote/`` depends on ``eagle/``, not the reverse.
+            ``tandem.speculative.training.target_factory.build_target`` is the one the CLI uses. The trainer
+            itself never imports the remote package: ``remote/`` depends on ``training/``, not the reverse.
         distributed: this rank's place in a data-parallel job (see ``distributed.py``); default: the
             initialised default process group, else a single process.
     """
@@ -518,7 +518,7 @@ class Trainer:
         return measured
 
     def export(self, out_dir: str | Path | None = None) -> Path:
-        """Write the draft for serving engines (``output_dir/eagle3-draft`` by default; see ``checkpoint.py``)
+        """Write the draft for serving engines (``output_dir/eagle3-draft`` by default; see ``export/eagle3.py``)
         in ``export_format``, in ``export_dtype`` or else the target's dtype."""
         dtype = self.config.export_dtype or getattr(self.target, "dtype", None) or torch.float32
         return ckpt.export_draft(
@@ -549,7 +549,7 @@ def train(config: TrainConfig, target=None, tokenizer=None, target_factory=None)
     """
     if target is None and target_factory is None:
         # The entry point's convenience: the CLI's own factory (in-process or remote, from the config).
-        # Imported here, not at the top, so that importing the recipe never loads the remote package.
+        # Imported here, not at the top, so that importing the trainer never loads the remote package.
         from tandem.speculative.training.target_factory import build_target as target_factory
     distributed = init_distributed()
     try:

@@ -6,7 +6,7 @@ then the lowest unused ids to fill ``Vd``. Two mapping tensors travel with the e
 ``d2t[i] = selected[i] - i``, which both SGLang and vLLM read (target id = draft id + ``d2t[draft id]``),
 and ``t2d = selected_token_mask``, which both skip (it is written for tools that use it). When the draft
 vocabulary is the whole target vocabulary neither is written: vLLM then keeps no mapping and refuses a
-``d2t`` it did not expect (see ``checkpoint.py``).
+``d2t`` it did not expect (see ``export/eagle3.py``).
 """
 
 from __future__ import annotations

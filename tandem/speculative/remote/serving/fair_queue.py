@@ -1,16 +1,11 @@
 """Who runs the target next: one forward at a time, clients served in turn, a bounded waiting room.
 
-The target runs one batch at a time (its aux-hidden capture hooks are shared state). A plain lock hands it
-to whichever waiting thread the OS wakes first, so a client with many requests in flight (deep prefetch,
-many connections) can keep another client waiting for many of its forwards. :class:`FairQueue` serves
-waiting requests round-robin across clients and first-in first-out within one client: a client waits for
-at most one forward of every other client with work queued, however many requests those clients send.
-How long one forward can hold the target is bounded by the server's token budget (``--max-batch-tokens``).
-
-A request takes a place (:meth:`FairQueue.reserve`) before the server reads its body, so a full queue is
-refused with 503 and ``Retry-After`` at once, before any memory is spent on the request; it joins its
-client's line (:meth:`Place.turn`) only once its body is read and checked, so a slow upload never holds up
-the line.
+The target runs one batch at a time (its aux-hidden capture hooks are shared state). A plain lock hands it to
+whichever thread the OS wakes first, so a client with many requests in flight could keep another waiting for
+many of its forwards. :class:`FairQueue` serves round-robin across clients, first-in first-out within one: a
+client waits for at most one forward of every other client with work queued. A request takes a place before
+its body is read (a full queue is refused with 503 at once, before any memory is spent) and joins its
+client's line only once its body is read and checked, so a slow upload never holds up the line.
 """
 
 from __future__ import annotations

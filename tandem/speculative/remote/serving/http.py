@@ -1,23 +1,13 @@
 """The target server's HTTP plumbing: connections, deadlines, framing; the request logic is elsewhere.
 
 Why the standard library's ``http.server`` and not an h11/httptools server: the answer path is zero-copy
-(``sendmsg`` of the supervision tensors' own memory, see ``wire.encode``) and the request path reads a
-body into one buffer that tensors then view; both are plain blocking socket calls here, one thread per
-connection, which suits a server that runs one target forward at a time anyway. What the standard
-library lacks is supplied below, and tested against a real server process
-(``tests/test_http_abuse.py``, ``tests/test_server_hardening.py``):
-
-- a bounded number of connections, hence of handler threads (:class:`BoundedHTTPServer`): one past
-  ``max_connections`` gets 503 with ``Retry-After`` and is closed, from the accept loop, while those
-  already connected keep being served; accept errors (out of file descriptors) back off instead of
-  spinning;
-- a deadline for a request's whole header block and a bound on its size (:class:`_DeadlineReader`): a
-  client trickling one byte at a time cannot hold a thread past ``header_timeout_s``, nor one sending
-  endless header lines more than ``MAX_HEADER_BYTES``;
-- a deadline for the whole body (``body_timeout_s``), not per byte;
-- strict framing: a ``Transfer-Encoding`` (chunked) body is refused with 411, folded header lines with
-  400, conflicting lengths with 400, and every refused request closes its connection, so no unread body
-  is ever parsed as the next request.
+(``sendmsg`` of the tensors' own memory, ``wire.encode``) and a request body is read into one buffer that
+tensors then view; both are plain blocking socket calls, one thread per connection, which suits a server that
+runs one target forward at a time anyway. What the standard library lacks is added here and tested against a
+real server (``tests/speculative/remote/test_http_abuse.py``, ``test_server_hardening.py``): bounded
+connections (:class:`BoundedHTTPServer`), a deadline and a size bound for the header block
+(:class:`_DeadlineReader`), a deadline for the whole body, and strict framing (no chunked bodies, no folded
+or conflicting headers; a refused request closes its connection). The limits: docs/security.md.
 """
 
 from __future__ import annotations

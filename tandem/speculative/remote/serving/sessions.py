@@ -1,16 +1,11 @@
 """The target server's client sessions: vocabulary mappings, data-plane groups and their ports, eviction.
 
-A session is named by the ``X-Tandem-Client`` header (clients of the original design send none and share
-the anonymous session). What it holds:
-
-- the draft vocabularies the client sent, by digest (:func:`vocab.vocab_digest`): a tandem client names the
-  digest on each ``/generate``, so an answer is never computed with a vocabulary that client did not send,
-  even when two clients share one id; a request without a digest gets the session's newest mapping (v1);
-- its data-plane group, if ``/init_nccl`` set one up, and the port it holds.
-
-Sessions are bounded: one without open connections is evicted once idle past ``idle_timeout_s``, and when
-``max_sessions`` are held, the least recently seen one without connections makes room (503 if every one
-has a connection). An evicted client that comes back is told 409 and sends its vocabulary again.
+A session is named by the ``X-Tandem-Client`` header (clients that send none share the anonymous session).
+It holds the draft vocabularies the client sent, by digest (a tandem client names the digest on each
+``/generate``, so an answer is never computed with a vocabulary that client did not send), and its data-plane
+group and port, if ``/init_nccl`` set one up. Sessions are bounded: one without connections is evicted once
+idle past ``idle_timeout_s``, and at ``max_sessions`` the least recently seen one without connections makes
+room (503 if every one has a connection). An evicted client is told 409 and sends its vocabulary again.
 """
 
 from __future__ import annotations
