@@ -176,17 +176,17 @@ def cmd_export(args) -> int:
     import json as _json
     from pathlib import Path
 
-    from tandem.speculative.export import eagle3 as ckpt
+    from tandem.speculative.export import eagle3 as draft_export
     from tandem.speculative.export.engine_conventions import dtype_name, parse_dtype
 
     source = Path(args.draft)
-    draft = ckpt.load_exported_draft(source)
-    record = ckpt.read_export_record(source)
+    draft = draft_export.load_exported_draft(source)
+    record = draft_export.read_export_record(source)
     target = (record or {}).get("target") or {}
     stored = _json.loads((source / "config.json").read_text())
     stored_dtype = stored.get("torch_dtype") or (stored.get("transformer_layer_config") or {}).get("torch_dtype")
     dtype = parse_dtype(args.export_dtype or target.get("dtype") or stored_dtype or "float32")
-    aux_layer_ids = ckpt.exported_aux_layer_ids(source)
+    aux_layer_ids = draft_export.exported_aux_layer_ids(source)
     if args.model:
         from tandem.models import load_target
 
@@ -194,7 +194,7 @@ def cmd_export(args) -> int:
         _check_draft_target(source, model, tokenizer, aux_layer_ids, args.model, args.allow_target_mismatch,
                             f"tandem export of {source} for {args.model}")
     verifier = args.verifier or args.model or target.get("name") or ""
-    out = ckpt.export_draft(draft, args.output, dtype, aux_layer_ids, export_format=args.format, record=record,
+    out = draft_export.export_draft(draft, args.output, dtype, aux_layer_ids, export_format=args.format, record=record,
                             verifier=verifier, verifier_architectures=target.get("architectures"),
                             speculative_tokens=args.speculative_tokens)
     print(f"exported {source} as {args.format} ({dtype_name(dtype)}) to {out}")

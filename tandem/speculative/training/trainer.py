@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 
 from tandem.speculative.decoding.tree import TreeShape
 from tandem.speculative.drafts.eagle3 import Eagle3DraftConfig, Eagle3DraftModel
-from tandem.speculative.export import eagle3 as ckpt
+from tandem.speculative.export import eagle3 as draft_export
 from tandem.speculative.export.engine_conventions import parse_dtype
 from tandem.speculative.target import identity
-from tandem.speculative.training import checkpoint as run_state
+from tandem.speculative.training import checkpoint
 from tandem.speculative.training.config import TrainConfig
 from tandem.speculative.training.data import (
     ChatCollator,
@@ -226,10 +226,11 @@ class Trainer:
                 "record": json.dumps(self.record), "run": self.run_identity()}
 
     def run_identity(self) -> dict:
-        """What this run trains on, as checkpoints record it (see ``run_state.run_identity``)."""
+        """What this run trains on, as checkpoints record it (see ``checkpoint.run_identity``)."""
         digest = vocab_digest(self.vocab.selected_token_ids)
         target = {**self.model_info, "dtype": str(self.target.dtype).removeprefix("torch.")}
-        return run_state.run_identity(self.config, data_digest=self.data_digest, vocab_digest=digest, model_info=target)
+        return checkpoint.run_identity(self.config, data_digest=self.data_digest, vocab_digest=digest,
+                                       model_info=target)
 
     def load_state_dict(self, state: dict) -> None:
         saved = json.loads(state["record"]) if "record" in state else None
@@ -272,48 +273,48 @@ class Trainer:
         ones past ``keep_checkpoints``; others return None."""
         if not self.dist.is_main:
             return None
-        path = run_state.checkpoint_path(self.output_dir, self.step)
-        run_state.save_training_state(self.state_dict(), path)
-        run_state.rotate(path.parent, self.config.keep_checkpoints)
+        path = checkpoint.checkpoint_path(self.output_dir, self.step)
+        checkpoint.save_training_state(self.state_dict(), path)
+        checkpoint.rotate(path.parent, self.config.keep_checkpoints)
         return path
 
     def _check_fresh_output_dir(self) -> None:
         """A run from step 0 must not mix with an earlier run's checkpoints and metrics (a later
         ``--resume`` would pick the wrong checkpoint); refuse rather than delete anything."""
-        old = run_state.latest_checkpoint(self.output_dir / run_state.CHECKPOINT_DIR)
+        old = checkpoint.latest_checkpoint(self.output_dir / checkpoint.CHECKPOINT_DIR)
         if old is not None and not self.config.resume:
             raise ValueError(f"{self.output_dir} already holds checkpoints of another run ({old.name}): pass --resume "
                              f"to continue it, or choose a new --output-dir")
         if self.dist.is_main:
-            (self.output_dir / run_state.METRICS_FILE).unlink(missing_ok=True)
+            (self.output_dir / checkpoint.METRICS_FILE).unlink(missing_ok=True)
 
     def maybe_resume(self) -> bool:
         """With ``resume``: load the newest checkpoint that loads (rank 0 picks it, so no rank resumes from
-        another step), after checking that it belongs to this run (``run_state.check_resume``)."""
+        another step), after checking that it belongs to this run (``checkpoint.check_resume``)."""
         if not self.config.resume:
             return False
-        directory = self.output_dir / run_state.CHECKPOINT_DIR
-        step, state = run_state.load_newest_intact(directory, set_aside=True) if self.dist.is_main else (None, None)
+        directory = self.output_dir / checkpoint.CHECKPOINT_DIR
+        step, state = checkpoint.load_newest_intact(directory, set_aside=True) if self.dist.is_main else (None, None)
         step = self.dist.broadcast_int(-1 if step is None else step)
         if step < 0:
             logger.warning("--resume: no checkpoint that loads under %s; starting from step 0", directory)
             return False
-        path = run_state.checkpoint_path(self.output_dir, step)
+        path = checkpoint.checkpoint_path(self.output_dir, step)
         if state is None:
             if not path.is_file():
                 raise FileNotFoundError(f"rank {self.dist.rank}: cannot read {path}, which rank 0 resumes from: put "
                                         f"--output-dir on a filesystem every node shares")
-            state = run_state.load_training_state(path)
+            state = checkpoint.load_training_state(path)
         # The target's facts are the target record's to check (in load_state_dict, --allow-target-mismatch);
         # this one checks the data, the vocabulary, the settings and the dtype (--allow-resume-mismatch).
         owned_by_record = identity.SAME_MODEL_FIELDS if "record" in state else ()
-        run_state.check_resume(state.get("run"), self.run_identity(), self.config.allow_resume_mismatch, path,
+        checkpoint.check_resume(state.get("run"), self.run_identity(), self.config.allow_resume_mismatch, path,
                                skip_target_fields=owned_by_record)
         self._keep_checkpoint_vocab(state["draft"])
         self.load_state_dict(state)
         if self.dist.is_main:
             logger.info("resumed from %s at step %d", path, self.step)
-            run_state.trim_metrics(self.output_dir / run_state.METRICS_FILE, self.step)
+            checkpoint.trim_metrics(self.output_dir / checkpoint.METRICS_FILE, self.step)
         return True
 
     def _keep_checkpoint_vocab(self, draft_state: dict) -> None:
@@ -461,12 +462,12 @@ class Trainer:
         evaluator = self.live_evaluator() if main and self.config.eval_every else None
         measured: dict = {}
         started = time.perf_counter()
-        with open(self.output_dir / run_state.METRICS_FILE, "a") if main else nullcontext() as metrics_file:
+        with open(self.output_dir / checkpoint.METRICS_FILE, "a") if main else nullcontext() as metrics_file:
             while self.step < end:
                 indices = range(self.step * accum, (self.step + 1) * accum)
                 batches = [self.micro_batch(i) for i in indices]
                 last = self.train_step(batches, prefetcher.take(indices) if prefetcher else None)
-                if evaluator is not None and run_state.checkpoint_due(self.step, self.config.eval_every, end):
+                if evaluator is not None and checkpoint.checkpoint_due(self.step, self.config.eval_every, end):
                     measured = self.evaluate(evaluator, last, time.perf_counter() - started)
                     last.update(measured)
                 if metrics_file is not None:
@@ -476,7 +477,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{last['loss']:.3f}", acc0=f"{last['step_accuracies'][0]:.2f}",
                                 tok_s=f"{last['tokens_per_s']:.0f}",
                                 **({"accept": f"{measured['eval_acceptance_length']:.2f}"} if measured else {}))
-                if run_state.checkpoint_due(self.step, self.config.save_every, end):
+                if checkpoint.checkpoint_due(self.step, self.config.save_every, end):
                     self.save_checkpoint()
         bar.close()
         self._report_throughput(prefetcher)
@@ -521,8 +522,8 @@ class Trainer:
         """Write the draft for serving engines (``output_dir/eagle3-draft`` by default; see ``export/eagle3.py``)
         in ``export_format``, in ``export_dtype`` or else the target's dtype."""
         dtype = self.config.export_dtype or getattr(self.target, "dtype", None) or torch.float32
-        return ckpt.export_draft(
-            self.draft, out_dir or self.output_dir / ckpt.EXPORT_DIRNAME, parse_dtype(dtype),
+        return draft_export.export_draft(
+            self.draft, out_dir or self.output_dir / draft_export.EXPORT_DIRNAME, parse_dtype(dtype),
             self.model_info["aux_layer_ids"], export_format=self.config.export_format, record=self.record,
             verifier=self.target_identity.get("name") or self.config.tokenizer or self.config.target,
             verifier_architectures=self.target_identity.get("architectures"), speculative_tokens=self.config.ttt_steps,

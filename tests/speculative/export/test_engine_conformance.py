@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tandem.speculative.export import eagle3 as ckpt
+from tandem.speculative.export import eagle3 as draft_export
 from tandem.speculative.target.model import Eagle3TargetModel
 from tandem.speculative.training.config import TrainConfig
 from tandem.speculative.training.trainer import Trainer
@@ -347,7 +347,7 @@ def _train_and_export(root, draft_vocab_size: int):
                          ttt_steps=2, save_every=2, show_progress=False, learning_rate=3e-2)
     trainer = Trainer(config, target=target, tokenizer=build_tiny_tokenizer())
     trainer.train()
-    exports = {"sglang": root / "out" / ckpt.EXPORT_DIRNAME}
+    exports = {"sglang": root / "out" / draft_export.EXPORT_DIRNAME}
     from tandem.cli import main
 
     exports["speculators"] = root / "speculators"

@@ -4,7 +4,7 @@ import torch
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from tandem.speculative.training import generation_cache as batched_decoding
+from tandem.speculative.training import generation_cache
 
 
 class _Module(torch.nn.Module):
@@ -23,7 +23,7 @@ def test_grouped_attention_equals_eager_with_padding_mask():
     allowed[1, :, :, :3] = False  # a left-padded row
     mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
     expected, _ = eager_attention_forward(_Module(groups), query, key, value, mask, scaling=dim ** -0.5)
-    got, weights = batched_decoding.grouped_query_attention(_Module(groups), query, key, value, mask,
+    got, weights = generation_cache.grouped_query_attention(_Module(groups), query, key, value, mask,
                                                             scaling=dim ** -0.5)
     assert weights is None and got.shape == (batch, q_len, kv_heads * groups, dim)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
@@ -31,7 +31,7 @@ def test_grouped_attention_equals_eager_with_padding_mask():
 
 def test_growing_cache_returns_what_dynamic_cache_returns():
     torch.manual_seed(0)
-    plain, growing = DynamicCache(), batched_decoding.growing_cache()
+    plain, growing = DynamicCache(), generation_cache.growing_cache()
     rows = 5
     for step, length in enumerate([7] + [1] * 80):  # a prefill, then enough steps to outgrow the reserve
         keys, values = torch.randn(rows, 2, length, 4), torch.randn(rows, 2, length, 4)
@@ -55,7 +55,7 @@ def test_registered_attention_runs_a_model_like_eager(tiny_llama):
     try:
         tiny_llama.set_attn_implementation("eager")
         expected = tiny_llama(input_ids=input_ids, attention_mask=attention_mask).logits
-        tiny_llama.set_attn_implementation(batched_decoding.register())
+        tiny_llama.set_attn_implementation(generation_cache.register())
         got = tiny_llama(input_ids=input_ids, attention_mask=attention_mask).logits
     finally:
         tiny_llama.set_attn_implementation(before)

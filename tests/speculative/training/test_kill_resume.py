@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bench.soak import effective_history, exported, last_step, read_metrics, train_command, write_chat_data
-from tandem.speculative.training import checkpoint as run_state
+from tandem.speculative.training import checkpoint
 from tests.speculative.remote.remote_utils import save_tiny_target
 
 pytestmark = pytest.mark.timeout(300)
@@ -38,7 +38,7 @@ def test_sigkill_at_a_random_step_then_resume_matches_the_uninterrupted_run(tmp_
     victim.send_signal(signal.SIGKILL)
     assert victim.wait(30) == -signal.SIGKILL, f"the run ended before it could be killed {context}"
     killed_at = last_step(tmp_path / "victim")
-    assert killed_at < STEPS and run_state.latest_checkpoint(tmp_path / "victim" / "checkpoints") is not None, context
+    assert killed_at < STEPS and checkpoint.latest_checkpoint(tmp_path / "victim" / "checkpoints") is not None, context
     resumed = subprocess.run(train_command(tmp_path, "victim", target_dir, STEPS, SAVE_EVERY, resume=True),
                              capture_output=True, text=True, timeout=180)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
@@ -72,16 +72,16 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_old_one_or_the_new_one_wh
         writer.send_signal(signal.SIGKILL)
         writer.wait(30)
         writer.stdout.close()
-        state = run_state.load_training_state(path)  # never half-written: it loads, and is all one version
+        state = checkpoint.load_training_state(path)  # never half-written: it loads, and is all one version
         assert state["weights"].shape == (1 << 21,)
         assert torch.equal(state["weights"], torch.full((1 << 21,), float(state["step"])))
     # A temporary file a kill left behind is never taken for a checkpoint.
-    assert run_state.latest_checkpoint(tmp_path / "checkpoints") == path
+    assert checkpoint.latest_checkpoint(tmp_path / "checkpoints") == path
 
 
 def test_a_failed_write_keeps_the_previous_checkpoint_and_leaves_no_temporary(tmp_path, monkeypatch):
     path = tmp_path / "step_3.pt"
-    run_state.save_training_state({"step": 3, "w": torch.ones(4)}, path)
+    checkpoint.save_training_state({"step": 3, "w": torch.ones(4)}, path)
 
     def crash_half_way(state, tmp):
         with open(tmp, "wb") as handle:
@@ -90,6 +90,6 @@ def test_a_failed_write_keeps_the_previous_checkpoint_and_leaves_no_temporary(tm
 
     monkeypatch.setattr(torch, "save", crash_half_way)
     with pytest.raises(OSError, match="disk full"):
-        run_state.save_training_state({"step": 4, "w": torch.zeros(4)}, path)
-    assert run_state.load_training_state(path)["step"] == 3
+        checkpoint.save_training_state({"step": 4, "w": torch.zeros(4)}, path)
+    assert checkpoint.load_training_state(path)["step"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_3.pt"]

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from bench.soak import effective_history, exported, read_metrics, train_command, write_chat_data
-from tandem.speculative.training import checkpoint as run_state
+from tandem.speculative.training import checkpoint
 from tandem.speculative.training.data import DataFormatError, read_chat_jsonl
 from tests.speculative.remote.remote_utils import save_tiny_target
 
@@ -86,11 +86,11 @@ def test_resume_falls_back_past_damaged_checkpoints_and_tolerates_what_a_user_le
 def test_rotation_deletes_only_what_tandem_wrote(tmp_path):
     for name in ("step_2.pt", "step_4.pt", "step_10.pt", "step_best.pt", "step_60_backup.pt", "step_07.pt"):
         (tmp_path / name).write_bytes(b"x")
-    deleted = run_state.rotate(tmp_path, keep=1)
+    deleted = checkpoint.rotate(tmp_path, keep=1)
     assert sorted(p.name for p in deleted) == ["step_2.pt", "step_4.pt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_07.pt", "step_10.pt", "step_60_backup.pt",
                                                           "step_best.pt"]
-    assert [run_state.checkpoint_due(step, 0, 5) for step in range(1, 6)] == [False] * 4 + [True]
+    assert [checkpoint.checkpoint_due(step, 0, 5) for step in range(1, 6)] == [False] * 4 + [True]
 
 
 # ---------------------------------------------------------------- 6. resume checks what it resumes
