@@ -19,6 +19,8 @@ CHATML_TEMPLATE = (
 )
 
 TINY_VOCAB_SIZE = 320
+# The repository root: subprocesses that import ``tests`` run from here (PYTHONPATH / cwd).
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_tiny_tokenizer():

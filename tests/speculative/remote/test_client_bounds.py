@@ -22,11 +22,12 @@ from tandem.speculative.remote import protocol, wire
 from tandem.speculative.remote.answer_checks import AnswerError, check_metadata, supervision_specs
 from tandem.speculative.remote.client import RemoteEagle3TargetModel
 from tandem.speculative.remote.http_client import RemoteTargetError, RetryPolicy
+from tests.conftest import REPO_ROOT
 from tests.speculative.remote.remote_utils import tiny_batch, tiny_vocab_mapping
 
 pytestmark = pytest.mark.timeout(120)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = str(REPO_ROOT)
 INFO = {"num_hidden_layers": 4, "hidden_size": 64, "vocab_size": 320, "aux_layer_ids": [1, 1, 0], "dtype": "float32"}
 
 

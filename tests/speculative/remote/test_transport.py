@@ -27,6 +27,7 @@ from tandem.speculative.remote.transport import (
     nccl_port_for,
 )
 from tandem.speculative.remote.wire import CODE_TO_DTYPE
+from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -313,7 +314,7 @@ def test_environment_switch_and_port_rule():
         nccl_port_for(65500, environ={})
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = str(REPO_ROOT)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer of the GPU check")

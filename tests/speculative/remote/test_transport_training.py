@@ -23,7 +23,7 @@ from tandem.speculative.remote.transport import NCCLTransport
 from tandem.speculative.target.supervision import compute_supervision
 from tandem.speculative.training.target_factory import build_target
 from tandem.speculative.training.trainer import train
-from tests.conftest import build_tiny_tokenizer
+from tests.conftest import REPO_ROOT, build_tiny_tokenizer
 from tests.speculative.remote.remote_utils import (
     assert_same_supervision,
     load_tiny_target,
@@ -37,7 +37,7 @@ from tests.speculative.remote.test_remote_training import STEPS, assert_same_run
 pytestmark = pytest.mark.timeout(180)
 
 GROUP_TIMEOUT_S = 5
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 
 
 def free_port() -> int:

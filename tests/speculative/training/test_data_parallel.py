@@ -25,12 +25,13 @@ import torch
 from tandem.speculative.training.config import TrainConfig
 from tandem.speculative.training.distributed import target_urls_for_rank, throughput_summary
 from tandem.speculative.training.trainer import Trainer, train
+from tests.conftest import REPO_ROOT
 from tests.moe.dist_utils import run_ranks
 from tests.speculative.remote.remote_utils import load_tiny_target, save_tiny_target
 
 pytestmark = pytest.mark.timeout(240)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 STEPS = 4
 GLOBAL_BATCH = 4
 ACCUM = 2  # micro-batches per step: DDP's no_sync path is part of every run

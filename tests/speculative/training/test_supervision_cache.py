@@ -18,10 +18,10 @@ from tandem.models import resolve_dtype
 from tandem.speculative.training.config import TrainConfig
 from tandem.speculative.training.supervision_cache import SupervisionCache, cache_identity
 from tandem.speculative.training.trainer import Trainer
-from tests.conftest import build_tiny_tokenizer
+from tests.conftest import REPO_ROOT, build_tiny_tokenizer
 from tests.speculative.remote.remote_utils import load_tiny_target, save_tiny_target, start_tiny_server
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 
 
 def write_chat_data(path: Path, count: int = 12) -> Path:
