@@ -6,6 +6,9 @@ states, final hidden state, position mask); the trainer expands it with the draf
 rows. Each sample is answered alone, unpadded, because padding changes a target's floating-point sums: an
 entry is then a function of the sample and the target only, whoever computes it, so a run that fills the
 cache as it trains equals, bit for bit, one that reads a cache filled ahead (``tandem cache-supervision``).
+Names can lie (a directory copied under another identity's name, two entries' files swapped), so an entry
+carries in its own bytes the digests of the sample and of the identity it answers, and every read checks
+them and each tensor's shape and dtype (``entry_problem``): a mismatch is a miss, recomputed and counted.
 Layout and atomic writes: :class:`SupervisionCache`.
 """
 
@@ -29,6 +32,13 @@ logger = logging.getLogger(__name__)
 # What an entry holds (per sample, unpadded, shifted as the target answers): the compact answer minus
 # the token ids and loss mask, which the batch itself gives.
 ENTRY_KEYS = ("aux_hidden_states", compact.FINAL_HIDDEN_KEY, "position_mask")
+# An entry's own record of what it answers: one safetensors metadata field (one, so that the header's bytes
+# do not depend on the order a map iterates in), JSON of the sample's and the identity's SHA-256.
+ENTRY_METADATA_KEY = "tandem_entry"
+# Bumped when what an entry holds or records changes: older entries then live under another identity.
+ENTRY_FORMAT = 2
+# Refusals logged one by one before the rest are only counted (a whole foreign directory is one story).
+_LOGGED_REFUSALS = 5
 
 
 def sample_key(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> str:
@@ -39,9 +49,52 @@ def sample_key(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def identity_digest(identity: dict) -> str:
-    """A short stable digest of a JSON-serialisable identity dict (the cache's directory name)."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+def identity_digest(identity: dict, full: bool = False) -> str:
+    """A stable digest of a JSON-serialisable identity dict: 16 hex digits (the cache's directory name), or the
+    whole SHA-256 (``full``: what every entry records)."""
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return digest if full else digest[:16]
+
+
+def entry_layout(identity: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """What each tensor of an entry for an ``S``-token sample must be, by key: ``(shape after S, dtype)``.
+
+    From the identity alone (``cache_identity``'s fields): ``aux_hidden_states [S, A*H]`` for the ``A`` aux
+    layers and ``final_hidden_states [S, H]`` in the target dtype, ``position_mask [S]`` bool."""
+    target = identity["target"]
+    hidden, dtype = int(target["hidden_size"]), getattr(torch, target["dtype"])
+    return {"aux_hidden_states": ((len(target["aux_layer_ids"]) * hidden,), dtype),
+            compact.FINAL_HIDDEN_KEY: ((hidden,), dtype),
+            "position_mask": ((), torch.bool)}
+
+
+def entry_record(key: str, identity_sha256: str) -> str:
+    """The ``ENTRY_METADATA_KEY`` value of the entry for sample ``key`` under the identity ``identity_sha256``."""
+    return json.dumps({"identity": identity_sha256, "sample": key}, sort_keys=True)
+
+
+def entry_problem(entry: dict[str, torch.Tensor], metadata: dict, key: str, identity_sha256: str,
+                  layout: dict[str, tuple[tuple[int, ...], torch.dtype]], seq: int) -> str | None:
+    """Why a stored entry does not answer sample ``key`` (``seq`` tokens) for the identity whose full digest is
+    ``identity_sha256``, or None when it does. Generic over ``layout``'s tensors."""
+    try:
+        claims = json.loads(metadata.get(ENTRY_METADATA_KEY) or "{}")
+    except ValueError:
+        claims = None
+    if not isinstance(claims, dict):
+        return f"its {ENTRY_METADATA_KEY} record is not a JSON object"
+    if claims.get("sample") != key:
+        return f"it answers another sample ({str(claims.get('sample'))[:16]}...)"
+    if claims.get("identity") != identity_sha256:
+        return f"it was computed for another identity ({str(claims.get('identity'))[:16]}...)"
+    if set(entry) != set(layout):
+        return f"it holds {sorted(entry)}, not {sorted(layout)}"
+    for name, (tail, dtype) in layout.items():
+        tensor = entry[name]
+        if tuple(tensor.shape) != (seq, *tail) or tensor.dtype != dtype:
+            return (f"{name} is {str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}, expected "
+                    f"{str(dtype).removeprefix('torch.')} {[seq, *tail]}")
+    return None
 
 
 class SupervisionCache:
@@ -56,47 +109,65 @@ class SupervisionCache:
     Arguments:
         root: the cache directory (shared by runs; each identity gets its own subdirectory).
         identity: what the answers depend on besides the sample: the target's ``model_info()``, its dtype
-            and the draft vocabulary's digest (``cache_identity`` builds it).
+            and the draft vocabulary's digest (``cache_identity`` builds it; a dict that may grow fields).
+        layout: what an entry's tensors must be (``entry_layout``'s form); default ``entry_layout(identity)``.
     """
 
-    def __init__(self, root: str | Path, identity: dict):
+    def __init__(self, root: str | Path, identity: dict,
+                 layout: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None):
         self.identity = identity
+        self.identity_sha256 = identity_digest(identity, full=True)
+        self.layout = layout if layout is not None else entry_layout(identity)
         self.directory = Path(root) / identity_digest(identity)
         self.directory.mkdir(parents=True, exist_ok=True)
         stamp = self.directory / "identity.json"
         if not stamp.is_file():
             _atomic_write_bytes(stamp, json.dumps(identity, indent=2, sort_keys=True).encode())
+        elif _read_stamp(stamp) != identity:
+            # Another identity's directory under this name (copied, renamed): its entries will not verify.
+            logger.warning("supervision cache %s: its identity.json is not this run's identity; entries that do "
+                           "not verify will be recomputed", self.directory)
         self.hits = 0
         self.misses = 0
+        self.refused = 0
+        """Entries found on disk but not used (foreign, swapped, damaged): recomputed, also counted in ``misses``."""
         self._draft_head: torch.Tensor | None = None
 
     def path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.safetensors"
 
-    def load(self, key: str) -> dict[str, torch.Tensor] | None:
-        """The entry for ``key``, or None when it is absent or unreadable (then it will be recomputed)."""
-        from safetensors.torch import load_file
+    def load(self, key: str, seq: int) -> dict[str, torch.Tensor] | None:
+        """The entry for sample ``key`` of ``seq`` tokens, or None when it is absent or does not verify (its
+        recorded sample and identity, its tensors' shapes and dtypes): then it is recomputed."""
+        from safetensors import safe_open
 
         path = self.path(key)
         if not path.is_file():
             return None
         try:
-            entry = load_file(path)
+            with safe_open(str(path), "pt") as handle:
+                metadata = handle.metadata() or {}
+                entry = {name: handle.get_tensor(name) for name in handle.keys()}
         except Exception as exc:  # a torn or foreign file: recompute rather than train on it
-            logger.warning("supervision cache entry %s is unreadable (%s); recomputing it", path, exc)
-            return None
-        if set(entry) != set(ENTRY_KEYS):
-            logger.warning("supervision cache entry %s holds %s, not %s; recomputing it", path, sorted(entry),
-                           ENTRY_KEYS)
-            return None
-        return entry
+            problem = f"it is unreadable ({type(exc).__name__}: {str(exc)[:200]})"
+        else:
+            problem = entry_problem(entry, metadata, key, self.identity_sha256, self.layout, seq)
+            if problem is None:
+                return entry
+        self.refused += 1
+        log = logger.warning if self.refused <= _LOGGED_REFUSALS else logger.debug
+        log("supervision cache entry %s not used: %s; recomputing it", path, problem)
+        if self.refused == _LOGGED_REFUSALS:
+            logger.warning("supervision cache %s: further refused entries are only counted", self.directory)
+        return None
 
     def store(self, key: str, entry: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save
 
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(path, save({k: entry[k].contiguous().cpu() for k in ENTRY_KEYS}))
+        metadata = {ENTRY_METADATA_KEY: entry_record(key, self.identity_sha256)}
+        _atomic_write_bytes(path, save({k: entry[k].contiguous().cpu() for k in self.layout}, metadata=metadata))
 
     def entry(self, target, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """One unpadded sample's entry (``input_ids [S]`` long, ``loss_mask [S]``): from disk, else asked of
@@ -107,7 +178,7 @@ class SupervisionCache:
             target answers), ``position_mask [S]`` bool.
         """
         key = sample_key(input_ids, loss_mask)
-        found = self.load(key)
+        found = self.load(key, int(input_ids.shape[0]))
         if found is not None:
             self.hits += 1
             return found
@@ -151,19 +222,31 @@ class SupervisionCache:
     def summary(self) -> str:
         total = self.hits + self.misses
         share = 100.0 * self.hits / total if total else 0.0
-        return f"supervision cache {self.directory}: {self.hits} hits, {self.misses} computed ({share:.0f} % from disk)"
+        refused = f", {self.refused} of them in place of entries that did not verify" if self.refused else ""
+        return (f"supervision cache {self.directory}: {self.hits} hits, {self.misses} computed{refused} "
+                f"({share:.0f} % from disk)")
 
 
 def cache_identity(target, selected_token_ids: torch.Tensor, target_identity: dict | None = None) -> dict:
     """What a cache entry depends on besides its sample: the target (its ``model_info``, its dtype and, when
     known, the identity fields that tell one model's weights and tokenizer from another's of the same
-    shape: see ``identity.py``) and the draft vocabulary."""
+    shape: see ``identity.py``), the draft vocabulary, the encoding and the entry format. A dict that may grow
+    fields (a draft method, its target layers): every one of them changes the directory and the digest each
+    entry records."""
     info = dict(target.model_info())
     info["dtype"] = str(target.dtype).removeprefix("torch.")
     for field in ("weights_digest", "tokenizer_digest"):
         if (target_identity or {}).get(field) is not None:
             info[field] = target_identity[field]
-    return {"target": info, "draft_vocab_sha256": vocab_digest(selected_token_ids.cpu())}
+    return {"target": info, "draft_vocab_sha256": vocab_digest(selected_token_ids.cpu()),
+            "encoding": "compact", "entry_format": ENTRY_FORMAT}
+
+
+def _read_stamp(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
