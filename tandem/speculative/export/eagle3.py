@@ -19,6 +19,13 @@ from safetensors.torch import load_file, save_file
 
 from tandem.speculative.atomic_files import atomic_write
 from tandem.speculative.drafts.eagle3 import Eagle3DraftConfig, Eagle3DraftModel
+from tandem.speculative.export.draft_checks import (
+    check_vocab_mapping,
+    check_weights_against,
+    draft_config_fields,
+    read_json_object,
+    weights_header,
+)
 from tandem.speculative.export.engine_conventions import parse_dtype
 from tandem.speculative.export.sglang import EAGLE3_ARCHITECTURE, export_config
 from tandem.speculative.export.speculators import speculators_config
@@ -106,37 +113,32 @@ def export_draft(draft: Eagle3DraftModel, out_dir: str | Path, dtype: torch.dtyp
 
 
 def read_export_record(path: str | Path) -> dict | None:
-    """tandem's record in an exported draft's weights file (None for drafts written without one)."""
-    with safe_open(str(Path(path) / "model.safetensors"), "pt") as handle:
+    """tandem's record in an exported draft's weights file (None for drafts written without one); a one-line
+    ``ValueError`` when it is not a JSON object (or its ``target`` not one)."""
+    weights_path = Path(path) / "model.safetensors"
+    with safe_open(str(weights_path), "pt") as handle:
         raw = (handle.metadata() or {}).get(RECORD_METADATA_KEY)
-    return json.loads(raw) if raw else None
+    if not raw:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("target") or {}, dict):
+        raise ValueError(f"{weights_path}: metadata field {RECORD_METADATA_KEY!r} must be a JSON object (with an "
+                         f"object as its 'target'), got {raw[:60]!r}")
+    return record
 
-
-def _draft_config_from(raw: dict) -> Eagle3DraftConfig:
-    """An ``Eagle3DraftConfig`` from either format's ``config.json``."""
-    layer = raw.get("transformer_layer_config", raw)
-    rope = layer.get("rope_theta", (layer.get("rope_parameters") or {}).get("rope_theta", 10000.0))
-    return Eagle3DraftConfig(
-        hidden_size=layer["hidden_size"],
-        intermediate_size=layer["intermediate_size"],
-        num_attention_heads=layer["num_attention_heads"],
-        num_key_value_heads=layer.get("num_key_value_heads", layer["num_attention_heads"]),
-        head_dim=layer.get("head_dim") or layer["hidden_size"] // layer["num_attention_heads"],
-        rms_norm_eps=layer["rms_norm_eps"],
-        rope_theta=rope,
-        max_position_embeddings=layer["max_position_embeddings"],
-        vocab_size=layer["vocab_size"],
-        draft_vocab_size=raw.get("draft_vocab_size") or layer["vocab_size"],
-        target_hidden_size=raw.get("target_hidden_size") or layer["hidden_size"],
-        extra={k: layer[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in layer},
-    )
-
+def _draft_config_from(raw: dict, where: str = "config.json") -> Eagle3DraftConfig:
+    """An ``Eagle3DraftConfig`` from either format's ``config.json``, every field checked (``draft_checks.py``)."""
+    return Eagle3DraftConfig(**draft_config_fields(raw, where))
 
 def exported_format(raw: dict, where: Path) -> str:
     """``"sglang"`` or ``"speculators"`` from a ``config.json``; a clear error for anything else."""
     if raw.get("speculators_model_type") == "eagle3":
         return "speculators"
-    if EAGLE3_ARCHITECTURE in raw.get("architectures", []):
+    architectures = raw.get("architectures")
+    if isinstance(architectures, list) and EAGLE3_ARCHITECTURE in architectures:
         return "sglang"
     raise ValueError(f"{where} is not an EAGLE-3 draft (architectures={raw.get('architectures')}, "
                      f"speculators_model_type={raw.get('speculators_model_type')})")
@@ -144,45 +146,66 @@ def exported_format(raw: dict, where: Path) -> str:
 
 def exported_aux_layer_ids(path: str | Path) -> list[int] | None:
     """The layers an exported draft was trained on, in tandem's numbering (layer outputs), or None."""
-    raw = json.loads((Path(path) / "config.json").read_text())
-    nested = (raw.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+    config_path = Path(path) / "config.json"
+    raw = read_json_object(config_path, "config.json")
+    eagle_config = raw.get("eagle_config") or {}
+    if not isinstance(eagle_config, dict):
+        raise ValueError(f"{config_path}: field 'eagle_config' must be an object, got {type(eagle_config).__name__}")
+    nested = _layer_ids(eagle_config, "eagle_aux_hidden_state_layer_ids", config_path)
+    top = _layer_ids(raw, "eagle_aux_hidden_state_layer_ids", config_path)
     if nested:
-        return [int(i) for i in nested]
-    top = raw.get("eagle_aux_hidden_state_layer_ids")
-    return [int(i) - 1 for i in top] if top else None
+        return nested
+    return [i - 1 for i in top] if top else None
 
+
+def _layer_ids(fields: dict, key: str, where: Path) -> list[int] | None:
+    value = fields.get(key)
+    if value is not None and (not isinstance(value, list)
+                              or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)):
+        raise ValueError(f"{where}: field {key!r} must be a list of integers, got {str(value)[:60]}")
+    return value
+
+
+def _stored_name(export_format: str):
+    """``key -> its name in a weights file of export_format`` (the decoder layer's prefix differs)."""
+    prefix, sglang_prefix = DECODER_PREFIX[export_format], DECODER_PREFIX["sglang"]
+    return lambda key: prefix + key.removeprefix(sglang_prefix) if key.startswith(sglang_prefix) else key
 
 def load_exported_draft(path: str | Path, dtype: torch.dtype = torch.float32) -> Eagle3DraftModel:
     """Load an exported EAGLE-3 directory (either format) back into an ``Eagle3DraftModel``.
 
-    A directory without ``d2t``/``t2d`` is a draft over the whole target vocabulary (the identity map).
+    A directory without ``d2t``/``t2d`` is a draft over the whole target vocabulary (the identity map). Nothing
+    is allocated for the draft before its config and its weights file's header agree (``draft_checks.py``): a
+    refusal is a one-line ``ValueError`` naming the file and the field or tensor.
     """
     path = Path(path)
     config_path, weights_path = path / "config.json", path / "model.safetensors"
     for needed in (config_path, weights_path):
         if not needed.is_file():
             raise FileNotFoundError(f"not an exported EAGLE-3 draft: {needed} is missing")
-    raw = json.loads(config_path.read_text())
+    raw = read_json_object(config_path, "config.json")
     export_format = exported_format(raw, config_path)
-    draft = Eagle3DraftModel(_draft_config_from(raw))
-    tensors = load_file(str(weights_path))
-    prefix = DECODER_PREFIX[export_format]
-    state = {}
-    for key in EXPORT_WEIGHT_KEYS:
-        sglang_prefix = DECODER_PREFIX["sglang"]
-        stored = prefix + key.removeprefix(sglang_prefix) if key.startswith(sglang_prefix) else key
-        if stored in tensors:
-            state[key] = tensors[stored]
-    missing = [k for k in EXPORT_WEIGHT_KEYS if k not in state and k not in VOCAB_MAPPING_KEYS]
+    config = _draft_config_from(raw, str(config_path))
+    stored_name = _stored_name(export_format)
+    with torch.device("meta"):  # the shapes the config implies, without allocating them
+        expected = {key: value.shape for key, value in Eagle3DraftModel(config).state_dict().items()}
+    header = weights_header(weights_path)
+    missing = [k for k in EXPORT_WEIGHT_KEYS if stored_name(k) not in header and k not in VOCAB_MAPPING_KEYS]
     if missing:
         raise ValueError(f"{weights_path} lacks keys {missing}")
+    if "d2t" not in header and config.draft_vocab_size != config.vocab_size:
+        raise ValueError(f"{weights_path} has no d2t but its draft vocabulary ({config.draft_vocab_size}) "
+                         f"is smaller than the target's ({config.vocab_size})")
+    check_weights_against(expected, stored_name, header, weights_path, config_path)
+    draft = Eagle3DraftModel(config)
+    tensors = load_file(str(weights_path))
+    state = {key: tensors[stored_name(key)] for key in EXPORT_WEIGHT_KEYS if stored_name(key) in tensors}
     if "d2t" not in state:
-        if draft.config.draft_vocab_size != draft.config.vocab_size:
-            raise ValueError(f"{weights_path} has no d2t but its draft vocabulary ({draft.config.draft_vocab_size}) "
-                             f"is smaller than the target's ({draft.config.vocab_size})")
         state["d2t"] = torch.zeros(draft.config.draft_vocab_size, dtype=torch.long)
         state["t2d"] = torch.ones(draft.config.vocab_size, dtype=torch.bool)
-    elif "t2d" not in state:  # both engines skip t2d; rebuild it from d2t
+    else:
+        check_vocab_mapping(state["d2t"], state.get("t2d"), draft.config.vocab_size, weights_path)
+    if "t2d" not in state:  # both engines skip t2d; rebuild it from d2t
         t2d = torch.zeros(draft.config.vocab_size, dtype=torch.bool)
         t2d[torch.arange(draft.config.draft_vocab_size) + state["d2t"].long()] = True
         state["t2d"] = t2d
