@@ -18,6 +18,7 @@ import os
 import sys
 
 from tandem.config_cli import add_config_arguments, config_from_args
+from tandem.speculative.remote.errors import RemoteTargetError
 
 logger = logging.getLogger("tandem")
 
@@ -115,7 +116,7 @@ def _remote_eval_target(args):
     if args.aux_layer_ids:
         raise ValueError("--aux-layer-ids does not apply with --target-url: the server captures its own layers")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    target = RemoteEagle3TargetModel(args.target_url, enable_nccl=False)
+    target = RemoteEagle3TargetModel(args.target_url, enable_nccl=False, timeout_s=args.request_timeout)
     try:
         what = f"tandem eval of {args.draft} against {args.target_url}"
         served, trained = target.model_info()["aux_layer_ids"], exported_aux_layer_ids(args.draft)
@@ -289,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "two remote decodes (token: $TANDEM_TOKEN)")
     p.add_argument("--tokenizer", default=None,
                    help="with --target-url: the tokenizer that renders the prompts (default: --model)")
+    p.add_argument("--request-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="with --target-url: the most one request to the server may take, from connecting to the "
+                        "answer's last byte, retries included; a server that sends nothing or drips its answer "
+                        "is given up then (default: 300)")
     p.add_argument("--prompts", default="heldout", help="chat JSONL, or 'heldout' / 'train' (default: heldout)")
     p.add_argument("--limit", type=int, default=20, help="number of prompts (default: 20)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default: 64)")
@@ -347,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s %(levelname)s {rank}%(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, RemoteTargetError) as error:
         logger.error("%s", error)
         return 2
     except KeyboardInterrupt:

@@ -5,7 +5,9 @@ Over plain HTTP anything on the path can answer, and a server can be broken or h
 were trained on. The client knows every answer's size in advance -- ``B`` and ``S`` from its own request,
 ``H`` and ``V`` from ``/model_info``, ``Vd`` from the vocabulary it sent -- so it refuses a larger body before
 reading it, refuses a data-plane description before allocating for it, and checks every returned
-tensor's shape and dtype. A violation raises :class:`AnswerError`, which the client reports naming the server.
+tensor's shape and dtype and every returned token id against the vocabulary (an id past it once ended an
+evaluation in an ``IndexError`` deep in the draft). A violation raises :class:`AnswerError`, which the client
+reports naming the server.
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ class AnswerError(ValueError):
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """What one returned tensor must be: exactly ``shape``, one of ``dtypes``."""
+    """What one returned tensor must be: exactly ``shape``, one of ``dtypes``, and for token ids every value in
+    ``[0, vocab_size)``."""
 
     shape: tuple[int, ...]
     dtypes: frozenset
+    vocab_size: Optional[int] = None
 
     @property
     def max_bytes(self) -> int:
@@ -53,13 +57,14 @@ def target_dtypes(info: Mapping) -> frozenset:
 
 
 def supervision_specs(batch: int, seq: int, hidden: int, draft_vocab: int, hidden_dtypes: frozenset,
-                      compact_answer: bool) -> dict[str, TensorSpec]:
-    """The tensors of a ``/generate`` answer for a ``[batch, seq]`` request, by key, in send order."""
+                      compact_answer: bool, vocab_size: Optional[int] = None) -> dict[str, TensorSpec]:
+    """The tensors of a ``/generate`` answer for a ``[batch, seq]`` request, by key, in send order (its token
+    ids in ``[0, vocab_size)`` when given)."""
     specs = {
         "aux_hidden_states": TensorSpec((batch, seq, 3 * hidden), hidden_dtypes),
         "target_probs": TensorSpec((batch, seq, draft_vocab), frozenset({torch.float32})),
         "position_mask": TensorSpec((batch, seq, 1), frozenset({torch.bool})),
-        "input_ids": TensorSpec((batch, seq), frozenset({torch.int64})),
+        "input_ids": TensorSpec((batch, seq), frozenset({torch.int64}), vocab_size),
         "loss_mask": TensorSpec((batch, seq), _INTEGERS),  # shifted, in the dtype the request sent
     }
     if compact_answer:
@@ -79,7 +84,8 @@ def wire_answer_bytes(*spec_sets: Mapping[str, TensorSpec]) -> int:
 
 
 def check_tensors(tensors: Mapping[str, Optional[torch.Tensor]], specs: Mapping[str, TensorSpec]) -> None:
-    """``AnswerError`` unless ``tensors`` holds exactly the keys of ``specs``, each of its shape and dtype."""
+    """``AnswerError`` unless ``tensors`` holds exactly the keys of ``specs``, each of its shape and dtype, its
+    token ids (where the spec names a vocabulary) inside it."""
     if set(tensors) != set(specs):
         raise AnswerError(f"answer holds tensors {sorted(tensors)}, expected {sorted(specs)}")
     for key, spec in specs.items():
@@ -87,6 +93,11 @@ def check_tensors(tensors: Mapping[str, Optional[torch.Tensor]], specs: Mapping[
         if tensor is None:
             raise AnswerError(f"answer holds no {key!r} tensor")
         _check(key, tuple(tensor.shape), tensor.dtype, spec)
+        if spec.vocab_size is not None and tensor.numel():
+            low, high = int(tensor.min()), int(tensor.max())
+            if low < 0 or high >= spec.vocab_size:
+                raise AnswerError(f"tensor {key!r} holds token ids in [{low}, {high}], outside the vocabulary "
+                                  f"[0, {spec.vocab_size})")
 
 
 def check_metadata(keys_order: Sequence[str], metadata: Mapping[str, Optional[dict]],

@@ -81,7 +81,9 @@ class RemoteEagle3TargetModel:
     Arguments:
         urls: one server URL (``http://host:port``) or several, used round-robin.
         device: where returned tensors are placed.
-        timeout_s: socket timeout of one request (a long first forward on a big target needs slack).
+        timeout_s: the deadline of one request, from connecting to the answer's last byte, retries included (a
+            long first forward on a big target, a queue of other clients' batches need slack): a server that
+            sends nothing or drips its answer is given up then, the error saying what it did.
         prefetch_depth: the most ``generate_batch_async`` requests in flight at once (>= 1).
         token: bearer token; default ``$TANDEM_TOKEN``.
         client_id: this client's session id on the servers (default: host, pid and a random suffix).
@@ -280,7 +282,8 @@ class RemoteEagle3TargetModel:
         draft_vocab = self._draft_vocab_size or info["vocab_size"]
         compact_asked = (encoding or self.supervision_encoding) == protocol.ENCODING_COMPACT
         encodings = (False, True) if compact_asked else (False,)
-        return {c: supervision_specs(*batch_shape, info["hidden_size"], draft_vocab, target_dtypes(info), c)
+        return {c: supervision_specs(*batch_shape, info["hidden_size"], draft_vocab, target_dtypes(info), c,
+                                     info["vocab_size"])
                 for c in encodings}
 
     def _request_generate(self, server: ServerConnection, body: Sequence, headers: dict,
@@ -492,7 +495,8 @@ class RemoteEagle3TargetModel:
         its KV cache kept there (``decode.py`` runs on it as on an in-process target)."""
 
         info = self._model_info()
-        return RemoteDecodeSession(self._verify_server(), info["hidden_size"], target_dtypes(info), self._device)
+        return RemoteDecodeSession(self._verify_server(), info["hidden_size"], target_dtypes(info), self._device,
+                                   info["vocab_size"])
 
     def verify(self, input_ids: torch.Tensor):
         """Stateless ``/verify`` of whole sequences ``input_ids [B, n]`` long (equal lengths): a
@@ -500,7 +504,8 @@ class RemoteEagle3TargetModel:
         [B, n, 3H]`` on ``device``."""
 
         info = self._model_info()
-        return request_verify(self._verify_server(), input_ids, info["hidden_size"], target_dtypes(info), self._device)
+        return request_verify(self._verify_server(), input_ids, info["hidden_size"], target_dtypes(info), self._device,
+                              vocab_size=info["vocab_size"])
 
     # ------------------------------------------------------------ session
 

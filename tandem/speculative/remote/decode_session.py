@@ -6,12 +6,15 @@ calls (``decode_caches.py``), so a round sends the new ids only (a few bytes) an
 ``n`` near-tie flags and ``n`` aux states (``n x 3H`` in the target dtype). The session remembers every token
 it sent: when the server has lost the cache (evicted, restarted, another client's sequence took its place),
 it answers 409 and the session sends the whole sequence again, so a decode never fails or changes for that.
+Nothing the server holds is taken on trust: each call names the digest of the prefix the client believes is
+cached (``X-Tandem-Prefix``) and each kept branch the tree it belongs to, the session's name is random (no other
+process picks it), and every answer's token ids are checked against the vocabulary.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
+import uuid
 
 import torch
 
@@ -22,26 +25,28 @@ from tandem.speculative.remote.http_client import RemoteTargetError
 
 logger = logging.getLogger(__name__)
 
-_session_numbers = itertools.count()
 
 
-def verify_specs(batch: int, new: int, hidden: int, hidden_dtypes: frozenset) -> dict[str, TensorSpec]:
-    """What a ``/verify`` answer for ``[batch, new]`` ids must hold (``protocol.VERIFY_ANSWER_KEYS``)."""
+def verify_specs(batch: int, new: int, hidden: int, hidden_dtypes: frozenset,
+                 vocab_size: int | None = None) -> dict[str, TensorSpec]:
+    """What a ``/verify`` answer for ``[batch, new]`` ids must hold (``protocol.VERIFY_ANSWER_KEYS``), its next
+    tokens in ``[0, vocab_size)`` when given."""
     next_ids, near_ties, aux = protocol.VERIFY_ANSWER_KEYS
-    return {next_ids: TensorSpec((batch, new), frozenset({torch.int64})),
+    return {next_ids: TensorSpec((batch, new), frozenset({torch.int64}), vocab_size),
             near_ties: TensorSpec((batch, new), frozenset({torch.bool})),
             aux: TensorSpec((batch, new, 3 * hidden), hidden_dtypes)}
 
 
 def request_verify(server, input_ids: torch.Tensor, hidden: int, hidden_dtypes: frozenset, device: torch.device,
-                   headers: dict | None = None, tree_parents: list[int] | None = None) -> VerifyStep:
+                   headers: dict | None = None, tree_parents: list[int] | None = None,
+                   vocab_size: int | None = None) -> VerifyStep:
     """One ``/verify`` call with ``input_ids [B, n]`` long (``tree_parents``: a draft tree's, for B = 1); the
-    checked answer, copied onto ``device``.
+    checked answer (next tokens in ``[0, vocab_size)``), copied onto ``device``.
 
     ``server``: a ``http_client.ServerConnection`` (retries on connection errors and 5xx: with ``X-Tandem-Past`` a
     repeated call does the same as the first). ``RemoteTargetError`` for a refusal or a malformed answer."""
 
-    specs = verify_specs(*input_ids.shape, hidden, hidden_dtypes)
+    specs = verify_specs(*input_ids.shape, hidden, hidden_dtypes, vocab_size)
     body = {"input_ids": input_ids.to("cpu", torch.long)}
     if tree_parents is not None:
         body[protocol.VERIFY_TREE_KEY] = torch.tensor(tree_parents, dtype=torch.long)
@@ -63,27 +68,37 @@ class RemoteDecodeSession:
         server: the ``http_client.ServerConnection`` every call of this sequence goes to (its cache lives there).
         hidden: the target's hidden size ``H``; hidden_dtypes: the dtypes its aux states may have.
         device: where the answers' tensors are put (the draft's device).
+        vocab_size: the target's vocabulary ``V``: every next token answered must lie in ``[0, V)``.
     """
 
-    def __init__(self, server, hidden: int, hidden_dtypes: frozenset, device: torch.device):
+    def __init__(self, server, hidden: int, hidden_dtypes: frozenset, device: torch.device,
+                 vocab_size: int | None = None):
         self.server = server
         self.hidden = hidden
         self.hidden_dtypes = hidden_dtypes
         self.device = torch.device(device)
-        self.name = f"decode-{next(_session_numbers)}"
+        self.vocab_size = vocab_size
+        # Random: two processes sharing a client id (or none) once both named their first session "decode-0".
+        self.name = f"decode-{uuid.uuid4().hex[:16]}"
         self.length = 0
         self.resent = 0
         """Times the server had lost the cache and the whole sequence went again."""
         self._tokens: list[int] = []  # the ids of the cached positions, to send again if the server lost them
-        self._branch: tuple[int, list[int]] | None = None  # a tree's kept branch, for the server at the next call
+        # A tree's kept branch (base, indices, the tree's digest), for the server at the next call.
+        self._branch: tuple[int, list[int], str | None] | None = None
+        self._tree: str | None = None  # the digest of the tree the last call verified in place
 
     def _call(self, input_ids: torch.Tensor, past: int, tree_parents: list[int] | None,
-              branch: tuple[int, list[int]] | None) -> VerifyStep:
+              branch: tuple[int, list[int], str | None] | None) -> VerifyStep:
         headers = {protocol.DECODE_SESSION_HEADER: self.name, protocol.PAST_HEADER: str(past)}
+        if past:
+            headers[protocol.PREFIX_HEADER] = protocol.prefix_digest(self._tokens[:past])
         if branch is not None:
-            headers[protocol.KEEP_BRANCH_HEADER] = f"{branch[0]}:" + ",".join(map(str, branch[1]))
+            base, indices, tree = branch
+            named = ",".join(map(str, indices)) + (f"/{tree}" if tree else "")
+            headers[protocol.KEEP_BRANCH_HEADER] = f"{base}:{named}"
         return request_verify(self.server, input_ids, self.hidden, self.hidden_dtypes, self.device, headers,
-                              tree_parents)
+                              tree_parents, self.vocab_size)
 
     def extend(self, input_ids: torch.Tensor, tree_parents: list[int] | None = None) -> VerifyStep:
         """The target on ``input_ids [1, n]`` long after the ``length`` cached positions (see ``DecodeSession``)."""
@@ -92,6 +107,7 @@ class RemoteDecodeSession:
             raise ValueError("a decode session extends one sequence: input_ids must be [1, n], "
                              f"got {list(input_ids.shape)}")
         new_ids = input_ids[0].tolist()
+        tree = None if tree_parents is None else protocol.tree_digest(self.length, new_ids, tree_parents)
         try:
             step = self._call(input_ids, self.length, tree_parents, self._branch)
         except RemoteTargetError as exc:
@@ -105,7 +121,8 @@ class RemoteDecodeSession:
             whole_parents = None if tree_parents is None else (
                 list(range(-1, self.length - 1)) + [self.length + p for p in tree_parents])
             step = VerifyStep(*(t[:, -len(new_ids):] for t in self._call(whole, 0, whole_parents, None)))
-        self._branch = None
+            tree = None  # sent whole, the server knows no tree at this base: a keep of it will be sent whole too
+        self._branch, self._tree = None, tree
         self._tokens[self.length:] = new_ids
         self.length += len(new_ids)
         return step
@@ -124,7 +141,7 @@ class RemoteDecodeSession:
         verified after them (see ``DecodeSession``); the server is told at the next call."""
         check_branch(past_length, branch, self.length)
         self._tokens = self._tokens[:past_length] + [self._tokens[past_length + i] for i in branch]
-        self._branch = (past_length, list(branch))
+        self._branch = (past_length, list(branch), self._tree)
         self.length = past_length + len(branch)
 
     def close(self) -> None:

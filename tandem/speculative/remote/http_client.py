@@ -2,8 +2,10 @@
 
 Connection errors and 5xx are retried with bounded exponential backoff (a 503's ``Retry-After`` honoured),
 then raise a :class:`RemoteTargetError` naming the server; a 4xx is the caller's mistake and raises at once
-with the server's message. Request bodies go out from the tensors' own memory (``wire.encode``); answers are
-read into one preallocated buffer that decoded tensors view in place, never past the size the request allows.
+with the server's message. Every request, retries included, ends by its deadline (``request_deadline.py``): a
+server that never answers or drips its answer is given up then, the error saying what it did. Request bodies
+go out from the tensors' own memory (``wire.encode``); answers are read into one preallocated buffer that
+decoded tensors view in place, never past the size the request allows.
 """
 
 from __future__ import annotations
@@ -18,20 +20,10 @@ from urllib.parse import urlsplit
 
 from tandem.speculative.remote import protocol, wire
 from tandem.speculative.remote.answer_checks import JSON_ANSWER_BYTES, AnswerError
+from tandem.speculative.remote.errors import RemoteTargetError
+from tandem.speculative.remote.request_deadline import DeadlineHTTPConnection, DeadlineHTTPSConnection, ServerTooSlow
 
 logger = logging.getLogger(__name__)
-
-
-class RemoteTargetError(RuntimeError):
-    """A request to a target server failed; names the server, the endpoint and (if any) the HTTP status."""
-
-    def __init__(self, url: str, endpoint: str, message: str, status: Optional[int] = None):
-        where = f"target server {url} /{endpoint}"
-        super().__init__(f"{where}: HTTP {status}: {message}" if status else f"{where}: {message}")
-        self.url = url
-        self.endpoint = endpoint
-        self.status = status
-        self.message = message
 
 
 @dataclass(kw_only=True)
@@ -85,12 +77,18 @@ class ServerConnection:
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
 
-    def _connection(self, reuse: bool) -> http.client.HTTPConnection:
+    @property
+    def timeout_s(self) -> float:
+        """The deadline of one request, retries included, in seconds."""
+        return self._timeout_s
+
+    def _connection(self, reuse: bool, deadline: float) -> http.client.HTTPConnection:
         with self._lock:
             if reuse and self._idle:
                 return self._idle.pop()
-        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-        conn = cls(self._host, self._port, timeout=self._timeout_s)
+        cls = DeadlineHTTPSConnection if self._scheme == "https" else DeadlineHTTPConnection
+        conn = cls(self._host, self._port, self._timeout_s)
+        conn.clock.start(deadline)  # the identity check below belongs to this request
         if self.on_new_connection is not None:
             try:
                 self.on_new_connection(self, conn)
@@ -100,9 +98,10 @@ class ServerConnection:
         return conn
 
     def _once(self, method: str, endpoint: str, body: Sequence, headers: dict,
-              max_bytes: int) -> tuple[int, bytearray, dict]:
-        """One request; ``(status, body, response headers)``. Raises OSError/HTTPException on I/O failure,
-        ``AnswerError`` for an answer longer than ``max_bytes``.
+              max_bytes: int, deadline: float) -> tuple[int, bytearray, dict]:
+        """One request, over by ``deadline`` (``time.monotonic()``); ``(status, body, response headers)``. Raises
+        OSError/HTTPException on I/O failure (``ServerTooSlow`` past the deadline), ``AnswerError`` for an
+        answer longer than ``max_bytes``.
 
         A pooled connection the server has meanwhile closed (its idle timeout, a restart) fails at once;
         that is no sign of trouble, so the request is sent again on a fresh connection without backoff.
@@ -110,16 +109,21 @@ class ServerConnection:
         with self._lock:
             pooled = bool(self._idle)
         try:
-            return self._exchange(self._connection(reuse=True), method, endpoint, body, headers, max_bytes)
+            return self._exchange(self._connection(True, deadline), method, endpoint, body, headers, max_bytes,
+                                  deadline=deadline)
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
             if not pooled:
                 raise
-        return self._exchange(self._connection(reuse=False), method, endpoint, body, headers, max_bytes)
+        return self._exchange(self._connection(False, deadline), method, endpoint, body, headers, max_bytes,
+                              deadline=deadline)
 
     def _exchange(self, conn, method: str, endpoint: str, body: Sequence, headers: dict,
-                  max_bytes: int, pool: bool = True) -> tuple[int, bytearray, dict]:
+                  max_bytes: int, pool: bool = True, deadline: Optional[float] = None) -> tuple[int, bytearray, dict]:
         """One request on ``conn``: ``(status, body, response headers)``; afterwards ``conn`` goes back to the
-        idle pool (unless ``pool`` is False: its caller goes on using it) or is closed when the server said so."""
+        idle pool (unless ``pool`` is False: its caller goes on using it) or is closed when the server said so.
+        ``deadline``: when this exchange must be over (None: the one its connection was started with)."""
+        if deadline is not None:
+            conn.clock.start(deadline)
         try:
             conn.putrequest(method, f"{self._base_path}/{endpoint}", skip_accept_encoding=True)
             for name, value in {**self._headers, **headers, "Content-Length": str(wire.body_size(body))}.items():
@@ -129,6 +133,10 @@ class ServerConnection:
                 conn.send(buffer)
             response = conn.getresponse()
             payload = read_body(response, self.receive_pool, max_bytes)
+        except TimeoutError:  # the deadline (each read's timeout is the time left): say what the server did
+            connected, received = conn.sock is not None, conn.clock.received
+            conn.close()
+            raise ServerTooSlow(self._timeout_s, connected, received) from None
         except BaseException:
             conn.close()
             raise
@@ -156,8 +164,11 @@ class ServerConnection:
         With ``with_nccl_flag`` returns ``(body, flag)``, the flag True when the server echoed ``X-NeMo-NCCL: 1``
         (the body is then data-plane metadata and the tensors follow over the group). An answer announcing
         more than ``max_answer_bytes`` is refused before it is read (never retried: the server is broken).
+        The whole request, retries and their waits included, ends within ``timeout_s``: a server that sends
+        nothing or too little by then is given up (``ServerTooSlow``), the error saying what it did.
         """
         headers = {**(headers or {}), "Content-Type": content_type}
+        deadline = time.monotonic() + self._timeout_s
         policy = retry or self._retry
         delays = policy.delays()
         attempt = 0
@@ -165,9 +176,12 @@ class ServerConnection:
             attempt += 1
             retry_after = 0.0
             try:
-                status, payload, answer_headers = self._once(method, endpoint, body, headers, max_answer_bytes)
+                status, payload, answer_headers = self._once(method, endpoint, body, headers, max_answer_bytes,
+                                                             deadline)
             except AnswerError as exc:
                 raise RemoteTargetError(self.url, endpoint, f"refused the answer: {exc}") from None
+            except ServerTooSlow as exc:
+                raise RemoteTargetError(self.url, endpoint, str(exc) + self._attempts(attempt)) from None
             except (OSError, http.client.HTTPException) as exc:
                 failure = f"{type(exc).__name__}: {exc}"
             else:
@@ -181,19 +195,24 @@ class ServerConnection:
             delay = next(delays, None)
             if delay is not None:
                 delay = max(delay, min(retry_after, policy.max_backoff_s))
+            if delay is not None and time.monotonic() + delay >= deadline:
+                delay = None  # no time left for another attempt
+                failure += f" (the {self._timeout_s:g} s request deadline leaves no time to retry)"
             if delay is None:
                 raise RemoteTargetError(self.url, endpoint, f"gave up after {attempt} attempts; last error: {failure}")
             logger.warning("target server %s /%s failed (%s); retry %d in %.1f s",
                            self.url, endpoint, failure, attempt, delay)
             time.sleep(delay)
 
+    @staticmethod
+    def _attempts(attempt: int) -> str:
+        return f" (attempt {attempt}; earlier ones failed)" if attempt > 1 else ""
+
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
-
-
 
 
 def retry_after_s(value: Optional[str]) -> float:

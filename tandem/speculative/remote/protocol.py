@@ -8,8 +8,10 @@ design, so its clients and servers interoperate with tandem's.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from typing import Any, Optional
+import struct
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -84,9 +86,13 @@ TOKEN_ENV = "TANDEM_TOKEN"
 DECODE_SESSION_HEADER = "X-Tandem-Decode-Session"
 PAST_HEADER = "X-Tandem-Past"
 # /verify of a draft tree (``decoding/tree.py``): the body adds ``tree_parents [n]``, and the next call names the
-# branch the client accepted, "BASE:i,j,..." -- keep the first BASE cached positions, then positions BASE+i,
-# BASE+j, ... of the tree verified after them (before cropping to X-Tandem-Past).
+# branch the client accepted, "BASE:i,j,.../TREE" -- keep the first BASE cached positions, then positions BASE+i,
+# BASE+j, ... of the tree verified after them (before cropping to X-Tandem-Past); TREE (``tree_digest``, optional)
+# names that tree, so that a retried call is told from a keep of the same indices of another tree.
 KEEP_BRANCH_HEADER = "X-Tandem-Keep-Branch"
+# /verify with a decode session: ``prefix_digest`` of the X-Tandem-Past ids the client believes are cached; a
+# server whose cache holds other ids (another client's sequence under the same names) answers 409.
+PREFIX_HEADER = "X-Tandem-Prefix"
 
 WIRE_CONTENT_TYPE = "application/octet-stream"
 JSON_CONTENT_TYPE = "application/json"
@@ -111,6 +117,18 @@ NCCL_REASON_PORT_IN_USE = "port_in_use"
 
 class ProtocolError(ValueError):
     """A control-plane JSON body is malformed; the message says what is wrong."""
+
+
+def prefix_digest(ids: Sequence[int]) -> str:
+    """``X-Tandem-Prefix``: 32 hex digits of the SHA-256 of token ids as little-endian int64."""
+    return hashlib.sha256(struct.pack(f"<{len(ids)}q", *ids)).hexdigest()[:32]
+
+
+def tree_digest(base: int, ids: Sequence[int], parents: Sequence[int]) -> str:
+    """The name of a draft tree of ``ids`` and ``parents`` verified after ``base`` cached positions (32 hex
+    digits): the ``/TREE`` of ``X-Tandem-Keep-Branch``."""
+    packed = struct.pack(f"<qq{len(ids)}q{len(parents)}q", base, len(ids), *ids, *parents)
+    return hashlib.sha256(packed).hexdigest()[:32]
 
 
 def path_of(endpoint: str) -> str:

@@ -20,7 +20,6 @@ from typing import Optional
 
 import torch
 
-from tandem.speculative.decoding.verification import crop_cache, select_cache_positions
 from tandem.speculative.remote import protocol, wire
 from tandem.speculative.remote.serving.data_plane import DataPlaneHost
 from tandem.speculative.remote.serving.decode_caches import DecodeCacheTable
@@ -34,6 +33,7 @@ from tandem.speculative.remote.serving.http import (  # noqa: F401 - the origina
     serve,
 )
 from tandem.speculative.remote.serving.request_checks import (  # noqa: F401 - re-exported for callers of this module
+    KeptBranch,
     Reply,
     RequestError,
     check_generate_inputs,
@@ -44,6 +44,7 @@ from tandem.speculative.remote.serving.request_checks import (  # noqa: F401 - r
     decode_tensors,
     init_nccl_request,
     keep_branch_header,
+    prefix_header,
 )
 from tandem.speculative.remote.serving.sessions import (
     DEFAULT_MAX_SESSIONS,
@@ -53,8 +54,10 @@ from tandem.speculative.remote.serving.sessions import (
 )
 from tandem.speculative.remote.serving.token_budget import (
     check_batch_shape,
+    check_tree_cost,
     context_window,
     default_max_batch_tokens,
+    forward_bytes_per_token,
     generate_body_limit,
 )
 from tandem.speculative.remote.transport import default_port_range
@@ -155,6 +158,9 @@ class TargetModelServer:
         self._device = self._infer_device()
         self.max_batch_tokens = int(max_batch_tokens or default_max_batch_tokens(target_wrapper, self._device))
         self.max_seq_len = context_window(target_wrapper)
+        # What a draft tree's mask is charged against the budget (token_budget.tree_tokens).
+        self._bytes_per_token = forward_bytes_per_token(target_wrapper)
+        self._itemsize = getattr(getattr(target_wrapper, "dtype", torch.float32), "itemsize", 4)
         self.queue = FairQueue(max_queued_requests)
         # Held around the forward inside a queue turn: the aux-hidden capture hooks are shared state.
         self.generate_lock = threading.Lock()
@@ -231,19 +237,20 @@ class TargetModelServer:
         self, endpoint: str, raw: bytes, *, client_id: str = protocol.ANONYMOUS_CLIENT, client_wants_nccl: bool = False,
         supervision_encoding: Optional[str] = None, vocab_digest: Optional[str] = None, place: Optional[Place] = None,
         decode_session: Optional[str] = None, past: Optional[str] = None, keep_branch: Optional[str] = None,
+        prefix: Optional[str] = None,
     ) -> Reply:
         """Answer one routed, authorized request; ``RequestError`` for anything the client got wrong.
 
-        ``supervision_encoding``, ``vocab_digest``, ``decode_session``, ``past``, ``keep_branch``: the
-        ``X-Tandem-Supervision``, ``X-Tandem-Vocab``, ``X-Tandem-Decode-Session``, ``X-Tandem-Past`` and
-        ``X-Tandem-Keep-Branch`` request headers (None when absent).
+        ``supervision_encoding``, ``vocab_digest``, ``decode_session``, ``past``, ``keep_branch``, ``prefix``: the
+        ``X-Tandem-Supervision``, ``X-Tandem-Vocab``, ``X-Tandem-Decode-Session``, ``X-Tandem-Past``,
+        ``X-Tandem-Keep-Branch`` and ``X-Tandem-Prefix`` request headers (None when absent).
         ``place``: the request's place in the target's queue (from :meth:`admit`).
         """
         if endpoint not in protocol.PUBLIC_ENDPOINTS and endpoint != protocol.EP_DISCONNECT:
             self.sessions.get(client_id)
         try:
             if endpoint == protocol.EP_VERIFY:
-                answer = self.verify(raw, client_id, decode_session, past, place, keep_branch)
+                answer = self.verify(raw, client_id, decode_session, past, place, keep_branch, prefix)
                 return Reply(wire.encode(answer), protocol.WIRE_CONTENT_TYPE, {})
             return self._dispatch(endpoint, raw, client_id, client_wants_nccl, supervision_encoding,
                                   vocab_digest, place)
@@ -373,7 +380,8 @@ class TargetModelServer:
         return {key: out[key] for key in keys}
 
     def verify(self, raw: bytes, client_id: str, decode_session: Optional[str] = None, past: Optional[str] = None,
-               place: Optional[Place] = None, keep_branch: Optional[str] = None) -> dict[str, torch.Tensor]:
+               place: Optional[Place] = None, keep_branch: Optional[str] = None,
+               prefix: Optional[str] = None) -> dict[str, torch.Tensor]:
         """Speculative decoding's target step for a ``/verify`` body ``{"input_ids": [B, n] long}``.
 
         Without a decode session the ids are whole sequences (``B`` rows of equal length, nothing kept). With
@@ -384,7 +392,9 @@ class TargetModelServer:
         The forward runs in the client's turn of the target, within the token budget like ``/generate``.
 
         A draft tree: the body adds ``tree_parents [n]`` (``decoding/tree.py``), and the next call's ``keep_branch``
-        (``X-Tandem-Keep-Branch``) says which of the tree's positions stay cached.
+        (``X-Tandem-Keep-Branch``) says which of the tree's positions stay cached; a tree is charged its mask
+        (``token_budget.tree_tokens``). ``prefix`` (``X-Tandem-Prefix``): the digest of the cached positions the
+        client continues after; other ids cached under its names get 409.
         """
         from transformers import DynamicCache
 
@@ -398,14 +408,17 @@ class TargetModelServer:
             tree_parents = check_tree_parents(tensors.get(protocol.VERIFY_TREE_KEY), input_ids)
             batch, new = input_ids.shape
             name, past_length = decode_session_headers(decode_session, past, batch)
-            branch = keep_branch_header(keep_branch, name)
+            branch, prefix = keep_branch_header(keep_branch, name), prefix_header(prefix, name, past_length)
             check_batch_shape(batch, past_length + new, self.max_batch_tokens, self.max_seq_len, "verify")
+            if tree_parents is not None:
+                check_tree_cost(past_length, new, self.max_batch_tokens, self._bytes_per_token, self._itemsize)
             start = time.perf_counter()
             with place.turn(), self.generate_lock:
                 if name is None:
                     step = self.target_wrapper.greedy_forward(input_ids, DynamicCache(), tree_parents)
                 else:
-                    step = self._verify_cached(client_id, name, past_length, input_ids, tree_parents, branch)
+                    step = self._verify_cached(client_id, name, past_length, input_ids, tree_parents, branch,
+                                               prefix)
         finally:
             place.release()
         with self._stats_lock:
@@ -415,28 +428,19 @@ class TargetModelServer:
         return dict(zip(protocol.VERIFY_ANSWER_KEYS, step))
 
     def _verify_cached(self, client_id: str, name: str, past_length: int, input_ids: torch.Tensor,
-                       tree_parents: Optional[list[int]], branch: Optional[tuple[int, list[int]]]):
-        """``/verify`` on the client's kept cache: keep ``branch`` of its last tree, crop to ``past_length``, extend."""
+                       tree_parents: Optional[list[int]], branch: Optional[KeptBranch], prefix: Optional[str]):
+        """``/verify`` on the client's kept cache: keep ``branch`` of its last tree, crop to ``past_length`` (its
+        ids must have the digest ``prefix``, when given), extend."""
         from transformers import DynamicCache
 
         # Checked out, the cache is nobody else's; an exception below leaves it out: freed.
         entry = self.decode_caches.check_out(client_id, name, past_length, input_ids.shape[1], DynamicCache)
-        if branch is not None and branch != entry.kept_branch:  # (a retried call finds its branch kept already)
-            base, indices = branch
-            if entry.tree_past != base or base + indices[-1] >= entry.length:
-                raise RequestError(409, f"verify: cannot keep branch {base}:{indices[:8]} of {name!r}: no draft tree "
-                                        f"verified after {base} positions is cached; send the whole sequence with "
-                                        f"{protocol.PAST_HEADER}: 0")
-            select_cache_positions(entry.cache, base, torch.tensor([base + i for i in indices]))
-            entry.length, entry.kept_branch = base + len(indices), branch
-        if past_length > entry.length:
-            raise RequestError(409, f"verify: cannot continue {name!r} after {past_length} positions: only "
-                                    f"{entry.length} are cached; "
-                                    f"send the whole sequence with {protocol.PAST_HEADER}: 0")
-        crop_cache(entry.cache, past_length)
+        if branch is not None:
+            entry.keep_branch(branch)
+        entry.crop(past_length, prefix)
         step = self.target_wrapper.greedy_forward(input_ids, entry.cache, tree_parents)
-        entry.length = past_length + input_ids.shape[1]
-        entry.tree_past = past_length if tree_parents is not None else None
+        ids = input_ids[0].tolist()
+        entry.extended(ids, None if tree_parents is None else protocol.tree_digest(past_length, ids, tree_parents))
         self.decode_caches.check_in(client_id, entry)
         return step
 

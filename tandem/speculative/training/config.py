@@ -29,6 +29,9 @@ class TrainConfig:
     """Remote target servers (``tandem serve-target``); when set, no target is loaded here."""
     prefetch_depth: int = 2
     """Remote only: supervision requests kept in flight ahead of the training step."""
+    request_timeout_s: float = 300.0
+    """Remote only: the most seconds one request to a target server may take, from connecting to the last byte of
+    its answer, retries included; a server that sends nothing or drips its answer is given up then, naming it."""
     supervision_encoding: str = "full"
     """Remote only: ``full`` (fp32 draft-vocabulary probabilities on the wire) or ``compact`` (the target's final
     hidden state; the client computes the probabilities: far fewer bytes a token, docs/remote-target.md)."""

@@ -26,6 +26,7 @@ def build_target(config: TrainConfig, distributed: DistributedContext | None = N
         client_id = f"{socket.gethostname()}-rank{distributed.rank}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         return RemoteEagle3TargetModel(urls, device=distributed.device, prefetch_depth=config.prefetch_depth,
                                        client_id=client_id, nccl_rank=distributed.rank,
+                                       timeout_s=config.request_timeout_s,
                                        supervision_encoding=config.supervision_encoding)
     from tandem.models import load_target
     from tandem.speculative.target.model import Eagle3TargetModel

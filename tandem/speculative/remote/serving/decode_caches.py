@@ -7,6 +7,11 @@ one short forward over the new positions instead of the whole sequence. Each cli
 together hold at most ``max_tokens`` positions: the least recently used ones make room. A cache is freed on
 ``/disconnect``, when its client's session is evicted, and when a forward on it fails. A client whose cache
 is gone is told 409 and sends the whole sequence again (``RemoteDecodeSession`` does so by itself).
+
+A cache remembers the ids it holds, so that a call naming the digest of the prefix it expects
+(``X-Tandem-Prefix``) is told 409 rather than answered on another client's sequence cached under the same
+names, and the digest of the tree it verified last, so that a kept branch is a retry only when it names that
+very tree (the same indices of another tree at the same base are not).
 """
 
 from __future__ import annotations
@@ -14,11 +19,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
+
+from tandem.speculative.decoding.verification import crop_cache, select_cache_positions
 from tandem.speculative.remote import protocol
-from tandem.speculative.remote.serving.request_checks import RequestError
+from tandem.speculative.remote.serving.request_checks import KeptBranch, RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +38,50 @@ class DecodeCache:
     name: str
     cache: Any
     length: int = 0
+    ids: list[int] = field(default_factory=list)
+    """The token ids of the ``length`` cached positions."""
     tree_past: Optional[int] = None
     """When the last forward verified a draft tree: the positions cached before it (its branch is kept next)."""
-    kept_branch: Optional[tuple] = None
-    """The last ``(base, branch)`` kept: a retried call naming it again finds it already done."""
+    tree: Optional[str] = None
+    """That tree's ``protocol.tree_digest``."""
+    kept: Optional[KeptBranch] = None
+    """The last branch kept, while its positions are cached: a retried call naming it again finds it done."""
+
+    def keep_branch(self, branch: KeptBranch) -> None:
+        """Keep the first ``branch.base`` positions and the branch's positions of the tree verified after them;
+        nothing when the call is a retry of one that did (the same branch of the same named tree); 409 when no
+        such tree is cached."""
+        if branch.tree is not None and branch == self.kept:
+            return
+        base, indices = branch.base, branch.indices
+        if self.tree_past != base or base + indices[-1] >= self.length or branch.tree not in (None, self.tree):
+            raise RequestError(409, f"verify: cannot keep branch {base}:{indices[:8]} of {self.name!r}: the draft "
+                                    f"tree it names is not the one cached after {base} positions; send the whole "
+                                    f"sequence with {protocol.PAST_HEADER}: 0")
+        select_cache_positions(self.cache, base, torch.tensor([base + i for i in indices]))
+        self.ids = self.ids[:base] + [self.ids[base + i] for i in indices]
+        self.length, self.kept, self.tree_past, self.tree = base + len(indices), branch, None, None
+
+    def crop(self, past: int, prefix: Optional[str]) -> None:
+        """Keep the first ``past`` positions; 409 when fewer are cached, or when ``prefix`` (the caller's
+        ``protocol.prefix_digest`` of them) says they are not the caller's."""
+        if past > self.length:
+            raise RequestError(409, f"verify: cannot continue {self.name!r} after {past} positions: only "
+                                    f"{self.length} are cached; send the whole sequence with {protocol.PAST_HEADER}: 0")
+        crop_cache(self.cache, past)
+        self.ids, self.length = self.ids[:past], past
+        if self.kept is not None and past < self.kept.base + len(self.kept.indices):
+            self.kept = None  # its positions are gone: a keep naming it again is no retry
+        if prefix is not None and protocol.prefix_digest(self.ids) != prefix:
+            raise RequestError(409, f"verify: the {past} positions cached as {self.name!r} are not the ids this "
+                                    f"client sent (another sequence under the same names?); send the whole "
+                                    f"sequence with {protocol.PAST_HEADER}: 0")
+
+    def extended(self, ids: list[int], tree: Optional[str]) -> None:
+        """Record the forward that appended ``ids`` (a draft tree named ``tree``, or a chain: None)."""
+        self.tree_past, self.tree = (self.length, tree) if tree is not None else (None, None)
+        self.ids += ids
+        self.length += len(ids)
 
 
 class DecodeCacheTable:

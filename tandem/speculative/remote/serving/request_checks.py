@@ -68,6 +68,7 @@ class RequestHeaders(NamedTuple):
     decode_session: Optional[str]
     past: Optional[str]
     keep_branch: Optional[str]
+    prefix: Optional[str]
 
     @classmethod
     def parse(cls, headers) -> "RequestHeaders":
@@ -95,7 +96,7 @@ class RequestHeaders(NamedTuple):
             supervision_encoding=headers.get(protocol.SUPERVISION_HEADER),
             vocab_digest=headers.get(protocol.VOCAB_DIGEST_HEADER),
             decode_session=headers.get(protocol.DECODE_SESSION_HEADER), past=headers.get(protocol.PAST_HEADER),
-            keep_branch=headers.get(protocol.KEEP_BRANCH_HEADER),
+            keep_branch=headers.get(protocol.KEEP_BRANCH_HEADER), prefix=headers.get(protocol.PREFIX_HEADER),
         )
 
     def for_logic(self) -> dict:
@@ -178,17 +179,28 @@ def check_tree_parents(parents: torch.Tensor | None, input_ids: torch.Tensor) ->
     return values
 
 
-_BRANCH = re.compile(r"(\d{1,9}):(\d{1,9}(?:,\d{1,9}){0,4095})")
+_BRANCH = re.compile(r"(\d{1,9}):(\d{1,9}(?:,\d{1,9}){0,4095})(?:/([0-9a-f]{32}))?")
+_DIGEST = re.compile(r"[0-9a-f]{32}")
 
 
-def keep_branch_header(value: str | None, name: str | None) -> tuple[int, list[int]] | None:
-    """``(base, branch)`` of an ``X-Tandem-Keep-Branch: BASE:i,j,...`` header (None when absent); 400 unless
-    well formed, increasing, and sent with a decode session."""
+class KeptBranch(NamedTuple):
+    """An ``X-Tandem-Keep-Branch``: keep ``base`` positions, then ``indices`` of the tree named ``tree`` (its
+    ``protocol.tree_digest``; None from a client that does not name it)."""
+
+    base: int
+    indices: list[int]
+    tree: Optional[str]
+
+
+def keep_branch_header(value: str | None, name: str | None) -> KeptBranch | None:
+    """The :class:`KeptBranch` of an ``X-Tandem-Keep-Branch: BASE:i,j,...[/TREE]`` header (None when absent); 400
+    unless well formed, increasing, and sent with a decode session."""
     if value is None:
         return None
     match = _BRANCH.fullmatch(value.strip())
     if match is None:
-        raise RequestError(400, f"{protocol.KEEP_BRANCH_HEADER} must be BASE:i,j,... (integers), got {value[:40]!r}")
+        raise RequestError(400, f"{protocol.KEEP_BRANCH_HEADER} must be BASE:i,j,... (integers; then /TREE, 32 hex "
+                                f"digits, optionally), got {value[:40]!r}")
     if name is None:
         raise RequestError(400, f"verify: {protocol.KEEP_BRANCH_HEADER} without {protocol.DECODE_SESSION_HEADER}: "
                                 "only a kept cache has a branch to keep")
@@ -196,7 +208,20 @@ def keep_branch_header(value: str | None, name: str | None) -> tuple[int, list[i
     if any(b <= a for a, b in zip(branch, branch[1:])):
         raise RequestError(400, f"{protocol.KEEP_BRANCH_HEADER}: the branch's positions must increase, "
                                 f"got {branch[:8]}")
-    return base, branch
+    return KeptBranch(base, branch, match.group(3))
+
+
+def prefix_header(value: str | None, name: str | None, past: int) -> str | None:
+    """The ``X-Tandem-Prefix`` digest (None when absent); 400 unless 32 hex digits, sent with a decode session
+    continuing after some positions."""
+    if value is None:
+        return None
+    if not _DIGEST.fullmatch(value.strip()):
+        raise RequestError(400, f"{protocol.PREFIX_HEADER} must be 32 hex digits, got {value[:40]!r}")
+    if name is None or past == 0:
+        raise RequestError(400, f"verify: {protocol.PREFIX_HEADER} names the cached positions a decode session "
+                                f"continues after: it needs {protocol.DECODE_SESSION_HEADER} and a past above 0")
+    return value.strip()
 
 
 # A decode session's name reaches log lines: the client id's alphabet, at most 64 characters.

@@ -9,6 +9,10 @@ server refuses with 413, before decoding more than the shapes, any request whose
 
 The default budget is what fits: half the memory free on the target's device once the target is loaded,
 divided by an estimate of a forward's bytes per token (:func:`forward_bytes_per_token`).
+
+A draft tree of ``n`` nodes after ``past`` cached positions costs more than a chain of ``n``: its attention
+mask is ``n x (past + n)``, built and copied whole, so a star of thousands of nodes grows as ``n**2`` inside a
+budget sized for linear cost. :func:`tree_tokens` charges a tree its mask too, in tokens' worth of memory.
 """
 
 from __future__ import annotations
@@ -82,6 +86,29 @@ def default_max_batch_tokens(target_wrapper, device: torch.device) -> int:
 def generate_body_limit(max_batch_tokens: int) -> int:
     """Bytes of the largest ``/generate`` body a batch within the budget can take (int64 tensors)."""
     return _REQUEST_BYTES_PER_TOKEN * max_batch_tokens + _REQUEST_OVERHEAD_BYTES
+
+
+def mask_bytes_per_entry(itemsize: int) -> int:
+    """Bytes one entry of a tree's ``n x (past + n)`` mask costs: the additive mask in the target dtype and the
+    attention's copy of it, plus the bool ancestor mask and its negation."""
+    return 2 * itemsize + 4
+
+
+def tree_tokens(past: int, n: int, bytes_per_token: int, itemsize: int) -> int:
+    """Tokens a ``/verify`` of a draft tree of ``n`` nodes after ``past`` cached positions is charged: the
+    ``past + n`` a chain is, plus its mask's bytes in tokens' worth (``bytes_per_token``: a forward's)."""
+    mask = n * (past + n) * mask_bytes_per_entry(itemsize)
+    return past + n + -(-mask // max(bytes_per_token, 1))
+
+
+def check_tree_cost(past: int, n: int, max_batch_tokens: int, bytes_per_token: int, itemsize: int) -> None:
+    """413 when a draft tree's charge (:func:`tree_tokens`) exceeds ``max_batch_tokens``."""
+    charge = tree_tokens(past, n, bytes_per_token, itemsize)
+    if charge > max_batch_tokens:
+        raise RequestError(413, f"verify: a draft tree of {n} nodes after {past} cached positions has an attention "
+                                f"mask of {n} x {past + n} entries and is charged {charge} tokens, over this server's "
+                                f"budget of {max_batch_tokens} tokens a request (--max-batch-tokens); verify smaller "
+                                f"trees")
 
 
 def check_batch_shape(batch: int, seq: int, max_batch_tokens: int, max_seq_len: Optional[int],
