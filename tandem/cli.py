@@ -116,7 +116,7 @@ def _remote_eval_target(args):
     if args.aux_layer_ids:
         raise ValueError("--aux-layer-ids does not apply with --target-url: the server captures its own layers")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    target = RemoteEagle3TargetModel(args.target_url, enable_nccl=False, timeout_s=args.request_timeout)
+    target = RemoteEagle3TargetModel(args.target_url, enable_nccl=False, timeout_s=args.request_timeout_s)
     try:
         what = f"tandem eval of {args.draft} against {args.target_url}"
         served, trained = target.model_info()["aux_layer_ids"], exported_aux_layer_ids(args.draft)
@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "two remote decodes (token: $TANDEM_TOKEN)")
     p.add_argument("--tokenizer", default=None,
                    help="with --target-url: the tokenizer that renders the prompts (default: --model)")
-    p.add_argument("--request-timeout", type=float, default=300.0, metavar="SECONDS",
+    p.add_argument("--request-timeout-s", type=float, default=300.0, metavar="SECONDS",
                    help="with --target-url: the most one request to the server may take, from connecting to the "
                         "answer's last byte, retries included; a server that sends nothing or drips its answer "
                         "is given up then (default: 300)")

@@ -66,16 +66,16 @@ class _Armed:
         if self.clock is not None:
             self.settimeout(self.clock.timeout())
 
-    def recv_into(self, buffer, nbytes=0, flags=0):
+    def recv_into(self, buffer, *args, **kwargs):  # the defaults differ between plain and TLS sockets
         self._arm()
-        got = super().recv_into(buffer, nbytes, flags)
+        got = super().recv_into(buffer, *args, **kwargs)
         if self.clock is not None:
             self.clock.received += got
         return got
 
-    def sendall(self, data, flags=0):  # one timeout for the whole call (Python >= 3.5)
+    def sendall(self, data, *args, **kwargs):  # one timeout for the whole call (plain sockets, Python >= 3.5)
         self._arm()
-        return super().sendall(data, flags)
+        return super().sendall(data, *args, **kwargs)
 
 
 class _DeadlineSocket(_Armed, socket.socket):

@@ -5,9 +5,9 @@
 - row 6: a server that accepts the connection and never answers (``/model_info`` or ``/verify``);
 - row 7: a server that drips its ``/verify`` (or ``/generate``) answer a byte at a time.
 
-Rows 6 and 7 end within the request deadline (``tandem eval --request-timeout``, ``tandem train
---request-timeout-s``), with a message that says what the server did; a slow but honest server that answers
-within it is served as usual.
+Rows 6 and 7 end within the request deadline (``--request-timeout-s`` of ``tandem eval`` and ``tandem
+train``), with a message that says what the server did; a slow but honest server that answers within it is
+served as usual.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def test_row6_a_server_that_never_answers_is_given_up_at_the_deadline_naming_wha
         assert silent.url in str(caught.value) and "sent nothing" in str(caught.value)
         # tandem eval and tandem train end the same way: exit 2, one line, within the deadline
         started = time.monotonic()
-        assert eval_against(root, silent.url, "--request-timeout", str(DEADLINE_S)) == 2
+        assert eval_against(root, silent.url, "--request-timeout-s", str(DEADLINE_S)) == 2
         assert time.monotonic() - started < DEADLINE_S + 10
         assert silent.url in error_line(caplog) and "sent nothing" in error_line(caplog)
         caplog.clear()
@@ -135,7 +135,7 @@ def test_row6_a_verify_that_never_comes_ends_eval_at_the_deadline(root, server, 
     proxy = TamperingProxy(server.url, ("/verify",), silent=True)
     try:
         started = time.monotonic()
-        assert eval_against(root, proxy.url, "--request-timeout", str(DEADLINE_S)) == 2
+        assert eval_against(root, proxy.url, "--request-timeout-s", str(DEADLINE_S)) == 2
         assert time.monotonic() - started < DEADLINE_S + 15
     finally:
         proxy.close()
@@ -147,7 +147,7 @@ def test_row7_a_dripping_verify_answer_ends_eval_at_the_deadline(root, server, c
     proxy = TamperingProxy(server.url, ("/verify",), drip_s=0.05)
     try:
         started = time.monotonic()
-        assert eval_against(root, proxy.url, "--request-timeout", str(DEADLINE_S)) == 2
+        assert eval_against(root, proxy.url, "--request-timeout-s", str(DEADLINE_S)) == 2
         assert time.monotonic() - started < DEADLINE_S + 15
     finally:
         proxy.close()

@@ -159,7 +159,8 @@ def test_row14_a_tree_is_charged_what_its_mask_costs(local):
     # ... a star of 470 nodes (a 470 x 470 mask) is not: refused before the forward, naming the cost.
     with pytest.raises(RequestError) as refused:
         _verify(logic, "c", ids, {}, star(470))
-    assert refused.value.status == 413 and "tree" in refused.value.message and "--max-batch-tokens" in refused.value.message
+    message = refused.value.message
+    assert refused.value.status == 413 and "mask of 470 x 470" in message and "--max-batch-tokens" in message
     # A tree of a real decode's size is answered, as the in-process session answers it.
     small = ids[:24]
     want = local.decode_session().extend(torch.tensor([small]), star(24)).next_token_ids

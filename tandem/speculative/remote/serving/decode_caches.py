@@ -55,9 +55,9 @@ class DecodeCache:
             return
         base, indices = branch.base, branch.indices
         if self.tree_past != base or base + indices[-1] >= self.length or branch.tree not in (None, self.tree):
-            raise RequestError(409, f"verify: cannot keep branch {base}:{indices[:8]} of {self.name!r}: the draft "
-                                    f"tree it names is not the one cached after {base} positions; send the whole "
-                                    f"sequence with {protocol.PAST_HEADER}: 0")
+            raise RequestError(409, f"verify: cannot keep branch {base}:{indices[:8]} of {self.name!r}: no draft "
+                                    f"tree verified after {base} positions is cached (or not the one it names); "
+                                    f"send the whole sequence with {protocol.PAST_HEADER}: 0")
         select_cache_positions(self.cache, base, torch.tensor([base + i for i in indices]))
         self.ids = self.ids[:base] + [self.ids[base + i] for i in indices]
         self.length, self.kept, self.tree_past, self.tree = base + len(indices), branch, None, None
