@@ -219,8 +219,10 @@ def cmd_cache_supervision(args) -> int:
     finally:
         if config.target_urls:
             trainer.target.close()
+    refused = trainer.supervision_cache.refused
+    replaced = f" ({refused} in place of entries that did not verify)" if refused else ""
     print(f"supervision cache {trainer.supervision_cache.directory}: "
-          f"{computed} samples computed, {reused} already there")
+          f"{computed} samples computed{replaced}, {reused} already there")
     return 0
 
 

@@ -266,7 +266,8 @@ class Eagle3DraftModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.draft_vocab_size, bias=False)
         self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
-        self.register_buffer("t2d", torch.ones(config.vocab_size, dtype=torch.bool))
+        # Until set_vocab: draft id i is target id i, so t2d marks the first Vd target ids (consistent with d2t).
+        self.register_buffer("t2d", torch.arange(config.vocab_size) < config.draft_vocab_size)
 
     def set_vocab(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
         """``d2t [Vd]`` long offsets, ``t2d [V]`` bool (see ``vocab.DraftVocab``)."""
