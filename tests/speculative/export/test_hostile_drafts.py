@@ -19,10 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from tandem.cli import main
 from tandem.speculative.drafts.eagle3 import Eagle3DraftConfig, Eagle3DraftModel
-from tandem.speculative.export import eagle3 as ckpt
-from tests.conftest import save_tiny_target
+from tandem.speculative.export import eagle3 as draft_export
+from tests.conftest import REPO_ROOT, save_tiny_target
 
-REPO = Path(__file__).resolve().parents[3]
 CONFIG = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
               rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512, vocab_size=320,
               draft_vocab_size=200, target_hidden_size=64)
@@ -42,7 +41,7 @@ def tiny_draft(reduced: bool = True) -> Eagle3DraftModel:
 
 @pytest.fixture
 def exported(tmp_path) -> Path:
-    return ckpt.export_draft(tiny_draft(), tmp_path / "draft", aux_layer_ids=[1, 1, 0])
+    return draft_export.export_draft(tiny_draft(), tmp_path / "draft", aux_layer_ids=[1, 1, 0])
 
 
 def edit_config(directory: Path, change) -> Path:
@@ -63,14 +62,14 @@ def edit_weights(directory: Path, change, metadata: dict | None = None) -> Path:
 def refusal(directory: Path) -> str:
     """The one-line ValueError ``load_exported_draft`` raises for ``directory``."""
     with pytest.raises(ValueError) as caught:
-        ckpt.load_exported_draft(directory)
+        draft_export.load_exported_draft(directory)
     message = str(caught.value)
     assert "\n" not in message, message
     return message
 
 
 def test_a_sound_draft_loads_and_exports_again(exported, tmp_path):
-    loaded = ckpt.load_exported_draft(exported)
+    loaded = draft_export.load_exported_draft(exported)
     for key, value in tiny_draft().state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     assert main(["export", "--draft", str(exported), "--output", str(tmp_path / "again")]) == 0
@@ -85,8 +84,8 @@ def test_row8_absurd_config_sizes_are_refused_from_the_weights_header_before_all
     script = ("import resource, sys; from tandem.cli import main; rc = main(sys.argv[1:]); "
               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
     out = subprocess.run([sys.executable, "-c", script, "export", "--draft", str(exported), "--output",
-                          str(exported.parent / "out")], cwd=REPO, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+                          str(exported.parent / "out")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert out.returncode == 2, out.stderr[-2000:]
     assert "Traceback" not in out.stderr and "vocab_size" in out.stderr
     assert int(out.stdout.split()[-1]) < 1 << 20  # KiB: under 1 GiB peak (torch alone is a few hundred MiB)
@@ -154,8 +153,8 @@ def test_row10_a_malformed_config_is_one_line_naming_the_file_and_the_field(expo
     change, says = MALFORMED[name]
     config_path = edit_config(exported, change)
     with pytest.raises(ValueError) as caught:
-        ckpt.load_exported_draft(exported)
-        ckpt.exported_aux_layer_ids(exported)
+        draft_export.load_exported_draft(exported)
+        draft_export.exported_aux_layer_ids(exported)
     assert str(config_path) in str(caught.value) and says in str(caught.value), caught.value
     assert "\n" not in str(caught.value)
     # tandem export and tandem eval log that line and exit 2 (no traceback)
@@ -168,10 +167,10 @@ def test_row10_a_malformed_config_is_one_line_naming_the_file_and_the_field(expo
 def test_row10_invalid_json_and_a_record_that_is_a_list_are_one_line(exported, tmp_path):
     (exported / "config.json").write_text('{"hidden_size": 64,')
     assert "not valid JSON" in refusal(exported)
-    fresh = ckpt.export_draft(tiny_draft(), tmp_path / "fresh", aux_layer_ids=[1, 1, 0])
-    edit_weights(fresh, lambda tensors: None, {"format": "pt", ckpt.RECORD_METADATA_KEY: json.dumps([1, 2])})
+    fresh = draft_export.export_draft(tiny_draft(), tmp_path / "fresh", aux_layer_ids=[1, 1, 0])
+    edit_weights(fresh, lambda tensors: None, {"format": "pt", draft_export.RECORD_METADATA_KEY: json.dumps([1, 2])})
     with pytest.raises(ValueError, match="tandem_record.*must be a JSON object"):
-        ckpt.read_export_record(fresh)
+        draft_export.read_export_record(fresh)
     assert main(["export", "--draft", str(fresh), "--output", str(tmp_path / "out")]) == 2
 
 
