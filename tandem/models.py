@@ -100,28 +100,51 @@ def load_tokenizer(spec: str):
     return tokenizer
 
 
+def text_config(config):
+    """The language model's part of a transformers config: a vision-language model's text config, else ``config``."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def _model_class(where: str, kwargs: dict):
+    """``AutoModelForCausalLM``, or ``AutoModelForImageTextToText`` for a vision-language target (Qwen2.5-VL...),
+    whose language model tandem captures and decodes with."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(where, **kwargs)
+    return AutoModelForCausalLM if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else AutoModelForImageTextToText
+
+
 def load_target(spec: str = DEFAULT_TARGET, dtype: str | torch.dtype = torch.float32,
-                device: str | torch.device = "cpu"):
+                device: str | torch.device = "cpu", *, device_map: str | dict | None = None,
+                tp_plan: str | None = None):
     """Load ``(model, tokenizer)`` for a target spec, in eval mode with gradients off.
 
     Arguments:
         spec: ``"default"``, a path to a ``.gguf`` file, an HF model directory, or a cached hub id.
         dtype: parameter dtype (GGUF weights are dequantised to it), or a name for :func:`resolve_dtype`.
-        device: where the model lives.
+        device: where the model lives (unused with ``device_map`` or ``tp_plan``).
+        device_map: accelerate's placement of the layers over several devices (``"auto"``, ``"balanced"``, or a
+            module -> device dict), for a target larger than one device.
+        tp_plan: ``"auto"``: transformers' tensor parallelism over the ranks of the initialised process group
+            (``remote/serving/tensor_parallel.py``).
     """
-    from transformers import AutoModelForCausalLM
-
     started = time.perf_counter()
     dtype = resolve_dtype(dtype, device)
     where, gguf = resolve_target(spec)
     kwargs = {"gguf_file": gguf} if gguf else {}
     tokenizer = load_tokenizer(spec)
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
-    model.to(device).eval().requires_grad_(False)
+    placement = {"device_map": device_map} if device_map is not None else {"tp_plan": tp_plan} if tp_plan else {}
+    model = _model_class(where, kwargs).from_pretrained(where, dtype=dtype, **kwargs, **placement)
+    if not placement:
+        model.to(device)
+    model.eval().requires_grad_(False)
+    config = text_config(model.config)
     logger.info(
-        "loaded target %s (%s, %d layers, hidden %d, vocab %d, %s) in %.1f s",
-        spec, type(model).__name__, model.config.num_hidden_layers, model.config.hidden_size,
-        model.config.vocab_size, str(dtype).removeprefix("torch."), time.perf_counter() - started,
+        "loaded target %s (%s, %d layers, hidden %d, vocab %d, %s%s) in %.1f s",
+        spec, type(model).__name__, config.num_hidden_layers, config.hidden_size, config.vocab_size,
+        str(dtype).removeprefix("torch."), "".join(f", {k} {v}" for k, v in placement.items()),
+        time.perf_counter() - started,
     )
     return model, tokenizer
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tandem.speculative.decoding.recurrent_state import check_tree_support
 from tandem.speculative.decoding.tree import TreeShape, draft_tree
 from tandem.speculative.decoding.verification import VerifyStep
 from tandem.speculative.drafts.eagle3 import DraftKVCache, Eagle3DraftModel
@@ -129,9 +130,11 @@ def speculative_decode(target, draft: Eagle3DraftModel, input_ids: torch.Tensor,
     the draft runs here, on ``target.device``. ``num_draft_tokens`` is the longest chain; with
     ``min_confidence`` > 0 a round drafts fewer tokens when the draft is unsure (dynamic draft length), which
     never changes the output, only the cost. With ``tree`` the draft proposes a tree instead of a chain
-    (``decoding/tree.py``), and the chain settings are unused."""
+    (``decoding/tree.py``), and the chain settings are unused; a target whose layers keep a recurrent state
+    verifies chains only (``recurrent_state.TreeUnsupportedError``)."""
     if num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens must be at least 1, got {num_draft_tokens}")
+    check_tree_support(target, tree)
     started = time.perf_counter()
     device = target.device
     input_ids = input_ids.to(device)

@@ -19,6 +19,7 @@ import torch
 
 from tandem.speculative.decoding.decode import DecodeResult, for_decoding, greedy_decode, speculative_decode
 from tandem.speculative.decoding.evaluation import continuation_hits, summarize, target_aux_states
+from tandem.speculative.decoding.recurrent_state import check_tree_support
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class LiveEvaluator:
                  min_confidence: float = 0.0, stop_ids: set[int] = frozenset(), tree=None):
         if not prompts:
             raise ValueError("live evaluation needs at least one prompt")
+        check_tree_support(target, tree)  # before training starts, not at its first evaluation
         self.target = target
         self.prompts = prompts
         self.max_new_tokens = max_new_tokens

@@ -15,6 +15,8 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from tandem.speculative.decoding.recurrent_state import new_decode_cache, rollback
+
 
 class VerifyStep(NamedTuple):
     """The target's answer for ``n`` new positions of a batch of ``B`` sequences.
@@ -138,11 +140,12 @@ def crop_cache(cache, keep_length: int) -> None:
     """Keep the first ``keep_length`` positions of a transformers cache.
 
     A negative argument to ``crop`` removes that many tokens in transformers 4 and 5 alike (the meaning
-    of a positive one changed between them).
+    of a positive one changed between them). A hybrid target's cache rolls its recurrent states back
+    (``recurrent_state.rollback``).
     """
-    remove = cache.get_seq_length() - keep_length
+    remove = int(cache.get_seq_length()) - keep_length
     if remove > 0:
-        cache.crop(-remove)
+        rollback(cache, remove)
 
 
 def check_branch(past_length: int, branch: list[int], length: int) -> None:
@@ -168,17 +171,16 @@ def select_cache_positions(cache, past_length: int, keep: torch.Tensor) -> None:
 
 
 class LocalDecodeSession:
-    """A :class:`DecodeSession` on an in-process ``Eagle3TargetModel`` (a transformers ``DynamicCache``).
+    """A :class:`DecodeSession` on an in-process ``Eagle3TargetModel`` (a transformers ``DynamicCache``; for a
+    hybrid target one that records its recurrent states, ``recurrent_state.new_decode_cache``).
 
     Arguments:
         target: the ``Eagle3TargetModel`` (its ``greedy_forward`` gives the greedy tokens and the aux states).
     """
 
     def __init__(self, target):
-        from transformers import DynamicCache
-
         self.target = target
-        self.cache = DynamicCache()
+        self.cache = new_decode_cache(target.config)
         self.length = 0
 
     def extend(self, input_ids: torch.Tensor, tree_parents: list[int] | None = None) -> VerifyStep:

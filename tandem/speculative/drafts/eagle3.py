@@ -46,8 +46,11 @@ class Eagle3DraftConfig:
 
     @classmethod
     def from_target_config(cls, target_config, draft_vocab_size: int) -> "Eagle3DraftConfig":
-        heads = target_config.num_attention_heads
-        head_dim = getattr(target_config, "head_dim", None) or target_config.hidden_size // heads
+        """The draft of a target: its hidden size, vocabulary, MLP width and RoPE base, and its attention shape
+        (``draft_attention_shape``); ``target_config`` a transformers config (a VLM's text config is read)."""
+        if hasattr(target_config, "get_text_config"):
+            target_config = target_config.get_text_config(decoder=True)
+        heads, kv_heads, head_dim = draft_attention_shape(target_config)
         rope = getattr(target_config, "rope_parameters", None) or {}
         rope_theta = rope.get("rope_theta", getattr(target_config, "rope_theta", 10000.0))
         extra = {k: getattr(target_config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -56,7 +59,7 @@ class Eagle3DraftConfig:
             hidden_size=target_config.hidden_size,
             intermediate_size=target_config.intermediate_size,
             num_attention_heads=heads,
-            num_key_value_heads=getattr(target_config, "num_key_value_heads", heads) or heads,
+            num_key_value_heads=kv_heads,
             head_dim=head_dim,
             rms_norm_eps=float(target_config.rms_norm_eps),
             rope_theta=float(rope_theta),
@@ -69,6 +72,33 @@ class Eagle3DraftConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+MLA_DRAFT_HEAD_DIM = 128
+"""The draft's head size for a target with multi-head latent attention (Llama's; see ``draft_attention_shape``)."""
+MLA_DRAFT_KV_HEADS = 8
+"""The draft's key/value heads for such a target (grouped-query attention, as Llama 3's)."""
+
+
+def draft_attention_shape(target_config) -> tuple[int, int, int]:
+    """``(num_attention_heads, num_key_value_heads, head_dim)`` of the draft's Llama attention for a target.
+
+    A target with Llama-style attention (Llama, Qwen, Mistral, Gemma, GPT-OSS, Qwen3-Next's full-attention layers,
+    ...) gives its own. Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2: ``kv_lora_rank`` set) has no such
+    shape: its keys come from a low-rank latent with a split rope/no-rope head, which a Llama layer does not have.
+    Its draft gets Llama's defaults instead: heads of ``MLA_DRAFT_HEAD_DIM`` (``hidden // heads`` where the hidden
+    size is not a multiple of it) and ``MLA_DRAFT_KV_HEADS`` key/value heads where they divide the heads (else one
+    a head); for DeepSeek-V3 (hidden 7168) 56 heads of 128, 8 key/value heads, the shape of the public EAGLE-3
+    drafts of that target.
+    """
+    heads = target_config.num_attention_heads
+    if getattr(target_config, "kv_lora_rank", None) is None:
+        head_dim = getattr(target_config, "head_dim", None) or target_config.hidden_size // heads
+        return heads, getattr(target_config, "num_key_value_heads", heads) or heads, head_dim
+    hidden = target_config.hidden_size
+    head_dim = MLA_DRAFT_HEAD_DIM if hidden % MLA_DRAFT_HEAD_DIM == 0 else hidden // heads
+    heads = hidden // head_dim
+    return heads, MLA_DRAFT_KV_HEADS if heads % MLA_DRAFT_KV_HEADS == 0 else heads, head_dim
 
 
 class RMSNorm(nn.Module):

@@ -13,6 +13,7 @@ else in the HTTP body; a group that fails mid-transfer falls back to HTTP and lo
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import http.client
 import itertools
 import logging
@@ -150,6 +151,7 @@ class RemoteEagle3TargetModel:
         # Named on each /generate (X-Tandem-Vocab): the server answers with exactly this vocabulary or 409.
         self._vocab_headers: dict[str, str] = {}
         self._info: Optional[dict] = None
+        self._images: dict[str, torch.Tensor] = {}  # with_images
         self._embeddings: Optional[torch.Tensor] = None
         self._closed = False
         self._transfers = {"group": 0, "http": 0, "group_failures": 0}
@@ -209,6 +211,15 @@ class RemoteEagle3TargetModel:
         identity.check_same_target(identity.reported_identity(self._info), identity.reported_identity(info),
                                    fields=identity.SAME_SERVING_FIELDS,
                                    what=f"target server {server.url} changed during the run (checked on reconnect)")
+
+    @property
+    def tree_refusal(self) -> str | None:
+        """Why the served target cannot verify a draft tree (its ``/model_info`` says ``verifies_trees: false``: its
+        layers keep a recurrent state), or None."""
+        if self._model_info().get("verifies_trees", True) is not False:
+            return None
+        return (f"the target served at {self.urls[0]} keeps a recurrent state in its linear-attention layers: a draft "
+                f"tree cannot be verified on them (a tree is not a sequence); decode a chain (drop --tree)")
 
     def identity(self) -> dict:
         """The target's identity as the servers report it (``identity.IDENTITY_FIELDS``; None where a server of
@@ -407,10 +418,22 @@ class RemoteEagle3TargetModel:
             [B, S, Vd]`` fp32, ``position_mask [B, S, 1]`` bool, ``input_ids [B, S]`` long and
             ``loss_mask [B, S]`` (both shifted).
         """
-        body = wire.encode({"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask})
+        tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+        body = wire.encode({**tensors, **self._images})
         return self._generate_on(self._next_server(), body, _batch_shape(input_ids))
 
     supervise = generate_batch
+
+    @contextlib.contextmanager
+    def with_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
+        """``generate_batch`` calls inside send these images with their ids (a vision-language target; as
+        ``Eagle3TargetModel.with_images``): ``pixel_values [P, C*T*p*p]`` float, the image processor's patches,
+        and ``image_grid_thw [I, 3]`` long (docs/design.md, section 8: why patches travel, not pictures)."""
+        self._images = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw.long()}
+        try:
+            yield self
+        finally:
+            self._images = {}
 
     def supervise_compact(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor

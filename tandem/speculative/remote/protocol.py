@@ -99,6 +99,8 @@ JSON_CONTENT_TYPE = "application/json"
 
 # Request bodies: /generate carries these three tensors, /set_vocab_mapping these two.
 REQUEST_KEYS = ("input_ids", "attention_mask", "loss_mask")
+# A vision-language target's /generate may add the image processor's patches (target/vision.py, docs/design.md 8).
+IMAGE_KEYS = ("pixel_values", "image_grid_thw")
 VOCAB_MAPPING_KEYS = ("selected_token_ids", "selected_token_mask")
 # /verify: the request holds input_ids [B, n]; the answer these three (see verification.VerifyStep).
 VERIFY_REQUEST_KEYS = ("input_ids",)

@@ -11,6 +11,7 @@ without sockets; its plumbing lives in ``serving/``: ``request_checks``, ``token
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import threading
@@ -37,6 +38,7 @@ from tandem.speculative.remote.serving.request_checks import (  # noqa: F401 - r
     Reply,
     RequestError,
     check_generate_inputs,
+    check_image_inputs,
     check_tree_parents,
     check_verify_inputs,
     check_vocab_mapping,
@@ -93,6 +95,13 @@ class _Stats:
     verify_s: float = 0.0
     batches_per_client: dict[str, int] = field(default_factory=dict)
     """Supervised batches by client id (the ranks of a data-parallel trainer each have their own)."""
+
+
+def image_token_settings(model) -> tuple[int | None, int]:
+    """``(image_token_id or None, spatial merge size)`` of a vision-language target (``target/vision.py``)."""
+    config = getattr(model, "config", None)
+    merge = getattr(getattr(config, "vision_config", None), "spatial_merge_size", 1)
+    return getattr(config, "image_token_id", None), int(merge or 1)
 
 
 class TargetModelServer:
@@ -170,6 +179,7 @@ class TargetModelServer:
         self.sessions = SessionTable(max_sessions, session_idle_timeout_s, on_evict=self.decode_caches.drop)
         # /verify needs a target that decodes with a KV cache (Eagle3TargetModel.greedy_forward).
         self.verify_supported = callable(getattr(target_wrapper, "greedy_forward", None))
+        self._image_tokens = image_token_settings(getattr(target_wrapper, "model", None))
         self._stats = _Stats()
         self._stats_lock = threading.Lock()
         self._closed = False
@@ -359,14 +369,16 @@ class TargetModelServer:
         if place is None:
             place = self.queue.reserve(client_id)
         try:
-            tensors = decode_tensors(raw, protocol.REQUEST_KEYS, "generate")
+            tensors = decode_tensors(raw, protocol.REQUEST_KEYS, "generate", optional=protocol.IMAGE_KEYS)
             input_ids = tensors["input_ids"]
             if input_ids.dim() == 2:  # anything else is refused, with its reason, just below
                 check_batch_shape(*input_ids.shape, self.max_batch_tokens, self.max_seq_len)
             check_generate_inputs(tensors, self._vocab_size)
+            images = check_image_inputs(tensors, input_ids, *self._image_tokens)
             mapping = self._mapping(client_id, vocab_digest, "generate")
             start = time.perf_counter()
-            with place.turn(), self.generate_lock:
+            seeing = self.target_wrapper.with_images(*images) if images else contextlib.nullcontext()
+            with place.turn(), self.generate_lock, seeing:
                 supervise = compact.compute_compact_supervision if compact_encoding else compute_supervision
                 out = supervise(self.target_wrapper, mapping.ids, mapping.mask, input_ids.long(),
                                 tensors["attention_mask"], tensors["loss_mask"])
@@ -394,10 +406,9 @@ class TargetModelServer:
         A draft tree: the body adds ``tree_parents [n]`` (``decoding/tree.py``), and the next call's ``keep_branch``
         (``X-Tandem-Keep-Branch``) says which of the tree's positions stay cached; a tree is charged its mask
         (``token_budget.tree_tokens``). ``prefix`` (``X-Tandem-Prefix``): the digest of the cached positions the
-        client continues after; other ids cached under its names get 409.
+        client continues after; other ids cached under its names get 409. A target whose layers keep a recurrent
+        state verifies chains only (400).
         """
-        from transformers import DynamicCache
-
         if place is None:
             place = self.queue.reserve(client_id)
         try:
@@ -410,12 +421,15 @@ class TargetModelServer:
             name, past_length = decode_session_headers(decode_session, past, batch)
             branch, prefix = keep_branch_header(keep_branch, name), prefix_header(prefix, name, past_length)
             check_batch_shape(batch, past_length + new, self.max_batch_tokens, self.max_seq_len, "verify")
+            refusal = getattr(self.target_wrapper, "tree_refusal", None) if tree_parents is not None else None
+            if refusal:
+                raise RequestError(400, f"verify: {refusal}")
             if tree_parents is not None:
                 check_tree_cost(past_length, new, self.max_batch_tokens, self._bytes_per_token, self._itemsize)
             start = time.perf_counter()
             with place.turn(), self.generate_lock:
                 if name is None:
-                    step = self.target_wrapper.greedy_forward(input_ids, DynamicCache(), tree_parents)
+                    step = self.target_wrapper.greedy_forward(input_ids, self._new_decode_cache(), tree_parents)
                 else:
                     step = self._verify_cached(client_id, name, past_length, input_ids, tree_parents, branch,
                                                prefix)
@@ -427,14 +441,22 @@ class TargetModelServer:
             self._stats.verify_s += time.perf_counter() - start
         return dict(zip(protocol.VERIFY_ANSWER_KEYS, step))
 
+    def _new_decode_cache(self):
+        """An empty cache for a ``/verify`` forward: the target's own (a hybrid target records its recurrent states,
+        ``recurrent_state.new_decode_cache``), else a ``DynamicCache``."""
+        make = getattr(self.target_wrapper, "new_decode_cache", None)
+        if make is not None:
+            return make()
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
     def _verify_cached(self, client_id: str, name: str, past_length: int, input_ids: torch.Tensor,
                        tree_parents: Optional[list[int]], branch: Optional[KeptBranch], prefix: Optional[str]):
         """``/verify`` on the client's kept cache: keep ``branch`` of its last tree, crop to ``past_length`` (its
         ids must have the digest ``prefix``, when given), extend."""
-        from transformers import DynamicCache
-
         # Checked out, the cache is nobody else's; an exception below leaves it out: freed.
-        entry = self.decode_caches.check_out(client_id, name, past_length, input_ids.shape[1], DynamicCache)
+        entry = self.decode_caches.check_out(client_id, name, past_length, input_ids.shape[1], self._new_decode_cache)
         if branch is not None:
             entry.keep_branch(branch)
         entry.crop(past_length, prefix)

@@ -49,6 +49,8 @@ def weights_digest(model: nn.Module) -> str:
     """
     digest = hashlib.sha256()
     for name, param in model.named_parameters():
+        if hasattr(param, "full_tensor"):  # a tensor-parallel shard (DTensor): gathered, on every rank alike
+            param = param.full_tensor()
         values = param.detach().to(torch.bfloat16).contiguous().cpu()
         digest.update(f"{name}:{list(values.shape)};".encode())
         digest.update(memoryview(values.view(torch.uint8).numpy()))  # hashed in place, not copied
@@ -65,7 +67,9 @@ def tokenizer_digest(tokenizer) -> str | None:
 
 def target_identity(model: nn.Module, aux_layer_ids: list[int], *, name: str | None = None, tokenizer=None) -> dict:
     """The identity of a loaded transformers causal LM (see the module docstring)."""
-    config = model.config
+    from tandem.models import text_config
+
+    config = text_config(model.config)
     dtype = next(model.parameters()).dtype
     return {
         "name": name or getattr(config, "_name_or_path", "") or type(model).__name__,

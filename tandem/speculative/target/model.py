@@ -8,12 +8,15 @@ so any transformers decoder (Llama, Qwen2/Qwen3, Mistral) works as long as it ex
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from tandem.models import text_config
 from tandem.speculative.target.supervision import compute_supervision, shift_left
+from tandem.speculative.target.vision import mask_vision_tokens, vision_token_ids
 
 
 class VocabMappingMissingError(RuntimeError):
@@ -75,12 +78,20 @@ def validate_aux_layer_ids(aux_layer_ids: list[int], num_layers: int) -> list[in
     return ids
 
 
+class UnsupportedTargetError(ValueError):
+    """A model tandem cannot use as a target; the message names what it lacks."""
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layer list of a transformers causal LM (``model.model.layers``)."""
+    """The decoder layer list of a transformers causal LM (``model.model.layers``), or of a vision-language
+    model's language model (``model.model.language_model.layers``)."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
+    if layers is None:
+        layers = getattr(getattr(inner, "language_model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise TypeError(f"{type(model).__name__} has no model.layers: not a supported decoder-only target")
+        raise UnsupportedTargetError(f"{type(model).__name__} has no model.layers (nor model.language_model.layers): "
+                                     f"not a decoder-only transformers target tandem can capture aux states from")
     return layers
 
 
@@ -104,7 +115,8 @@ class AuxHiddenCapture:
         missing = [i for i in self.layer_ids if i not in self.captured]
         if missing:
             raise RuntimeError(f"aux layers {missing} did not run in the last forward")
-        out = torch.cat([self.captured[i] for i in self.layer_ids], dim=-1)
+        first = self.captured[self.layer_ids[0]].device  # layers placed over several devices (--device-map)
+        out = torch.cat([self.captured[i].to(first) for i in self.layer_ids], dim=-1)
         self.captured.clear()
         return out
 
@@ -128,13 +140,33 @@ class Eagle3TargetModel:
 
     def __init__(self, model: nn.Module, aux_layer_ids: list[int] | None = None):
         self.model = model.eval().requires_grad_(False)
-        self.config = model.config
+        self.config = text_config(model.config)  # a vision-language target: its language model's
         num_layers = self.config.num_hidden_layers
         ids = aux_layer_ids if aux_layer_ids is not None else default_aux_layer_ids(num_layers)
         self.aux_layer_ids = validate_aux_layer_ids(ids, num_layers)
         self._capture = AuxHiddenCapture(decoder_layers(model), self.aux_layer_ids)
         self.selected_token_ids: torch.Tensor | None = None
         self.selected_token_mask: torch.Tensor | None = None
+        self._vision_token_ids = vision_token_ids(model.config)  # never trained (``vision.py``)
+        self._images: dict[str, torch.Tensor] = {}
+
+    @contextlib.contextmanager
+    def with_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
+        """The forwards inside see these images (a vision-language target; see ``vision.py``).
+
+        Arguments:
+            pixel_values: ``[P, C*T*p*p]`` float, the image processor's patches of every image of the batch.
+            image_grid_thw: ``[I, 3]`` long, each image's patch grid (time, height, width), in placeholder order.
+        """
+        if not self._vision_token_ids:
+            raise UnsupportedTargetError(f"{type(self.model).__name__} is not a vision-language model: it takes no "
+                                         f"images")
+        self._images = {"pixel_values": pixel_values.to(self.device, self.dtype),
+                        "image_grid_thw": image_grid_thw.to(self.device, torch.long)}
+        try:
+            yield self
+        finally:
+            self._images = {}
 
     @property
     def device(self) -> torch.device:
@@ -152,7 +184,8 @@ class Eagle3TargetModel:
         Arguments:
             input_ids: ``[B, S]`` long token ids.
             attention_mask: ``[B, S]`` 1 on real tokens, 0 on padding.
-            loss_mask: ``[B, S]`` 1 where the draft is trained (assistant tokens).
+            loss_mask: ``[B, S]`` 1 where the draft is trained (assistant tokens); a vision-language target's
+                image tokens are never trained, whatever it says (``vision.py``).
 
         Returns:
             ``TargetBatch`` (see its docstring for shapes and shifting).
@@ -160,8 +193,8 @@ class Eagle3TargetModel:
         device = self.device
         input_ids = input_ids.to(device)
         attention_mask = attention_mask.to(device)
-        loss_mask = loss_mask.to(device)
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        loss_mask = mask_vision_tokens(loss_mask.to(device), input_ids, self._vision_token_ids)
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **self._images)
         aux = self._capture.take()
         return TargetBatch(
             aux_hidden_states=aux,
@@ -194,6 +227,7 @@ class Eagle3TargetModel:
         both go through here, so both pick from the same float32 logits.
         """
         input_ids = input_ids.to(self.device)
+        self._prepare_cache(cache, tree_parents)
         layout = self._tree_layout(cache, tree_parents)
         head = self._float32_head()
         if head is None:
@@ -234,10 +268,33 @@ class Eagle3TargetModel:
         if head is None or self.dtype == torch.float32:
             logits, aux = self.forward_cached(input_ids, cache, tree_parents)
             return greedy_step(logits, aux, self.dtype)
+        self._prepare_cache(cache, tree_parents)
         hidden = self.model.model(input_ids=input_ids.to(self.device), past_key_values=cache, use_cache=True,
                                   **self._tree_layout(cache, tree_parents)).last_hidden_state
         aux = self._capture.take()
         return VerifyStep(*greedy_from_hidden(hidden, head.weight), aux)
+
+    @property
+    def tree_refusal(self) -> str | None:
+        """Why this target cannot verify a draft tree (one line: its layers keep a recurrent state), or None."""
+        from tandem.speculative.decoding.recurrent_state import tree_refusal
+
+        return tree_refusal(self.config)
+
+    def new_decode_cache(self):
+        """An empty transformers cache for decoding this target (``recurrent_state.new_decode_cache``)."""
+        from tandem.speculative.decoding.recurrent_state import new_decode_cache
+
+        return new_decode_cache(self.config)
+
+    def _prepare_cache(self, cache, tree_parents: list[int] | None) -> None:
+        """Before a decoding forward on ``cache``: refuse a tree this target cannot verify, and let a hybrid
+        target's cache drop the recurrent states recorded by the previous forward (``recurrent_state``)."""
+        from tandem.speculative.decoding.recurrent_state import TreeUnsupportedError, forget_history
+
+        if tree_parents is not None and self.tree_refusal is not None:
+            raise TreeUnsupportedError(self.tree_refusal)
+        forget_history(cache)
 
     def decode_session(self):
         """A ``verification.LocalDecodeSession``: one sequence's KV cache, for ``decode.py``."""
@@ -309,12 +366,17 @@ class Eagle3TargetModel:
         return self.model.get_input_embeddings().weight.detach()
 
     def model_info(self) -> dict:
-        return {
+        """Layers, hidden and vocabulary sizes, aux layers; and ``verifies_trees: False`` for a target that cannot
+        verify a draft tree (a remote client reads it from the server's ``/model_info``)."""
+        info = {
             "num_hidden_layers": int(self.config.num_hidden_layers),
             "hidden_size": int(self.config.hidden_size),
             "vocab_size": int(self.config.vocab_size),
             "aux_layer_ids": list(self.aux_layer_ids),
         }
+        if self.tree_refusal is not None:
+            info["verifies_trees"] = False
+        return info
 
     def close(self) -> None:
         self._capture.remove()

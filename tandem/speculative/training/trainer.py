@@ -199,12 +199,12 @@ class Trainer:
 
     def _target_config(self):
         """The target's HF config: the in-process model's, or (remote target) read from the local spec."""
+        from tandem.models import load_target_config, text_config
+
         model = getattr(self.target, "model", None)
         if model is not None:
-            return model.config
-        from tandem.models import load_target_config
-
-        config = load_target_config(self.config.tokenizer or self.config.target)
+            return text_config(model.config)
+        config = text_config(load_target_config(self.config.tokenizer or self.config.target))
         for key in ("hidden_size", "vocab_size", "num_hidden_layers"):
             if getattr(config, key) != self.model_info[key]:
                 raise ValueError(f"the remote target's {key}={self.model_info[key]} differs from the local "

@@ -272,3 +272,32 @@ def init_nccl_request(payload: dict, default_port: int) -> tuple[int, str]:
     if not isinstance(rendezvous_id, str) or len(rendezvous_id) > 128 or not rendezvous_id.isprintable():
         raise RequestError(400, "init_nccl: rendezvous_id must be a printable string of at most 128 characters")
     return port, rendezvous_id
+
+
+def check_image_inputs(tensors: dict[str, torch.Tensor], input_ids: torch.Tensor, image_token_id: int | None,
+                       merge_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(pixel_values [P, D] float, image_grid_thw [I, 3] long)`` of a ``/generate`` body that carries images,
+    None for one that does not; 400 unless both are there, well-formed, and the images' positions (``t h w /
+    merge_size**2`` each) are the image tokens of ``input_ids``."""
+    pixels, grid = tensors.get("pixel_values"), tensors.get("image_grid_thw")
+    if pixels is None and grid is None:
+        return None
+    if image_token_id is None:
+        raise RequestError(400, "generate: this target is not a vision-language model: it takes no images")
+    if pixels is None or grid is None:
+        raise RequestError(400, "generate: images need both pixel_values and image_grid_thw")
+    if not pixels.dtype.is_floating_point or pixels.dim() != 2:
+        raise RequestError(400, f"generate: pixel_values must be a 2-D float tensor, got {pixels.dtype} "
+                                f"{list(pixels.shape)}")
+    if grid.dtype.is_floating_point or grid.dtype == torch.bool or grid.dim() != 2 or grid.shape[1] != 3 \
+            or (grid.numel() and int(grid.min()) < 1):
+        raise RequestError(400, f"generate: image_grid_thw must be positive integers [I, 3], got {grid.dtype} "
+                                f"{list(grid.shape)}")
+    patches = int(grid.long().prod(-1).sum())
+    if patches != pixels.shape[0]:
+        raise RequestError(400, f"generate: image_grid_thw holds {patches} patches, pixel_values {pixels.shape[0]}")
+    tokens = int((input_ids == image_token_id).sum())
+    if tokens * merge_size**2 != patches:
+        raise RequestError(400, f"generate: {tokens} image tokens in input_ids for images of {patches} patches "
+                                f"({patches // merge_size**2} positions)")
+    return pixels, grid.long()
