@@ -11,6 +11,11 @@ What it checks (a tiny random Llama target, real ``tandem serve-target`` process
 - ``NCCL round trip``: ``NCCLTransport`` between two processes on ``cuda:0`` and ``cuda:1``, every wire
   dtype (int8/int16/bool travel as uint8 views), None and empty tensors.
 - ``NCCL group, CUDA target -> CUDA client``: server on ``cuda:0``, client on ``cuda:1``, bit-identical.
+- ``--device-map auto``: the server places the target's layers over every GPU (accelerate); the supervision
+  must equal the single-GPU one bit for bit (each layer runs the same kernels, on another device).
+- ``tensor parallel, 2 ranks``: ``serve-target --nproc-per-node 2`` shards the target over ``cuda:0`` and
+  ``cuda:1`` (transformers' ``tp_plan="auto"``, NCCL); partial sums add in another order, so the row reports the
+  largest difference against the single-GPU supervision and passes within ``TP_TOLERANCE``.
 
 NCCL refuses two ranks on one device, so with a single GPU the NCCL rows say SKIP with that reason
 instead of failing. Without CUDA the script says so and exits 0. Timings are medians of ``--repeats``
@@ -121,6 +126,44 @@ def _nccl_round_trip() -> Row:
         peer.join(30)
 
 
+TP_TOLERANCE = {"aux_hidden_states": 1e-4, "target_probs": 1e-5}
+"""Largest absolute difference a tensor-parallel answer may show (float32 target; 2 gloo ranks on CPU measured
+6e-8 and 3e-9, GPU reductions are looser; not yet run on GPUs)."""
+
+
+def _split_target_checks(target_dir: Path, expected: dict, batch, mapping, repeats: int) -> list[Row]:
+    """The rows of a target split over devices: ``--device-map auto`` and two tensor-parallel ranks."""
+    from tandem.speculative.remote.client import RemoteEagle3TargetModel
+    from tests.speculative.remote.remote_utils import start_tiny_server
+
+    rows = []
+    gpus = f"cuda:0..{torch.cuda.device_count() - 1}"
+    server = start_tiny_server(target_dir, target_dir.parent / "device-map.log", "--device-map", "auto",
+                               "--device", "cuda")
+    try:
+        rows.append(_remote_check("--device-map auto", server.url, "cuda:0", False, expected, batch, mapping, False,
+                                  repeats)._replace(devices=gpus))
+    finally:
+        server.stop()
+    if torch.cuda.device_count() < 2:
+        return rows + [Row("tensor parallel, 2 ranks", "cuda:0 + cuda:1", "SKIP", "needs 2 GPUs")]
+    server = start_tiny_server(target_dir, target_dir.parent / "tp.log", "--nproc-per-node", "2", "--device", "cuda")
+    try:
+        with RemoteEagle3TargetModel(server.url, device="cuda:0", enable_nccl=False) as client:
+            client.set_vocab_mapping(*mapping)
+            got = client.generate_batch(*batch)
+            ms = _median_ms(lambda: client.generate_batch(*batch), repeats)
+    finally:
+        server.stop()
+    differences = {key: float((got[key].to(expected[key].device).float() - expected[key].float()).abs().max())
+                   for key in TP_TOLERANCE}
+    exact = [k for k in ("input_ids", "loss_mask") if not torch.equal(got[k].to(expected[k].device), expected[k])]
+    ok = not exact and all(differences[k] <= TP_TOLERANCE[k] for k in TP_TOLERANCE)
+    detail = ", ".join(f"{k} max |diff| {v:.1e}" for k, v in differences.items()) + f"; median /generate {ms:.1f} ms"
+    return rows + [Row("tensor parallel, 2 ranks", "cuda:0 + cuda:1", "PASS" if ok else "FAIL",
+                       detail + (f"; {exact} differ" if exact else ""))]
+
+
 def run_checks(repeats: int) -> list[Row]:
     from tandem.models import load_target
     from tandem.speculative.target.model import Eagle3TargetModel
@@ -153,7 +196,7 @@ def run_checks(repeats: int) -> list[Row]:
                                       batch, mapping, True, repeats))
     finally:
         server.stop()
-    return rows
+    return rows + _split_target_checks(target_dir, expected, batch, mapping, repeats)
 
 
 def main(argv=None) -> int:

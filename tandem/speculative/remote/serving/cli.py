@@ -51,6 +51,13 @@ def add_serve_target_parser(subparsers) -> None:
                    help="target dtype; auto = bfloat16 on GPUs and on CPUs with native bf16 matmul, else float32 "
                         "(default: auto)")
     p.add_argument("--device", default=None, help="where the target runs (default: cuda if available, else cpu)")
+    p.add_argument("--nproc-per-node", type=int, default=1,
+                   help="serve the target across this many local processes with transformers' tensor parallelism "
+                        "(tp_plan=auto; one GPU each, or gloo ranks on CPU); rank 0 serves HTTP, supervision only "
+                        "(default: 1)")
+    p.add_argument("--device-map", default=None,
+                   help="place the target's layers over this process's devices with accelerate (auto, balanced, "
+                        "sequential), for a target larger than one GPU (default: one device, --device)")
     limits = p.add_argument_group("limits (README, Security)")
     limits.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20,
                         help="request body limit in MiB; each endpoint has a smaller own bound too (default: 64)")
@@ -96,10 +103,44 @@ def add_serve_target_parser(subparsers) -> None:
     p.set_defaults(func=cmd_serve_target)
 
 
-def cmd_serve_target(args) -> int:
+def _relaunch_on_ranks(args) -> int:
+    """Start ``args.nproc_per_node`` copies of this command under torchrun's launcher; its exit status."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    from tandem.speculative.remote.serving.tensor_parallel import relaunch_argv
+
+    try:
+        torchrun(relaunch_argv(args.nproc_per_node, args.argv))
+    except ChildFailedError as exc:
+        raise ValueError(f"serve-target across {args.nproc_per_node} processes: a rank failed ({exc})") from None
+    return 0
+
+
+def _load_placed_target(args, device: str):
+    """``(model, tokenizer, tensor-parallel device or None)``: on one device, placed by ``--device-map``, or sharded
+    over the launcher's ranks (``tensor_parallel.py``)."""
     from tandem.models import load_target
+    from tandem.speculative.remote.serving import tensor_parallel
+
+    if tensor_parallel.launched_world_size() > 1:
+        if args.device_map:
+            raise ValueError("--device-map and --nproc-per-node are two ways of splitting a target: choose one")
+        rank_device = tensor_parallel.init_group(device)
+        model, tokenizer = load_target(args.model, dtype=args.dtype, device=device, tp_plan="auto")
+        return model, tokenizer, rank_device
+    model, tokenizer = load_target(args.model, dtype=args.dtype, device=device, device_map=args.device_map)
+    return model, tokenizer, None
+
+
+def cmd_serve_target(args) -> int:
+    from tandem.speculative.remote.serving import tensor_parallel
     from tandem.speculative.target.model import Eagle3TargetModel
 
+    if args.nproc_per_node < 1:
+        raise ValueError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
+    if args.nproc_per_node > 1 and tensor_parallel.launched_world_size() == 1:
+        return _relaunch_on_ranks(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     token = args.token or os.environ.get(protocol.TOKEN_ENV) or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
@@ -108,13 +149,22 @@ def cmd_serve_target(args) -> int:
     port_range = parse_port_range(args.nccl_port_range) if args.nccl_port_range else default_port_range(nccl_port)
     from tandem.speculative.target.identity import describe, target_identity
 
-    model, tokenizer = load_target(args.model, dtype=args.dtype, device=device)
+    model, tokenizer, rank_device = _load_placed_target(args, device)
     target = Eagle3TargetModel(model, args.aux_layer_ids)
     started = time.perf_counter()
-    identity = target_identity(model, target.aux_layer_ids, name=args.model, tokenizer=tokenizer)
+    identity = target_identity(model, target.aux_layer_ids, name=args.model, tokenizer=tokenizer)  # every rank
+    if rank_device is not None and torch.distributed.get_rank() > 0:
+        target.close()
+        forwards = tensor_parallel.follow(model, rank_device)
+        logger.info("rank %d: ran %d forwards; rank 0 stopped", torch.distributed.get_rank(), forwards)
+        return 0
     logger.info("serving %s (identity computed in %.1f s)", describe(identity), time.perf_counter() - started)
+    served = target
+    if rank_device is not None:
+        tensor_parallel.announce_forwards(model, rank_device)
+        served = tensor_parallel.SupervisionOnlyTarget(target)
     logic = TargetModelServer(
-        target,
+        served,
         identity=identity,
         nccl_port=nccl_port,
         host=args.host,
@@ -153,4 +203,7 @@ def cmd_serve_target(args) -> int:
               max_connections=args.max_connections)
     except OSError as exc:
         raise ValueError(f"cannot serve on {args.host}:{args.port}: {exc}") from exc
+    finally:
+        if rank_device is not None:
+            tensor_parallel.stop_followers(rank_device)
     return 0
