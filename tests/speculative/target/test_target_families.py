@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tandem.speculative.decoding.decode import for_decoding, greedy_decode, speculative_decode
-from tandem.speculative.export import eagle3 as ckpt
+from tandem.speculative.export import eagle3 as draft_export
 from tandem.speculative.target.model import Eagle3TargetModel, UnsupportedTargetError
 from tandem.speculative.training.config import TrainConfig
 from tandem.speculative.training.trainer import Trainer
@@ -35,9 +35,9 @@ def _train_and_export(model_type: str, root):
                          learning_rate=3e-2, dtype="float32")
     trainer = Trainer(config, target=target, tokenizer=build_tiny_tokenizer())
     trainer.train()
-    exports = {"sglang": root / "out" / ckpt.EXPORT_DIRNAME, "speculators": root / "speculators"}
-    ckpt.export_draft(trainer.draft, exports["speculators"], aux_layer_ids=TRAINED_LAYERS, export_format="speculators",
-                      verifier="tiny-target")
+    exports = {"sglang": root / "out" / draft_export.EXPORT_DIRNAME, "speculators": root / "speculators"}
+    draft_export.export_draft(trainer.draft, exports["speculators"], aux_layer_ids=TRAINED_LAYERS,
+                              export_format="speculators", verifier="tiny-target")
     return model, target, trainer.draft, exports
 
 
