@@ -45,6 +45,8 @@ FAMILIES: dict[str, dict] = {
     "qwen3_next": dict(head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
                        linear_value_head_dim=16, shared_expert_intermediate_size=32, full_attention_interval=2,
                        **SMALL_MOE),
+    "qwen3_5_text": dict(head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                         linear_value_head_dim=16, full_attention_interval=2),
 }
 """model_type -> the config fields it needs beyond ``COMMON``."""
 

@@ -17,7 +17,7 @@ ROLLBACK_POSITIONS = 64
 """The most positions one crop may remove after a forward: the recurrent state is recorded after each of a
 forward's last ``ROLLBACK_POSITIONS`` positions (each recorded state costs one state's memory per layer)."""
 
-RECURRENT_LAYER_TYPES = ("linear_attention", "conv", "mamba", "hybrid", "hybrid_sliding")
+RECURRENT_LAYER_TYPES = ("linear_attention", "conv", "hybrid", "hybrid_sliding")
 """``config.layer_types`` entries whose cache layer keeps a recurrent or convolution state (transformers 5)."""
 
 
