@@ -1,5 +1,5 @@
-"""A target served across two processes (transformers' tensor parallelism on gloo ranks) answers the supervision
-the single-process target gives: a real ``tandem serve-target --nproc-per-node 2`` on loopback.
+"""A target split over devices answers the supervision the single-process target gives: a real ``tandem
+serve-target --nproc-per-node 2`` (transformers' tensor parallelism on gloo ranks) and ``--device-map auto``.
 
 Sharded projections sum their partial products in another order, so the answer is equal within a stated
 tolerance, not bit for bit; the test measures the difference and holds it to float32 rounding. (Rank 1 takes part
@@ -14,6 +14,7 @@ import torch
 from tandem.speculative.remote.client import RemoteEagle3TargetModel
 from tandem.speculative.remote.http_client import RemoteTargetError
 from tests.speculative.remote.remote_utils import (
+    assert_same_supervision,
     load_tiny_target,
     save_tiny_target,
     start_tiny_server,
@@ -60,3 +61,21 @@ def _local_digest(local) -> str:
     from tandem.speculative.target.identity import weights_digest
 
     return weights_digest(local.model)
+
+
+def test_a_device_map_target_gives_the_single_device_supervision_bit_for_bit(tmp_path):
+    # On this CPU accelerate has one device to place the layers on: the test holds the flag's path (loading through
+    # accelerate's dispatch, aux states gathered) to the single-device answer; bench/gpu_check.py spreads it over GPUs.
+    directory = save_tiny_target(tmp_path / "target", seed=4)
+    local = load_tiny_target(directory)
+    ids, mask = tiny_vocab_mapping()
+    local.set_vocab_mapping(ids, mask)
+    server = start_tiny_server(directory, tmp_path / "serve-target.log", "--device-map", "auto")
+    try:
+        with RemoteEagle3TargetModel(server.url, enable_nccl=False) as remote:
+            remote.set_vocab_mapping(ids, mask)
+            batch = tiny_batch(batch=2, seq=16, seed=1)
+            assert_same_supervision(remote.supervise(*batch), local.supervise(*batch))
+    finally:
+        server.stop()
+    assert "device_map auto" in (tmp_path / "serve-target.log").read_text()
