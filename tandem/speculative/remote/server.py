@@ -369,7 +369,8 @@ class TargetModelServer:
         if place is None:
             place = self.queue.reserve(client_id)
         try:
-            tensors = decode_tensors(raw, protocol.REQUEST_KEYS, "generate", optional=protocol.IMAGE_KEYS)
+            images_allowed = protocol.IMAGE_KEYS if self._image_tokens[0] is not None else ()  # a VLM target only
+            tensors = decode_tensors(raw, protocol.REQUEST_KEYS, "generate", optional=images_allowed)
             input_ids = tensors["input_ids"]
             if input_ids.dim() == 2:  # anything else is refused, with its reason, just below
                 check_batch_shape(*input_ids.shape, self.max_batch_tokens, self.max_seq_len)
