@@ -185,7 +185,8 @@ def cmd_export(args) -> int:
     target = (record or {}).get("target") or {}
     stored = _json.loads((source / "config.json").read_text())
     stored_dtype = stored.get("torch_dtype") or (stored.get("transformer_layer_config") or {}).get("torch_dtype")
-    dtype = parse_dtype(args.export_dtype or target.get("dtype") or stored_dtype or "float32")
+    dtype = parse_dtype(args.export_dtype or target.get("checkpoint_dtype") or target.get("dtype") or stored_dtype
+                        or "float32")
     aux_layer_ids = ckpt.exported_aux_layer_ids(source)
     if args.model:
         from tandem.models import load_target
@@ -320,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sglang: LlamaForCausalLMEagle3, loaded by SGLang and vLLM; speculators: vLLM's native "
                         "format (vllm-project/speculators) (default: sglang)")
     p.add_argument("--export-dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (default: the target's, as recorded at training; else the draft's own)")
+                   help="weights dtype (default: the target checkpoint's, as recorded at training, else the dtype the "
+                        "target ran in; else the draft's own)")
     p.add_argument("--verifier", default=None,
                    help="speculators format: the target's name or path (default: the one recorded at training)")
     p.add_argument("--speculative-tokens", type=int, default=3,

@@ -82,7 +82,8 @@ class TrainConfig:
     export_format: str = "sglang"
     """The exported draft's format: ``sglang`` (SGLang and vLLM load it) or ``speculators`` (vLLM's native one)."""
     export_dtype: str | None = None
-    """The exported weights' dtype: float32, bfloat16 or float16 (default: the target's, as engines expect)."""
+    """The exported weights' dtype: float32, bfloat16 or float16 (default: the dtype of the target's checkpoint, as
+    engines expect, whatever dtype the run computes in; else the dtype the target runs in)."""
     allow_target_mismatch: bool = False
     """Accept on purpose a target that is not the one the run was trained against (``--resume``), or a
     tokenizer other than the target's; without it either is an error."""

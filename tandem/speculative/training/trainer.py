@@ -519,8 +519,10 @@ class Trainer:
 
     def export(self, out_dir: str | Path | None = None) -> Path:
         """Write the draft for serving engines (``output_dir/eagle3-draft`` by default; see ``export/eagle3.py``)
-        in ``export_format``, in ``export_dtype`` or else the target's dtype."""
-        dtype = self.config.export_dtype or getattr(self.target, "dtype", None) or torch.float32
+        in ``export_format``, in ``export_dtype`` or else the dtype of the target's checkpoint (a bf16 checkpoint gets
+        a bf16 draft, whatever dtype this run computed in), or the dtype the target ran in when that is unknown."""
+        dtype = (self.config.export_dtype or self.target_identity.get("checkpoint_dtype")
+                 or getattr(self.target, "dtype", None) or torch.float32)
         return ckpt.export_draft(
             self.draft, out_dir or self.output_dir / ckpt.EXPORT_DIRNAME, parse_dtype(dtype),
             self.model_info["aux_layer_ids"], export_format=self.config.export_format, record=self.record,
