@@ -105,7 +105,9 @@ class TrainConfig:
     eval_min_confidence: float = 0.0
     """Dynamic draft length of the evaluation's decoding (see ``tandem eval --min-confidence``)."""
     eval_tree: str = ""
-    """The evaluation drafts trees of this shape, ``DEPTH,TOP_K,SIZE`` (see ``tandem eval --tree``); "": chains."""
+    """The evaluation drafts trees of this shape, ``DEPTH,TOP_K,SIZE`` (see ``tandem eval --tree``); "": chains;
+    ``auto``: each evaluation measures which chain or tree pays most on this machine for the current draft and
+    decodes with it (metrics.jsonl then records ``eval_shape`` and ``eval_predicted_speedup``)."""
     show_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -116,7 +118,7 @@ class TrainConfig:
             parse_dtype(self.export_dtype)
         if self.eval_every < 0 or self.eval_limit < 1 or self.eval_max_new_tokens < 1 or self.eval_draft_tokens < 1:
             raise ValueError("eval_every must be >= 0, and eval_limit, eval_max_new_tokens, eval_draft_tokens >= 1")
-        if self.eval_tree:
+        if self.eval_tree and self.eval_tree != "auto":
             TreeShape.parse(self.eval_tree)
 
     @classmethod

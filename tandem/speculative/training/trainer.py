@@ -497,8 +497,12 @@ class Trainer:
         records = read_chat_jsonl(path, limit=self.config.eval_limit)
         prompts = [prompt_ids(self.tokenizer, r.messages) for r in records]
         stop_ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
-        tree = TreeShape.parse(self.config.eval_tree) if self.config.eval_tree else None
+        tree = self.config.eval_tree or None
+        if tree and tree != "auto":
+            tree = TreeShape.parse(tree)
         drafting = f"a {self.config.eval_tree} tree" if tree else f"up to {self.config.eval_draft_tokens} draft tokens"
+        if tree == "auto":
+            drafting = "the shape that pays most on this machine (auto)"
         logger.info("live evaluation: %d prompts of %s every %d steps and at the end, %d new tokens each, %s a round",
                     len(prompts), spec, self.config.eval_every, self.config.eval_max_new_tokens, drafting)
         return LiveEvaluator(self.target, prompts, self.config.eval_max_new_tokens, self.config.eval_draft_tokens,
