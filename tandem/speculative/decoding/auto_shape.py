@@ -16,15 +16,17 @@ import time
 import torch
 
 from tandem.speculative.decoding.acceptance_profile import Continuation, acceptance_lengths
-from tandem.speculative.decoding.decode import for_decoding, greedy_decode
+from tandem.speculative.decoding.decode import for_decoding, greedy_decode, speculative_decode
 from tandem.speculative.decoding.evaluation import target_aux_states
 from tandem.speculative.decoding.round_costs import measure_round_costs
 from tandem.speculative.decoding.shape_choice import (
+    PLAIN,
     ChoiceConfig,
     DecodingShape,
     ShapeChoice,
     candidate_shapes,
     choose_shape,
+    predicted_speedup,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,14 +57,50 @@ def choose_for(target, draft, sequences: list[Continuation], shapes: list[Decodi
     return choose_shape(acceptance, costs, config)
 
 
+def _ms_per_step(results, prefill_ms: float) -> float:
+    """Milliseconds a verifying forward (a round, or a plain token) of decodes, their prefills taken out."""
+    steps = sum(r.target_forwards - 1 for r in results)
+    return max(sum(r.wall_s for r in results) * 1e3 - len(results) * prefill_ms, 1e-6) / max(steps, 1)
+
+
+def confirm_by_decoding(target, draft, choice: ShapeChoice, prompts: list[torch.Tensor], max_new_tokens: int,
+                        stop_ids: set[int], config: ChoiceConfig, top: int = 3) -> ShapeChoice:
+    """Decode ``prompts`` plainly and with the ``top`` best shapes for real, interleaved: their measured time a
+    round (Python, the commit step and the bookkeeping included, which the sum of parts misses) and a plain
+    token's replace the estimates, and the choice is made again among the confirmed shapes."""
+    decoding = for_decoding(draft, target.dtype)
+    candidates = choice.estimates[:top]
+    plain, rounds = [], {e.shape: [] for e in candidates}
+    for prompt in prompts:
+        plain.append(greedy_decode(target, prompt, max_new_tokens, stop_ids))
+        for e in candidates:
+            kwargs = {"tree": e.shape.tree} if e.shape.kind == "tree" else {"num_draft_tokens": e.shape.draft_tokens}
+            rounds[e.shape].append(speculative_decode(target, decoding, prompt, max_new_tokens, stop_ids=stop_ids,
+                                                      **kwargs))
+    costs = choice.costs
+    costs.plain_ms = _ms_per_step(plain, costs.prefill_ms)
+    for e in candidates:
+        e.round_ms, e.confirmed = _ms_per_step(rounds[e.shape], costs.prefill_ms), True
+        e.predicted_speedup = predicted_speedup(e.acceptance_length, e.round_ms, costs, config.new_tokens)
+    confirmed = sorted(candidates, key=lambda e: -e.predicted_speedup)
+    estimates = confirmed + [e for e in choice.estimates if not e.confirmed]
+    if confirmed and confirmed[0].predicted_speedup >= config.margin:
+        return ShapeChoice(confirmed[0].shape, confirmed[0].predicted_speedup, estimates, costs, config.margin)
+    return ShapeChoice(PLAIN, 1.0, estimates, costs, config.margin)
+
+
 def auto_shape(target, draft, prompts: list[torch.Tensor], max_new_tokens: int, stop_ids: set[int],
-               shapes: list[DecodingShape] | None = None, config: ChoiceConfig | None = None) -> ShapeChoice:
+               shapes: list[DecodingShape] | None = None, config: ChoiceConfig | None = None,
+               confirm: int = 2) -> ShapeChoice:
     """Choose the decoding shape for ``draft`` on ``target`` from the calibration ``prompts`` (``[1, S]`` long
-    each), for decodes of ``max_new_tokens``; ``shapes`` default to ``candidate_shapes()``."""
+    each), for decodes of ``max_new_tokens``; ``shapes`` default to ``candidate_shapes()``; the best three are
+    then decoded for real on the first ``confirm`` prompts (``confirm_by_decoding``; 0: not)."""
     started = time.perf_counter()
     shapes = shapes if shapes is not None else candidate_shapes()
     config = config or ChoiceConfig(new_tokens=max_new_tokens)
     choice = choose_for(target, draft, continuations(target, prompts, max_new_tokens, stop_ids), shapes, config)
+    if confirm:
+        choice = confirm_by_decoding(target, draft, choice, prompts[:confirm], max_new_tokens, stop_ids, config)
     choice.calibration = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "shapes": len(shapes),
                           "seconds": round(time.perf_counter() - started, 1)}
     logger.info("decoding shape: %s (calibrated on %d prompts in %.1f s)", choice.reason(), len(prompts),

@@ -63,6 +63,16 @@ def _draft_case(draft: Eagle3DraftModel, cache: DraftKVCache, pending: tuple,
     return run
 
 
+def _non_decreasing(curve: dict[int, float]) -> dict[int, float]:
+    """``curve`` with each cost raised to the highest below it: verifying more tokens never costs less, and a dip
+    is timing noise (another job on the machine) that would otherwise pick a shape for its luck."""
+    out, highest = {}, 0.0
+    for n in sorted(curve):
+        highest = max(highest, curve[n])
+        out[n] = highest
+    return out
+
+
 @torch.no_grad()
 def measure_round_costs(target, draft: Eagle3DraftModel, prompt: torch.Tensor, continuation: list[int],
                         shapes: list[DecodingShape], runs: int = 5) -> RoundCosts:
@@ -97,6 +107,6 @@ def measure_round_costs(target, draft: Eagle3DraftModel, prompt: torch.Tensor, c
         medians = interleaved_medians(cases, runs)
     finally:
         session.close()
-    return RoundCosts(verify_ms={n: medians[f"verify {n}"] * 1e3 for n in chains},
-                      tree_verify_ms={n: medians[f"tree verify {n}"] * 1e3 for n in trees},
+    return RoundCosts(verify_ms=_non_decreasing({n: medians[f"verify {n}"] * 1e3 for n in chains}),
+                      tree_verify_ms=_non_decreasing({n: medians[f"tree verify {n}"] * 1e3 for n in trees}),
                       draft_ms={key: medians[f"draft {key}"] * 1e3 for key in keys}, prefill_ms=prefill_ms)

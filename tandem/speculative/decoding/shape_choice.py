@@ -89,12 +89,14 @@ class RoundCosts:
     tree_verify_ms: ``{n: ms}`` the same for ``n`` positions under a tree mask, with ``keep_branch``.
     draft_ms: ``{DecodingShape.draft_key: ms}`` drafting one round of that chain or tree.
     prefill_ms: the target's prefill of a typical prompt (paid alike by plain and speculative decoding).
+    plain_ms: a token of real plain decoding, when measured (``auto_shape.confirm_by_decoding``); else ``verify_ms[1]``.
     """
 
     verify_ms: dict[int, float]
     tree_verify_ms: dict[int, float] = field(default_factory=dict)
     draft_ms: dict[str, float] = field(default_factory=dict)
     prefill_ms: float = 0.0
+    plain_ms: float | None = None
 
     def round_ms(self, shape: DecodingShape) -> float:
         """One round of ``shape``: drafting and verifying (plain: one forward of one token)."""
@@ -120,7 +122,8 @@ class RoundCosts:
         return {"verify_ms": {str(n): round(ms, 3) for n, ms in sorted(self.verify_ms.items())},
                 "verify_cost_vs_one": per_one(self.verify_ms), "tree_verify_cost_vs_one": per_one(self.tree_verify_ms),
                 "draft_ms": {k: round(ms, 3) for k, ms in self.draft_ms.items()},
-                "prefill_ms": round(self.prefill_ms, 3)}
+                "prefill_ms": round(self.prefill_ms, 3),
+                "plain_ms": None if self.plain_ms is None else round(self.plain_ms, 3)}
 
 
 @dataclass
@@ -132,10 +135,13 @@ class ShapeEstimate:
     acceptance_length: float
     round_ms: float
     predicted_speedup: float
+    confirmed: bool = False
+    """Whether ``round_ms`` was measured by real decoding rather than summed from its parts."""
 
     def to_dict(self) -> dict:
         return {"shape": str(self.shape), "acceptance_length": round(self.acceptance_length, 3),
-                "round_ms": round(self.round_ms, 3), "predicted_speedup": round(self.predicted_speedup, 3)}
+                "round_ms": round(self.round_ms, 3), "predicted_speedup": round(self.predicted_speedup, 3),
+                "round_ms_measured_by_decoding": self.confirmed}
 
 
 @dataclass(frozen=True)
@@ -154,7 +160,7 @@ def predicted_speedup(acceptance_length: float, round_ms: float, costs: RoundCos
     from the prefill on both sides; the rest take ``new_tokens - 1`` plain steps, or that many over the
     acceptance length rounds."""
     rest = max(new_tokens - 1, 1)
-    plain = costs.prefill_ms + rest * costs.verify_ms[1]
+    plain = costs.prefill_ms + rest * (costs.plain_ms or costs.verify_ms[1])
     return plain / (costs.prefill_ms + rest / max(acceptance_length, 1e-9) * round_ms)
 
 
