@@ -63,19 +63,20 @@ def _timed(fn, repeat: int = 1) -> float:
 
 @torch.no_grad()
 def _generation_rate(model, rows: int, prompt_tokens: int, new_tokens: int = 8) -> float:
-    """New tokens a second of ``rows`` sequences decoding together on a KV cache after a prompt."""
+    """New tokens a second of ``rows`` sequences decoding together on a KV cache after a prompt (the prefill is
+    not timed: regeneration's prefill is priced with the supervision's forward rate)."""
     from transformers import DynamicCache
 
     ids = torch.randint(3, model.config.vocab_size, (rows, prompt_tokens))
-
-    def run() -> None:
+    best = float("inf")
+    for _ in range(2):  # the first run warms up
         cache = DynamicCache()
         out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        started = time.perf_counter()
         for _ in range(new_tokens):
             out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
-
-    prefill = _timed(lambda: model(input_ids=ids, use_cache=False))
-    return rows * new_tokens / max(_timed(run) - prefill, 1e-6)
+        best = min(best, time.perf_counter() - started)
+    return rows * new_tokens / best
 
 
 def _train_step_s(model, batch: int, seq: int, ttt_steps: int, draft_vocab: int, dtype: torch.dtype) -> float:
@@ -157,8 +158,9 @@ def plan_demo(work: Workload, rates: Rates) -> Plan:
     evaluate = work.eval_tokens * rates.decode_token_s
     live = work.live_evals * work.live_eval_tokens * rates.decode_token_s
     free = work.budget_s - work.elapsed_s - evaluate - live - work.fixed_s
+    # Regeneration: the prompt's prefill and the answer's decoding; supervision: one forward over both.
     per_prompt = (work.answer_tokens / rates.generate_tokens_per_s
-                  + (work.prompt_tokens + work.answer_tokens) / rates.forward_tokens_per_s)
+                  + (2 * work.prompt_tokens + work.answer_tokens) / rates.forward_tokens_per_s)
     notes = []
     if work.data_reused:
         prompts, data = work.prompts_available, 0.0
