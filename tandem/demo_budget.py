@@ -201,7 +201,7 @@ def budget_plan(config, model, tokenizer, elapsed_s: float, reusable_prompts: in
     measuring = time.perf_counter() - started
     tokens = config.eval_max_new_tokens
     eval_tokens = tokens * (config.untrained_eval_prompts * 2.6 + config.eval_prompts * 2.2
-                            + config.calibration_prompts * 2.5 + 2 * 4 + config.generalisation_prompts * 2)
+                            + config.calibration_prompts * 5 + 2 * 4 + config.generalisation_prompts * 2)
     live = config.live_eval_prompts * config.live_eval_max_new_tokens * 3 if config.live_eval_every else 0
     work = Workload(budget_s=60 * config.time_budget_min, elapsed_s=elapsed_s + measuring,
                     prompts_available=len(records), prompt_tokens=prompt_tokens,
