@@ -136,30 +136,97 @@ def _remote_eval_target(args):
 
 
 def _tree_shape(text: str):
-    """argparse type of ``--tree``: a ``draft_tree.TreeShape`` (imported here: ``--help`` stays fast)."""
+    """argparse type of ``--tree``: a ``draft_tree.TreeShape``, or ``auto`` (imported here: ``--help`` stays fast)."""
     from tandem.speculative.decoding.tree import TreeShape
 
+    if text == "auto":
+        return text
     try:
         return TreeShape.parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _draft_tokens(text: str):
+    """argparse type of ``--draft-tokens``: a positive count, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"--draft-tokens takes a count >= 1 or auto, got {text!r}")
+    return count
+
+
+def _auto_eval(args, target, draft, prompts: list, calibration: list, stop_ids: set) -> tuple[dict, bool]:
+    """``--tree auto`` / ``--draft-tokens auto``: choose the shape on ``calibration``, measure it on ``prompts``,
+    record the choice beside the draft; returns the result dict and whether every output equalled greedy."""
+    from tandem.speculative.decoding.auto_shape import auto_shape, format_cost_curve
+    from tandem.speculative.decoding.evaluation import evaluate_speculative
+    from tandem.speculative.decoding.shape_choice import PLAIN, DecodingShape, candidate_shapes
+    from tandem.speculative.export import recommendation
+
+    shapes = candidate_shapes()
+    if args.tree != "auto":  # --draft-tokens auto alone: chains only
+        shapes = [s for s in shapes if s.kind == "chain"]
+    choice = auto_shape(target, draft, calibration, args.max_new_tokens, stop_ids, shapes)
+    print(format_cost_curve(choice), file=sys.stderr)
+    best = choice.best_speculative
+    shape = best.shape if best is not None else DecodingShape.chain(1)
+    kwargs = {"tree": shape.tree} if shape.kind == "tree" else {"num_draft_tokens": shape.draft_tokens}
+    summary = evaluate_speculative(target, draft, prompts, args.max_new_tokens, stop_ids=stop_ids, **kwargs)
+    measured = summary.to_dict()
+    result = dict(measured)
+    if choice.chosen == PLAIN:  # what tandem decodes with: plain decoding, by definition 1.00x
+        result.update(acceptance_length=1.0, speedup=1.0, speculative_tokens_per_s=measured["greedy_tokens_per_s"])
+    result.update({"shape": str(choice.chosen), "predicted_speedup": round(choice.predicted_speedup, 3),
+                   "decoded_shape": str(shape), "decoded_shape_predicted_speedup": round(best.predicted_speedup, 3)
+                   if best else None, "decoded_shape_measured_speedup": round(summary.speedup, 3),
+                   "shape_choice": choice.to_dict()})
+    record = recommendation.recommendation(choice.to_dict(), target.dtype, measured if choice.chosen == shape else None)
+    if args.record_shape:
+        path = recommendation.write_recommendation(args.draft, record)
+        result["recommendation"] = str(path)
+    print(recommendation.describe(record), file=sys.stderr)
+    return result, summary.outputs_match
+
+
+def _eval_prompts(args, tokenizer) -> tuple[list, list]:
+    """``(evaluated prompts, calibration prompts)``: the first ``--limit`` of ``--prompts``, and for ``auto`` the
+    ``--calibration-prompts`` after them (the first ones again when the set has no more, with a warning)."""
+    from tandem.speculative.training.data import prompt_ids, read_chat_jsonl
+
+    auto = args.tree == "auto" or args.draft_tokens == "auto"
+    wanted = args.limit + args.calibration_prompts if auto else args.limit
+    records = read_chat_jsonl(_resolve_prompts(args.prompts), limit=wanted)
+    prompts = [prompt_ids(tokenizer, r.messages) for r in records]
+    evaluated, calibration = prompts[:args.limit], prompts[args.limit:]
+    if auto and not calibration:
+        logger.warning("%s has no prompts beyond the %d evaluated: the shape is chosen on evaluated ones, which "
+                       "flatters the prediction", args.prompts, args.limit)
+        calibration = evaluated[:args.calibration_prompts]
+    return evaluated, calibration
+
+
 def cmd_eval(args) -> int:
     from tandem.speculative.decoding.evaluation import evaluate_speculative, teacher_forced_accuracy
     from tandem.speculative.export.eagle3 import load_exported_draft
-    from tandem.speculative.training.data import prompt_ids, read_chat_jsonl
 
     draft = load_exported_draft(args.draft)
     target, tokenizer = _remote_eval_target(args) if args.target_url else _local_eval_target(args)
     try:
-        records = read_chat_jsonl(_resolve_prompts(args.prompts), limit=args.limit)
-        prompts = [prompt_ids(tokenizer, r.messages) for r in records]
+        prompts, calibration = _eval_prompts(args, tokenizer)
         stop_ids = {tokenizer.eos_token_id}
-        summary = evaluate_speculative(target, draft, prompts, args.max_new_tokens, args.draft_tokens,
-                                       stop_ids=stop_ids,
-                                       min_confidence=args.min_confidence, tree=args.tree)
-        result = summary.to_dict()
+        if args.tree == "auto" or args.draft_tokens == "auto":
+            result, exact = _auto_eval(args, target, draft, prompts, calibration, stop_ids)
+        else:
+            summary = evaluate_speculative(target, draft, prompts, args.max_new_tokens, args.draft_tokens,
+                                           stop_ids=stop_ids, min_confidence=args.min_confidence, tree=args.tree)
+            result, exact = summary.to_dict(), summary.outputs_match
+            if args.tree is not None:
+                result["tree"] = str(args.tree)
         if args.step0_accuracy:
             result["step0_accuracy"] = teacher_forced_accuracy(target, draft, prompts, args.max_new_tokens, stop_ids)
     finally:
@@ -167,10 +234,8 @@ def cmd_eval(args) -> int:
             target.close()
     if args.target_url:
         result["target_url"] = args.target_url
-    if args.tree is not None:
-        result["tree"] = str(args.tree)
     print(json.dumps(result, indent=2))
-    return 0 if summary.outputs_match else 1
+    return 0 if exact else 1
 
 
 def cmd_export(args) -> int:
@@ -186,7 +251,8 @@ def cmd_export(args) -> int:
     target = (record or {}).get("target") or {}
     stored = _json.loads((source / "config.json").read_text())
     stored_dtype = stored.get("torch_dtype") or (stored.get("transformer_layer_config") or {}).get("torch_dtype")
-    dtype = parse_dtype(args.export_dtype or target.get("dtype") or stored_dtype or "float32")
+    dtype = parse_dtype(args.export_dtype or target.get("checkpoint_dtype") or target.get("dtype") or stored_dtype
+                        or "float32")
     aux_layer_ids = draft_export.exported_aux_layer_ids(source)
     if args.model:
         from tandem.models import load_target
@@ -299,15 +365,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default="heldout", help="chat JSONL, or 'heldout' / 'train' (default: heldout)")
     p.add_argument("--limit", type=int, default=20, help="number of prompts (default: 20)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default: 64)")
-    p.add_argument("--draft-tokens", type=int, default=4, help="most tokens the draft proposes per round (default: 4)")
+    p.add_argument("--draft-tokens", type=_draft_tokens, default=4,
+                   help="most tokens the draft proposes per round, or auto: the chain length that pays most on this "
+                        "machine, measured (see --tree auto) (default: 4)")
     p.add_argument("--min-confidence", type=float, default=0.0,
                    help="dynamic draft length: stop a round's chain once the draft's probability of its next token "
                         "is below this (the output is unchanged; 0 always drafts --draft-tokens) (default: 0)")
     p.add_argument("--tree", type=_tree_shape, default=None, metavar="DEPTH,TOP_K,SIZE",
                    help="draft a tree instead of a chain (EAGLE-2 style): DEPTH draft forwards, each expanding the "
                         "TOP_K best-scored nodes into TOP_K children, and the SIZE best nodes verified in one target "
-                        "forward (e.g. 3,8,24, the demo's); the output is unchanged; --draft-tokens and "
-                        "--min-confidence then do not apply")
+                        "forward (e.g. 3,8,24); the output is unchanged; --draft-tokens and --min-confidence then "
+                        "do not apply. auto: measure this machine's cost of verifying n tokens against one and the "
+                        "draft's acceptance of every chain and tree on --calibration-prompts, and decode with the "
+                        "shape of most tokens a second, or plainly when none beats plain decoding; the choice, its "
+                        "cost curve and the SGLang / vLLM flags are printed and recorded in DRAFT/decoding_shape.json")
+    p.add_argument("--calibration-prompts", type=int, default=4,
+                   help="with auto: prompts the shape is chosen on, those after the --limit evaluated ones in "
+                        "--prompts (default: 4)")
+    p.add_argument("--record-shape", action=argparse.BooleanOptionalAction, default=True,
+                   help="with auto: write the chosen shape and the machine it was measured on to "
+                        "DRAFT/decoding_shape.json (default: on)")
     p.add_argument("--aux-layer-ids", type=int, nargs=3, default=None,
                    help="the layers the draft was trained on (default: those its export records)")
     p.add_argument("--allow-target-mismatch", action="store_true",
@@ -327,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sglang: LlamaForCausalLMEagle3, loaded by SGLang and vLLM; speculators: vLLM's native "
                         "format (vllm-project/speculators) (default: sglang)")
     p.add_argument("--export-dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (default: the target's, as recorded at training; else the draft's own)")
+                   help="weights dtype (default: the target checkpoint's, as recorded at training, else the dtype the "
+                        "target ran in; else the draft's own)")
     p.add_argument("--verifier", default=None,
                    help="speculators format: the target's name or path (default: the one recorded at training)")
     p.add_argument("--speculative-tokens", type=int, default=3,

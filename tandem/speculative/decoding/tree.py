@@ -91,11 +91,15 @@ class DraftTree:
 
 
 @dataclass
-class _Node:
-    token: int  # target id
-    parent: int  # index into the node list; -1: the root
+class TreeNode:
+    """A node the growth offers: its target ``token``, its ``parent`` (an index into the node list, -1 for the
+    root), its ``depth`` (1 for the root's children) and its ``score``, the summed draft log-probabilities
+    along its branch."""
+
+    token: int
+    parent: int
     depth: int
-    score: float  # summed draft log-probabilities along the branch
+    score: float
 
 
 def draft_tree(draft: Eagle3DraftModel, new_tokens: torch.Tensor, new_aux: torch.Tensor, start: int,
@@ -111,16 +115,28 @@ def draft_tree(draft: Eagle3DraftModel, new_tokens: torch.Tensor, new_aux: torch
     positions = torch.arange(start, start + new_tokens.shape[1], device=new_tokens.device).unsqueeze(0)
     hidden = draft.step(new_tokens, draft.project_aux(new_aux), positions, kv_cache=cache)[:, -1:]
     committed = cache.length
-    nodes: list[_Node] = []
+    nodes = grow_tree(draft, hidden, cache, shape)
+    cache.crop(committed)  # tree entries are speculative; the next round rebuilds from the target
+    return select_tree(nodes, root_token, shape.size)
+
+
+def grow_tree(draft: Eagle3DraftModel, hidden: torch.Tensor, cache: DraftKVCache, shape: TreeShape) -> list[TreeNode]:
+    """Every node the growth offers, depth by depth (see the module docstring), from ``hidden [1, 1, H]``, the
+    draft's output at the last committed position; the speculative entries stay in ``cache`` (crop them).
+
+    The nodes of depths up to d are those a growth of depth d offers: a shallower tree is a prefix of the list."""
+    device = hidden.device
+    committed = cache.length
+    nodes: list[TreeNode] = []
     # The nodes to expand next: their indices, and the draft hidden state each was predicted from.
     frontier, frontier_hidden = [-1], hidden
     fed: list[int] = []  # the node each speculative draft-cache entry holds, in cache order
     for depth in range(1, shape.depth + 1):
         if depth > 1:
-            tokens = torch.tensor([[nodes[i].token for i in frontier]], device=new_tokens.device)
+            tokens = torch.tensor([[nodes[i].token for i in frontier]], device=device)
             position = torch.full_like(tokens, committed + depth - 2)
             fed.extend(frontier)
-            mask = _draft_mask(nodes, fed, frontier, new_tokens.device)
+            mask = _draft_mask(nodes, fed, frontier, device)
             frontier_hidden = draft.step(tokens, frontier_hidden, position, kv_cache=cache, tree_mask=mask)
         log_probs = torch.log_softmax(draft.logits(frontier_hidden)[0].float(), dim=-1)  # [len(frontier), Vd]
         base = torch.tensor([nodes[i].score if i >= 0 else 0.0 for i in frontier]).unsqueeze(1)
@@ -130,18 +146,17 @@ def draft_tree(draft: Eagle3DraftModel, new_tokens: torch.Tensor, new_aux: torch
         score_rows, target_rows = scores.tolist(), draft.draft_to_target(index).tolist()
         first_new = len(nodes)
         for parent, row_targets, row_scores in zip(frontier, target_rows, score_rows):
-            nodes.extend(_Node(token, parent, depth, score) for token, score in zip(row_targets, row_scores))
+            nodes.extend(TreeNode(token, parent, depth, score) for token, score in zip(row_targets, row_scores))
         if depth == shape.depth:
             break
         # Expand the top_k best children of this depth next, each from its parent's output hidden state.
         chosen = scores.flatten().topk(min(shape.top_k, scores.numel())).indices.tolist()
         frontier = [first_new + c for c in chosen]
         frontier_hidden = frontier_hidden[:, [c // index.shape[1] for c in chosen]]
-    cache.crop(committed)  # tree entries are speculative; the next round rebuilds from the target
-    return _select(nodes, root_token, shape.size)
+    return nodes
 
 
-def _draft_mask(nodes: list[_Node], fed: list[int], frontier: list[int], device) -> torch.Tensor:
+def _draft_mask(nodes: list[TreeNode], fed: list[int], frontier: list[int], device) -> torch.Tensor:
     """``[len(frontier), len(fed)]`` bool: frontier node q may attend to the speculative cache entry of node e
     when e is q or one of its ancestors."""
     mask = torch.zeros(len(frontier), len(fed), dtype=torch.bool)
@@ -154,7 +169,7 @@ def _draft_mask(nodes: list[_Node], fed: list[int], frontier: list[int], device)
     return mask.to(device)
 
 
-def _select(nodes: list[_Node], root_token: int, size: int) -> DraftTree:
+def select_tree(nodes: list[TreeNode], root_token: int, size: int) -> DraftTree:
     """The ``size`` best-scored nodes (a node only with its parent), in verification order."""
     order = sorted(range(len(nodes)), key=lambda i: (-nodes[i].score, nodes[i].depth))
     kept: set[int] = set()

@@ -23,10 +23,13 @@ from tandem.speculative.training.vocab import vocab_digest
 logger = logging.getLogger(__name__)
 
 IDENTITY_FIELDS = ("name", "architectures", "weights_digest", "dtype", "num_hidden_layers", "hidden_size",
-                   "vocab_size", "aux_layer_ids", "tokenizer_digest")
+                   "vocab_size", "aux_layer_ids", "tokenizer_digest", "checkpoint_dtype")
 """An identity's fields. ``name`` (HF id, directory or GGUF file as loaded) is informational;
 ``weights_digest`` is sha256 over every parameter's name, shape and values rounded to bfloat16 (computed once
-at load); ``tokenizer_digest`` is sha256 of the vocabulary (token -> id), None when no tokenizer is known."""
+at load); ``tokenizer_digest`` is sha256 of the vocabulary (token -> id), None when no tokenizer is known;
+``checkpoint_dtype`` is the dtype the checkpoint is stored in (``models.checkpoint_dtype``), which the export
+follows whatever ``dtype`` the target runs in; None for a model not loaded from a checkpoint, or a server
+that does not say."""
 SAME_MODEL_FIELDS = ("weights_digest", "num_hidden_layers", "hidden_size", "vocab_size", "aux_layer_ids",
                      "tokenizer_digest")
 """What makes two targets give the same supervision, whatever precision each runs in (eval, resume, export)."""
@@ -81,6 +84,7 @@ def target_identity(model: nn.Module, aux_layer_ids: list[int], *, name: str | N
         "vocab_size": int(config.vocab_size),
         "aux_layer_ids": [int(i) for i in aux_layer_ids],
         "tokenizer_digest": tokenizer_digest(tokenizer),
+        "checkpoint_dtype": getattr(model, "tandem_checkpoint_dtype", None),
     }
 
 

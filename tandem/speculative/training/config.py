@@ -85,7 +85,8 @@ class TrainConfig:
     export_format: str = "sglang"
     """The exported draft's format: ``sglang`` (SGLang and vLLM load it) or ``speculators`` (vLLM's native one)."""
     export_dtype: str | None = None
-    """The exported weights' dtype: float32, bfloat16 or float16 (default: the target's, as engines expect)."""
+    """The exported weights' dtype: float32, bfloat16 or float16 (default: the dtype of the target's checkpoint, as
+    engines expect, whatever dtype the run computes in; else the dtype the target runs in)."""
     allow_target_mismatch: bool = False
     """Accept on purpose a target that is not the one the run was trained against (``--resume``), or a
     tokenizer other than the target's; without it either is an error."""
@@ -107,7 +108,9 @@ class TrainConfig:
     eval_min_confidence: float = 0.0
     """Dynamic draft length of the evaluation's decoding (see ``tandem eval --min-confidence``)."""
     eval_tree: str = ""
-    """The evaluation drafts trees of this shape, ``DEPTH,TOP_K,SIZE`` (see ``tandem eval --tree``); "": chains."""
+    """The evaluation drafts trees of this shape, ``DEPTH,TOP_K,SIZE`` (see ``tandem eval --tree``); "": chains;
+    ``auto``: each evaluation measures which chain or tree pays most on this machine for the current draft and
+    decodes with it (metrics.jsonl then records ``eval_shape`` and ``eval_predicted_speedup``)."""
     show_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -118,7 +121,7 @@ class TrainConfig:
             parse_dtype(self.export_dtype)
         if self.eval_every < 0 or self.eval_limit < 1 or self.eval_max_new_tokens < 1 or self.eval_draft_tokens < 1:
             raise ValueError("eval_every must be >= 0, and eval_limit, eval_max_new_tokens, eval_draft_tokens >= 1")
-        if self.eval_tree:
+        if self.eval_tree and self.eval_tree != "auto":
             TreeShape.parse(self.eval_tree)
 
     @classmethod

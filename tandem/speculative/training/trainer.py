@@ -498,8 +498,12 @@ class Trainer:
         records = read_chat_jsonl(path, limit=self.config.eval_limit)
         prompts = [prompt_ids(self.tokenizer, r.messages) for r in records]
         stop_ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
-        tree = TreeShape.parse(self.config.eval_tree) if self.config.eval_tree else None
+        tree = self.config.eval_tree or None
+        if tree and tree != "auto":
+            tree = TreeShape.parse(tree)
         drafting = f"a {self.config.eval_tree} tree" if tree else f"up to {self.config.eval_draft_tokens} draft tokens"
+        if tree == "auto":
+            drafting = "the shape that pays most on this machine (auto)"
         logger.info("live evaluation: %d prompts of %s every %d steps and at the end, %d new tokens each, %s a round",
                     len(prompts), spec, self.config.eval_every, self.config.eval_max_new_tokens, drafting)
         return LiveEvaluator(self.target, prompts, self.config.eval_max_new_tokens, self.config.eval_draft_tokens,
@@ -520,8 +524,10 @@ class Trainer:
 
     def export(self, out_dir: str | Path | None = None) -> Path:
         """Write the draft for serving engines (``output_dir/eagle3-draft`` by default; see ``export/eagle3.py``)
-        in ``export_format``, in ``export_dtype`` or else the target's dtype."""
-        dtype = self.config.export_dtype or getattr(self.target, "dtype", None) or torch.float32
+        in ``export_format``, in ``export_dtype`` or else the dtype of the target's checkpoint (a bf16 checkpoint gets
+        a bf16 draft, whatever dtype this run computed in), or the dtype the target ran in when that is unknown."""
+        dtype = (self.config.export_dtype or self.target_identity.get("checkpoint_dtype")
+                 or getattr(self.target, "dtype", None) or torch.float32)
         return draft_export.export_draft(
             self.draft, out_dir or self.output_dir / draft_export.EXPORT_DIRNAME, parse_dtype(dtype),
             self.model_info["aux_layer_ids"], export_format=self.config.export_format, record=self.record,

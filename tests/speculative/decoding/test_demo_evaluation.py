@@ -27,7 +27,7 @@ def test_the_evaluation_request_answers_what_the_in_memory_drafts_measure(tmp_pa
     draft.seed_from_target(target.get_input_embeddings(), selected, seed_lm_head=True)
     export_draft(draft, tmp_path / "draft", dtype=torch.float32)
     config = DemoConfig(target=str(directory), dtype="float32", eval_prompts=2, eval_max_new_tokens=6,
-                        generalisation_prompts=1, draft_tokens=2)
+                        generalisation_prompts=1, draft_tokens=2, tree="")
     request = {"config": asdict(config), "answer": str(tmp_path / "evaluation.json"),
                "drafts": {"untrained": str(tmp_path / "draft"), "trained": str(tmp_path / "draft")}}
     (tmp_path / "request.json").write_text(json.dumps(request))
@@ -36,7 +36,7 @@ def test_the_evaluation_request_answers_what_the_in_memory_drafts_measure(tmp_pa
     answer = json.loads((tmp_path / "evaluation.json").read_text())
 
     reloaded = load_exported_draft(tmp_path / "draft")
-    results, generalisation = _evaluate(config, target, tokenizer, {"untrained": reloaded, "trained": reloaded})
+    results, generalisation, _ = _evaluate(config, target, tokenizer, {"untrained": reloaded, "trained": reloaded})
     for name, summary in results.items():
         got = answer["results"][name]
         for key in ("prompts", "new_tokens", "acceptance_length", "outputs_match", "diverged", "exact_up_to_ties"):

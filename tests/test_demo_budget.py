@@ -1,0 +1,34 @@
+"""The demo's time budget: the plan fits the budget at the measured rates, and a slower machine gets a smaller run."""
+
+from tandem.demo_budget import Rates, Workload, plan_demo
+
+FAST = Rates(generate_tokens_per_s=400, forward_tokens_per_s=2000, train_step_s=0.26, decode_token_s=0.04)
+SLOW = Rates(generate_tokens_per_s=250, forward_tokens_per_s=445, train_step_s=0.9, decode_token_s=0.05)
+
+
+def workload(**overrides) -> Workload:
+    fields = dict(budget_s=900.0, elapsed_s=20.0, prompts_available=472, prompt_tokens=40.0, answer_tokens=96,
+                  batch_size=4, eval_tokens=3000, live_eval_tokens=400)
+    fields.update(overrides)
+    return Workload(**fields)
+
+
+def test_the_plan_fits_the_budget_and_a_slower_machine_gets_a_smaller_run():
+    fast, slow = plan_demo(workload(), FAST), plan_demo(workload(), SLOW)
+    for plan in (fast, slow):
+        assert plan.estimates_s["total_s"] <= 900 * 1.01, plan
+        assert plan.live_eval_every == plan.total_steps // 2
+    assert slow.train_prompts < fast.train_prompts and slow.total_steps < fast.total_steps
+    assert slow.estimates_s["train_s"] == round(slow.total_steps * SLOW.train_step_s, 1)
+
+
+def test_data_kept_from_an_earlier_run_leaves_the_training_more_steps():
+    fresh = plan_demo(workload(), SLOW)
+    reused = plan_demo(workload(data_reused=True), SLOW)
+    assert reused.estimates_s["data_s"] == 0 and reused.total_steps > fresh.total_steps
+    assert reused.train_prompts == 472
+
+
+def test_a_budget_too_small_says_so():
+    plan = plan_demo(workload(budget_s=120.0), SLOW)
+    assert plan.total_steps >= 20 and any("cannot fit the budget" in note for note in plan.notes)
