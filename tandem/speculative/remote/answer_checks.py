@@ -53,10 +53,11 @@ def target_dtypes(info: Mapping) -> frozenset:
 
 
 def supervision_specs(batch: int, seq: int, hidden: int, draft_vocab: int, hidden_dtypes: frozenset,
-                      compact_answer: bool) -> dict[str, TensorSpec]:
-    """The tensors of a ``/generate`` answer for a ``[batch, seq]`` request, by key, in send order."""
+                      compact_answer: bool, aux_layers: int = 3) -> dict[str, TensorSpec]:
+    """The tensors of a ``/generate`` answer for a ``[batch, seq]`` request, by key, in send order (``aux_layers``:
+    the target layers the session captures, three for EAGLE-3)."""
     specs = {
-        "aux_hidden_states": TensorSpec((batch, seq, 3 * hidden), hidden_dtypes),
+        "aux_hidden_states": TensorSpec((batch, seq, aux_layers * hidden), hidden_dtypes),
         "target_probs": TensorSpec((batch, seq, draft_vocab), frozenset({torch.float32})),
         "position_mask": TensorSpec((batch, seq, 1), frozenset({torch.bool})),
         "input_ids": TensorSpec((batch, seq), frozenset({torch.int64})),

@@ -68,6 +68,7 @@ class RequestHeaders(NamedTuple):
     decode_session: Optional[str]
     past: Optional[str]
     keep_branch: Optional[str]
+    capture: Optional[str]
 
     @classmethod
     def parse(cls, headers) -> "RequestHeaders":
@@ -95,7 +96,7 @@ class RequestHeaders(NamedTuple):
             supervision_encoding=headers.get(protocol.SUPERVISION_HEADER),
             vocab_digest=headers.get(protocol.VOCAB_DIGEST_HEADER),
             decode_session=headers.get(protocol.DECODE_SESSION_HEADER), past=headers.get(protocol.PAST_HEADER),
-            keep_branch=headers.get(protocol.KEEP_BRANCH_HEADER),
+            keep_branch=headers.get(protocol.KEEP_BRANCH_HEADER), capture=headers.get(protocol.CAPTURE_HEADER),
         )
 
     def for_logic(self) -> dict:
