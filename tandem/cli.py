@@ -66,13 +66,12 @@ def cmd_train(args) -> int:
     if args.target_url:
         args.target_urls = [*(args.target_urls or []), *args.target_url]
     config = config_from_args(TrainConfig, args, base)
+    from tandem.speculative.training.methods import trainer_class_for
     from tandem.speculative.training.target_factory import build_target
 
-    trainer = train(config, target_factory=build_target)
+    trainer = train(config, target_factory=build_target, trainer_class=trainer_class_for(config.method))
     if trainer.dist.is_main:
-        from tandem.speculative.export.eagle3 import EXPORT_DIRNAME
-
-        print(f"trained {trainer.step} steps; draft exported to {trainer.output_dir / EXPORT_DIRNAME}")
+        print(f"trained {trainer.step} steps; draft exported to {trainer.export_dir}")
     return 0
 
 
@@ -203,8 +202,8 @@ def cmd_export(args) -> int:
 
 def cmd_cache_supervision(args) -> int:
     from tandem.speculative.training.config import TrainConfig
+    from tandem.speculative.training.methods import trainer_class_for
     from tandem.speculative.training.target_factory import build_target
-    from tandem.speculative.training.trainer import Trainer
 
     base = TrainConfig.from_yaml(args.config) if args.config else None
     if args.target_url:
@@ -212,7 +211,7 @@ def cmd_cache_supervision(args) -> int:
     config = config_from_args(TrainConfig, args, base)
     if not config.supervision_cache:
         raise ValueError("cache-supervision needs --supervision-cache DIR (where the answers go)")
-    trainer = Trainer(config, target_factory=build_target)
+    trainer = trainer_class_for(config.method)(config, target_factory=build_target)
     try:
         reused, computed = trainer.fill_supervision_cache()
     finally:
