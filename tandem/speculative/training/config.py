@@ -142,8 +142,10 @@ class TrainConfig:
             raise ValueError("block_size must be >= 2, draft_layers and num_anchors >= 1")
         if self.dflash_loss not in ("data", "argmax", "kl"):
             raise ValueError(f"dflash_loss must be data, argmax or kl, got {self.dflash_loss!r}")
-        if self.method == "dflash" and self.eval_tree:
-            raise ValueError("a DFlash draft proposes one block a round: --eval-tree is for EAGLE-3")
+        if self.method == "dflash" and (self.eval_tree or self.eval_every):
+            raise ValueError("--eval-every / --eval-tree measure EAGLE-3 drafts; measure a DFlash draft with "
+                             "tandem eval --draft OUTPUT_DIR/dflash-draft (live DFlash evaluation is not implemented "
+                             "yet)")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
