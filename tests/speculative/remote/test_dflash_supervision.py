@@ -104,3 +104,22 @@ def test_bad_capture_declarations_get_400_naming_the_problem(server, value, mess
 def test_model_info_names_the_methods_a_session_may_declare(server):
     with RemoteEagle3TargetModel(server.url, enable_nccl=False) as client:
         assert client._model_info()[protocol.DRAFT_METHODS_FIELD] == ["eagle3", "dflash"]
+
+
+def test_dflash_training_through_the_server_is_bit_identical_to_in_process(server, target_dir, tmp_path):
+    from tandem.speculative.training.config import TrainConfig
+    from tandem.speculative.training.dflash_trainer import DFlashTrainer
+    from tandem.speculative.training.trainer import train
+    from tests.conftest import build_tiny_tokenizer, write_chat_data
+
+    data = write_chat_data(tmp_path / "data.jsonl")
+    runs = {}
+    for name, urls in (("in_process", []), ("remote", [server.url])):
+        config = TrainConfig(method="dflash", data=str(data), output_dir=str(tmp_path / name), target=str(target_dir),
+                             target_urls=urls, total_steps=3, batch_size=2, max_seq_len=48, warmup_steps=1,
+                             save_every=0, show_progress=False, dtype="float32", draft_layers=2, block_size=4,
+                             num_anchors=6, prefetch_depth=2)
+        runs[name] = train(config, tokenizer=build_tiny_tokenizer(), trainer_class=DFlashTrainer)
+    for (key, a), b in zip(runs["in_process"].draft.state_dict().items(), runs["remote"].draft.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert runs["remote"].record["target"]["aux_layer_ids"] == LAYERS
