@@ -67,13 +67,12 @@ def cmd_train(args) -> int:
     if args.target_url:
         args.target_urls = [*(args.target_urls or []), *args.target_url]
     config = config_from_args(TrainConfig, args, base)
+    from tandem.speculative.training.methods import trainer_class_for
     from tandem.speculative.training.target_factory import build_target
 
-    trainer = train(config, target_factory=build_target)
+    trainer = train(config, target_factory=build_target, trainer_class=trainer_class_for(config.method))
     if trainer.dist.is_main:
-        from tandem.speculative.export.eagle3 import EXPORT_DIRNAME
-
-        print(f"trained {trainer.step} steps; draft exported to {trainer.output_dir / EXPORT_DIRNAME}")
+        print(f"trained {trainer.step} steps; draft exported to {trainer.export_dir}")
     return 0
 
 
@@ -210,10 +209,78 @@ def _eval_prompts(args, tokenizer) -> tuple[list, list]:
     return evaluated, calibration
 
 
+def _dflash_eval_target(args, layer_ids: list[int]):
+    """``(target, tokenizer)`` for a DFlash draft: ``--model`` here, or ``--target-url``; checked against the target
+    (and layers) the draft's export records."""
+    from tandem.speculative.export.dflash import read_dflash_record
+    from tandem.speculative.target import identity
+
+    record = read_dflash_record(args.draft)
+    what = f"tandem eval of {args.draft}"
+    if args.target_url:
+        from tandem.models import load_tokenizer
+        from tandem.speculative.remote.client import RemoteEagle3TargetModel
+
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+        target = RemoteEagle3TargetModel(args.target_url, enable_nccl=False, draft_method="dflash",
+                                         aux_layer_ids=layer_ids, timeout_s=args.request_timeout_s)
+        current = identity.identity_of(target, tokenizer=tokenizer)
+    else:
+        from tandem.models import load_target
+        from tandem.speculative.target.model import Eagle3TargetModel
+
+        model, tokenizer = load_target(args.model, dtype=args.dtype)
+        target = Eagle3TargetModel(model, layer_ids, draft_method="dflash")
+        current = identity.target_identity(model, layer_ids, name=args.model, tokenizer=tokenizer)
+    if record and record.get("target"):
+        identity.check_same_target(record["target"], current, what=what, allow=args.allow_target_mismatch)
+    else:
+        logger.warning("%s: the draft records no target: it cannot be checked", what)
+    return target, tokenizer
+
+
+def cmd_eval_dflash(args) -> int:
+    """``tandem eval`` of an exported DFlash draft: one row per decode-time block size (``--block-size``)."""
+    from pathlib import Path
+
+    import torch
+
+    from tandem.speculative.decoding.dflash_decode import evaluate_dflash
+    from tandem.speculative.export.dflash import dflash_config_from, load_dflash_draft
+    from tandem.speculative.training.data import prompt_ids, read_chat_jsonl
+
+    config = dflash_config_from(json.loads((Path(args.draft) / "config.json").read_text()))
+    target, tokenizer = _dflash_eval_target(args, config.target_layer_ids)
+    try:
+        if args.target_url:  # the head through /draft_lm_head: the whole vocabulary is the "draft" vocabulary
+            vocab = target.model_info()["vocab_size"]
+            target.set_vocab_mapping(torch.arange(vocab), torch.ones(vocab, dtype=torch.bool))
+            head = target.draft_lm_head()
+        else:
+            head = target.model.get_output_embeddings().weight.detach()
+        draft = load_dflash_draft(args.draft, target.get_input_embeddings().cpu(), head.cpu())
+        records = read_chat_jsonl(_resolve_prompts(args.prompts), limit=args.limit)
+        prompts = [prompt_ids(tokenizer, r.messages) for r in records]
+        summaries = evaluate_dflash(target, draft, prompts, args.max_new_tokens, args.block_size,
+                                    stop_ids={tokenizer.eos_token_id})
+    finally:
+        if args.target_url:
+            target.close()
+    rows = {f"block_{size}": summary.to_dict() for size, summary in summaries.items()}
+    print(json.dumps({"method": "dflash", **rows, **({"target_url": args.target_url} if args.target_url else {})},
+                     indent=2))
+    return 0 if all(s.outputs_match for s in summaries.values()) else 1
+
+
 def cmd_eval(args) -> int:
     from tandem.speculative.decoding.evaluation import evaluate_speculative, teacher_forced_accuracy
+    from tandem.speculative.export.dflash import is_dflash_export
     from tandem.speculative.export.eagle3 import load_exported_draft
 
+    if is_dflash_export(args.draft):
+        return cmd_eval_dflash(args)
+    if args.block_size:
+        raise ValueError("--block-size is for DFlash drafts; an EAGLE-3 draft drafts --draft-tokens or a --tree")
     draft = load_exported_draft(args.draft)
     target, tokenizer = _remote_eval_target(args) if args.target_url else _local_eval_target(args)
     try:
@@ -270,8 +337,8 @@ def cmd_export(args) -> int:
 
 def cmd_cache_supervision(args) -> int:
     from tandem.speculative.training.config import TrainConfig
+    from tandem.speculative.training.methods import trainer_class_for
     from tandem.speculative.training.target_factory import build_target
-    from tandem.speculative.training.trainer import Trainer
 
     base = TrainConfig.from_yaml(args.config) if args.config else None
     if args.target_url:
@@ -279,7 +346,7 @@ def cmd_cache_supervision(args) -> int:
     config = config_from_args(TrainConfig, args, base)
     if not config.supervision_cache:
         raise ValueError("cache-supervision needs --supervision-cache DIR (where the answers go)")
-    trainer = Trainer(config, target_factory=build_target)
+    trainer = trainer_class_for(config.method)(config, target_factory=build_target)
     try:
         reused, computed = trainer.fill_supervision_cache()
     finally:
@@ -387,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "DRAFT/decoding_shape.json (default: on)")
     p.add_argument("--aux-layer-ids", type=int, nargs=3, default=None,
                    help="the layers the draft was trained on (default: those its export records)")
+    p.add_argument("--block-size", type=int, nargs="+", default=None,
+                   help="DFlash drafts: the decode-time block sizes to measure, each at most the trained one "
+                        "(default: the trained block)")
     p.add_argument("--allow-target-mismatch", action="store_true",
                    help="evaluate on a target other than the one the draft was trained against, on purpose")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,

@@ -37,7 +37,7 @@ class DecodeResult:
     near_ties: list[bool] | None = None
 
 
-def _truncate(tokens: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
+def truncate_at_stop(tokens: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
     """``tokens`` cut after the first stop token and to ``max_new_tokens``."""
     for i, token in enumerate(tokens[:max_new_tokens]):
         if token in stop_ids:
@@ -164,7 +164,7 @@ def speculative_decode(target, draft: Eagle3DraftModel, input_ids: torch.Tensor,
                 break
     finally:
         session.close()
-    tokens = _truncate(tokens, max_new_tokens, stop_ids)
+    tokens = truncate_at_stop(tokens, max_new_tokens, stop_ids)
     return DecodeResult(tokens, forwards, time.perf_counter() - started, drafted, near_ties[: len(tokens)])
 
 

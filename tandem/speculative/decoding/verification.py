@@ -176,15 +176,20 @@ class LocalDecodeSession:
 
     Arguments:
         target: the ``Eagle3TargetModel`` (its ``greedy_forward`` gives the greedy tokens and the aux states).
+        layer_ids: the target layers each step captures (a DFlash draft's); None: the target's own.
     """
 
-    def __init__(self, target):
+    def __init__(self, target, layer_ids: list[int] | None = None):
         self.target = target
+        self.layer_ids = layer_ids
         self.cache = new_decode_cache(target.config)
         self.length = 0
 
     def extend(self, input_ids: torch.Tensor, tree_parents: list[int] | None = None) -> VerifyStep:
-        step = self.target.greedy_forward(input_ids, self.cache, tree_parents)
+        if self.layer_ids is None:  # (targets that capture one fixed set take no layer_ids)
+            step = self.target.greedy_forward(input_ids, self.cache, tree_parents)
+        else:
+            step = self.target.greedy_forward(input_ids, self.cache, tree_parents, self.layer_ids)
         self.length += int(input_ids.shape[1])
         return step
 

@@ -57,11 +57,13 @@ def target_dtypes(info: Mapping) -> frozenset:
 
 
 def supervision_specs(batch: int, seq: int, hidden: int, draft_vocab: int, hidden_dtypes: frozenset,
-                      compact_answer: bool, vocab_size: Optional[int] = None) -> dict[str, TensorSpec]:
+                      compact_answer: bool, vocab_size: Optional[int] = None,
+                      aux_layers: int = 3) -> dict[str, TensorSpec]:
     """The tensors of a ``/generate`` answer for a ``[batch, seq]`` request, by key, in send order (its token
-    ids in ``[0, vocab_size)`` when given)."""
+    ids in ``[0, vocab_size)`` when given; ``aux_layers``: the target layers the session captures, three for
+    EAGLE-3)."""
     specs = {
-        "aux_hidden_states": TensorSpec((batch, seq, 3 * hidden), hidden_dtypes),
+        "aux_hidden_states": TensorSpec((batch, seq, aux_layers * hidden), hidden_dtypes),
         "target_probs": TensorSpec((batch, seq, draft_vocab), frozenset({torch.float32})),
         "position_mask": TensorSpec((batch, seq, 1), frozenset({torch.bool})),
         "input_ids": TensorSpec((batch, seq), frozenset({torch.int64}), vocab_size),

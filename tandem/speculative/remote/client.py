@@ -46,6 +46,7 @@ from tandem.speculative.remote.http_client import (
 )
 from tandem.speculative.remote.transport import TransportError, nccl_enabled, nccl_port_for
 from tandem.speculative.target import compact, identity
+from tandem.speculative.target.draft_layers import DFLASH, DRAFT_METHODS, EAGLE3, CaptureSpec
 from tandem.speculative.training.vocab import vocab_digest
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,13 @@ class RemoteEagle3TargetModel:
             final hidden state; this client computes ``target_probs`` from the draft vocabulary's ``lm_head``
             rows, fetched once; far fewer bytes a token, see docs/remote-target.md). A server that cannot answer
             compactly answers in full; either way ``generate_batch`` returns the same dict.
+        draft_method: ``eagle3`` (default) or ``dflash``: the session declares it and its target layers to every
+            server (``X-Tandem-Capture``), which captures exactly those. A DFlash session is answered compactly and
+            its supervision is the compact dict (``compact.COMPACT_SUPERVISION_KEYS``): its draft holds the head.
+        aux_layer_ids: the target layers the session reads; default: the method's (EAGLE-3: the server's own,
+            and no header is sent, as by a client of the original design; DFlash: ``num_draft_layers`` by the
+            reference formula, ``draft_layers.default_dflash_layer_ids``).
+        num_draft_layers: DFlash: the draft's layer count (picks the default layers).
     """
 
     def __init__(
@@ -115,10 +123,23 @@ class RemoteEagle3TargetModel:
         nccl_timeout_s: float = 120.0,
         nccl_rank: Optional[int] = None,
         supervision_encoding: str = protocol.ENCODING_FULL,
+        draft_method: str = EAGLE3,
+        aux_layer_ids: Optional[Sequence[int]] = None,
+        num_draft_layers: Optional[int] = None,
     ):
         if supervision_encoding not in protocol.SUPERVISION_ENCODINGS:
             raise ValueError(f"supervision_encoding must be one of {protocol.SUPERVISION_ENCODINGS}, got "
                              f"{supervision_encoding!r}")
+        if draft_method not in DRAFT_METHODS:
+            raise ValueError(f"draft_method must be one of {list(DRAFT_METHODS)}, got {draft_method!r}")
+        self.draft_method = draft_method
+        # The session's layers (resolved against /model_info at the first call); None: the server's own.
+        self._capture_request = (None if draft_method == EAGLE3 and aux_layer_ids is None
+                                 else (list(aux_layer_ids) if aux_layer_ids is not None else None, num_draft_layers))
+        self.capture: Optional[CaptureSpec] = None
+        self._capture_headers: dict[str, str] = {}
+        if draft_method == DFLASH:
+            supervision_encoding = protocol.ENCODING_COMPACT
         self.supervision_encoding = supervision_encoding
         # The draft vocabulary's lm_head rows [Vd, H], fetched at the first compact answer.
         self._draft_head: Optional[torch.Tensor] = None
@@ -192,10 +213,32 @@ class RemoteEagle3TargetModel:
                 if any(info[k] != infos[0][k] for k in MODEL_INFO_V1_FIELDS):
                     message = f"serves a different model: {info} vs {infos[0]} at {self._servers[0].url}"
                     raise RemoteTargetError(server.url, protocol.EP_MODEL_INFO, message)
+            self._resolve_capture(infos[0])
             self._info = infos[0]
             for server in self._servers:
                 server.on_new_connection = self._verify_connection
         return self._info
+
+    def _resolve_capture(self, info: dict) -> None:
+        """Fix the session's ``CaptureSpec`` against the target's depth; a server that cannot capture other layers
+        (the original design's, an older tandem) is refused here, naming the method, rather than answering three."""
+        if self._capture_request is None:
+            return
+        layer_ids, num_draft_layers = self._capture_request
+        spec = CaptureSpec.resolve(self.draft_method, layer_ids, info["num_hidden_layers"], num_draft_layers)
+        offered = info.get(protocol.DRAFT_METHODS_FIELD) or []
+        if spec.method not in offered:
+            raise RemoteTargetError(self._servers[0].url, protocol.EP_MODEL_INFO,
+                                    f"this server cannot capture the layers a {spec.method} session declares "
+                                    f"({list(spec.layer_ids)}): it offers {offered or 'only its own aux layers'}")
+        self.capture = spec
+        self._capture_headers = {protocol.CAPTURE_HEADER: spec.header_value()}
+
+    @property
+    def aux_layer_ids(self) -> list[int]:
+        """The target layers this session's supervision carries."""
+        info = self._model_info()
+        return list(self.capture.layer_ids) if self.capture is not None else list(info["aux_layer_ids"])
 
     def _verify_connection(self, server: ServerConnection, conn: http.client.HTTPConnection) -> None:
         """A new connection to ``server`` (after the first: a reconnect, or a restarted server) must reach the
@@ -223,13 +266,14 @@ class RemoteEagle3TargetModel:
 
     def identity(self) -> dict:
         """The target's identity as the servers report it (``identity.IDENTITY_FIELDS``; None where a server of
-        the original design does not say)."""
-        return identity.reported_identity(self._model_info())
+        the original design does not say), with this session's layers as ``aux_layer_ids``."""
+        return {**identity.reported_identity(self._model_info()), "aux_layer_ids": self.aux_layer_ids}
 
     def model_info(self) -> dict:
-        """``{num_hidden_layers, hidden_size, vocab_size, aux_layer_ids}``; every server must agree."""
+        """``{num_hidden_layers, hidden_size, vocab_size, aux_layer_ids}`` (this session's layers); every server
+        must agree."""
         info = self._model_info()
-        return {k: info[k] for k in MODEL_INFO_V1_FIELDS}
+        return {**{k: info[k] for k in MODEL_INFO_V1_FIELDS}, "aux_layer_ids": self.aux_layer_ids}
 
     def get_input_embeddings(self) -> torch.Tensor:
         """``[V, H]`` (target dtype) the target's token embedding, fetched once and cached."""
@@ -293,8 +337,9 @@ class RemoteEagle3TargetModel:
         draft_vocab = self._draft_vocab_size or info["vocab_size"]
         compact_asked = (encoding or self.supervision_encoding) == protocol.ENCODING_COMPACT
         encodings = (False, True) if compact_asked else (False,)
+        layers = len(self.aux_layer_ids)
         return {c: supervision_specs(*batch_shape, info["hidden_size"], draft_vocab, target_dtypes(info), c,
-                                     info["vocab_size"])
+                                     info["vocab_size"], layers)
                 for c in encodings}
 
     def _request_generate(self, server: ServerConnection, body: Sequence, headers: dict,
@@ -302,7 +347,7 @@ class RemoteEagle3TargetModel:
         """``/generate`` with retries; a 409 (a restarted server, or our vocabulary replaced by another client
         sharing our id) is answered with the vocabulary and retried. The answer is bounded by ``specs``;
         ``encoding`` overrides this client's ``supervision_encoding``."""
-        headers = {**headers, **self._vocab_headers}
+        headers = {**headers, **self._vocab_headers, **self._capture_headers}
         encoding = encoding or self.supervision_encoding
         if encoding != protocol.ENCODING_FULL:
             headers = {**headers, protocol.SUPERVISION_HEADER: encoding}
@@ -380,6 +425,11 @@ class RemoteEagle3TargetModel:
         except AnswerError as exc:
             raise RemoteTargetError(server.url, protocol.EP_GENERATE, f"refused the answer: {exc}") from None
         keys = compact.COMPACT_SUPERVISION_KEYS if compact_answer else protocol.SUPERVISION_KEYS
+        if self.draft_method == DFLASH:  # the compact answer as it came (copied: it may sit in a pooled buffer)
+            if not compact_answer:
+                raise RemoteTargetError(server.url, protocol.EP_GENERATE, "DFlash training needs the compact answer; "
+                                        "this target's logits are not a linear map of its final hidden state")
+            return {k: tensors[k].to(self._device, copy=True) for k in keys}
         out = {k: tensors[k].to(self._device) for k in keys}
         return compact.expand_supervision(out, self._draft_lm_head(server)) if compact_answer else out
 
@@ -513,13 +563,14 @@ class RemoteEagle3TargetModel:
                                     "decoding needs a target it can verify with")
         return self._servers[0]
 
-    def decode_session(self):
+    def decode_session(self, layer_ids: Optional[list[int]] = None):
         """A ``decode_session.RemoteDecodeSession``: one sequence decoded through the first server's ``/verify``,
-        its KV cache kept there (``decode.py`` runs on it as on an in-process target)."""
+        its KV cache kept there (``decode.py`` runs on it as on an in-process target); its steps capture
+        ``layer_ids`` (a DFlash draft's; None: the server's own)."""
 
         info = self._model_info()
         return RemoteDecodeSession(self._verify_server(), info["hidden_size"], target_dtypes(info), self._device,
-                                   info["vocab_size"])
+                                   info["vocab_size"], layer_ids)
 
     def verify(self, input_ids: torch.Tensor):
         """Stateless ``/verify`` of whole sequences ``input_ids [B, n]`` long (equal lengths): a

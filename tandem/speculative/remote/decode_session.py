@@ -22,31 +22,37 @@ from tandem.speculative.decoding.verification import VerifyStep, check_branch
 from tandem.speculative.remote import protocol, wire
 from tandem.speculative.remote.answer_checks import AnswerError, TensorSpec, check_tensors, wire_answer_bytes
 from tandem.speculative.remote.http_client import RemoteTargetError
+from tandem.speculative.target.draft_layers import DFLASH, CaptureSpec
 
 logger = logging.getLogger(__name__)
 
 
 
 def verify_specs(batch: int, new: int, hidden: int, hidden_dtypes: frozenset,
-                 vocab_size: int | None = None) -> dict[str, TensorSpec]:
+                 vocab_size: int | None = None, aux_layers: int = 3) -> dict[str, TensorSpec]:
     """What a ``/verify`` answer for ``[batch, new]`` ids must hold (``protocol.VERIFY_ANSWER_KEYS``), its next
-    tokens in ``[0, vocab_size)`` when given."""
+    tokens in ``[0, vocab_size)`` when given (``aux_layers``: the target layers captured, three unless a capture
+    header says otherwise)."""
     next_ids, near_ties, aux = protocol.VERIFY_ANSWER_KEYS
     return {next_ids: TensorSpec((batch, new), frozenset({torch.int64}), vocab_size),
             near_ties: TensorSpec((batch, new), frozenset({torch.bool})),
-            aux: TensorSpec((batch, new, 3 * hidden), hidden_dtypes)}
+            aux: TensorSpec((batch, new, aux_layers * hidden), hidden_dtypes)}
 
 
 def request_verify(server, input_ids: torch.Tensor, hidden: int, hidden_dtypes: frozenset, device: torch.device,
                    headers: dict | None = None, tree_parents: list[int] | None = None,
-                   vocab_size: int | None = None) -> VerifyStep:
+                   vocab_size: int | None = None, layer_ids: list[int] | None = None) -> VerifyStep:
     """One ``/verify`` call with ``input_ids [B, n]`` long (``tree_parents``: a draft tree's, for B = 1); the
     checked answer (next tokens in ``[0, vocab_size)``), copied onto ``device``.
 
     ``server``: a ``http_client.ServerConnection`` (retries on connection errors and 5xx: with ``X-Tandem-Past`` a
-    repeated call does the same as the first). ``RemoteTargetError`` for a refusal or a malformed answer."""
+    repeated call does the same as the first). ``RemoteTargetError`` for a refusal or a malformed answer.
+    ``layer_ids``: the target layers to capture (sent as ``X-Tandem-Capture``); None: the server's own three."""
 
-    specs = verify_specs(*input_ids.shape, hidden, hidden_dtypes, vocab_size)
+    specs = verify_specs(*input_ids.shape, hidden, hidden_dtypes, vocab_size,
+                         3 if layer_ids is None else len(layer_ids))
+    if layer_ids is not None:
+        headers = {**(headers or {}), protocol.CAPTURE_HEADER: CaptureSpec(DFLASH, tuple(layer_ids)).header_value()}
     body = {"input_ids": input_ids.to("cpu", torch.long)}
     if tree_parents is not None:
         body[protocol.VERIFY_TREE_KEY] = torch.tensor(tree_parents, dtype=torch.long)
@@ -69,11 +75,13 @@ class RemoteDecodeSession:
         hidden: the target's hidden size ``H``; hidden_dtypes: the dtypes its aux states may have.
         device: where the answers' tensors are put (the draft's device).
         vocab_size: the target's vocabulary ``V``: every next token answered must lie in ``[0, V)``.
+        layer_ids: the target layers each step captures (a DFlash draft's); None: the server's own three.
     """
 
     def __init__(self, server, hidden: int, hidden_dtypes: frozenset, device: torch.device,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, layer_ids: list[int] | None = None):
         self.server = server
+        self.layer_ids = layer_ids
         self.hidden = hidden
         self.hidden_dtypes = hidden_dtypes
         self.device = torch.device(device)
@@ -98,7 +106,7 @@ class RemoteDecodeSession:
             named = ",".join(map(str, indices)) + (f"/{tree}" if tree else "")
             headers[protocol.KEEP_BRANCH_HEADER] = f"{base}:{named}"
         return request_verify(self.server, input_ids, self.hidden, self.hidden_dtypes, self.device, headers,
-                              tree_parents, self.vocab_size)
+                              tree_parents, self.vocab_size, self.layer_ids)
 
     def extend(self, input_ids: torch.Tensor, tree_parents: list[int] | None = None) -> VerifyStep:
         """The target on ``input_ids [1, n]`` long after the ``length`` cached positions (see ``DecodeSession``)."""

@@ -94,6 +94,13 @@ KEEP_BRANCH_HEADER = "X-Tandem-Keep-Branch"
 # server whose cache holds other ids (another client's sequence under the same names) answers 409.
 PREFIX_HEADER = "X-Tandem-Prefix"
 
+# Tandem extension: the draft method and the target layers a session reads, "METHOD:ID,ID,..." (``draft_layers.py``:
+# e.g. "dflash:1,9,17,25,33"), on /generate and /verify; the server captures exactly those layers in the same
+# forward. Absent (every client of the original design): the server's own three EAGLE-3 layers, as in v1.
+CAPTURE_HEADER = "X-Tandem-Capture"
+# /model_info: the draft methods whose layers a session may declare (absent: a server that knows only its own).
+DRAFT_METHODS_FIELD = "tandem_draft_methods"
+
 WIRE_CONTENT_TYPE = "application/octet-stream"
 JSON_CONTENT_TYPE = "application/json"
 

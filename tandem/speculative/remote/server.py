@@ -64,6 +64,7 @@ from tandem.speculative.remote.serving.token_budget import (
 )
 from tandem.speculative.remote.transport import default_port_range
 from tandem.speculative.target import compact
+from tandem.speculative.target.draft_layers import DRAFT_METHODS, CaptureSpec
 from tandem.speculative.target.identity import identity_of
 from tandem.speculative.target.supervision import compute_supervision  # noqa: F401 - named by the spec page
 from tandem.speculative.training.vocab import vocab_digest
@@ -247,23 +248,26 @@ class TargetModelServer:
         self, endpoint: str, raw: bytes, *, client_id: str = protocol.ANONYMOUS_CLIENT, client_wants_nccl: bool = False,
         supervision_encoding: Optional[str] = None, vocab_digest: Optional[str] = None, place: Optional[Place] = None,
         decode_session: Optional[str] = None, past: Optional[str] = None, keep_branch: Optional[str] = None,
-        prefix: Optional[str] = None,
+        prefix: Optional[str] = None, capture: Optional[str] = None,
     ) -> Reply:
         """Answer one routed, authorized request; ``RequestError`` for anything the client got wrong.
 
         ``supervision_encoding``, ``vocab_digest``, ``decode_session``, ``past``, ``keep_branch``, ``prefix``: the
         ``X-Tandem-Supervision``, ``X-Tandem-Vocab``, ``X-Tandem-Decode-Session``, ``X-Tandem-Past``,
-        ``X-Tandem-Keep-Branch`` and ``X-Tandem-Prefix`` request headers (None when absent).
+        ``X-Tandem-Keep-Branch`` and ``X-Tandem-Prefix`` request headers (None when absent). ``capture``: the
+        ``X-Tandem-Capture`` header, the draft method and target layers the session reads
+        (``draft_layers.CaptureSpec``; absent: the server's own layers, as in v1).
         ``place``: the request's place in the target's queue (from :meth:`admit`).
         """
         if endpoint not in protocol.PUBLIC_ENDPOINTS and endpoint != protocol.EP_DISCONNECT:
             self.sessions.get(client_id)
         try:
             if endpoint == protocol.EP_VERIFY:
-                answer = self.verify(raw, client_id, decode_session, past, place, keep_branch, prefix)
+                answer = self.verify(raw, client_id, decode_session, past, place, keep_branch, prefix,
+                                     capture=capture)
                 return Reply(wire.encode(answer), protocol.WIRE_CONTENT_TYPE, {})
             return self._dispatch(endpoint, raw, client_id, client_wants_nccl, supervision_encoding,
-                                  vocab_digest, place)
+                                  vocab_digest, place, capture)
         except RequestError:
             raise
         except protocol.ProtocolError as exc:
@@ -273,10 +277,11 @@ class TargetModelServer:
             raise RequestError(500, f"internal error serving /{endpoint}: {type(exc).__name__}: {exc}") from exc
 
     def _dispatch(self, endpoint: str, raw: bytes, client_id: str, client_wants_nccl: bool,
-                  supervision_encoding: Optional[str], vocab_digest: Optional[str], place: Optional[Place]) -> Reply:
+                  supervision_encoding: Optional[str], vocab_digest: Optional[str], place: Optional[Place],
+                  capture: Optional[str] = None) -> Reply:
         if endpoint == protocol.EP_GENERATE:
             use_compact = self._use_compact(supervision_encoding)
-            body, used_nccl = self.generate_buffers(raw, client_wants_nccl, client_id=client_id,
+            body, used_nccl = self.generate_buffers(raw, client_wants_nccl, client_id=client_id, capture=capture,
                                                     compact_encoding=use_compact, vocab_digest=vocab_digest,
                                                     place=place)
             # Echo the encoding used only to a client that asked: v1 answers stay exactly v1.
@@ -327,6 +332,8 @@ class TargetModelServer:
         info.update({k: v for k, v in self._identity.items() if k not in info})
         extensions = [protocol.EP_DRAFT_LM_HEAD] if self.compact_supported else []
         info[protocol.EXTENSIONS_FIELD] = extensions + ([protocol.EP_VERIFY] if self.verify_supported else [])
+        # Sessions may declare their draft method and layers (X-Tandem-Capture); which methods this server knows.
+        info[protocol.DRAFT_METHODS_FIELD] = list(DRAFT_METHODS)
         return protocol.encode_json(info)
 
     def input_embeddings_buffers(self) -> list:
@@ -362,14 +369,26 @@ class TargetModelServer:
                                     "no compact supervision")
         return wire.encode({protocol.EMBEDDINGS_KEY: compact.draft_lm_head(self.target_wrapper.model, mapping.ids)})
 
+    def capture_layers(self, capture: Optional[str]) -> Optional[list[int]]:
+        """The target layers an ``X-Tandem-Capture`` header declares (None when absent: the server's own); 400
+        naming the problem for a malformed header, an unknown method or layers this target cannot capture."""
+        if capture is None:
+            return None
+        try:
+            return list(CaptureSpec.parse_header(capture, int(self._info["num_hidden_layers"])).layer_ids)
+        except ValueError as exc:
+            raise RequestError(400, f"{protocol.CAPTURE_HEADER}: {exc}") from None
+
     def supervise(self, raw: bytes, client_id: str, compact_encoding: bool = False, vocab_digest: Optional[str] = None,
-                  place: Optional[Place] = None) -> dict[str, torch.Tensor]:
+                  place: Optional[Place] = None, capture: Optional[str] = None) -> dict[str, torch.Tensor]:
         """Decode and check a ``/generate`` body and run ``compute_supervision`` in the client's turn of the
-        target (``compact.compute_compact_supervision`` with ``compact_encoding``)."""
+        target (``compact.compute_compact_supervision`` with ``compact_encoding``), capturing the layers
+        ``capture`` declares (see :meth:`capture_layers`)."""
         if place is None:
             place = self.queue.reserve(client_id)
         try:
             images_allowed = protocol.IMAGE_KEYS if self._image_tokens[0] is not None else ()  # a VLM target only
+            layer_ids = self.capture_layers(capture)
             tensors = decode_tensors(raw, protocol.REQUEST_KEYS, "generate", optional=images_allowed)
             input_ids = tensors["input_ids"]
             if input_ids.dim() == 2:  # anything else is refused, with its reason, just below
@@ -382,7 +401,7 @@ class TargetModelServer:
             with place.turn(), self.generate_lock, seeing:
                 supervise = compact.compute_compact_supervision if compact_encoding else compute_supervision
                 out = supervise(self.target_wrapper, mapping.ids, mapping.mask, input_ids.long(),
-                                tensors["attention_mask"], tensors["loss_mask"])
+                                tensors["attention_mask"], tensors["loss_mask"], layer_ids)
         finally:
             place.release()
         with self._stats_lock:
@@ -394,14 +413,15 @@ class TargetModelServer:
 
     def verify(self, raw: bytes, client_id: str, decode_session: Optional[str] = None, past: Optional[str] = None,
                place: Optional[Place] = None, keep_branch: Optional[str] = None,
-               prefix: Optional[str] = None) -> dict[str, torch.Tensor]:
+               prefix: Optional[str] = None, *, capture: Optional[str] = None) -> dict[str, torch.Tensor]:
         """Speculative decoding's target step for a ``/verify`` body ``{"input_ids": [B, n] long}``.
 
         Without a decode session the ids are whole sequences (``B`` rows of equal length, nothing kept). With
         one (``decode_session``: its name, ``past``: cached positions the ids follow, "0" to start afresh), the
         client's KV cache is cropped to ``past`` and extended by the ``n`` ids (``B`` = 1). Returns
         ``VERIFY_ANSWER_KEYS``: ``next_token_ids [B, n]`` long (argmax over the full vocabulary of float32 logits),
-        ``near_ties [B, n]`` bool and ``aux_hidden_states [B, n, 3H]`` (target dtype); see ``verification.py``.
+        ``near_ties [B, n]`` bool and ``aux_hidden_states [B, n, K*H]`` (target dtype: the layers ``capture`` declares,
+        see :meth:`capture_layers`); see ``verification.py``.
         The forward runs in the client's turn of the target, within the token budget like ``/generate``.
 
         A draft tree: the body adds ``tree_parents [n]`` (``decoding/tree.py``), and the next call's ``keep_branch``
@@ -415,6 +435,7 @@ class TargetModelServer:
         try:
             if not self.verify_supported:
                 raise RequestError(400, "this target cannot decode with a KV cache: no /verify")
+            layers = {} if capture is None else {"layer_ids": self.capture_layers(capture)}
             tensors = decode_tensors(raw, protocol.VERIFY_REQUEST_KEYS, "verify", optional=(protocol.VERIFY_TREE_KEY,))
             input_ids = check_verify_inputs(tensors, self._vocab_size)
             tree_parents = check_tree_parents(tensors.get(protocol.VERIFY_TREE_KEY), input_ids)
@@ -430,10 +451,11 @@ class TargetModelServer:
             start = time.perf_counter()
             with place.turn(), self.generate_lock:
                 if name is None:
-                    step = self.target_wrapper.greedy_forward(input_ids, self._new_decode_cache(), tree_parents)
+                    step = self.target_wrapper.greedy_forward(input_ids, self._new_decode_cache(), tree_parents,
+                                                              **layers)
                 else:
                     step = self._verify_cached(client_id, name, past_length, input_ids, tree_parents, branch,
-                                               prefix)
+                                               prefix, layers)
         finally:
             place.release()
         with self._stats_lock:
@@ -453,15 +475,17 @@ class TargetModelServer:
         return DynamicCache()
 
     def _verify_cached(self, client_id: str, name: str, past_length: int, input_ids: torch.Tensor,
-                       tree_parents: Optional[list[int]], branch: Optional[KeptBranch], prefix: Optional[str]):
+                       tree_parents: Optional[list[int]], branch: Optional[KeptBranch], prefix: Optional[str],
+                       layers: dict):
         """``/verify`` on the client's kept cache: keep ``branch`` of its last tree, crop to ``past_length`` (its
-        ids must have the digest ``prefix``, when given), extend."""
+        ids must have the digest ``prefix``, when given), extend, capturing ``layers`` (``{"layer_ids": ...}`` or
+        none: the server's own)."""
         # Checked out, the cache is nobody else's; an exception below leaves it out: freed.
         entry = self.decode_caches.check_out(client_id, name, past_length, input_ids.shape[1], self._new_decode_cache)
         if branch is not None:
             entry.keep_branch(branch)
         entry.crop(past_length, prefix)
-        step = self.target_wrapper.greedy_forward(input_ids, entry.cache, tree_parents)
+        step = self.target_wrapper.greedy_forward(input_ids, entry.cache, tree_parents, **layers)
         ids = input_ids[0].tolist()
         entry.extended(ids, None if tree_parents is None else protocol.tree_digest(past_length, ids, tree_parents))
         self.decode_caches.check_in(client_id, entry)
@@ -470,9 +494,10 @@ class TargetModelServer:
     def generate_buffers(
         self, raw: bytes, client_wants_nccl: bool, *, client_id: str = protocol.ANONYMOUS_CLIENT,
         compact_encoding: bool = False, vocab_digest: Optional[str] = None, place: Optional[Place] = None,
+        capture: Optional[str] = None,
     ) -> tuple[list, bool]:
         """Like ``handle_generate`` but the body is a list of buffers referencing the tensors (no join)."""
-        supervision = self.supervise(raw, client_id, compact_encoding, vocab_digest, place)
+        supervision = self.supervise(raw, client_id, compact_encoding, vocab_digest, place, capture)
         if client_wants_nccl and self.data_plane.queue_send(client_id, supervision):
             return [protocol.encode_nccl_metadata(supervision, list(supervision))], True
         # No group for this client (never set up, or torn down): the wire body, without the header, tells the

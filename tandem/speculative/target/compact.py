@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from tandem.speculative.target.supervision import SUPERVISION_KEYS, draft_position_mask, shift_left
+from tandem.speculative.target.supervision import SUPERVISION_KEYS, draft_position_mask, generate, shift_left
 
 FINAL_HIDDEN_KEY = "final_hidden_states"
 # The compact answer: the full encoding's keys with target_probs replaced, in the data-plane send order.
@@ -66,6 +66,7 @@ def compute_compact_supervision(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     loss_mask: torch.Tensor,
+    layer_ids: list[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``compute_supervision`` in the compact encoding: one target forward, the ``lm_head`` input kept.
 
@@ -74,9 +75,10 @@ def compute_compact_supervision(
         selected_token_ids: ``[Vd]`` long (unused: the client projects; kept for the same signature).
         selected_token_mask: ``[V]`` bool.
         input_ids, attention_mask, loss_mask: ``[B, S]`` as for ``compute_supervision``.
+        layer_ids: the target layers to capture; None: the wrapper's own (see ``compute_supervision``).
 
     Returns:
-        dict keyed by ``COMPACT_SUPERVISION_KEYS``: ``aux_hidden_states [B, S, 3H]`` (target dtype),
+        dict keyed by ``COMPACT_SUPERVISION_KEYS``: ``aux_hidden_states [B, S, K*H]`` (target dtype),
         ``final_hidden_states [B, S, H]`` (target dtype, shifted left with a zero tail like the logits),
         ``position_mask [B, S, 1]`` bool, ``input_ids [B, S]`` long and ``loss_mask [B, S]`` (shifted).
     """
@@ -88,7 +90,7 @@ def compute_compact_supervision(
     # A pre-hook sees exactly the tensor the logits were computed from (after any logits_to_keep slicing).
     handle = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
     try:
-        batch = target_wrapper.generate_batch(input_ids, attention_mask, loss_mask)
+        batch = generate(target_wrapper, input_ids, attention_mask, loss_mask, layer_ids)
     finally:
         handle.remove()
     if len(captured) != 1:

@@ -35,7 +35,7 @@ SAME_MODEL_FIELDS = ("weights_digest", "num_hidden_layers", "hidden_size", "voca
 """What makes two targets give the same supervision, whatever precision each runs in (eval, resume, export)."""
 SAME_SERVING_FIELDS = (*SAME_MODEL_FIELDS, "dtype")
 """What the servers of one run must share, and a server restarted mid-run must keep."""
-RECORD_FIELDS = tuple(f"target.{f}" for f in SAME_MODEL_FIELDS) + ("aux_layer_ids", "vocab_digest")
+RECORD_FIELDS = tuple(f"target.{f}" for f in SAME_MODEL_FIELDS) + ("aux_layer_ids", "vocab_digest", "draft_method")
 """What a resumed run and the run it resumes must share (#14 extends this with data and config digests)."""
 ALLOW_FLAG = "--allow-target-mismatch"
 
@@ -151,10 +151,11 @@ def check_same_target(expected: dict, actual: dict, *, what: str, fields=SAME_MO
                            f"got {describe(actual)}", allow)
 
 
-def run_record(identity: dict, selected_token_ids: torch.Tensor) -> dict:
-    """What a checkpoint and an exported draft record about their run (``RECORD_FIELDS``)."""
+def run_record(identity: dict, selected_token_ids: torch.Tensor, draft_method: str = "eagle3") -> dict:
+    """What a checkpoint and an exported draft record about their run (``RECORD_FIELDS``): the target, the layers
+    the draft reads, the draft vocabulary and the draft method (``draft_layers.DRAFT_METHODS``)."""
     return {"target": dict(identity), "aux_layer_ids": list(identity.get("aux_layer_ids") or []),
-            "vocab_digest": vocab_digest(selected_token_ids)}
+            "vocab_digest": vocab_digest(selected_token_ids), "draft_method": draft_method}
 
 
 def check_run_record(saved: dict | None, current: dict, *, what: str, allow: bool = False) -> list[str]:
@@ -162,7 +163,10 @@ def check_run_record(saved: dict | None, current: dict, *, what: str, allow: boo
     if saved is None:
         logger.warning("%s: no target record (written before tandem recorded one): the target cannot be checked", what)
         return []
+    # Records written before a second draft method existed are all EAGLE-3's.
+    saved, current = {"draft_method": "eagle3", **saved}, {"draft_method": "eagle3", **current}
     differ = mismatched_fields(saved, current, RECORD_FIELDS)
-    return _refuse(differ, f"{what}: the run differs in {', '.join(differ)}: recorded target "
-                           f"{describe(saved.get('target') or {})}, vocabulary {saved.get('vocab_digest')}; now "
-                           f"{describe(current['target'])}, vocabulary {current.get('vocab_digest')}", allow)
+    return _refuse(differ, f"{what}: the run differs in {', '.join(differ)}: recorded a {saved['draft_method']} draft "
+                           f"on target {describe(saved.get('target') or {})}, vocabulary {saved.get('vocab_digest')}; "
+                           f"now a {current['draft_method']} draft on {describe(current['target'])}, vocabulary "
+                           f"{current.get('vocab_digest')}", allow)

@@ -1,9 +1,9 @@
-"""Eagle3TargetModel: run the frozen target, capture three aux hidden states, shift for the draft.
+"""Eagle3TargetModel: run the frozen target, capture the aux hidden states a draft reads, shift for the draft.
 
-EAGLE-3 trains the draft on a fusion of low, middle and high target layers. Forward hooks on three
-decoder layers capture their outputs during one ordinary forward; nothing in the target is modified,
-so any transformers decoder (Llama, Qwen2/Qwen3, Mistral) works as long as it exposes
-``model.model.layers``.
+EAGLE-3 trains the draft on a fusion of low, middle and high target layers; DFlash on K layers spread over the
+target (``draft_layers.py``). Forward hooks on the decoder layers keep the outputs of the layers a forward asks
+for (the wrapper's own, or a session's); nothing in the target is modified, so any transformers decoder (Llama,
+Qwen2/Qwen3, Mistral) works as long as it exposes ``model.model.layers``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,14 @@ import torch
 from torch import nn
 
 from tandem.models import text_config
+from tandem.speculative.target.draft_layers import (  # noqa: F401 - capturable_layers: the original module's name
+    DFLASH,
+    EAGLE3,
+    CaptureSpec,
+    capturable_layers,
+    default_eagle3_layer_ids,
+    validate_layer_ids,
+)
 from tandem.speculative.target.supervision import compute_supervision, shift_left
 from tandem.speculative.target.vision import mask_vision_tokens, vision_token_ids
 
@@ -40,42 +48,14 @@ class TargetBatch(NamedTuple):
     attention_mask: torch.Tensor
 
 
-def capturable_layers(num_layers: int) -> range:
-    """The decoder layers whose output every serving engine can capture: ``0 .. L-2``.
-
-    SGLang and vLLM both record a layer's *input* inside their decoder loop (the output of the layer
-    before it), so the output of the last layer, which is no later layer's input, is never captured.
-    """
-    return range(max(num_layers - 1, 0))
-
-
 def default_aux_layer_ids(num_layers: int) -> list[int]:
-    """EAGLE-3's low/middle/high layers ``[1, L//2 - 1, L - 4]``; for shallow targets, where those
-    collide, three spread over the capturable layers ``0 .. L-2`` (see ``capturable_layers``)."""
-    last = num_layers - 2
-    if last < 2:
-        raise ValueError(f"EAGLE-3 needs three distinct aux layers whose outputs a serving engine can capture "
-                         f"(layers 0 .. L-2: the last layer's output is never captured); the target has only "
-                         f"{num_layers} layers")
-    ids = [1, num_layers // 2 - 1, num_layers - 4]
-    if len(set(ids)) == 3 and all(0 <= i <= last for i in ids):
-        return ids
-    return [0, last // 2, last]
+    """EAGLE-3's default layers (``draft_layers.default_eagle3_layer_ids``)."""
+    return default_eagle3_layer_ids(num_layers)
 
 
 def validate_aux_layer_ids(aux_layer_ids: list[int], num_layers: int) -> list[int]:
     """Three distinct layers in ``capturable_layers(num_layers)``; a clear error otherwise."""
-    ids = [int(i) for i in aux_layer_ids]
-    if len(ids) != 3 or len(set(ids)) != 3:
-        raise ValueError(f"aux_layer_ids must be three distinct layer indices, got {ids}")
-    bad = [i for i in ids if not 0 <= i < num_layers]
-    if bad:
-        raise ValueError(f"aux_layer_ids {bad} out of range for a target with {num_layers} layers")
-    if num_layers - 1 in ids:
-        raise ValueError(f"aux layer {num_layers - 1} is the target's last layer: no serving engine captures "
-                         f"its output (SGLang and vLLM record layer inputs), so a draft trained on it would be served "
-                         f"other states; choose layers in 0 .. {num_layers - 2}")
-    return ids
+    return validate_layer_ids(EAGLE3, aux_layer_ids, num_layers)
 
 
 class UnsupportedTargetError(ValueError):
@@ -96,28 +76,43 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 class AuxHiddenCapture:
-    """Forward hooks that keep the output of a set of decoder layers for the current forward."""
+    """Forward hooks that keep the output of the asked-for decoder layers during one forward.
+
+    Every decoder layer has a hook, so each forward may ask for another set (``expect``); a hook keeps a
+    reference to its layer's output only when that layer is asked for.
+    """
 
     def __init__(self, layers: nn.ModuleList, layer_ids: list[int]):
         self.layer_ids = list(layer_ids)
+        self._wanted = set(self.layer_ids)
         self.captured: dict[int, torch.Tensor] = {}
-        self._handles = [layers[i].register_forward_hook(self._hook(i)) for i in self.layer_ids]
+        self._handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(layers)]
 
     def _hook(self, layer_id: int):
         def keep_output(_module, _inputs, output):
-            # Decoder layers return a tensor in transformers 5, a tuple (hidden, ...) before.
-            self.captured[layer_id] = output[0] if isinstance(output, tuple) else output
+            if layer_id in self._wanted:
+                # Decoder layers return a tensor in transformers 5, a tuple (hidden, ...) before.
+                self.captured[layer_id] = output[0] if isinstance(output, tuple) else output
 
         return keep_output
 
-    def take(self) -> torch.Tensor:
-        """``[B, S, 3H]``: the captured layers in ``layer_ids`` order; clears the capture."""
-        missing = [i for i in self.layer_ids if i not in self.captured]
+    def expect(self, layer_ids: list[int] | None) -> list[int]:
+        """Capture ``layer_ids`` (None: the default ``layer_ids``) in the next forward; returns them."""
+        ids = self.layer_ids if layer_ids is None else list(layer_ids)
+        self._wanted = set(ids)
+        return ids
+
+    def take(self, layer_ids: list[int] | None = None) -> torch.Tensor:
+        """``[B, S, K*H]``: the captured layers in ``layer_ids`` order (default ``self.layer_ids``); clears the
+        capture and goes back to the default layers."""
+        ids = self.layer_ids if layer_ids is None else list(layer_ids)
+        missing = [i for i in ids if i not in self.captured]
         if missing:
             raise RuntimeError(f"aux layers {missing} did not run in the last forward")
-        first = self.captured[self.layer_ids[0]].device  # layers placed over several devices (--device-map)
-        out = torch.cat([self.captured[i].to(first) for i in self.layer_ids], dim=-1)
+        first = self.captured[ids[0]].device  # layers placed over several devices (--device-map)
+        out = torch.cat([self.captured[i].to(first) for i in ids], dim=-1)
         self.captured.clear()
+        self._wanted = set(self.layer_ids)
         return out
 
     def remove(self) -> None:
@@ -135,15 +130,23 @@ class Eagle3TargetModel:
 
     Arguments:
         model: a transformers causal LM (eval mode; gradients are never taken).
-        aux_layer_ids: the three decoder layers to capture; default ``[1, L//2 - 1, L - 4]``.
+        aux_layer_ids: the decoder layers captured by default; default: the draft method's (EAGLE-3
+            ``[1, L//2 - 1, L - 4]``; DFlash ``draft_layers.default_dflash_layer_ids``).
+        draft_method: ``eagle3`` or ``dflash`` (what ``aux_layer_ids`` is checked against; see ``draft_layers.py``).
+        num_draft_layers: DFlash: the draft's layer count, which picks the default layers.
+
+    A forward may capture other layers than the default (``layer_ids`` of ``generate_batch``, ``greedy_forward``):
+    a target server answers each session with the layers it declared.
     """
 
-    def __init__(self, model: nn.Module, aux_layer_ids: list[int] | None = None):
+    def __init__(self, model: nn.Module, aux_layer_ids: list[int] | None = None, draft_method: str = EAGLE3,
+                 num_draft_layers: int | None = None):
         self.model = model.eval().requires_grad_(False)
         self.config = text_config(model.config)  # a vision-language target: its language model's
         num_layers = self.config.num_hidden_layers
-        ids = aux_layer_ids if aux_layer_ids is not None else default_aux_layer_ids(num_layers)
-        self.aux_layer_ids = validate_aux_layer_ids(ids, num_layers)
+        spec = CaptureSpec.resolve(draft_method, aux_layer_ids, num_layers, num_draft_layers)
+        self.draft_method = spec.method
+        self.aux_layer_ids = list(spec.layer_ids)
         self._capture = AuxHiddenCapture(decoder_layers(model), self.aux_layer_ids)
         self.selected_token_ids: torch.Tensor | None = None
         self.selected_token_mask: torch.Tensor | None = None
@@ -178,7 +181,7 @@ class Eagle3TargetModel:
 
     @torch.no_grad()
     def generate_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       loss_mask: torch.Tensor) -> TargetBatch:
+                       loss_mask: torch.Tensor, layer_ids: list[int] | None = None) -> TargetBatch:
         """Run the target once and return the draft's raw teaching signal.
 
         Arguments:
@@ -186,6 +189,7 @@ class Eagle3TargetModel:
             attention_mask: ``[B, S]`` 1 on real tokens, 0 on padding.
             loss_mask: ``[B, S]`` 1 where the draft is trained (assistant tokens); a vision-language target's
                 image tokens are never trained, whatever it says (``vision.py``).
+            layer_ids: the layers to capture (checked by the caller); None: ``aux_layer_ids``.
 
         Returns:
             ``TargetBatch`` (see its docstring for shapes and shifting).
@@ -194,8 +198,9 @@ class Eagle3TargetModel:
         input_ids = input_ids.to(device)
         attention_mask = attention_mask.to(device)
         loss_mask = mask_vision_tokens(loss_mask.to(device), input_ids, self._vision_token_ids)
+        ids = self._capture.expect(layer_ids)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **self._images)
-        aux = self._capture.take()
+        aux = self._capture.take(ids)
         return TargetBatch(
             aux_hidden_states=aux,
             logits=shift_left(outputs.logits),
@@ -205,8 +210,8 @@ class Eagle3TargetModel:
         )
 
     @torch.no_grad()
-    def forward_cached(self, input_ids: torch.Tensor, cache, tree_parents: list[int] | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_cached(self, input_ids: torch.Tensor, cache, tree_parents: list[int] | None = None,
+                       layer_ids: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One decoding forward with a transformers KV ``cache`` (it grows by the new positions).
 
         Arguments:
@@ -214,9 +219,10 @@ class Eagle3TargetModel:
             tree_parents: for a draft tree (``decoding/tree.py``), the parent of each new position (an index
                 into ``input_ids``'s n, -1 for the first): each position then sees the cache, its ancestors
                 and itself, at the position of its depth. None: the n positions are a causal chain.
+            layer_ids: the layers to capture; None: ``aux_layer_ids``.
 
         Returns:
-            logits ``[B, n, V]`` float32 and aux hidden states ``[B, n, 3H]`` (target dtype), neither shifted.
+            logits ``[B, n, V]`` float32 and aux hidden states ``[B, n, K*H]`` (target dtype), neither shifted.
 
         The logits are float32 whatever the target dtype: the last projection runs in float32 on the
         final hidden state. Rounded to bfloat16 (8 bits of mantissa: steps of 0.125 at a logit of 30), the
@@ -230,12 +236,13 @@ class Eagle3TargetModel:
         self._prepare_cache(cache, tree_parents)
         layout = self._tree_layout(cache, tree_parents)
         head = self._float32_head()
+        ids = self._capture.expect(layer_ids)
         if head is None:
             outputs = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, **layout)
-            return outputs.logits.float(), self._capture.take()
+            return outputs.logits.float(), self._capture.take(ids)
         hidden = self.model.model(input_ids=input_ids, past_key_values=cache, use_cache=True,
                                   **layout).last_hidden_state
-        return torch.nn.functional.linear(hidden.float(), head), self._capture.take()
+        return torch.nn.functional.linear(hidden.float(), head), self._capture.take(ids)
 
     def _tree_layout(self, cache, tree_parents: list[int] | None) -> dict:
         """The ``attention_mask`` ``[1, 1, n, past + n]`` (additive, target dtype) and ``position_ids [1, n]`` of
@@ -253,11 +260,12 @@ class Eagle3TargetModel:
         return {"attention_mask": mask, "position_ids": (past + depths).unsqueeze(0)}
 
     @torch.no_grad()
-    def greedy_forward(self, input_ids: torch.Tensor, cache, tree_parents: list[int] | None = None):
+    def greedy_forward(self, input_ids: torch.Tensor, cache, tree_parents: list[int] | None = None,
+                       layer_ids: list[int] | None = None):
         """``forward_cached``'s greedy answer without its float32 logits: a ``verification.VerifyStep`` of
         ``next_token_ids [B, n]`` long (the argmax of the float32 logits), ``near_ties [B, n]`` bool and
-        ``aux_hidden_states [B, n, 3H]`` for ``input_ids [B, n]`` long after the positions in ``cache``
-        (``tree_parents``: see ``forward_cached``).
+        ``aux_hidden_states [B, n, K*H]`` for ``input_ids [B, n]`` long after the positions in ``cache``
+        (``tree_parents``, ``layer_ids``: see ``forward_cached``).
 
         For a bf16 or fp16 target the projection runs in the target's dtype and only a few candidates a position
         are scored in float32 (``verification.greedy_from_hidden``): the same tokens and near-tie flags as the
@@ -266,12 +274,13 @@ class Eagle3TargetModel:
 
         head = self._output_head()
         if head is None or self.dtype == torch.float32:
-            logits, aux = self.forward_cached(input_ids, cache, tree_parents)
+            logits, aux = self.forward_cached(input_ids, cache, tree_parents, layer_ids)
             return greedy_step(logits, aux, self.dtype)
         self._prepare_cache(cache, tree_parents)
+        ids = self._capture.expect(layer_ids)
         hidden = self.model.model(input_ids=input_ids.to(self.device), past_key_values=cache, use_cache=True,
                                   **self._tree_layout(cache, tree_parents)).last_hidden_state
-        aux = self._capture.take()
+        aux = self._capture.take(ids)
         return VerifyStep(*greedy_from_hidden(hidden, head.weight), aux)
 
     @property
@@ -296,11 +305,14 @@ class Eagle3TargetModel:
             raise TreeUnsupportedError(self.tree_refusal)
         forget_history(cache)
 
-    def decode_session(self):
-        """A ``verification.LocalDecodeSession``: one sequence's KV cache, for ``decode.py``."""
+    def decode_session(self, layer_ids: list[int] | None = None):
+        """A ``verification.LocalDecodeSession``: one sequence's KV cache, for ``decode.py``; its steps capture
+        ``layer_ids`` (checked here; None: ``aux_layer_ids``)."""
         from tandem.speculative.decoding.verification import LocalDecodeSession
 
-        return LocalDecodeSession(self)
+        if layer_ids is not None:  # any distinct capturable layers (the DFlash rule is the general one)
+            layer_ids = validate_layer_ids(DFLASH, layer_ids, self.config.num_hidden_layers)
+        return LocalDecodeSession(self, layer_ids)
 
     def _output_head(self) -> nn.Linear | None:
         """The output projection (looked up once) when the logits are exactly ``lm_head(model.model(...))``;

@@ -50,6 +50,15 @@ def draft_position_mask(logits: torch.Tensor, selected_token_mask: torch.Tensor,
     return (selected_token_mask[top] & loss_mask.bool()).unsqueeze(-1)
 
 
+def generate(target_wrapper, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+             layer_ids: list[int] | None = None):
+    """``target_wrapper.generate_batch`` capturing ``layer_ids`` (not passed when None: a wrapper that captures one
+    fixed set needs no such argument)."""
+    if layer_ids is None:
+        return target_wrapper.generate_batch(input_ids, attention_mask, loss_mask)
+    return target_wrapper.generate_batch(input_ids, attention_mask, loss_mask, layer_ids=list(layer_ids))
+
+
 def compute_supervision(
     target_wrapper,
     selected_token_ids: torch.Tensor,
@@ -57,6 +66,7 @@ def compute_supervision(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     loss_mask: torch.Tensor,
+    layer_ids: list[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Produce the draft-vocab supervision for one batch.
 
@@ -70,14 +80,16 @@ def compute_supervision(
         input_ids: ``[B, S]`` long.
         attention_mask: ``[B, S]`` 0/1.
         loss_mask: ``[B, S]`` 0/1.
+        layer_ids: the target layers to capture (a session's, ``draft_layers.CaptureSpec``); None: the
+            wrapper's own.
 
     Returns:
-        dict keyed by ``SUPERVISION_KEYS``: ``aux_hidden_states [B, S, 3H]`` (target dtype),
+        dict keyed by ``SUPERVISION_KEYS``: ``aux_hidden_states [B, S, K*H]`` (target dtype; K = 3 for EAGLE-3),
         ``target_probs [B, S, Vd]`` fp32, ``position_mask [B, S, 1]`` bool, ``input_ids [B, S]`` long
         (shifted), ``loss_mask [B, S]`` (shifted).
     """
     with torch.no_grad():
-        batch = target_wrapper.generate_batch(input_ids, attention_mask, loss_mask)
+        batch = generate(target_wrapper, input_ids, attention_mask, loss_mask, layer_ids)
         device = batch.logits.device
         target_probs, position_mask = compute_target_distribution(
             batch.logits, selected_token_ids.to(device), selected_token_mask.to(device), batch.loss_mask

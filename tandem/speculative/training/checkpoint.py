@@ -33,6 +33,7 @@ METRICS_FILE = "metrics.jsonl"
 RUN_CHANGING_FIELDS = (
     "max_seq_len", "grad_accum_steps", "total_steps", "learning_rate", "min_lr_ratio", "warmup_steps",
     "weight_decay", "max_grad_norm", "ttt_steps", "ttt_decay", "draft_vocab_size", "seed", "aux_layer_ids",
+    "method", "block_size", "draft_layers", "num_anchors", "dflash_loss", "dflash_gamma", "mask_token_id",
 )
 
 

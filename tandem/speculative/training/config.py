@@ -45,8 +45,27 @@ class TrainConfig:
     supervision_cache: str | None = None
     """Directory of the supervision cache: each sample's target answer is computed once (alone, in the compact
     encoding) and reused in later epochs and runs; fill it ahead with ``tandem cache-supervision``."""
+    method: str = "eagle3"
+    """The draft method: ``eagle3`` or ``dflash`` (a block drafter that proposes ``block_size - 1`` tokens in one
+    forward; ``drafts/dflash.py``)."""
     aux_layer_ids: list[int] | None = None
-    """Target layers whose outputs feed the draft; default ``[1, L//2-1, L-4]``."""
+    """Target layers whose outputs feed the draft; default: EAGLE-3 ``[1, L//2-1, L-4]``, DFlash one a draft
+    layer by the reference's ``round(1 + i*(L-4)/(n-1))``."""
+    block_size: int = 16
+    """DFlash: the trained block, the anchor and ``block_size - 1`` proposals (the reference: 16)."""
+    draft_layers: int = 5
+    """DFlash: the draft's decoder layers (the reference's Qwen3-8B draft: 5)."""
+    num_anchors: int = 64
+    """DFlash: blocks trained per sequence a step, their anchors drawn from the trained positions."""
+    dflash_loss: str = "data"
+    """DFlash: the slot loss, ``data`` (cross-entropy on the data token), ``argmax`` (on the target's greedy token)
+    or ``kl`` (to the target's distribution); see ``training/dflash_loss.py`` and docs/experiments.md."""
+    dflash_gamma: float | None = None
+    """DFlash: the slot weights' decay ``exp(-(k-1)/gamma)``; default 7 for blocks of 16, 4 for 8, else half the
+    block."""
+    mask_token_id: int | None = None
+    """DFlash: the id embedded at the proposal slots; default: the tokenizer's mask token, else the first unused
+    embedding row, else the highest id the data never uses."""
     max_seq_len: int = 256
     """Conversations are truncated to this many tokens."""
     batch_size: int = 4
@@ -123,6 +142,16 @@ class TrainConfig:
             raise ValueError("eval_every must be >= 0, and eval_limit, eval_max_new_tokens, eval_draft_tokens >= 1")
         if self.eval_tree and self.eval_tree != "auto":
             TreeShape.parse(self.eval_tree)
+        if self.method not in ("eagle3", "dflash"):
+            raise ValueError(f"method must be eagle3 or dflash, got {self.method!r}")
+        if self.block_size < 2 or self.draft_layers < 1 or self.num_anchors < 1:
+            raise ValueError("block_size must be >= 2, draft_layers and num_anchors >= 1")
+        if self.dflash_loss not in ("data", "argmax", "kl"):
+            raise ValueError(f"dflash_loss must be data, argmax or kl, got {self.dflash_loss!r}")
+        if self.method == "dflash" and (self.eval_tree or self.eval_every):
+            raise ValueError("--eval-every / --eval-tree measure EAGLE-3 drafts; measure a DFlash draft with "
+                             "tandem eval --draft OUTPUT_DIR/dflash-draft (live DFlash evaluation is not implemented "
+                             "yet)")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":

@@ -101,15 +101,17 @@ class SupervisionCache:
     """Per-sample compact supervision on disk (see the module docstring).
 
     Layout: ``DIR/<identity digest>/<key[:2]>/<key>.safetensors``. The identity names the directory, so a
-    cache made for another target, dtype or vocabulary is never read; the key is the SHA-256 of the sample's
+    cache made for another target, dtype, vocabulary, draft method or set of captured layers is never read (and
+    a directory whose ``identity.json`` says otherwise is refused); the key is the SHA-256 of the sample's
     token ids and loss mask, so a changed data file reuses the entries of its unchanged samples. Entries are
     written atomically (temporary file, then rename): concurrent fillers and a killed run leave only whole
     entries, and an unreadable entry is recomputed and rewritten.
 
     Arguments:
         root: the cache directory (shared by runs; each identity gets its own subdirectory).
-        identity: what the answers depend on besides the sample: the target's ``model_info()``, its dtype
-            and the draft vocabulary's digest (``cache_identity`` builds it; a dict that may grow fields).
+        identity: what the answers depend on besides the sample: the target's ``model_info()`` (with the layers
+            the session captures), its dtype, the draft vocabulary's digest and the draft method
+            (``cache_identity`` builds it; a dict that may grow fields).
         layout: what an entry's tensors must be (``entry_layout``'s form); default ``entry_layout(identity)``.
     """
 
@@ -123,7 +125,9 @@ class SupervisionCache:
         stamp = self.directory / "identity.json"
         if not stamp.is_file():
             _atomic_write_bytes(stamp, json.dumps(identity, indent=2, sort_keys=True).encode())
-        elif _read_stamp(stamp) != identity:
+        elif (stamped := _read_stamp(stamp)) != identity:
+            if _method_and_layers(stamped) != _method_and_layers(identity):
+                check_cache_identity(stamped, identity, self.directory)  # another method's or layers': refused
             # Another identity's directory under this name (copied, renamed): its entries will not verify.
             logger.warning("supervision cache %s: its identity.json is not this run's identity; entries that do "
                            "not verify will be recomputed", self.directory)
@@ -201,6 +205,16 @@ class SupervisionCache:
 
         Padded positions get zeros; they are never scored (their loss mask is 0) and never attended.
         """
+        assembled = self.supervise_compact(target, input_ids, attention_mask, loss_mask)
+        if self._draft_head is None:
+            self._draft_head = target.draft_lm_head().cpu()
+        full = compact.expand_supervision(assembled, self._draft_head)
+        return {key: full[key] for key in SUPERVISION_KEYS}
+
+    def supervise_compact(self, target, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The batch's compact supervision (``compact.COMPACT_SUPERVISION_KEYS``, as the target's
+        ``supervise_compact``: what a DFlash run trains on) from per-sample entries; arguments as :meth:`supervise`."""
         batch, seq = input_ids.shape
         lengths = attention_mask.sum(dim=1).tolist()
         rows = [self.entry(target, input_ids[b, :n].cpu(), loss_mask[b, :n].cpu()) for b, n in enumerate(lengths)]
@@ -214,10 +228,7 @@ class SupervisionCache:
         assembled["position_mask"] = assembled["position_mask"].unsqueeze(-1)
         assembled["input_ids"] = shift_left(input_ids.cpu())
         assembled["loss_mask"] = shift_left(loss_mask.cpu())
-        if self._draft_head is None:
-            self._draft_head = target.draft_lm_head().cpu()
-        full = compact.expand_supervision(assembled, self._draft_head)
-        return {key: full[key] for key in SUPERVISION_KEYS}
+        return {key: assembled[key] for key in compact.COMPACT_SUPERVISION_KEYS}
 
     def summary(self) -> str:
         total = self.hits + self.misses
@@ -230,11 +241,14 @@ class SupervisionCache:
 def cache_identity(target, selected_token_ids: torch.Tensor, target_identity: dict | None = None) -> dict:
     """What a cache entry depends on besides its sample: the target (its ``model_info``, its dtype and, when
     known, the identity fields that tell one model's weights and tokenizer from another's of the same
-    shape: see ``identity.py``), the draft vocabulary, the encoding and the entry format. A dict that may grow
-    fields (a draft method, its target layers): every one of them changes the directory and the digest each
-    entry records."""
+    shape: see ``identity.py``), the layers the session captures (``model_info``'s ``aux_layer_ids``), the draft
+    vocabulary, the draft method, the encoding and the entry format. A dict that may grow fields: every one of
+    them changes the directory and the digest each entry records."""
     info = dict(target.model_info())
     info["dtype"] = str(target.dtype).removeprefix("torch.")
+    method = getattr(target, "draft_method", "eagle3")
+    if method != "eagle3":  # absent for EAGLE-3, so caches filled before DFlash existed keep their directories
+        info["draft_method"] = method
     for field in ("weights_digest", "tokenizer_digest"):
         if (target_identity or {}).get(field) is not None:
             info[field] = target_identity[field]
@@ -247,6 +261,27 @@ def _read_stamp(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+class CacheIdentityError(ValueError):
+    """A cache directory holds answers for another target, method, layers or vocabulary than asked for."""
+
+
+def _method_and_layers(identity) -> tuple:
+    """The draft method and the captured layers an identity names (a stamp written before DFlash: EAGLE-3's)."""
+    target = identity.get("target") if isinstance(identity, dict) else None
+    target = target if isinstance(target, dict) else {}
+    return target.get("draft_method", "eagle3"), target.get("aux_layer_ids")
+
+
+def check_cache_identity(stamped: dict, identity: dict, directory: Path) -> None:
+    """``CacheIdentityError`` naming both when the directory's ``identity.json`` is not ``identity`` (a digest
+    collision, or a directory copied or edited by hand): its entries would be another run's supervision."""
+    if stamped != identity:
+        differ = sorted(k for k in set(stamped) | set(identity) if stamped.get(k) != identity.get(k))
+        raise CacheIdentityError(f"supervision cache {directory} was filled for {json.dumps(stamped, sort_keys=True)},"
+                                 f" not for this run's {json.dumps(identity, sort_keys=True)} (they differ in "
+                                 f"{differ}); point --supervision-cache elsewhere or remove that directory")
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:

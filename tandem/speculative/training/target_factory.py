@@ -16,8 +16,11 @@ from tandem.speculative.training.distributed import DistributedContext, target_u
 
 
 def build_target(config: TrainConfig, distributed: DistributedContext | None = None):
-    """The in-process target, or the remote client when ``target_urls`` is set (rank r: its share of them)."""
+    """The in-process target, or the remote client when ``target_urls`` is set (rank r: its share of them); a DFlash
+    run's captures the DFlash layers (``config.aux_layer_ids``, else one a draft layer by the reference formula)."""
     distributed = distributed or DistributedContext()
+    dflash = {} if config.method == "eagle3" else {"draft_method": config.method, "aux_layer_ids": config.aux_layer_ids,
+                                                  "num_draft_layers": config.draft_layers}
     if config.target_urls:
         from tandem.speculative.remote.client import RemoteEagle3TargetModel
 
@@ -27,9 +30,11 @@ def build_target(config: TrainConfig, distributed: DistributedContext | None = N
         return RemoteEagle3TargetModel(urls, device=distributed.device, prefetch_depth=config.prefetch_depth,
                                        client_id=client_id, nccl_rank=distributed.rank,
                                        timeout_s=config.request_timeout_s,
-                                       supervision_encoding=config.supervision_encoding)
+                                       supervision_encoding=config.supervision_encoding, **dflash)
     from tandem.models import load_target
     from tandem.speculative.target.model import Eagle3TargetModel
 
     model, _ = load_target(config.target, dtype=config.dtype, device=distributed.device)
+    if dflash:
+        return Eagle3TargetModel(model, **dflash)
     return Eagle3TargetModel(model, config.aux_layer_ids)

@@ -86,6 +86,11 @@ class Trainer:
             initialised default process group, else a single process.
     """
 
+    METHOD = "eagle3"
+    """The draft method this trainer trains (``config.method``)."""
+    FROZEN_DRAFT_KEYS: tuple[str, ...] = ("embed_tokens.weight",)
+    """Draft weights copied from the target and frozen: not in checkpoints."""
+
     def __init__(self, config: TrainConfig, target=None, tokenizer=None, distributed: DistributedContext | None = None,
                  target_factory=None):
         self.config = config
@@ -219,7 +224,7 @@ class Trainer:
     # --- state --------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        trainable = {k: v for k, v in self.draft.state_dict().items() if k != "embed_tokens.weight"}
+        trainable = {k: v for k, v in self.draft.state_dict().items() if k not in self.FROZEN_DRAFT_KEYS}
         return {"step": self.step, "draft": trainable, "optimizer": self.optimizer.state_dict(),
                 "rng": torch.get_rng_state(), "config": json.dumps(dataclasses.asdict(self.config)),
                 "world_size": self.dist.world_size, "global_batch_size": self.global_batch_size,
@@ -239,7 +244,7 @@ class Trainer:
             missing, unexpected = self.draft.load_state_dict(state["draft"], strict=False)
         except RuntimeError as exc:  # shapes differ: another draft size or vocabulary size
             raise ValueError(f"checkpoint does not fit this draft: {str(exc)[:500]}") from None
-        if unexpected or any(k != "embed_tokens.weight" for k in missing):
+        if unexpected or any(k not in self.FROZEN_DRAFT_KEYS for k in missing):
             raise ValueError(f"checkpoint does not fit this draft: missing {missing}, unexpected {unexpected}")
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
@@ -425,7 +430,7 @@ class Trainer:
     def _step_metrics(self, lr: float, results: list, grad_norm: torch.Tensor, tokens: int, elapsed: float,
                       wait: float) -> dict:
         """The step's metrics row; data parallel: of the global batch (one all-reduce of a short vector)."""
-        k = self.config.ttt_steps
+        k = len(results[0].step_losses)  # TTT steps (EAGLE-3), block slots (DFlash)
         world = self.dist.world_size
         local = torch.cat([
             torch.tensor([float(r.loss.detach()) for r in results], dtype=torch.float64).mean().reshape(1),
@@ -484,7 +489,7 @@ class Trainer:
         if self.supervision_cache is not None:
             logger.info("%s", self.supervision_cache.summary())
         if main:
-            logger.info("exported the EAGLE-3 draft to %s", self.export())
+            logger.info("exported the %s draft to %s", self.METHOD, self.export())
         return last
 
     def live_evaluator(self):
@@ -522,6 +527,11 @@ class Trainer:
                     measured["eval_s"], 100 * measured["eval_s"] / max(run_s, 1e-9))
         return measured
 
+    @property
+    def export_dir(self) -> Path:
+        """Where ``export()`` writes the draft by default."""
+        return self.output_dir / draft_export.EXPORT_DIRNAME
+
     def export(self, out_dir: str | Path | None = None) -> Path:
         """Write the draft for serving engines (``output_dir/eagle3-draft`` by default; see ``export/eagle3.py``)
         in ``export_format``, in ``export_dtype`` or else the dtype of the target's checkpoint (a bf16 checkpoint gets
@@ -529,7 +539,7 @@ class Trainer:
         dtype = (self.config.export_dtype or self.target_identity.get("checkpoint_dtype")
                  or getattr(self.target, "dtype", None) or torch.float32)
         return draft_export.export_draft(
-            self.draft, out_dir or self.output_dir / draft_export.EXPORT_DIRNAME, parse_dtype(dtype),
+            self.draft, out_dir or self.export_dir, parse_dtype(dtype),
             self.model_info["aux_layer_ids"], export_format=self.config.export_format, record=self.record,
             verifier=self.target_identity.get("name") or self.config.tokenizer or self.config.target,
             verifier_architectures=self.target_identity.get("architectures"), speculative_tokens=self.config.ttt_steps,
@@ -549,19 +559,24 @@ class Trainer:
             logger.info("%s", throughput_summary(rows, servers))
 
 
-def train(config: TrainConfig, target=None, tokenizer=None, target_factory=None) -> Trainer:
-    """Build a ``Trainer`` and run it; returns the trainer (its draft, metrics file, checkpoints).
+def train(config: TrainConfig, target=None, tokenizer=None, target_factory=None, trainer_class=None) -> Trainer:
+    """Build a ``Trainer`` (or ``trainer_class``, the one ``methods.trainer_class_for(config.method)`` names) and run
+    it; returns the trainer (its draft, metrics file, checkpoints).
 
     Under torchrun (``WORLD_SIZE`` > 1) this joins the job's process group first and leaves it at the end.
     """
+    trainer_class = trainer_class or Trainer
+    if trainer_class.METHOD != config.method:
+        raise ValueError(f"a {config.method} run needs its own trainer (methods.trainer_class_for({config.method!r})), "
+                         f"not {trainer_class.__name__}")
     if target is None and target_factory is None:
         # The entry point's convenience: the CLI's own factory (in-process or remote, from the config).
         # Imported here, not at the top, so that importing the trainer never loads the remote package.
         from tandem.speculative.training.target_factory import build_target as target_factory
     distributed = init_distributed()
     try:
-        trainer = Trainer(config, target=target, tokenizer=tokenizer, distributed=distributed,
-                          target_factory=target_factory)
+        trainer = trainer_class(config, target=target, tokenizer=tokenizer, distributed=distributed,
+                                target_factory=target_factory)
         try:
             trainer.train()
         finally:

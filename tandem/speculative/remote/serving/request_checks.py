@@ -69,6 +69,7 @@ class RequestHeaders(NamedTuple):
     past: Optional[str]
     keep_branch: Optional[str]
     prefix: Optional[str]
+    capture: Optional[str]
 
     @classmethod
     def parse(cls, headers) -> "RequestHeaders":
@@ -97,6 +98,7 @@ class RequestHeaders(NamedTuple):
             vocab_digest=headers.get(protocol.VOCAB_DIGEST_HEADER),
             decode_session=headers.get(protocol.DECODE_SESSION_HEADER), past=headers.get(protocol.PAST_HEADER),
             keep_branch=headers.get(protocol.KEEP_BRANCH_HEADER), prefix=headers.get(protocol.PREFIX_HEADER),
+            capture=headers.get(protocol.CAPTURE_HEADER),
         )
 
     def for_logic(self) -> dict:
