@@ -122,8 +122,15 @@ def is_dflash_export(path: str | Path) -> bool:
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
-    raw = json.loads(config.read_text())
-    return raw.get("speculators_model_type") == "dflash" or DFLASH_ARCHITECTURE in raw.get("architectures", [])
+    try:
+        raw = json.loads(config.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return False  # not a readable config: the EAGLE-3 loader's checks name what is wrong with it
+    if not isinstance(raw, dict):
+        return False
+    architectures = raw.get("architectures")
+    return raw.get("speculators_model_type") == "dflash" or (
+        isinstance(architectures, list) and DFLASH_ARCHITECTURE in architectures)
 
 
 def dflash_config_from(raw: dict) -> DFlashDraftConfig:
