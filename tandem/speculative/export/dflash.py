@@ -20,17 +20,16 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from tandem.speculative.atomic_files import atomic_write
 from tandem.speculative.drafts.dflash import DFlashDraftConfig, DFlashDraftModel
+from tandem.speculative.export.eagle3 import RECORD_METADATA_KEY, write_draft_directory
 from tandem.speculative.export.engine_conventions import dtype_name, parse_dtype, vllm_aux_layer_ids
 
 DFLASH_EXPORT_FORMATS = ("native", "speculators")
 DFLASH_ARCHITECTURE = "DFlashDraftModel"
 DFLASH_SPECULATORS_ARCHITECTURE = "DFlashSpeculator"
 DFLASH_EXPORT_DIRNAME = "dflash-draft"
-RECORD_METADATA_KEY = "tandem_record"
 
 
 def qwen3_fields(config: DFlashDraftConfig, dtype: torch.dtype) -> dict:
@@ -109,12 +108,7 @@ def export_dflash_draft(draft: DFlashDraftModel, out_dir: str | Path, dtype: tor
     else:
         config = native_config(draft.config, dtype)
     tensors = {k: v.detach().cpu().to(dtype).contiguous() for k, v in draft.trainable_state_dict().items()}
-    metadata = {"format": "pt"}
-    if record is not None:
-        metadata[RECORD_METADATA_KEY] = json.dumps(record, sort_keys=True)
-    atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    atomic_write(out_dir / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
-    return out_dir
+    return write_draft_directory(out_dir, config, tensors, record)
 
 
 def is_dflash_export(path: str | Path) -> bool:

@@ -78,6 +78,17 @@ def export_tensors(draft: Eagle3DraftModel, dtype: torch.dtype,
     return tensors
 
 
+def write_draft_directory(out_dir: Path, config: dict, tensors: dict[str, torch.Tensor], record: dict | None) -> Path:
+    """Write ``model.safetensors`` (tandem's ``record`` in its metadata, where engines never look) and
+    ``config.json`` under ``out_dir``, each atomically; returns ``out_dir``. Every draft method's export ends here."""
+    metadata = {"format": "pt"}
+    if record is not None:
+        metadata[RECORD_METADATA_KEY] = json.dumps(record, sort_keys=True)
+    atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(out_dir / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    return out_dir
+
+
 def export_draft(draft: Eagle3DraftModel, out_dir: str | Path, dtype: torch.dtype | None = None,
                  aux_layer_ids: list[int] | None = None, *, export_format: str = "sglang",
                  record: dict | None = None, verifier: str = "", verifier_architectures: list[str] | None = None,
@@ -104,12 +115,7 @@ def export_draft(draft: Eagle3DraftModel, out_dir: str | Path, dtype: torch.dtyp
     else:
         config = export_config(draft.config, dtype, aux_layer_ids)
     tensors = export_tensors(draft, dtype, export_format)
-    metadata = {"format": "pt"}
-    if record is not None:
-        metadata[RECORD_METADATA_KEY] = json.dumps(record, sort_keys=True)
-    atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    atomic_write(out_dir / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
-    return out_dir
+    return write_draft_directory(out_dir, config, tensors, record)
 
 
 def read_export_record(path: str | Path) -> dict | None:
