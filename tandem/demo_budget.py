@@ -200,7 +200,7 @@ def budget_plan(config, model, tokenizer, elapsed_s: float, reusable_prompts: in
                           draft_vocab=config.draft_vocab_size)
     measuring = time.perf_counter() - started
     tokens = config.eval_max_new_tokens
-    eval_tokens = tokens * (config.untrained_eval_prompts * 2.6 + config.eval_prompts * 2.2
+    eval_tokens = tokens * (config.untrained_eval_prompts * 2.6 + (config.eval_prompts + config.unseen_prompts) * 2.2
                             + config.calibration_prompts * 5 + 2 * 4 + config.generalisation_prompts * 2)
     live = config.live_eval_prompts * config.live_eval_max_new_tokens * 3 if config.live_eval_every else 0
     work = Workload(budget_s=60 * config.time_budget_min, elapsed_s=elapsed_s + measuring,

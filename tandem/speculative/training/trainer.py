@@ -472,6 +472,8 @@ class Trainer:
                 indices = range(self.step * accum, (self.step + 1) * accum)
                 batches = [self.micro_batch(i) for i in indices]
                 last = self.train_step(batches, prefetcher.take(indices) if prefetcher else None)
+                if self.step < end and self._out_of_time(time.perf_counter() - started, last, measured):
+                    end = self.step
                 if evaluator is not None and checkpoint.checkpoint_due(self.step, self.config.eval_every, end):
                     measured = self.evaluate(evaluator, last, time.perf_counter() - started)
                     last.update(measured)
@@ -491,6 +493,20 @@ class Trainer:
         if main:
             logger.info("exported the %s draft to %s", self.METHOD, self.export())
         return last
+
+    def _out_of_time(self, elapsed_s: float, last: dict, measured: dict) -> bool:
+        """Whether another step (and the final live evaluation, priced as the last one) would end past
+        ``time_limit_min``; rank 0 decides, so every rank stops at the same step."""
+        limit = 60 * self.config.time_limit_min
+        if limit <= 0:
+            return False
+        ahead = last.get("step_time_s", 0.0) + (measured.get("eval_s", 0.0) if self.config.eval_every else 0.0)
+        stop = self.dist.broadcast_int(int(elapsed_s + ahead > limit))
+        if stop:
+            logger.warning("time limit %.1f min: stopping at step %d of %d (%.1f min trained; the learning rate "
+                           "schedule spans all %d steps)", self.config.time_limit_min, self.step,
+                           self.config.total_steps, elapsed_s / 60, self.config.total_steps)
+        return bool(stop)
 
     def live_evaluator(self):
         """A ``live_eval.LiveEvaluator`` over the first ``eval_limit`` prompts of ``eval_prompts``, decoding against
