@@ -86,13 +86,15 @@ def _train_step_s(model, batch: int, seq: int, ttt_steps: int, draft_vocab: int,
 
     vocab = min(draft_vocab, model.config.vocab_size)
     draft = Eagle3DraftModel(Eagle3DraftConfig.from_target_config(model.config, vocab)).train()
+    # Frozen as the trainer freezes it: the embedding's gradient and AdamW update would price a step at 1.75x.
+    draft.seed_from_target(model.get_input_embeddings().weight)
     hidden = model.config.hidden_size
     supervision = {"aux_hidden_states": torch.randn(batch, seq, 3 * hidden, dtype=dtype),
                    "target_probs": torch.softmax(torch.randn(batch, seq, vocab), -1),
                    "position_mask": torch.ones(batch, seq, 1, dtype=torch.bool),
                    "input_ids": torch.randint(0, vocab, (batch, seq)), "loss_mask": torch.ones(batch, seq)}
     mask = torch.ones(batch, seq, dtype=torch.long)
-    optimizer = torch.optim.AdamW(draft.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=1e-4)
     autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
 
     def step() -> None:
