@@ -169,6 +169,13 @@ def plan_demo(work: Workload, rates: Rates) -> Plan:
         notes.append(f"training data and supervision kept from an earlier run: {prompts} prompts, no data cost")
     else:
         prompts = int(min(work.prompts_available, max(work.data_share * free, 0) / per_prompt))
+        # When the steps that fit would exceed max_epochs over those prompts, the time is better spent on more
+        # distinct data (a short run memorises): the prompts at which the epoch cap and the budget meet.
+        balanced = max(free, 0) / (per_prompt + work.max_epochs * rates.train_step_s / work.batch_size)
+        if balanced > prompts:
+            prompts = int(min(work.prompts_available, balanced))
+            notes.append(f"more prompts than the {work.data_share:.0%} data share buys: at most {work.max_epochs:g} "
+                         f"epochs over them use the rest of the budget")
         prompts = max(prompts, min(work.prompts_available, 4 * work.batch_size))
         data = prompts * per_prompt
         notes.append(f"{prompts} of {work.prompts_available} prompts regenerated and cached ({per_prompt:.2f} s each)")
