@@ -45,6 +45,7 @@ from tandem.speculative.training.distributed import (
     throughput_summary,
 )
 from tandem.speculative.training.eagle3_loss import TTTObjective, step_valid_counts
+from tandem.speculative.training.image_patches import ImagePatches, batch_patches, image_context, row_images
 from tandem.speculative.training.prefetch import SupervisionPrefetcher
 from tandem.speculative.training.supervision_cache import SupervisionCache, cache_identity
 from tandem.speculative.training.vocab import (
@@ -140,15 +141,31 @@ class Trainer:
         if not self.config.data:
             raise ValueError("no training data: pass --data PATH (chat JSONL; see `tandem regenerate`)")
         records = read_chat_jsonl(self.config.data)
-        self.dataset = TokenizedChatDataset.from_records(self.tokenizer, records, self.config.max_seq_len)
+        self.images = self._image_patches(records)
+        self.dataset = TokenizedChatDataset.from_records(self.tokenizer, records, self.config.max_seq_len, self.images)
         self.global_batch_size = self.config.batch_size * self.dist.world_size
         if len(self.dataset) < self.global_batch_size:
             raise ValueError(f"{self.config.data}: {len(self.dataset)} usable conversations, fewer than the global "
                              f"batch batch_size={self.config.batch_size} x world_size={self.dist.world_size}")
-        self.collate = ChatCollator(pad_token_id=pad_token_id_for(self.tokenizer))
+        self.collate = ChatCollator(pad_token_id=pad_token_id_for(self.tokenizer), images=self.images)
         self._epoch_orders: dict[int, list[list[int]]] = {}
         if self.dist.is_main:
-            logger.info("data: %d conversations, %d trained tokens", len(self.dataset), self.dataset.num_loss_tokens())
+            with_images = sum(1 for sample in self.dataset.samples if sample.get("images"))
+            logger.info("data: %d conversations (%d with images), %d trained tokens", len(self.dataset), with_images,
+                        self.dataset.num_loss_tokens())
+
+    def _image_patches(self, records) -> ImagePatches | None:
+        """The target's image processor when a record has images (None otherwise); refused in one line for a
+        text-only target or a target without an image processor."""
+        first = next((r for r in records if r.images), None)
+        if first is None:
+            return None
+        from tandem.models import load_target_config
+
+        spec = self.config.tokenizer or self.config.target
+        model = getattr(self.target, "model", None)
+        full_config = model.config if model is not None else load_target_config(spec)
+        return ImagePatches.for_target(spec, full_config, self.tokenizer, first.source)
 
     def _build_vocab(self) -> None:
         vocab_size = self.model_info["vocab_size"]
@@ -394,8 +411,9 @@ class Trainer:
             return future.result()
         if self.supervision_cache is not None:
             return self.supervision_cache.supervise(self.target, batch["input_ids"], batch["attention_mask"],
-                                                    batch["loss_mask"])
-        return self.target.supervise(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+                                                    batch["loss_mask"], row_images(batch))
+        with image_context(self.target, batch_patches(batch)):
+            return self.target.supervise(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
 
     def fill_supervision_cache(self) -> tuple[int, int]:
         """Compute every sample's cache entry that is missing (this rank: samples r, r+W, ...); returns
@@ -408,7 +426,8 @@ class Trainer:
                    disable=not (self.config.show_progress and self.dist.is_main), dynamic_ncols=True)
         for index in bar:
             sample = self.dataset[index]
-            cache.entry(self.target, sample["input_ids"], sample["loss_mask"])
+            patches = self.images.patches(sample["images"]) if sample.get("images") else None
+            cache.entry(self.target, sample["input_ids"], sample["loss_mask"], patches)
             bar.set_postfix(computed=cache.misses, reused=cache.hits, refresh=False)
         bar.close()
         logger.info("%s", cache.summary())
