@@ -27,6 +27,7 @@ from tandem.speculative.drafts.eagle3 import Eagle3DraftConfig, Eagle3DraftModel
 from tandem.speculative.export import eagle3 as draft_export
 from tandem.speculative.export.engine_conventions import parse_dtype
 from tandem.speculative.target import identity
+from tandem.speculative.target.vision import mrope_positions
 from tandem.speculative.training import checkpoint
 from tandem.speculative.training.config import TrainConfig
 from tandem.speculative.training.data import (
@@ -390,7 +391,9 @@ class Trainer:
             normalizers = self._global_valid_counts(supervision)
             with self.dist.no_sync(self.objective, sync=k == len(batches) - 1):
                 with self.autocast():
-                    result = self.objective(supervision, batch["attention_mask"], normalizers)
+                    positions = self.draft_positions(batch)
+                    result = self.objective(supervision, batch["attention_mask"], normalizers,
+                                            *(() if positions is None else (positions,)))
                 # Data parallel: the loss is this rank's share of the global mean, and DDP averages the
                 # gradients over W ranks, so W x share backpropagates the global mean's gradient.
                 (result.loss * self.dist.world_size / len(batches)).backward()
@@ -403,6 +406,15 @@ class Trainer:
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         self._count_throughput(tokens, elapsed, wait, synchronous=supervisions is None, requests=len(batches))
         return self._step_metrics(lr, results, grad_norm, tokens, elapsed, wait)
+
+    def draft_positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The positions the engines give the draft for a batch: M-RoPE's ``[3, B, S]`` for a batch with images
+        and a draft with ``mrope_section`` (a Qwen-VL target), else None (``0..S-1``: M-RoPE's for text)."""
+        patches = batch_patches(batch)
+        if patches is None or getattr(self.draft.config, "mrope_section", None) is None:
+            return None
+        return mrope_positions(batch["input_ids"], batch["attention_mask"], patches[1], self.images.image_token_id,
+                               self.images.merge_size)
 
     def supervision_for(self, batch: dict[str, torch.Tensor], future=None) -> dict[str, torch.Tensor]:
         """A micro-batch's supervision: a prefetched ``future``'s, else from the supervision cache (asking the

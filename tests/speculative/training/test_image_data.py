@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tandem.cli import main
+from tandem.speculative.target.vision import image_token_types
 from tandem.speculative.training.config import TrainConfig
 from tandem.speculative.training.data import DataFormatError, read_chat_jsonl
 from tandem.speculative.training.image_patches import row_images
@@ -163,6 +164,12 @@ def test_image_positions_are_context_and_never_trained(vlm_dir, data, tmp_path):
         assert int(image.sum()) > 0 and not bool(trained[image].any())  # never trained on an image position
         assert bool(trained[~image].any())
         assert int(batch["image_grid_thw"].prod(1).sum()) == batch["pixel_values"].shape[0]
+        # The draft turns with the target's M-RoPE positions, as SGLang and vLLM give them to it.
+        positions, real = trainer.draft_positions(batch), batch["attention_mask"].bool()
+        want, _ = trainer.target.model.model.get_rope_index(batch["input_ids"], image_token_types(
+            batch["input_ids"], IMAGE_TOKEN_ID), batch["image_grid_thw"], attention_mask=batch["attention_mask"])
+        assert positions.shape == (3, *image.shape) and torch.equal(positions[:, real], want[:, real])
+        assert not torch.equal(positions[0], positions[1])  # an image's height and width are not its time
 
 
 def test_remote_supervision_of_an_image_batch_equals_the_in_process_one_and_the_cli_trains(vlm_dir, data,
