@@ -189,10 +189,14 @@ def test_remote_supervision_of_an_image_batch_equals_the_in_process_one_and_the_
                 assert_same_supervision(remote.supervision_for(batch), local.supervision_for(batch))
         finally:
             remote.target.close()
-        out = tmp_path / "cli"
-        assert _cli(data, out, "--target-url", server.url, "--tokenizer", str(vlm_dir)) == 0
-        losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-        assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+        # The CLI, prefetching its requests: the images travel with them (without, the same ids would get
+        # another answer and the run would not be the in-process one, loss for loss).
+        assert _cli(data, tmp_path / "cli", "--target-url", server.url, "--tokenizer", str(vlm_dir)) == 0
+        assert _cli(data, tmp_path / "cli-local", "--target", str(vlm_dir)) == 0
+        runs = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                for run in ("cli", "cli-local")]
+        assert len(runs[0]) == 6 and all(math.isfinite(x) for x in runs[0])
+        assert runs[0] == runs[1], runs
     finally:
         server.stop()
 
