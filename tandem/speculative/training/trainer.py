@@ -166,7 +166,12 @@ class Trainer:
         spec = self.config.tokenizer or self.config.target
         model = getattr(self.target, "model", None)
         full_config = model.config if model is not None else load_target_config(spec)
-        return ImagePatches.for_target(spec, full_config, self.tokenizer, first.source)
+        try:
+            return ImagePatches.for_target(spec, full_config, self.tokenizer, first.source)
+        except ValueError as exc:
+            hint = (" (a remote target's processor and config are read from --tokenizer: pass the target's "
+                    "directory or hub id)") if model is None and not self.config.tokenizer else ""
+            raise type(exc)(f"{exc}{hint}") from None
 
     def _build_vocab(self) -> None:
         vocab_size = self.model_info["vocab_size"]
