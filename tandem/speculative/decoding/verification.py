@@ -146,6 +146,7 @@ def crop_cache(cache, keep_length: int) -> None:
     remove = int(cache.get_seq_length()) - keep_length
     if remove > 0:
         rollback(cache, remove)
+        _log_for_mirrors(cache, ("crop", keep_length))
 
 
 def check_branch(past_length: int, branch: list[int], length: int) -> None:
@@ -168,6 +169,15 @@ def select_cache_positions(cache, past_length: int, keep: torch.Tensor) -> None:
     else:
         cache.key_cache = [select(k) for k in cache.key_cache]
         cache.value_cache = [select(v) for v in cache.value_cache]
+    _log_for_mirrors(cache, ("select", past_length, keep.tolist()))
+
+
+def _log_for_mirrors(cache, operation: tuple) -> None:
+    """Record a change of ``cache`` for the ranks that hold its other shards (a tensor-parallel server's caches
+    carry a ``mirror_log``: ``remote/serving/tensor_parallel.py`` replays it on them before the next forward)."""
+    log = getattr(cache, "mirror_log", None)
+    if log is not None:
+        log.append(operation)
 
 
 class LocalDecodeSession:

@@ -43,6 +43,10 @@ class Eagle3DraftConfig:
     """Hidden size Ht of the target's aux layers (fc maps 3Ht -> H)."""
     extra: dict = field(default_factory=dict)
     """Target config fields carried into the exported config (bos/eos ids, ...)."""
+    mrope_section: list[int] | None = None
+    """A target with M-RoPE (Qwen2-VL, Qwen2.5-VL): how many of the ``head_dim / 2`` frequencies follow the
+    temporal, height and width positions (the target's ``mrope_section``). The engines then give the draft
+    the target's 3-D positions, so it is trained on them (``rope_cos_sin``); None: 1-D RoPE."""
 
     @classmethod
     def from_target_config(cls, target_config, draft_vocab_size: int) -> "Eagle3DraftConfig":
@@ -55,6 +59,9 @@ class Eagle3DraftConfig:
         rope_theta = rope.get("rope_theta", getattr(target_config, "rope_theta", 10000.0))
         extra = {k: getattr(target_config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                  if getattr(target_config, k, None) is not None}
+        section = (rope or getattr(target_config, "rope_scaling", None) or {}).get("mrope_section")
+        if section is not None and 2 * sum(section) != head_dim:  # the draft's heads are not the target's
+            section = None
         return cls(
             hidden_size=target_config.hidden_size,
             intermediate_size=target_config.intermediate_size,
@@ -68,6 +75,7 @@ class Eagle3DraftConfig:
             draft_vocab_size=min(draft_vocab_size, target_config.vocab_size),
             target_hidden_size=target_config.hidden_size,
             extra=extra,
+            mrope_section=None if section is None else [int(n) for n in section],
         )
 
     def to_dict(self) -> dict:
@@ -120,10 +128,19 @@ def _inverse_frequencies(head_dim: int, theta: float, device: torch.device) -> t
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """``cos, sin [B, 1, S, D]`` for ``positions [B, S]`` (HF/neox half-rotation layout)."""
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                 mrope_section: list[int] | None = None):
+    """``cos, sin [B, 1, S, D]`` for ``positions [B, S]`` long, or M-RoPE's ``[3, B, S]`` (temporal, height,
+    width) with ``mrope_section``: the first ``mrope_section[0]`` frequencies turn with the temporal position,
+    the next with the height, the last with the width (transformers' ``apply_multimodal_rotary_pos_emb``,
+    SGLang's and vLLM's ``MRotaryEmbedding``). HF/neox half-rotation layout. 1-D positions are M-RoPE's with
+    the three equal (text)."""
     inv_freq = _inverse_frequencies(head_dim, theta, positions.device)
     angles = positions.float().unsqueeze(-1) * inv_freq
+    if positions.dim() == 3:  # [3, B, S, D/2]: each frequency band takes its axis
+        if mrope_section is None:
+            raise ValueError("3-D positions need the draft's mrope_section")
+        angles = torch.cat([band[axis] for axis, band in enumerate(angles.split(mrope_section, dim=-1))], dim=-1)
     emb = torch.cat([angles, angles], dim=-1)
     return emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)
 
@@ -235,13 +252,14 @@ class Eagle3Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ttt_cache: list | None = None,
                 key_padding_mask: torch.Tensor | None = None, kv_cache: DraftKVCache | None = None,
                 tree_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``x [B, S, 2H]``, ``positions [B, S]`` -> ``[B, S, H]``.
+        """``x [B, S, 2H]``, ``positions [B, S]`` (or M-RoPE's ``[3, B, S]``) -> ``[B, S, H]``.
 
         With ``ttt_cache`` (a list the caller keeps across TTT steps) this is training-time-test
         attention; with ``kv_cache`` it is causal decoding attention (``tree_mask``: see
         :func:`cached_attention`); with neither, plain causal.
         """
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype,
+                                self.config.mrope_section)
         q = apply_rope(self._heads(x, self.q_proj), cos, sin)
         k = apply_rope(self._heads(x, self.k_proj), cos, sin)
         v = self._heads(x, self.v_proj)
@@ -323,8 +341,8 @@ class Eagle3DraftModel(nn.Module):
 
     def step(self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
              **attention_kwargs) -> torch.Tensor:
-        """One draft step: ``input_ids [B, S]``, ``hidden [B, S, H]``, ``positions [B, S]`` -> output hidden
-        ``[B, S, H]``."""
+        """One draft step: ``input_ids [B, S]``, ``hidden [B, S, H]``, ``positions [B, S]`` (M-RoPE: ``[3, B, S]``)
+        -> output hidden ``[B, S, H]``."""
         embeds = self.embed_tokens(input_ids).to(hidden.dtype)
         return self.midlayer(embeds, hidden, positions, **attention_kwargs)
 

@@ -105,6 +105,7 @@ def draft_config_fields(raw: dict, where: str) -> dict:
     rope_parameters = layer.get("rope_parameters") or {}
     if not isinstance(rope_parameters, dict):
         raise ValueError(f"{where}: field 'rope_parameters' must be an object, got {type(rope_parameters).__name__}")
+    mrope_section = _mrope_section(layer, head_dim, where)
     vocab = positive_int(layer, "vocab_size", where)
     draft_vocab = positive_int(raw, "draft_vocab_size", where, default=vocab)
     if draft_vocab > vocab:
@@ -122,6 +123,7 @@ def draft_config_fields(raw: dict, where: str) -> dict:
         vocab_size=vocab,
         draft_vocab_size=draft_vocab,
         target_hidden_size=positive_int(raw, "target_hidden_size", where, default=hidden),
+        mrope_section=mrope_section,
         extra={k: token_id_field(layer, k, where) for k in _TOKEN_ID_FIELDS if k in layer},
     )
 
@@ -170,3 +172,20 @@ def check_vocab_mapping(d2t: torch.Tensor, t2d: torch.Tensor | None, vocab_size:
     if t2d is not None and (int(t2d.bool().sum()) != targets.numel() or not bool(t2d.bool()[targets].all())):
         raise ValueError(f"{weights_path}: tensor 't2d' does not mark exactly the {targets.numel()} target ids "
                          f"d2t maps to")
+
+
+def _mrope_section(layer: dict, head_dim: int, where: str) -> list[int] | None:
+    """The ``mrope_section`` of a draft's ``rope_scaling`` (or ``rope_parameters``): three non-negative ints
+    summing to ``head_dim / 2``; None when there is none."""
+    for field in ("rope_scaling", "rope_parameters"):
+        rope = layer.get(field)
+        if not isinstance(rope, dict) or rope.get("mrope_section") is None:
+            continue
+        section = rope["mrope_section"]
+        if (not isinstance(section, list) or len(section) != 3
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in section)
+                or 2 * sum(section) != head_dim):
+            raise ValueError(f"{where}: field '{field}.mrope_section' must be three non-negative integers summing "
+                             f"to head_dim / 2 = {head_dim // 2}, got {str(section)[:80]}")
+        return list(section)
+    return None

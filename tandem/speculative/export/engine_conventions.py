@@ -58,5 +58,10 @@ def layer_config(config: Eagle3DraftConfig, dtype: torch.dtype) -> dict:
         "torch_dtype": dtype_name(dtype),
         "dtype": dtype_name(dtype),
     }
+    if config.mrope_section is not None:
+        # SGLang's llama_eagle3 switches to the target's 3-D positions when the draft's rope_scaling has an
+        # mrope_section; vLLM always gives them to the draft of an M-RoPE target (docs/design.md, section 8).
+        # SpecForge's Qwen2.5-VL draft configs carry this same object.
+        out["rope_scaling"] = {"type": "mrope", "mrope_section": list(config.mrope_section)}
     out.update(config.extra)
     return out

@@ -476,9 +476,10 @@ class RemoteEagle3TargetModel:
 
     @contextlib.contextmanager
     def with_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
-        """``generate_batch`` calls inside send these images with their ids (a vision-language target; as
-        ``Eagle3TargetModel.with_images``): ``pixel_values [P, C*T*p*p]`` float, the image processor's patches,
-        and ``image_grid_thw [I, 3]`` long (docs/design.md, section 8: why patches travel, not pictures)."""
+        """``generate_batch``, ``supervise_async`` and ``supervise_compact`` calls inside send these images with their
+        ids (a vision-language target; as ``Eagle3TargetModel.with_images``): ``pixel_values [P, C*T*p*p]`` float,
+        the image processor's patches, and ``image_grid_thw [I, 3]`` long (docs/design.md, section 8: why patches
+        travel, not pictures)."""
         self._images = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw.long()}
         try:
             yield self
@@ -493,7 +494,8 @@ class RemoteEagle3TargetModel:
         this client's ``supervision_encoding``; arguments as ``generate_batch``. The supervision cache
         stores these. A target that cannot answer compactly is an error."""
         server = self._next_server()
-        body = wire.encode({"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask})
+        body = wire.encode({"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
+                            **self._images})
         specs = self._answer_specs(_batch_shape(input_ids), protocol.ENCODING_COMPACT)
         raw, _ = self._request_generate(server, body, {}, specs, encoding=protocol.ENCODING_COMPACT)
         try:
@@ -520,13 +522,14 @@ class RemoteEagle3TargetModel:
     ) -> concurrent.futures.Future:
         """``generate_batch`` in the background; a ``Future`` of its dict (arguments as there).
 
-        The inputs are copied at submission, so the caller may reuse them at once. When
-        ``prefetch_depth`` requests are already in flight this call blocks until one completes.
+        The inputs are copied at submission (with the images of an enclosing ``with_images``), so the caller
+        may reuse them at once. When ``prefetch_depth`` requests are already in flight this call blocks until one
+        completes.
         """
         if self._closed:
             raise RuntimeError("RemoteEagle3TargetModel is closed")
         body = [wire.encode_to_bytes({"input_ids": input_ids, "attention_mask": attention_mask,
-                                      "loss_mask": loss_mask})]
+                                      "loss_mask": loss_mask, **self._images})]
         self._slots.acquire()
         try:
             if self._executor is None:

@@ -24,7 +24,7 @@ from tandem.speculative.target.draft_layers import (  # noqa: F401 - capturable_
     validate_layer_ids,
 )
 from tandem.speculative.target.supervision import compute_supervision, shift_left
-from tandem.speculative.target.vision import mask_vision_tokens, vision_token_ids
+from tandem.speculative.target.vision import forget_rope_deltas, image_token_types, mask_vision_tokens, vision_token_ids
 
 
 class VocabMappingMissingError(RuntimeError):
@@ -171,6 +171,14 @@ class Eagle3TargetModel:
         finally:
             self._images = {}
 
+    def _image_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The images' forward arguments, with ``mm_token_type_ids [B, S]`` (1 on image tokens): without it
+        transformers cannot build M-RoPE's 3-D positions and runs the language model on 1-D ones, which is not
+        the model the engines serve (``vision.py``)."""
+        if not self._images:
+            return {}
+        return {**self._images, "mm_token_type_ids": image_token_types(input_ids, self._vision_token_ids[0])}
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -199,7 +207,11 @@ class Eagle3TargetModel:
         attention_mask = attention_mask.to(device)
         loss_mask = mask_vision_tokens(loss_mask.to(device), input_ids, self._vision_token_ids)
         ids = self._capture.expect(layer_ids)
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **self._images)
+        try:
+            outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                 **self._image_inputs(input_ids))
+        finally:
+            forget_rope_deltas(self.model)
         aux = self._capture.take(ids)
         return TargetBatch(
             aux_hidden_states=aux,

@@ -67,3 +67,54 @@ def tokenize_image_conversation(tokenizer, messages, image_grid_thw: torch.Tenso
         loss_mask[start:end] = 1
     return expand_image_tokens(torch.tensor(ids, dtype=torch.long), loss_mask, image_token_id,
                                image_positions(image_grid_thw, merge_size))
+
+
+def image_token_types(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """``mm_token_type_ids [B, S]`` int of ``input_ids [B, S]``: 1 on image tokens, 0 on text (what a Qwen-VL
+    processor returns beside the ids, and what transformers needs to build the M-RoPE positions)."""
+    return (input_ids == image_token_id).int()
+
+
+def forget_rope_deltas(model) -> None:
+    """Drop the M-RoPE offset a Qwen-VL model keeps after a forward with images (``model.model.rope_deltas``): a
+    later cached forward, a text decode, would otherwise add that image's offset (of another batch) to its
+    positions."""
+    inner = getattr(model, "model", None)
+    if getattr(inner, "rope_deltas", None) is not None:
+        inner.rope_deltas = None
+
+
+def mrope_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_grid_thw: torch.Tensor | None,
+                    image_token_id: int, merge_size: int) -> torch.Tensor:
+    """M-RoPE's 3-D positions ``[3, B, S]`` long (temporal, height, width) of a batch with images, as Qwen2-VL and
+    Qwen2.5-VL compute them (transformers' ``get_rope_index``, the engines' ``mrope_positions``): a text token's
+    three are its index among the row's real tokens, shifted back by what the images before it saved; an
+    image's run of tokens gets ``start + (t, h, w)`` over its merged ``t x h/m x w/m`` grid, and the text after
+    it starts at ``start + max(h, w)/m``. Padding positions are 0.
+
+    Arguments:
+        input_ids: ``[B, S]`` long, right-padded, each image one run of ``image_token_id``.
+        attention_mask: ``[B, S]`` 1 on real tokens.
+        image_grid_thw: ``[I, 3]`` long, the batch's images row by row (None or empty: no image).
+        image_token_id, merge_size: the target's image token and spatial merge size.
+    """
+    batch, seq = input_ids.shape
+    positions = torch.zeros(3, batch, seq, dtype=torch.long)
+    grids = iter([] if image_grid_thw is None else image_grid_thw.tolist())
+    for row in range(batch):
+        real = attention_mask[row].bool().cpu()
+        ids = input_ids[row].cpu()[real].tolist()
+        out, index, start = [], 0, 0
+        while index < len(ids):
+            if ids[index] != image_token_id:
+                out.append(torch.full((3,), start, dtype=torch.long))
+                index, start = index + 1, start + 1
+                continue
+            t, h, w = next(grids)
+            h, w = h // merge_size, w // merge_size
+            grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
+            out.extend((grid.reshape(3, -1) + start).T)
+            index, start = index + t * h * w, start + max(h, w)  # an image is t=1: HF advances by max(h, w)
+        if out:
+            positions[:, row, real] = torch.stack(out).T
+    return positions.to(input_ids.device)

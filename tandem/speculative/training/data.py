@@ -1,8 +1,11 @@
 """Chat data for EAGLE-3 draft training: JSONL -> ``input_ids`` + ``loss_mask``, batches.
 
-    read_chat_jsonl(path)                       -> list[ChatRecord]   (ShareGPT or messages format)
-    TokenizedChatDataset.from_records(...)      -> samples {input_ids [S], loss_mask [S]}
-    DeterministicBatchSampler + ChatCollator    -> batches {input_ids, attention_mask, loss_mask} [B, S]
+    read_chat_jsonl(path)                       -> list[ChatRecord]   (ShareGPT or messages format, images too)
+    TokenizedChatDataset.from_records(...)      -> samples {input_ids [S], loss_mask [S]} (+ images)
+    DeterministicBatchSampler + ChatCollator    -> batches {input_ids, attention_mask, loss_mask} [B, S] (+ patches)
+
+A conversation may hold images (content parts or top-level ``images``: ``image_records.py``); a vision-language
+target's image processor turns them into patches and placeholder positions (``image_patches.py``).
 
 Loss masks come from the tokenizer's own chat template: prefixes of the conversation are rendered and their
 token lengths diffed, so any template whose rendering of a prefix is a prefix of the whole works, with no
@@ -23,6 +26,13 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset, Sampler
+
+from tandem.speculative.training.image_records import (
+    content_text,
+    place_top_level_images,
+    resolve_image,
+    top_level_images,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +65,15 @@ class ChatRecord:
 
     ``messages`` is a list of ``{"role": "system"|"user"|"assistant", "content": str}``;
     ``extra`` holds the line's other top-level fields (e.g. ``"category"``), carried through
-    regeneration and written back by :func:`write_jsonl`.
+    regeneration and written back by :func:`write_jsonl`. ``images`` are the conversation's image files
+    (absolute paths), in the order of the ``image_records.IMAGE_MARKER`` markers in its text.
     """
 
     messages: list[Message]
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    images: list[str] = dataclasses.field(default_factory=list)
+    source: str = dataclasses.field(default="", compare=False)
+    """``file:line`` the record was read from (error messages), empty when built in code."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,8 +81,9 @@ class ChatRecord:
 # --------------------------------------------------------------------------------------------
 
 
-def _normalise_message(raw: Any, index: int, sharegpt: bool) -> Message:
-    """One message of either format -> ``{"role", "content"}``; raises ValueError saying what is wrong."""
+def _normalise_message(raw: Any, index: int, sharegpt: bool, images: list[str]) -> Message:
+    """One message of either format -> ``{"role", "content"}`` (its image parts appended to ``images``); raises
+    ValueError saying what is wrong."""
     if not isinstance(raw, dict):
         raise ValueError(f"message {index} is a {type(raw).__name__}, expected an object")
     role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
@@ -80,16 +95,19 @@ def _normalise_message(raw: Any, index: int, sharegpt: bool) -> Message:
     if role not in ROLES:
         known = sorted(SHAREGPT_ROLE_NAMES) if sharegpt else list(ROLES)
         raise ValueError(f"message {index} has unknown role {speaker!r} (expected one of {known})")
-    if not isinstance(content, str):
+    if not isinstance(content, (str, list)):
         raise ValueError(f"message {index} has {content_key!r} of type {type(content).__name__}, expected a string")
-    return {"role": role, "content": content}
+    text, found = content_text(content, f"message {index} {content_key!r}")
+    images.extend(found)
+    return {"role": role, "content": text}
 
 
-def parse_chat_record(obj: Any) -> ChatRecord:
+def parse_chat_record(obj: Any, base: Path | None = None) -> ChatRecord:
     """Normalise one decoded JSON line (ShareGPT ``conversations`` or ``messages``) to a :class:`ChatRecord`.
 
     Leading assistant turns are dropped: they answer no prompt (ShareGPT dumps often open with a
     greeting from the model), and neither a loss mask nor a regeneration can be built for them.
+    Images (``image_records.py``) are resolved relative to ``base`` and must exist.
     Raises ``ValueError`` (without file context) when the object is malformed.
     """
     if not isinstance(obj, dict):
@@ -103,13 +121,21 @@ def parse_chat_record(obj: Any) -> ChatRecord:
     raw_messages = obj[key]
     if not isinstance(raw_messages, list):
         raise ValueError(f"{key!r} is a {type(raw_messages).__name__}, expected a list")
-    messages = [_normalise_message(raw, i, sharegpt) for i, raw in enumerate(raw_messages)]
+    images: list[str] = []
+    messages = [_normalise_message(raw, i, sharegpt, images) for i, raw in enumerate(raw_messages)]
     first_prompt = next((i for i, m in enumerate(messages) if m["role"] != "assistant"), len(messages))
+    if images and first_prompt:
+        raise ValueError("the conversation opens with an assistant turn and has images; drop that turn")
     messages = messages[first_prompt:]
     if not any(m["role"] == "user" for m in messages):
         raise ValueError(f"{key!r} is empty or has no user turn")
-    extra = {k: v for k, v in obj.items() if k != key}
-    return ChatRecord(messages=messages, extra=extra)
+    top = top_level_images(obj)
+    if top and images:
+        raise ValueError("the line has both image content parts and top-level images; give its images once")
+    if top:
+        place_top_level_images(messages, len(top))
+    extra = {k: v for k, v in obj.items() if k != key and k not in ("images", "image", "image_path")}
+    return ChatRecord(messages=messages, extra=extra, images=[resolve_image(r, base) for r in images or top])
 
 
 def read_chat_jsonl(path: str | Path, limit: int | None = None) -> list[ChatRecord]:
@@ -128,7 +154,7 @@ def read_chat_jsonl(path: str | Path, limit: int | None = None) -> list[ChatReco
             if limit is not None and len(records) >= limit:
                 break
             try:
-                records.extend(_parse_line(raw))
+                records.extend(_parse_line(raw, path.parent, f"{path}:{line_number}"))
             except ValueError as error:
                 raise DataFormatError(f"{path}:{line_number}: {error}") from None
     return records
@@ -137,7 +163,7 @@ def read_chat_jsonl(path: str | Path, limit: int | None = None) -> list[ChatReco
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def _parse_line(raw: bytes) -> list[ChatRecord]:
+def _parse_line(raw: bytes, base: Path | None = None, source: str = "") -> list[ChatRecord]:
     """The record of one JSONL line (none for a blank line); ``ValueError`` saying what is wrong."""
     try:
         line = raw.decode("utf-8")
@@ -151,7 +177,8 @@ def _parse_line(raw: bytes) -> list[ChatRecord]:
         raise ValueError(f"invalid JSON: {error.msg} (column {error.colno})") from None
     except RecursionError:
         raise ValueError("invalid JSON: nested too deeply") from None
-    record = parse_chat_record(obj)
+    record = parse_chat_record(obj, base)
+    record.source = source
     if _SURROGATE_ESCAPE.search(line):  # only an escape can put a surrogate in decoded JSON
         _check_text(record)
     return [record]
@@ -178,7 +205,9 @@ def write_jsonl(path: str | Path, records: Iterable[ChatRecord]) -> int:
     count = 0
     with partial.open("w", encoding="utf-8") as handle:
         for record in records:
-            handle.write(json.dumps({"messages": record.messages, **record.extra}, ensure_ascii=False) + "\n")
+            images = {"images": record.images} if record.images else {}
+            line = {"messages": record.messages, **record.extra, **images}
+            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
             count += 1
     partial.replace(path)
     return count
@@ -292,9 +321,10 @@ def tokenize_conversation(tokenizer, messages: Sequence[Message],
 class TokenizedChatDataset(Dataset):
     """Map-style dataset of tokenised conversations.
 
-    ``dataset[i]`` is ``{"input_ids": [S_i] int64, "loss_mask": [S_i] int64}``. Build it with
-    :meth:`from_records`, which drops (and counts in ``num_dropped``) samples that have no
-    assistant token left after truncation.
+    ``dataset[i]`` is ``{"input_ids": [S_i] int64, "loss_mask": [S_i] int64}``, plus ``"images"`` (its
+    image files, in placeholder order) for a conversation with images. Build it with :meth:`from_records`,
+    which drops (and counts in ``num_dropped``) samples that have no assistant token left after truncation,
+    or an image cut by it.
     """
 
     def __init__(self, samples: list[dict[str, torch.Tensor]], num_dropped: int = 0):
@@ -303,20 +333,28 @@ class TokenizedChatDataset(Dataset):
 
     @classmethod
     def from_records(
-        cls, tokenizer, records: Iterable[ChatRecord | Sequence[Message]], max_seq_len: int
+        cls, tokenizer, records: Iterable[ChatRecord | Sequence[Message]], max_seq_len: int, images=None
     ) -> "TokenizedChatDataset":
+        """``images``: an ``image_patches.ImagePatches`` of the target, needed when a record has images."""
         samples, num_dropped = [], 0
         for record in records:
-            messages = record.messages if isinstance(record, ChatRecord) else record
-            input_ids, loss_mask = tokenize_conversation(tokenizer, messages, max_seq_len)
-            if int(loss_mask.sum()) == 0:
+            if isinstance(record, ChatRecord) and record.images:
+                if images is None:
+                    raise DataFormatError(f"{record.source or 'a record'}: the conversation has images, and no "
+                                          f"image processor was given")
+                sample = images.tokenize(tokenizer, record, max_seq_len)
+            else:
+                messages = record.messages if isinstance(record, ChatRecord) else record
+                input_ids, loss_mask = tokenize_conversation(tokenizer, messages, max_seq_len)
+                sample = {"input_ids": input_ids, "loss_mask": loss_mask}
+            if sample is None or int(sample["loss_mask"].sum()) == 0:
                 num_dropped += 1
                 continue
-            samples.append({"input_ids": input_ids, "loss_mask": loss_mask})
+            samples.append(sample)
         if num_dropped:
             logger.warning(
                 "dropped %d of %d conversations with no assistant tokens within max_seq_len=%d "
-                "(unregenerated prompts, or a prompt longer than the limit)",
+                "(unregenerated prompts, a prompt longer than the limit, or an image cut by it)",
                 num_dropped, num_dropped + len(samples), max_seq_len,
             )
         return cls(samples, num_dropped)
@@ -351,13 +389,16 @@ class ChatCollator:
 
     Returns ``{"input_ids", "attention_mask", "loss_mask"}``, each `[B, S]` int64, where ``S`` is the
     longest sample in the batch or ``pad_to`` when set (a fixed shape avoids recompiles and
-    allocator churn). Padding positions have ``attention_mask == loss_mask == 0``.
+    allocator churn). Padding positions have ``attention_mask == loss_mask == 0``. A batch with a sample
+    holding images also has ``image_patches.IMAGE_BATCH_KEYS`` (its images' patches, from ``images``).
     """
 
     pad_token_id: int
     """Id written at padding positions (:func:`pad_token_id_for` picks pad, else eos)."""
     pad_to: int | None = None
     """Pad every batch to exactly this length; samples longer than it raise ValueError."""
+    images: Any = None
+    """The target's ``image_patches.ImagePatches``: turns the samples' image files into patches."""
 
     def __call__(self, samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         longest = max(len(sample["input_ids"]) for sample in samples)
@@ -372,7 +413,12 @@ class ChatCollator:
             input_ids[row, :n] = sample["input_ids"]
             attention_mask[row, :n] = 1
             loss_mask[row, :n] = sample["loss_mask"]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+        if any(sample.get("images") for sample in samples):
+            if self.images is None:
+                raise ValueError("a sample holds images and the collator has no image processor")
+            batch.update(self.images.batch(samples))
+        return batch
 
 
 def batch_order(

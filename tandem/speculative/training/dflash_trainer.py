@@ -28,6 +28,7 @@ from tandem.speculative.training.dflash_loss import (
     sample_anchors,
     weight_sum,
 )
+from tandem.speculative.training.image_patches import batch_patches, image_context, row_images
 from tandem.speculative.training.supervision_cache import SupervisionCache, cache_identity
 from tandem.speculative.training.trainer import Trainer
 from tandem.speculative.training.vocab import DraftVocab, count_tokens, file_digest
@@ -98,9 +99,10 @@ class DFlashTrainer(Trainer):
             answer = future.result()
         elif self.supervision_cache is not None:
             answer = self.supervision_cache.supervise_compact(self.target, batch["input_ids"], batch["attention_mask"],
-                                                              batch["loss_mask"])
+                                                              batch["loss_mask"], row_images(batch))
         else:
-            answer = self.target.supervise_compact(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+            with image_context(self.target, batch_patches(batch)):
+                answer = self.target.supervise_compact(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
         missing = [k for k in COMPACT_SUPERVISION_KEYS if k not in answer]
         if missing:
             raise ValueError(f"DFlash training needs the target's compact answer; it lacks {missing} (a target whose "

@@ -53,7 +53,8 @@ def step_valid_counts(position_mask: torch.Tensor, ttt_steps: int) -> torch.Tens
 
 
 def ttt_loss(draft: Eagle3DraftModel, supervision: dict[str, torch.Tensor], attention_mask: torch.Tensor,
-             ttt_steps: int = 7, decay: float = 0.8, loss_normalizers: torch.Tensor | None = None) -> TTTResult:
+             ttt_steps: int = 7, decay: float = 0.8, loss_normalizers: torch.Tensor | None = None,
+             positions: torch.Tensor | None = None) -> TTTResult:
     """Unroll the draft ``ttt_steps`` times on one batch.
 
     Arguments:
@@ -67,6 +68,9 @@ def ttt_loss(draft: Eagle3DraftModel, supervision: dict[str, torch.Tensor], atte
         loss_normalizers: ``[K]`` valid-position counts to divide step k's summed loss and correct count
             by, instead of this batch's own (``step_valid_counts`` all-reduced over data-parallel ranks:
             each rank's loss and accuracies are then its share of the global batch's, and they sum to it).
+        positions: the target's positions of the (unshifted) tokens, ``[B, S]`` or M-RoPE's ``[3, B, S]`` long
+            (``vision.mrope_positions``: a batch with images for a Qwen-VL target); step k adds k on every axis,
+            as the engines do for each drafted token. None: ``0..S-1``.
     """
     if ttt_steps < 1:
         raise ValueError(f"ttt_steps must be at least 1, got {ttt_steps}")
@@ -76,7 +80,9 @@ def ttt_loss(draft: Eagle3DraftModel, supervision: dict[str, torch.Tensor], atte
     position_mask = supervision["position_mask"].to(device).squeeze(-1).bool()
     key_padding_mask = attention_mask.to(device).bool()
     batch, seq = input_ids.shape
-    positions = torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq)
+    if positions is None:
+        positions = torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq)
+    positions = positions.to(device)
 
     hidden = draft.project_aux(supervision["aux_hidden_states"].to(device))
     ttt_cache: list = []
@@ -123,5 +129,6 @@ class TTTObjective(nn.Module):
         self.draft, self.ttt_steps, self.decay = draft, ttt_steps, decay
 
     def forward(self, supervision: dict[str, torch.Tensor], attention_mask: torch.Tensor,
-                loss_normalizers: torch.Tensor | None = None) -> TTTResult:
-        return ttt_loss(self.draft, supervision, attention_mask, self.ttt_steps, self.decay, loss_normalizers)
+                loss_normalizers: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> TTTResult:
+        return ttt_loss(self.draft, supervision, attention_mask, self.ttt_steps, self.decay, loss_normalizers,
+                        positions)

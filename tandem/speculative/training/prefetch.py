@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+from tandem.speculative.training.image_patches import batch_patches, image_context
+
 
 class SupervisionPrefetcher:
     """Requests the supervision of the next ``depth`` micro-batches ahead of the step that needs them.
@@ -14,7 +16,8 @@ class SupervisionPrefetcher:
 
     Arguments:
         target: anything with ``supervise_async(input_ids, attention_mask, loss_mask) -> Future``.
-        micro_batch: index -> batch dict (``input_ids``, ``attention_mask``, ``loss_mask``).
+        micro_batch: index -> batch dict (``input_ids``, ``attention_mask``, ``loss_mask``; images' patches, sent
+            inside ``target.with_images``).
         depth: micro-batches requested ahead (the target may cap what is in flight further).
         stop: the first index never to request (the end of training).
     """
@@ -29,7 +32,8 @@ class SupervisionPrefetcher:
 
     def _request(self, index: int):
         batch = self.micro_batch(index)
-        future = self.target.supervise_async(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        with image_context(self.target, batch_patches(batch)):  # the request's body is built inside
+            future = self.target.supervise_async(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
         future.add_done_callback(self._timer(time.perf_counter()))
         return future
 

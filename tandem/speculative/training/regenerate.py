@@ -18,6 +18,7 @@ import torch
 from tandem.speculative.training import generation_cache
 from tandem.speculative.training.data import (
     ChatRecord,
+    DataFormatError,
     Message,
     end_of_turn_token_ids,
     pad_token_id_for,
@@ -161,7 +162,7 @@ def _decode_friendly_attention(model) -> str | None:
 
 def _copy_record(record: ChatRecord | Sequence[Message]) -> ChatRecord:
     if isinstance(record, ChatRecord):
-        return ChatRecord([dict(m) for m in record.messages], dict(record.extra))
+        return ChatRecord([dict(m) for m in record.messages], dict(record.extra), list(record.images))
     return ChatRecord([dict(m) for m in record])
 
 
@@ -228,6 +229,10 @@ def regenerate_file(
     ``limit`` keeps only the first that many conversations. Returns the number written.
     """
     records = read_chat_jsonl(in_path, limit=limit)
+    with_images = next((r for r in records if r.images), None)
+    if with_images is not None:  # the answers would be written without seeing the image: not the target's own
+        raise DataFormatError(f"{with_images.source}: regenerating conversations with images is not supported yet "
+                              f"(train on their answers as they are)")
     logger.info("regenerating %d conversations from %s", len(records), in_path)
     regenerated = regenerate(model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size)
     count = write_jsonl(out_path, regenerated)

@@ -9,7 +9,10 @@ cache as it trains equals, bit for bit, one that reads a cache filled ahead (``t
 Names can lie (a directory copied under another identity's name, two entries' files swapped), so an entry
 carries in its own bytes the digests of the sample and of the identity it answers, and every read checks
 them and each tensor's shape and dtype (``entry_problem``): a mismatch is a miss, recomputed and counted.
-Layout and atomic writes: :class:`SupervisionCache`.
+Layout and atomic writes: :class:`SupervisionCache`. A sample with images (a vision-language target) is keyed
+by its images too: by the digest of the patches its image processor made of them (``image_patches.patches_digest``),
+which is what the target reads, so a file renamed, re-encoded to the same pixels or processed alike is reused,
+and a changed image or processor setting is a new key.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 
 from tandem.speculative.target import compact
 from tandem.speculative.target.supervision import SUPERVISION_KEYS, shift_left
+from tandem.speculative.training.image_patches import Patches, image_context, patches_digest
 from tandem.speculative.training.vocab import vocab_digest
 
 logger = logging.getLogger(__name__)
@@ -41,11 +45,14 @@ ENTRY_FORMAT = 2
 _LOGGED_REFUSALS = 5
 
 
-def sample_key(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> str:
-    """SHA-256 hex of one unpadded sample: ``input_ids [S]`` and ``loss_mask [S]`` (any integer dtype)."""
+def sample_key(input_ids: torch.Tensor, loss_mask: torch.Tensor, patches: Patches | None = None) -> str:
+    """SHA-256 hex of one unpadded sample: ``input_ids [S]`` and ``loss_mask [S]`` (any integer dtype), and the
+    digest of its images' ``patches`` when it has some (a text sample's key is what it was before images)."""
     digest = hashlib.sha256()
     digest.update(input_ids.to(torch.int64).contiguous().numpy().tobytes())
     digest.update(loss_mask.to(torch.uint8).contiguous().numpy().tobytes())
+    if patches is not None:
+        digest.update(b"images:" + patches_digest(patches).encode())
     return digest.hexdigest()
 
 
@@ -173,51 +180,57 @@ class SupervisionCache:
         metadata = {ENTRY_METADATA_KEY: entry_record(key, self.identity_sha256)}
         _atomic_write_bytes(path, save({k: entry[k].contiguous().cpu() for k in self.layout}, metadata=metadata))
 
-    def entry(self, target, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One unpadded sample's entry (``input_ids [S]`` long, ``loss_mask [S]``): from disk, else asked of
-        ``target`` (``supervise_compact`` on the sample alone) and stored.
+    def entry(self, target, input_ids: torch.Tensor, loss_mask: torch.Tensor,
+              patches: Patches | None = None) -> dict[str, torch.Tensor]:
+        """One unpadded sample's entry (``input_ids [S]`` long, ``loss_mask [S]``, its images' ``patches`` or None):
+        from disk, else asked of ``target`` (``supervise_compact`` on the sample alone) and stored.
 
         Returns:
             ``aux_hidden_states [S, 3H]`` and ``final_hidden_states [S, H]`` (target dtype, shifted as the
             target answers), ``position_mask [S]`` bool.
         """
-        key = sample_key(input_ids, loss_mask)
+        key = sample_key(input_ids, loss_mask, patches)
         found = self.load(key, int(input_ids.shape[0]))
         if found is not None:
             self.hits += 1
             return found
         self.misses += 1
         ids, mask = input_ids.unsqueeze(0), loss_mask.unsqueeze(0)
-        answer = target.supervise_compact(ids, torch.ones_like(ids), mask)
+        with image_context(target, patches):
+            answer = target.supervise_compact(ids, torch.ones_like(ids), mask)
         entry = {k: answer[k][0].cpu() for k in ENTRY_KEYS}
         entry["position_mask"] = entry["position_mask"].reshape(-1).bool()
         self.store(key, entry)
         return entry
 
     def supervise(self, target, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+                  loss_mask: torch.Tensor, images: list[Patches | None] | None = None) -> dict[str, torch.Tensor]:
         """The batch's supervision (``SUPERVISION_KEYS``, as ``Eagle3TargetModel.supervise``) from per-sample entries.
 
         Arguments:
             target: an ``Eagle3TargetModel`` or ``RemoteEagle3TargetModel`` (``supervise_compact``,
                 ``draft_lm_head``), asked only for samples the cache lacks.
             input_ids, attention_mask, loss_mask: ``[B, S]``, right-padded (real tokens first).
+            images: each row's images' patches or None (``image_patches.row_images``); None: no row has any.
 
         Padded positions get zeros; they are never scored (their loss mask is 0) and never attended.
         """
-        assembled = self.supervise_compact(target, input_ids, attention_mask, loss_mask)
+        assembled = self.supervise_compact(target, input_ids, attention_mask, loss_mask, images)
         if self._draft_head is None:
             self._draft_head = target.draft_lm_head().cpu()
         full = compact.expand_supervision(assembled, self._draft_head)
         return {key: full[key] for key in SUPERVISION_KEYS}
 
     def supervise_compact(self, target, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                          loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+                          loss_mask: torch.Tensor,
+                          images: list[Patches | None] | None = None) -> dict[str, torch.Tensor]:
         """The batch's compact supervision (``compact.COMPACT_SUPERVISION_KEYS``, as the target's
         ``supervise_compact``: what a DFlash run trains on) from per-sample entries; arguments as :meth:`supervise`."""
         batch, seq = input_ids.shape
         lengths = attention_mask.sum(dim=1).tolist()
-        rows = [self.entry(target, input_ids[b, :n].cpu(), loss_mask[b, :n].cpu()) for b, n in enumerate(lengths)]
+        images = images or [None] * batch
+        rows = [self.entry(target, input_ids[b, :n].cpu(), loss_mask[b, :n].cpu(), images[b])
+                for b, n in enumerate(lengths)]
         assembled = {}
         for key in ENTRY_KEYS:
             first = rows[0][key]

@@ -27,6 +27,7 @@ from tandem.speculative.drafts.eagle3 import Eagle3DraftConfig, Eagle3DraftModel
 from tandem.speculative.export import eagle3 as draft_export
 from tandem.speculative.export.engine_conventions import parse_dtype
 from tandem.speculative.target import identity
+from tandem.speculative.target.vision import mrope_positions
 from tandem.speculative.training import checkpoint
 from tandem.speculative.training.config import TrainConfig
 from tandem.speculative.training.data import (
@@ -45,6 +46,7 @@ from tandem.speculative.training.distributed import (
     throughput_summary,
 )
 from tandem.speculative.training.eagle3_loss import TTTObjective, step_valid_counts
+from tandem.speculative.training.image_patches import ImagePatches, batch_patches, image_context, row_images
 from tandem.speculative.training.prefetch import SupervisionPrefetcher
 from tandem.speculative.training.supervision_cache import SupervisionCache, cache_identity
 from tandem.speculative.training.time_limit import TimeLimit
@@ -141,15 +143,36 @@ class Trainer:
         if not self.config.data:
             raise ValueError("no training data: pass --data PATH (chat JSONL; see `tandem regenerate`)")
         records = read_chat_jsonl(self.config.data)
-        self.dataset = TokenizedChatDataset.from_records(self.tokenizer, records, self.config.max_seq_len)
+        self.images = self._image_patches(records)
+        self.dataset = TokenizedChatDataset.from_records(self.tokenizer, records, self.config.max_seq_len, self.images)
         self.global_batch_size = self.config.batch_size * self.dist.world_size
         if len(self.dataset) < self.global_batch_size:
             raise ValueError(f"{self.config.data}: {len(self.dataset)} usable conversations, fewer than the global "
                              f"batch batch_size={self.config.batch_size} x world_size={self.dist.world_size}")
-        self.collate = ChatCollator(pad_token_id=pad_token_id_for(self.tokenizer))
+        self.collate = ChatCollator(pad_token_id=pad_token_id_for(self.tokenizer), images=self.images)
         self._epoch_orders: dict[int, list[list[int]]] = {}
         if self.dist.is_main:
-            logger.info("data: %d conversations, %d trained tokens", len(self.dataset), self.dataset.num_loss_tokens())
+            with_images = sum(1 for sample in self.dataset.samples if sample.get("images"))
+            logger.info("data: %d conversations (%d with images), %d trained tokens", len(self.dataset), with_images,
+                        self.dataset.num_loss_tokens())
+
+    def _image_patches(self, records) -> ImagePatches | None:
+        """The target's image processor when a record has images (None otherwise); refused in one line for a
+        text-only target or a target without an image processor."""
+        first = next((r for r in records if r.images), None)
+        if first is None:
+            return None
+        from tandem.models import load_target_config
+
+        spec = self.config.tokenizer or self.config.target
+        model = getattr(self.target, "model", None)
+        full_config = model.config if model is not None else load_target_config(spec)
+        try:
+            return ImagePatches.for_target(spec, full_config, self.tokenizer, first.source)
+        except ValueError as exc:
+            hint = (" (a remote target's processor and config are read from --tokenizer: pass the target's "
+                    "directory or hub id)") if model is None and not self.config.tokenizer else ""
+            raise type(exc)(f"{exc}{hint}") from None
 
     def _build_vocab(self) -> None:
         vocab_size = self.model_info["vocab_size"]
@@ -374,7 +397,9 @@ class Trainer:
             normalizers = self._global_valid_counts(supervision)
             with self.dist.no_sync(self.objective, sync=k == len(batches) - 1):
                 with self.autocast():
-                    result = self.objective(supervision, batch["attention_mask"], normalizers)
+                    positions = self.draft_positions(batch)
+                    result = self.objective(supervision, batch["attention_mask"], normalizers,
+                                            *(() if positions is None else (positions,)))
                 # Data parallel: the loss is this rank's share of the global mean, and DDP averages the
                 # gradients over W ranks, so W x share backpropagates the global mean's gradient.
                 (result.loss * self.dist.world_size / len(batches)).backward()
@@ -388,6 +413,15 @@ class Trainer:
         self._count_throughput(tokens, elapsed, wait, synchronous=supervisions is None, requests=len(batches))
         return self._step_metrics(lr, results, grad_norm, tokens, elapsed, wait)
 
+    def draft_positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The positions the engines give the draft for a batch: M-RoPE's ``[3, B, S]`` for a batch with images
+        and a draft with ``mrope_section`` (a Qwen-VL target), else None (``0..S-1``: M-RoPE's for text)."""
+        patches = batch_patches(batch)
+        if patches is None or getattr(self.draft.config, "mrope_section", None) is None:
+            return None
+        return mrope_positions(batch["input_ids"], batch["attention_mask"], patches[1], self.images.image_token_id,
+                               self.images.merge_size)
+
     def supervision_for(self, batch: dict[str, torch.Tensor], future=None) -> dict[str, torch.Tensor]:
         """A micro-batch's supervision: a prefetched ``future``'s, else from the supervision cache (asking the
         target for the samples it lacks), else the target's answer, asked now."""
@@ -395,8 +429,9 @@ class Trainer:
             return future.result()
         if self.supervision_cache is not None:
             return self.supervision_cache.supervise(self.target, batch["input_ids"], batch["attention_mask"],
-                                                    batch["loss_mask"])
-        return self.target.supervise(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+                                                    batch["loss_mask"], row_images(batch))
+        with image_context(self.target, batch_patches(batch)):
+            return self.target.supervise(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
 
     def fill_supervision_cache(self) -> tuple[int, int]:
         """Compute every sample's cache entry that is missing (this rank: samples r, r+W, ...); returns
@@ -409,7 +444,8 @@ class Trainer:
                    disable=not (self.config.show_progress and self.dist.is_main), dynamic_ncols=True)
         for index in bar:
             sample = self.dataset[index]
-            cache.entry(self.target, sample["input_ids"], sample["loss_mask"])
+            patches = self.images.patches(sample["images"]) if sample.get("images") else None
+            cache.entry(self.target, sample["input_ids"], sample["loss_mask"], patches)
             bar.set_postfix(computed=cache.misses, reused=cache.hits, refresh=False)
         bar.close()
         logger.info("%s", cache.summary())

@@ -250,3 +250,28 @@ def test_eval_command_against_a_server_reports_what_the_in_process_eval_does(ser
     assert remote["target_url"] == server.url and remote["outputs_match"] and remote["prompts"] == 3
     for key in ("acceptance_length", "step0_accuracy", "new_tokens"):
         assert remote[key] == local[key], key
+
+
+def test_decoding_through_two_gloo_ranks_equals_greedy_chain_and_tree(target_dir, local, trained_draft, tmp_path):
+    """``/verify`` under tensor parallelism: each rank keeps its shard of every decode cache, replays rank 0's crops
+    and kept branches on it, and runs each decoding forward; greedy, chain and tree decoding through the server give
+    the single-process greedy tokens (a peaked target: no near-tie for the shards' summation order to flip)."""
+    from tandem.speculative.decoding.decode import greedy_decode, speculative_decode
+    from tandem.speculative.decoding.tree import TreeShape
+
+    draft, prompts = trained_draft
+    server = start_tiny_server(target_dir, tmp_path / "serve-target.log", "--nproc-per-node", "2")
+    try:
+        with RemoteEagle3TargetModel(server.url, enable_nccl=False) as remote:
+            accepted_any = accepted_deep = False
+            for prompt in prompts[:3]:
+                greedy = greedy_decode(local, prompt, 24).tokens
+                assert greedy_decode(remote, prompt, 24).tokens == greedy
+                chain = speculative_decode(remote, draft, prompt, 24, 4)
+                tree = speculative_decode(remote, draft, prompt, 24, tree=TreeShape(depth=3, top_k=3, size=6))
+                assert chain.tokens == tree.tokens == greedy
+                accepted_any |= chain.target_forwards < len(chain.tokens)  # a crop after a partial acceptance
+                accepted_deep |= len(tree.tokens) >= 2 * tree.target_forwards  # kept branches of 2+ nodes
+            assert accepted_any and accepted_deep
+    finally:
+        server.stop()

@@ -13,7 +13,12 @@ import torch
 
 from tandem.speculative.drafts.eagle3 import Eagle3DraftConfig, Eagle3DraftModel
 from tandem.speculative.target.model import Eagle3TargetModel, UnsupportedTargetError
-from tandem.speculative.target.vision import image_positions, tokenize_image_conversation
+from tandem.speculative.target.vision import (
+    image_positions,
+    image_token_types,
+    mrope_positions,
+    tokenize_image_conversation,
+)
 from tandem.speculative.training.eagle3_loss import ttt_loss
 from tandem.speculative.training.vocab import build_draft_vocab
 from tests.conftest import TINY_VOCAB_SIZE
@@ -100,3 +105,60 @@ def test_images_for_a_text_only_target_are_refused():
     with pytest.raises(UnsupportedTargetError, match="not a vision-language model"):
         with target.with_images(*_patches(0)):
             pass
+
+
+def _two_rows():
+    """A batch of two image conversations (a 56 x 56 image, and a 112 x 56 one in a shorter row, right-padded):
+    ``(input_ids [2, S], attention_mask [2, S], loss_mask [2, S], pixel_values, image_grid_thw [2, 3])``."""
+    tokenizer = build_vision_tokenizer()
+    first_pixels, first_grid = _patches(0)
+    wide = [{"role": "user", "content": "<|vision_start|><|image_pad|><|vision_end|>hm"},
+            {"role": "assistant", "content": "wide"}]
+    wide_pixels, wide_grid = _wide_patches()
+    rows = [tokenize_image_conversation(tokenizer, CONVERSATION, first_grid, IMAGE_TOKEN_ID, MERGE),
+            tokenize_image_conversation(tokenizer, wide, wide_grid, IMAGE_TOKEN_ID, MERGE)]
+    seq = max(len(ids) for ids, _ in rows)
+    ids, attention, loss = (torch.zeros(2, seq, dtype=torch.long) for _ in range(3))
+    for b, (row_ids, row_loss) in enumerate(rows):
+        ids[b, :len(row_ids)], attention[b, :len(row_ids)], loss[b, :len(row_ids)] = row_ids, 1, row_loss
+    return ids, attention, loss, torch.cat([first_pixels, wide_pixels]), torch.cat([first_grid, wide_grid])
+
+
+def _wide_patches():
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    pixels = (np.random.RandomState(7).rand(56, 112, 3) * 255).astype("uint8")
+    processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=MERGE,
+                                         temporal_patch_size=2)
+    out = processor(images=[Image.fromarray(pixels)], return_tensors="pt")
+    return out["pixel_values"], out["image_grid_thw"]
+
+
+def test_mrope_positions_are_transformers_get_rope_index(vlm):
+    ids, attention, _loss, _pixels, grid = _two_rows()
+    want, _deltas = vlm.model.model.get_rope_index(ids, image_token_types(ids, IMAGE_TOKEN_ID), grid,
+                                                   attention_mask=attention)
+    got = mrope_positions(ids, attention, grid, IMAGE_TOKEN_ID, MERGE)
+    assert torch.equal(got[:, attention.bool()], want[:, attention.bool()])
+    after = int((ids[1] == IMAGE_TOKEN_ID).nonzero()[-1]) + 1  # the text after the wide image (grid 1 x 2 x 4)
+    assert int(got[0, 1, after]) == after - (8 - 4)  # 8 image tokens advance the positions by max(2, 4) = 4
+
+
+def test_the_language_model_runs_on_mrope_positions_with_an_image(vlm):
+    ids, attention, loss, pixels, grid = _two_rows()
+    with vlm.with_images(pixels, grid):
+        aux = vlm.generate_batch(ids, attention, loss).aux_hidden_states
+    assert getattr(vlm.model.model, "rope_deltas", None) is None  # no offset left for a later decode
+    with torch.no_grad():
+        states = vlm.model(input_ids=ids, attention_mask=attention, pixel_values=pixels, image_grid_thw=grid,
+                           mm_token_type_ids=image_token_types(ids, IMAGE_TOKEN_ID),
+                           output_hidden_states=True).hidden_states
+        one_d = vlm.model(input_ids=ids, attention_mask=attention, pixel_values=pixels, image_grid_thw=grid,
+                          output_hidden_states=True).hidden_states  # no token types: 1-D positions
+    vlm.model.model.rope_deltas = None
+    real = attention.bool()
+    want = torch.cat([states[i + 1] for i in vlm.aux_layer_ids], -1)
+    torch.testing.assert_close(aux[real], want[real], rtol=0, atol=0)
+    first = int((ids[0] == IMAGE_TOKEN_ID).nonzero()[0])
+    assert not torch.allclose(one_d[-1][0, first + 4:], states[-1][0, first + 4:], atol=1e-5)  # 1-D: another model

@@ -53,8 +53,8 @@ def add_serve_target_parser(subparsers) -> None:
     p.add_argument("--device", default=None, help="where the target runs (default: cuda if available, else cpu)")
     p.add_argument("--nproc-per-node", type=int, default=1,
                    help="serve the target across this many local processes with transformers' tensor parallelism "
-                        "(tp_plan=auto; one GPU each, or gloo ranks on CPU); rank 0 serves HTTP, supervision only "
-                        "(default: 1)")
+                        "(tp_plan=auto; one GPU each, or gloo ranks on CPU); rank 0 serves HTTP: supervision and "
+                        "/verify (default: 1)")
     p.add_argument("--device-map", default=None,
                    help="place the target's layers over this process's devices with accelerate (auto, balanced, "
                         "sequential), for a target larger than one GPU (default: one device, --device)")
@@ -150,19 +150,18 @@ def cmd_serve_target(args) -> int:
     from tandem.speculative.target.identity import describe, target_identity
 
     model, tokenizer, rank_device = _load_placed_target(args, device)
-    target = Eagle3TargetModel(model, args.aux_layer_ids)
+    wrapper = Eagle3TargetModel if rank_device is None else tensor_parallel.TensorParallelEagle3Target
+    target = wrapper(model, args.aux_layer_ids)
     started = time.perf_counter()
     identity = target_identity(model, target.aux_layer_ids, name=args.model, tokenizer=tokenizer)  # every rank
     if rank_device is not None and torch.distributed.get_rank() > 0:
-        target.close()
-        forwards = tensor_parallel.follow(model, rank_device)
+        forwards = tensor_parallel.follow(target, rank_device)
         logger.info("rank %d: ran %d forwards; rank 0 stopped", torch.distributed.get_rank(), forwards)
         return 0
     logger.info("serving %s (identity computed in %.1f s)", describe(identity), time.perf_counter() - started)
     served = target
     if rank_device is not None:
-        tensor_parallel.announce_forwards(model, rank_device)
-        served = tensor_parallel.SupervisionOnlyTarget(target)
+        served = tensor_parallel.TensorParallelTarget(target, tensor_parallel.Announcer(model, rank_device))
     logic = TargetModelServer(
         served,
         identity=identity,
