@@ -363,6 +363,12 @@ def cmd_demo(args) -> int:
     from tandem.demo import DemoConfig, run_demo
 
     config = config_from_args(DemoConfig, args)
+    if config.method == "dflash":
+        from tandem.demo_dflash import run_dflash_demo
+
+        return run_dflash_demo(config)
+    if config.method != "eagle3":
+        raise ValueError(f"--method must be eagle3 or dflash, got {config.method!r}")
     return run_demo(config)
 
 
