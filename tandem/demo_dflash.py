@@ -5,7 +5,10 @@ budget sized from this machine's measured rates (a DFlash training step and a DF
 decode-time block size), the draft trained against a ``tandem serve-target`` subprocess on loopback, then measured
 in a fresh process by real speculative decoding of the held-out prompts at each ``eval_block_sizes`` block (every
 output checked equal to greedy decoding), and exported in the native format vLLM and SGLang load and in the
-speculators ``dflash`` format. ``summary.json`` holds one row per decode-time block size.
+speculators ``dflash`` format. ``summary-dflash.json`` holds one row per decode-time block size.
+
+Everything it writes has a DFlash name (``train-dflash/``, ``summary-dflash.json``, ``training-dflash.png``...),
+so the EAGLE-3 demo's results in the same ``--out`` stay, and the regenerated data there serves both.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from tandem.demo_budget import Plan, Rates, Workload, _generation_rate, _timed, 
 logger = logging.getLogger(__name__)
 
 SPECULATORS_DIRNAME = "dflash-draft-speculators"
+RUN_DIRNAME = "train-dflash"
 # Acceptance the evaluation estimate assumes for a trained draft (a short CPU run: docs/benchmarks.md).
 ASSUMED_ACCEPTANCE = 1.5
 
@@ -181,7 +185,7 @@ def _train_config(config: DemoConfig, data_path: Path, out: Path):
     from tandem.speculative.training.config import TrainConfig
 
     return TrainConfig(
-        method="dflash", data=str(data_path), output_dir=str(out / "train"), target=config.target,
+        method="dflash", data=str(data_path), output_dir=str(out / RUN_DIRNAME), target=config.target,
         dtype=config.dtype, total_steps=config.total_steps, batch_size=config.batch_size,
         max_seq_len=config.max_seq_len, learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
         save_every=max(config.total_steps // 4, 1), block_size=config.block_size, draft_layers=config.draft_layers,
@@ -197,15 +201,15 @@ def _train(config: DemoConfig, data_path: Path, tokenizer, target, out: Path, ph
     from tandem.speculative.training.target_factory import build_target
 
     train_config = _train_config(config, data_path, out)
-    if (out / "train").exists():
-        logger.info("removing the previous demo run's %s (the demo always trains from scratch)", out / "train")
-        shutil.rmtree(out / "train")
+    if (out / RUN_DIRNAME).exists():
+        logger.info("removing the previous demo run's %s (the demo always trains from scratch)", out / RUN_DIRNAME)
+        shutil.rmtree(out / RUN_DIRNAME)
     server = None
     started = time.perf_counter()
     if config.remote:
         from tandem.speculative.remote.launch import start_target_server
 
-        server = start_target_server(config.target, log_path=out / "serve-target.log",
+        server = start_target_server(config.target, log_path=out / "serve-target-dflash.log",
                                      extra_args=("--dtype", config.dtype))
         train_config.target_urls = [server.url]
     try:
@@ -261,12 +265,12 @@ def _evaluate(config: DemoConfig, target, tokenizer, drafts: dict) -> dict[str, 
 
 def _evaluate_in_fresh_process(config: DemoConfig, out: Path, drafts: dict[str, Path]) -> dict:
     """``_evaluate`` in a child process on the exported drafts (why: ``demo._evaluate_in_fresh_process``)."""
-    request = {"config": asdict(config), "answer": str(out / "evaluation.json"),
+    request = {"config": asdict(config), "answer": str(out / "evaluation-dflash.json"),
                "drafts": {name: str(path) for name, path in drafts.items()}}
-    request_path = out / "evaluation-request.json"
+    request_path = out / "evaluation-request-dflash.json"
     request_path.write_text(json.dumps(request, indent=2))
     subprocess.run([sys.executable, "-m", "tandem.demo_dflash", str(request_path)], check=True)
-    answer = json.loads((out / "evaluation.json").read_text())
+    answer = json.loads((out / "evaluation-dflash.json").read_text())
     return {name: {int(size): row for size, row in rows.items()} for name, rows in answer["results"].items()}
 
 
@@ -318,7 +322,7 @@ def run_dflash_demo(config: DemoConfig) -> int:
     target = None if config.remote else Eagle3TargetModel(model, draft_method="dflash",
                                                           num_draft_layers=config.draft_layers)
     trainer, untrained_draft, train_seconds = _train(config, data_path, tokenizer, target, out, phases)
-    _plot(out / "train" / "metrics.jsonl", out / "training.png", "DFlash blocks")
+    _plot(out / RUN_DIRNAME / "metrics.jsonl", out / "training-dflash.png", "DFlash blocks")
     dtype = next(model.parameters()).dtype
     exported = _export(trainer, untrained_draft, out, dtype)
     evaluated = time.perf_counter()
@@ -327,7 +331,7 @@ def run_dflash_demo(config: DemoConfig) -> int:
     phases["evaluate_s"] = time.perf_counter() - evaluated
     summary = _summary(config, plan, phases, results, exported, dtype, train_seconds,
                        time.perf_counter() - started, trainer.draft.config)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary-dflash.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print_table(summary, out)
     rows = [*summary["trained"], *summary["untrained"]]
     return 0 if all(r["exact_up_to_ties"] for r in rows) else 1
@@ -371,7 +375,7 @@ def _print_table(summary: dict, out: Path) -> None:
     print("time: " + ", ".join(f"{name.removesuffix('_s').replace('_', ' ')} {seconds:.0f} s"
                                for name, seconds in summary["phases"].items()))
     print(f"draft: {summary['exported_draft']} (speculators: {summary['exported_speculators']})   "
-          f"plot: {out / 'training.png'}   summary: {out / 'summary.json'}")
+          f"plot: {out / 'training-dflash.png'}   summary: {out / 'summary-dflash.json'}")
 
 
 if __name__ == "__main__":  # the demo's evaluation child (see _evaluate_in_fresh_process)

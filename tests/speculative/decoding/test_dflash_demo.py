@@ -34,20 +34,21 @@ def test_the_dflash_demo_trains_remotely_exports_both_formats_and_decodes_equal_
     config = tiny_demo_config(tmp_path)
     assert main(["demo", *as_flags(config)]) == 0  # as typed: tandem demo --method dflash ...
     out = tmp_path / "demo"
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary-dflash.json").read_text())
     assert summary["method"] == "dflash" and summary["config"]["total_steps"] == 4
     assert [r["block_size"] for r in summary["trained"]] == [2, 4]
     assert [r["block_size"] for r in summary["untrained"]] == [2]
     for row in summary["trained"] + summary["untrained"]:
         assert row["outputs_match"] and row["new_tokens"] > 0 and row["acceptance_length"] >= 1.0
     assert summary["trained"][0]["prompts"] == 2 and summary["untrained"][0]["prompts"] == 1
-    native = json.loads((out / "train" / "dflash-draft" / "config.json").read_text())
-    speculators = json.loads((out / "train" / "dflash-draft-speculators" / "config.json").read_text())
+    native = json.loads((out / "train-dflash" / "dflash-draft" / "config.json").read_text())
+    speculators = json.loads((out / "train-dflash" / "dflash-draft-speculators" / "config.json").read_text())
     assert native["architectures"] == [DFLASH_ARCHITECTURE] and native["dflash_config"]["block_size"] == 4
     assert speculators["speculators_model_type"] == "dflash" and speculators["block_size"] == 4
     assert is_dflash_export(summary["exported_draft"]) and is_dflash_export(summary["exported_speculators"])
-    assert (out / "training.png").is_file() and (out / "serve-target.log").is_file()
-    metrics = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert (out / "training-dflash.png").is_file() and (out / "serve-target-dflash.log").is_file()
+    assert (out / "train_regenerated.jsonl").is_file()  # the data, named as the EAGLE-3 demo's: both reuse it
+    metrics = [json.loads(line) for line in (out / "train-dflash" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == 4
     assert "DFlash speculative decoding of held-out prompts" in capsys.readouterr().out
 
