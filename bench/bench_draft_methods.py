@@ -4,8 +4,8 @@
     .venv/bin/python -m bench.bench_draft_methods --quick                                   # tiny random target
 
 Each method trains in-process from its own supervision cache (filled first, not counted) for as many steps as
-``--train-seconds`` allow at its step rate, measured on random supervision of the data's mean sequence length
-(the demo's budget rule; the seconds each run really took are reported). EAGLE-3 trains with the demo's recipe;
+``--train-seconds`` allow at its step rate, timed on ``--calibration-steps`` real steps of a throwaway run first
+(the seconds each run really took are reported). EAGLE-3 trains with the demo's recipe;
 DFlash with the demo's DFlash recipe at the reference's block of 16 (so it can decode at 4, 8 and 16). Then every
 held-out prompt is decoded back to back: plainly, by EAGLE-3 as a chain of 2 and as the 3,8,24 tree, and by
 DFlash at blocks 4, 8 and 16; each speed-up is against the plain decodes of the same moment, and every output is
@@ -69,26 +69,9 @@ def _train_configs(args, data: Path, target_spec: str) -> dict:
     return {"eagle3": eagle3, "dflash": dflash}
 
 
-def _step_seconds(model, config, seq: int) -> float:
-    """One training step of ``config``'s method on random supervision (``demo_budget`` / ``demo_dflash``)."""
-    from dataclasses import replace
-
-    from tandem.demo import DemoConfig
-
-    dtype = next(model.parameters()).dtype
-    if config.method == "dflash":
-        from tandem.demo_dflash import _train_step_s
-
-        demo = replace(DemoConfig(), batch_size=config.batch_size, block_size=config.block_size,
-                       draft_layers=config.draft_layers, num_anchors=config.num_anchors)
-        return _train_step_s(model, demo, seq, dtype)
-    from tandem.demo_budget import _train_step_s
-
-    return _train_step_s(model, config.batch_size, seq, config.ttt_steps, config.draft_vocab_size, dtype)
-
-
-def _train(model, tokenizer, config, train_seconds: float) -> dict:
-    """Fill the method's cache, size the run to ``train_seconds``, train; returns the trainer and the timings."""
+def _train(model, tokenizer, config, train_seconds: float, calibration_steps: int) -> dict:
+    """Fill the method's cache, time ``calibration_steps`` real steps of a throwaway run, size the run to
+    ``train_seconds`` at that rate, train; returns the trainer and the timings."""
     from dataclasses import replace
 
     from tandem.speculative.target.model import Eagle3TargetModel
@@ -96,16 +79,19 @@ def _train(model, tokenizer, config, train_seconds: float) -> dict:
 
     target = (Eagle3TargetModel(model, draft_method="dflash", num_draft_layers=config.draft_layers)
               if config.method == "dflash" else Eagle3TargetModel(model))
-    probe = trainer_class_for(config.method)(replace(config, total_steps=1), target=target, tokenizer=tokenizer)
-    lengths = [int(probe.dataset[i]["input_ids"].numel()) for i in range(len(probe.dataset))]
-    seq = min(config.max_seq_len, round(sum(lengths) / len(lengths)))
-    step_s = _step_seconds(model, config, seq)
+    trainer_class = trainer_class_for(config.method)
+    probe_config = replace(config, total_steps=calibration_steps, save_every=10 ** 9,
+                           output_dir=config.output_dir + "-calibration")
+    probe = trainer_class(probe_config, target=target, tokenizer=tokenizer)
+    started = time.perf_counter()
+    probe.fill_supervision_cache()
+    cache_s = time.perf_counter() - started
+    started = time.perf_counter()
+    probe.train()  # the export at its end is counted too: a slight overestimate of a step
+    step_s = (time.perf_counter() - started) / calibration_steps
     steps = max(int(train_seconds / step_s), 3)
     config = replace(config, total_steps=steps, save_every=steps)
-    trainer = trainer_class_for(config.method)(config, target=target, tokenizer=tokenizer)
-    started = time.perf_counter()
-    trainer.fill_supervision_cache()
-    cache_s = time.perf_counter() - started
+    trainer = trainer_class(config, target=target, tokenizer=tokenizer)
     started = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - started
@@ -114,24 +100,30 @@ def _train(model, tokenizer, config, train_seconds: float) -> dict:
 
 
 @torch.no_grad()
-def verify_ms(model, tokens: int, runs: int = 5, context: int = 96) -> float:
-    """Milliseconds of the target's forward over ``tokens`` new positions on a ``context``-token KV cache (the
-    verification of a round; ``tokens`` 1: a plain decoding step), median of ``runs``."""
+def verify_ms(model, tokenizer, sizes: list[int], runs: int = 9) -> dict[int, float]:
+    """Milliseconds of the target's forward over ``n`` new positions for each ``n`` in ``sizes`` (1: a plain
+    decoding step), on a KV cache holding a held-out prompt and the first 16 tokens of the target's answer, the
+    positions being the answer's next tokens (peaked logits, as in real decoding: ``bench_quality.decode_text``);
+    the sizes interleaved, medians of ``runs``."""
+    from bench.bench_quality import decode_text
     from tandem.speculative.target.model import Eagle3TargetModel
 
-    session = Eagle3TargetModel(model).decode_session()
+    target = Eagle3TargetModel(model)
+    prompt, answer = decode_text(target, tokenizer, 32, max(sizes))
+    session = target.decode_session()
+    times: dict[int, list[float]] = {n: [] for n in sizes}
     try:
-        session.extend(torch.randint(3, model.config.vocab_size, (1, context)))
-        block = torch.randint(3, model.config.vocab_size, (1, tokens))
-        times = []
-        for _ in range(runs + 1):
-            started = time.perf_counter()
-            session.extend(block)
-            times.append(time.perf_counter() - started)
-            session.crop(context)
+        session.extend(prompt)
+        for run in range(runs + 1):  # the first round warms every shape up
+            for n in sizes:
+                started = time.perf_counter()
+                session.extend(answer[:, :n])
+                if run:
+                    times[n].append(time.perf_counter() - started)
+                session.crop(prompt.shape[1])
     finally:
         session.close()
-    return 1e3 * common.median(times[1:])
+    return {n: 1e3 * common.median(t) for n, t in times.items()}
 
 
 def _decoders(trained: dict, dtype: torch.dtype) -> dict:
@@ -173,20 +165,24 @@ def _evaluate(model, tokenizer, trained: dict, args) -> list[dict]:
             results[key].append(decode(target, prompt, args.max_new_tokens, stop))
         print(f"prompt {index + 1}/{len(prompts)} decoded", flush=True)
     step_ms = 1e3 * sum(r.wall_s for r in greedy) / sum(r.target_forwards for r in greedy)
+    verify = verify_ms(model, tokenizer, sorted({1, *(n for _, n in decoders.values())}))
     rows = []
     for (method, decoding), (_, verified) in decoders.items():
         summary = summarize(greedy, results[(method, decoding)])
         spec = results[(method, decoding)]
         round_ms = 1e3 * sum(r.wall_s for r in spec) / sum(r.target_forwards for r in spec)
-        verify = verify_ms(model, verified)
         run = trained[method]
+        # The verification's share of a round: its cost against a 1-token forward (timed alone), in the decodes'
+        # own step time (which carries the decode loop's overheads as a round does).
+        verifying = verify[verified] / verify[1] * step_ms
         rows.append({"method": method, "decoding": decoding, "acceptance_length": summary.acceptance_length,
-                     "speedup": summary.speedup, "round_ms": round_ms, "verify_ms": verify,
-                     "draft_ms": round_ms - verify, "breakeven_acceptance": round_ms / step_ms,
+                     "speedup": summary.speedup, "round_ms": round_ms, "verify_ms": verifying,
+                     "draft_ms": round_ms - verifying, "breakeven_acceptance": round_ms / step_ms,
                      "outputs_match": summary.exact_up_to_ties, "train_steps": run["steps"],
                      "train_step_s": run["train_step_s"], "train_s": run["train_s"], "cache_s": run["cache_s"],
                      "verified_tokens": verified, "greedy_step_ms": step_ms, "prompts": summary.prompts,
-                     "new_tokens": summary.new_tokens, "diverged": summary.diverged})
+                     "new_tokens": summary.new_tokens, "diverged": summary.diverged,
+                     "verify_vs_step": verify[verified] / verify[1], "plain_step_verify_ms": verify[1]})
     return rows
 
 
@@ -197,6 +193,8 @@ def main(argv=None) -> int:
     p.add_argument("--target", default="default", help="the target the data was regenerated by (default: SmolLM2)")
     p.add_argument("--dtype", default="auto", help="target dtype (auto: bf16 where native, else float32)")
     p.add_argument("--train-seconds", type=float, default=300.0, help="training wall time of each method")
+    p.add_argument("--calibration-steps", type=int, default=8,
+                   help="real training steps timed first, to size each run to --train-seconds")
     p.add_argument("--prompts", type=int, default=8, help="held-out prompts decoded")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens decoded a prompt")
     p.add_argument("--work", type=Path, default=Path("runs/bench_draft_methods"),
@@ -206,13 +204,13 @@ def main(argv=None) -> int:
         import tempfile
 
         args.work = Path(tempfile.mkdtemp(prefix="bench_draft_methods_"))
-        args.train_seconds, args.prompts, args.max_new_tokens = 2.0, 2, 8
+        args.train_seconds, args.prompts, args.max_new_tokens, args.calibration_steps = 2.0, 2, 8, 2
     torch.manual_seed(0)
     model, tokenizer, data = _load(args)
     spec = str(args.work / "tiny-target") if args.quick else args.target
     trained = {}
     for method, config in _train_configs(args, data, spec).items():
-        trained[method] = _train(model, tokenizer, config, args.train_seconds)
+        trained[method] = _train(model, tokenizer, config, args.train_seconds, args.calibration_steps)
         print(f"{method}: {trained[method]['steps']} steps in {trained[method]['train_s']:.0f} s "
               f"(estimated {trained[method]['estimated_step_s']:.2f} s a step)", flush=True)
     rows = _evaluate(model, tokenizer, trained, args)
