@@ -434,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --target-url: the most one request to the server may take, from connecting to the "
                         "answer's last byte, retries included; a server that sends nothing or drips its answer "
                         "is given up then (default: 300)")
-    p.add_argument("--prompts", default="heldout", help="chat JSONL, or 'heldout' / 'train' (default: heldout)")
+    p.add_argument("--prompts", default="heldout", help="chat JSONL, or a shipped set: 'heldout', 'train' or 'unseen' "
+                        "(default: heldout)")
     p.add_argument("--limit", type=int, default=20, help="number of prompts (default: 20)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default: 64)")
     p.add_argument("--draft-tokens", type=_draft_tokens, default=4,

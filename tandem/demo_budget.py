@@ -86,13 +86,15 @@ def _train_step_s(model, batch: int, seq: int, ttt_steps: int, draft_vocab: int,
 
     vocab = min(draft_vocab, model.config.vocab_size)
     draft = Eagle3DraftModel(Eagle3DraftConfig.from_target_config(model.config, vocab)).train()
+    # Frozen as the trainer freezes it: the embedding's gradient and AdamW update would price a step at 1.75x.
+    draft.seed_from_target(model.get_input_embeddings().weight)
     hidden = model.config.hidden_size
     supervision = {"aux_hidden_states": torch.randn(batch, seq, 3 * hidden, dtype=dtype),
                    "target_probs": torch.softmax(torch.randn(batch, seq, vocab), -1),
                    "position_mask": torch.ones(batch, seq, 1, dtype=torch.bool),
                    "input_ids": torch.randint(0, vocab, (batch, seq)), "loss_mask": torch.ones(batch, seq)}
     mask = torch.ones(batch, seq, dtype=torch.long)
-    optimizer = torch.optim.AdamW(draft.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=1e-4)
     autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
 
     def step() -> None:
@@ -167,6 +169,13 @@ def plan_demo(work: Workload, rates: Rates) -> Plan:
         notes.append(f"training data and supervision kept from an earlier run: {prompts} prompts, no data cost")
     else:
         prompts = int(min(work.prompts_available, max(work.data_share * free, 0) / per_prompt))
+        # When the steps that fit would exceed max_epochs over those prompts, the time is better spent on more
+        # distinct data (a short run memorises): the prompts at which the epoch cap and the budget meet.
+        balanced = max(free, 0) / (per_prompt + work.max_epochs * rates.train_step_s / work.batch_size)
+        if balanced > prompts:
+            prompts = int(min(work.prompts_available, balanced))
+            notes.append(f"more prompts than the {work.data_share:.0%} data share buys: at most {work.max_epochs:g} "
+                         f"epochs over them use the rest of the budget")
         prompts = max(prompts, min(work.prompts_available, 4 * work.batch_size))
         data = prompts * per_prompt
         notes.append(f"{prompts} of {work.prompts_available} prompts regenerated and cached ({per_prompt:.2f} s each)")
@@ -200,7 +209,7 @@ def budget_plan(config, model, tokenizer, elapsed_s: float, reusable_prompts: in
                           draft_vocab=config.draft_vocab_size)
     measuring = time.perf_counter() - started
     tokens = config.eval_max_new_tokens
-    eval_tokens = tokens * (config.untrained_eval_prompts * 2.6 + config.eval_prompts * 2.2
+    eval_tokens = tokens * (config.untrained_eval_prompts * 2.6 + (config.eval_prompts + config.unseen_prompts) * 2.2
                             + config.calibration_prompts * 5 + 2 * 4 + config.generalisation_prompts * 2)
     live = config.live_eval_prompts * config.live_eval_max_new_tokens * 3 if config.live_eval_every else 0
     work = Workload(budget_s=60 * config.time_budget_min, elapsed_s=elapsed_s + measuring,

@@ -130,6 +130,15 @@ def _model_class(where: str, kwargs: dict):
     return AutoModelForCausalLM if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else AutoModelForImageTextToText
 
 
+# transformers' SDPA attention repeats every key/value head nH / nKV times (a copy of the whole KV cache, every
+# layer, every forward) whenever it is given a mask: for every multi-token decoding forward, i.e. every
+# verification. With this flag set it lets torch's SDPA read the grouped heads in place. On CPU the outputs are
+# bit-identical (tests/speculative/target/test_grouped_attention.py) and verifying 8 or 16 tokens costs a fifth
+# less (docs/benchmarks.md); on CUDA masked grouped attention would fall back to the math kernel, so a target
+# on CPU only sets it, and a value the user set is kept.
+GROUPED_ATTENTION_FLAG = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
 def load_target(spec: str = DEFAULT_TARGET, dtype: str | torch.dtype = torch.float32,
                 device: str | torch.device = "cpu", *, device_map: str | dict | None = None,
                 tp_plan: str | None = None):
@@ -158,6 +167,8 @@ def load_target(spec: str = DEFAULT_TARGET, dtype: str | torch.dtype = torch.flo
     model = _model_class(where, kwargs).from_pretrained(where, dtype=dtype, **kwargs, **placement)
     if not placement:
         model.to(device)
+        if torch.device(device).type == "cpu":
+            os.environ.setdefault(GROUPED_ATTENTION_FLAG, "1")
     model.eval().requires_grad_(False)
     if gguf_file_of(spec) is not None:  # the name it went by before the conversion: the GGUF file's folder
         model.config._name_or_path = str(gguf_file_of(spec).parent)

@@ -32,3 +32,13 @@ def test_data_kept_from_an_earlier_run_leaves_the_training_more_steps():
 def test_a_budget_too_small_says_so():
     plan = plan_demo(workload(budget_s=120.0), SLOW)
     assert plan.total_steps >= 20 and any("cannot fit the budget" in note for note in plan.notes)
+
+
+def test_a_fast_trainer_buys_more_prompts_rather_than_more_epochs_of_few():
+    # Training steps so cheap that the data share's prompts would be trained past the epoch cap.
+    cheap = Rates(generate_tokens_per_s=250, forward_tokens_per_s=445, train_step_s=0.05, decode_token_s=0.05)
+    plan = plan_demo(workload(), cheap)
+    share = plan_demo(workload(data_share=0.45, max_epochs=1e9), cheap)
+    assert plan.train_prompts > share.train_prompts
+    assert plan.total_steps <= 12 * plan.train_prompts / 4 + 1
+    assert plan.estimates_s["total_s"] <= 900 * 1.01

@@ -7,6 +7,8 @@ first-proposal accuracy tells a draft that learned the target from one that memo
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +17,8 @@ from tandem.speculative.decoding.decode import DecodeResult, for_decoding, greed
 from tandem.speculative.decoding.tree import TreeShape
 from tandem.speculative.drafts.eagle3 import DraftKVCache, Eagle3DraftModel
 from tandem.speculative.target.model import Eagle3TargetModel
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,20 +84,26 @@ def evaluate_drafts(target: Eagle3TargetModel, drafts: dict[str, Eagle3DraftMode
                     max_new_tokens: int = 64, num_draft_tokens: int = 4, stop_ids: set[int] = frozenset(),
                     progress: bool = True, min_confidence: float = 0.0,
                     greedy_results: list[DecodeResult] | None = None,
-                    tree: TreeShape | None = None) -> dict[str, EvalSummary]:
+                    tree: TreeShape | None = None, deadline: float | None = None,
+                    min_prompts: int = 1) -> dict[str, EvalSummary]:
     """Decode every prompt (``[1, S]`` long each) plainly and with each draft, and compare.
 
     The decodes of one prompt run back to back (plain, then each draft), so a shared, noisy machine
     slows every side of a comparison alike: the speed-ups are ratios taken at the same moment.
     ``greedy_results``: a list to receive the plain decodes (for a caller that needs the target's greedy
     continuations too, without decoding them again). ``tree``: draft trees of that shape instead of chains.
+    ``deadline``: a ``time.perf_counter()`` after which no further prompt is started once ``min_prompts`` are
+    done (a time-boxed evaluation; the summaries count the prompts decoded).
     """
     from tqdm.auto import tqdm
 
     drafts = {name: for_decoding(draft, target.dtype) for name, draft in drafts.items()}
     greedy: list[DecodeResult] = [] if greedy_results is None else greedy_results
     speculative: dict[str, list[DecodeResult]] = {name: [] for name in drafts}
-    for prompt in tqdm(prompts, desc="decode", unit="prompt", disable=not progress, leave=False):
+    for done, prompt in enumerate(tqdm(prompts, desc="decode", unit="prompt", disable=not progress, leave=False)):
+        if deadline is not None and done >= min_prompts and time.perf_counter() > deadline:
+            logger.warning("evaluation time is up: %d of %d prompts decoded", done, len(prompts))
+            break
         greedy.append(greedy_decode(target, prompt, max_new_tokens, stop_ids))
         for name, draft in drafts.items():
             speculative[name].append(speculative_decode(target, draft, prompt, max_new_tokens, num_draft_tokens,

@@ -99,6 +99,10 @@ class TrainConfig:
     """How many resumable checkpoints to keep on disk."""
     stop_at_step: int | None = None
     """End this run at this step (checkpointed) though the schedule spans total_steps: for time-boxed jobs."""
+    time_limit_min: float = 0.0
+    """End this run (checkpointed and exported) after the last step that fits this many minutes of training, live
+    evaluations included, though the schedule spans total_steps: a guard for time-boxed jobs on a machine whose
+    speed varies (0: no limit). A later --resume continues the schedule."""
     resume: bool = False
     """Continue from the newest checkpoint in ``output_dir/checkpoints`` that loads (a damaged newer one is skipped)."""
     export_format: str = "sglang"

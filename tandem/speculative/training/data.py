@@ -40,7 +40,7 @@ SHAREGPT_ROLE_NAMES = {
 }
 # Tokens that close a turn in the common chat templates; the eos token is added per tokenizer.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
-PROMPT_SPLITS = ("train", "heldout")
+PROMPT_SPLITS = ("train", "heldout", "unseen")
 
 Message = dict[str, str]
 
@@ -185,7 +185,9 @@ def write_jsonl(path: str | Path, records: Iterable[ChatRecord]) -> int:
 
 
 def default_prompt_path(split: str) -> Path:
-    """The shipped prompt set: ``"train"`` (about 89%) or ``"heldout"`` (about 11%), messages JSONL.
+    """A shipped prompt set, messages JSONL: ``"train"`` (472 prompts) and ``"heldout"`` (60), one split of the
+    same set; ``"unseen"``: 24 MT-bench-style prompts in eight categories, written apart from that set and never
+    used to train or tune anything (the demo reports on them beside the held-out ones).
 
     User turns only (plus a few system prompts and multi-turn conversations whose assistant turns
     are placeholders); every line has a ``"category"``. Regenerate it before training on it.

@@ -47,6 +47,7 @@ from tandem.speculative.training.distributed import (
 from tandem.speculative.training.eagle3_loss import TTTObjective, step_valid_counts
 from tandem.speculative.training.prefetch import SupervisionPrefetcher
 from tandem.speculative.training.supervision_cache import SupervisionCache, cache_identity
+from tandem.speculative.training.time_limit import TimeLimit
 from tandem.speculative.training.vocab import (
     DraftVocab,
     build_draft_vocab,
@@ -467,14 +468,20 @@ class Trainer:
         evaluator = self.live_evaluator() if main and self.config.eval_every else None
         measured: dict = {}
         started = time.perf_counter()
+        clock = TimeLimit(60 * self.config.time_limit_min, self.step) if self.config.time_limit_min > 0 else None
         with open(self.output_dir / checkpoint.METRICS_FILE, "a") if main else nullcontext() as metrics_file:
             while self.step < end:
                 indices = range(self.step * accum, (self.step + 1) * accum)
                 batches = [self.micro_batch(i) for i in indices]
                 last = self.train_step(batches, prefetcher.take(indices) if prefetcher else None)
+                if clock is not None and self.step < end:
+                    end = self._keep_to_time(clock, last, end)
+                    bar.total = self.config.total_steps
                 if evaluator is not None and checkpoint.checkpoint_due(self.step, self.config.eval_every, end):
                     measured = self.evaluate(evaluator, last, time.perf_counter() - started)
                     last.update(measured)
+                    if clock is not None:
+                        clock.record_eval(measured["eval_s"])
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(last) + "\n")
                     metrics_file.flush()
@@ -491,6 +498,35 @@ class Trainer:
         if main:
             logger.info("exported the %s draft to %s", self.METHOD, self.export())
         return last
+
+    def _keep_to_time(self, clock: TimeLimit, last: dict, end: int) -> int:
+        """The step this run now ends at under ``time_limit_min`` (``time_limit.py``): the schedule shortened to the
+        steps that fit at a few points of the run, and the run ended early if one more step does not fit. Rank 0
+        decides; every rank follows."""
+        evals_left = self._evals_left(end)
+        if clock.replan_due(self.step, self.config.total_steps):
+            shorter = clock.shorter_schedule(self.step, self.config.total_steps, evals_left)
+            shorter = self.dist.broadcast_int(-1 if shorter is None else shorter)
+            if shorter > 0:
+                logger.warning("time limit %.1f min: the schedule now spans %d steps instead of %d (%.2f s a step "
+                               "here so far; a --resume of this run takes --total-steps %d)",
+                               self.config.time_limit_min, shorter, self.config.total_steps,
+                               (clock.elapsed_s() - clock.eval_s) / max(self.step - clock.start_step, 1), shorter)
+                self.config.total_steps = shorter
+                end = min(end, shorter)
+        out_of_time = clock.out_of_time(last.get("step_time_s", 0.0), evals_left > 0)
+        if self.step < end and self.dist.broadcast_int(int(out_of_time)):
+            logger.warning("time limit %.1f min: stopping at step %d of %d (%.1f min trained)",
+                           self.config.time_limit_min, self.step, self.config.total_steps, clock.elapsed_s() / 60)
+            end = self.step
+        return end
+
+    def _evals_left(self, end: int) -> int:
+        """Live evaluations still due after this step up to ``end`` (the one at ``end`` included)."""
+        every = self.config.eval_every
+        if not every:
+            return 0
+        return end // every - (self.step - 1) // every + (1 if end % every else 0)
 
     def live_evaluator(self):
         """A ``live_eval.LiveEvaluator`` over the first ``eval_limit`` prompts of ``eval_prompts``, decoding against

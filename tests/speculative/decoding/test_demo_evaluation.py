@@ -43,3 +43,19 @@ def test_the_evaluation_request_answers_what_the_in_memory_drafts_measure(tmp_pa
             assert got[key] == summary.to_dict()[key], (name, key)
         assert got["outputs_match"]  # float32: speculative == greedy outright
     assert answer["generalisation"]["heldout_step0_accuracy"] == generalisation["heldout_step0_accuracy"]
+
+
+def test_a_past_deadline_decodes_only_the_minimum_of_prompts(tmp_path):
+    import time
+
+    from tandem.speculative.decoding.evaluation import evaluate_drafts
+
+    model, _ = load_target(str(save_tiny_target(tmp_path / "target")), dtype="float32")
+    target = Eagle3TargetModel(model)
+    torch.manual_seed(0)
+    draft = Eagle3DraftModel(Eagle3DraftConfig.from_target_config(model.config, model.config.vocab_size))
+    prompts = [torch.randint(3, 200, (1, 5)) for _ in range(4)]
+    results = evaluate_drafts(target, {"d": draft}, prompts, 4, num_draft_tokens=2, progress=False,
+                              deadline=time.perf_counter() - 1, min_prompts=2)
+    assert results["d"].prompts == 2
+    assert evaluate_drafts(target, {"d": draft}, prompts, 4, num_draft_tokens=2, progress=False)["d"].prompts == 4

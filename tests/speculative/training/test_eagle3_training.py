@@ -88,6 +88,23 @@ def test_resume_is_bit_exact(tmp_path):
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
+def test_a_time_limit_stops_the_run_early_checkpointed_and_exported(tmp_path, caplog):
+    # A limit of about 0.06 s: the first step already leaves no room for a second.
+    config = tiny_run_config(tmp_path, total_steps=50, save_every=20, time_limit_min=0.001)
+    trainer = Trainer(config, target=peaked_target(), tokenizer=build_tiny_tokenizer())
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert 1 <= trainer.step < 50
+    assert f"stopping at step {trainer.step} of 50" in caplog.text
+    assert (tmp_path / "out" / "checkpoints" / f"step_{trainer.step}.pt").is_file()
+    assert (tmp_path / "out" / "eagle3-draft" / "model.safetensors").is_file()
+    # The stopped run resumes where it stopped and goes on without a limit to the schedule's end.
+    resumed = Trainer(tiny_run_config(tmp_path, total_steps=50, save_every=20, resume=True),
+                      target=peaked_target(), tokenizer=build_tiny_tokenizer())
+    resumed.train()
+    assert resumed.step == 50
+
+
 def test_training_data_errors_are_clear(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n')
