@@ -241,15 +241,14 @@ def _dflash_eval_target(args, layer_ids: list[int]):
 
 def cmd_eval_dflash(args) -> int:
     """``tandem eval`` of an exported DFlash draft: one row per decode-time block size (``--block-size``)."""
-    from pathlib import Path
 
     import torch
 
     from tandem.speculative.decoding.dflash_decode import evaluate_dflash
-    from tandem.speculative.export.dflash import dflash_config_from, load_dflash_draft
+    from tandem.speculative.export.dflash import checked_dflash_config, load_dflash_draft
     from tandem.speculative.training.data import prompt_ids, read_chat_jsonl
 
-    config = dflash_config_from(json.loads((Path(args.draft) / "config.json").read_text()))
+    config = checked_dflash_config(args.draft)  # before the target loads: a refusal costs nothing
     target, tokenizer = _dflash_eval_target(args, config.target_layer_ids)
     try:
         if args.target_url:  # the head through /draft_lm_head: the whole vocabulary is the "draft" vocabulary
@@ -363,6 +362,12 @@ def cmd_demo(args) -> int:
     from tandem.demo import DemoConfig, run_demo
 
     config = config_from_args(DemoConfig, args)
+    if config.method == "dflash":
+        from tandem.demo_dflash import run_dflash_demo
+
+        return run_dflash_demo(config)
+    if config.method != "eagle3":
+        raise ValueError(f"--method must be eagle3 or dflash, got {config.method!r}")
     return run_demo(config)
 
 

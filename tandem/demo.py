@@ -101,6 +101,18 @@ class DemoConfig:
     """Held-out prompts each live measurement decodes (the first of those the final evaluation decodes)."""
     live_eval_max_new_tokens: int = 32
     """Tokens each live measurement decodes a prompt."""
+    method: str = "eagle3"
+    """The draft method: ``eagle3``, or ``dflash`` (a block drafter: ``demo_dflash.py``; the EAGLE-3 fields
+    ``draft_vocab_size``, ``ttt_*``, ``draft_tokens``, ``tree``, ``min_confidence``, ``generalisation_prompts`` and
+    the live evaluation do not apply to it)."""
+    block_size: int = 8
+    """DFlash: the trained block (the anchor and ``block_size - 1`` proposals)."""
+    draft_layers: int = 2
+    """DFlash: draft decoder layers (each reads as many target layers, by the reference's formula)."""
+    num_anchors: int = 32
+    """DFlash: blocks trained per sequence each step."""
+    eval_block_sizes: str = "2,4,8"
+    """DFlash: the decode-time block sizes the final evaluation measures, each at most ``block_size``."""
 
 
 def _regeneration_settings(config: DemoConfig, model) -> dict:
@@ -399,6 +411,8 @@ def run_demo(config: DemoConfig) -> int:
     from tandem.models import load_target
     from tandem.speculative.target.model import Eagle3TargetModel
 
+    if config.method != "eagle3":  # tandem.cli sends dflash to demo_dflash.run_dflash_demo (built on this module)
+        raise ValueError(f"run_demo runs the eagle3 demo; demo method {config.method!r}: see `tandem demo --method`")
     if config.tree and config.tree != "auto":
         from tandem.speculative.decoding.tree import TreeShape
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -140,17 +141,19 @@ def weights_header(weights_path: Path) -> dict[str, tuple[str, list[int]]]:
 
 
 def check_weights_against(expected: dict[str, torch.Size], stored_name, header: dict, weights_path: Path,
-                          config_path: Path) -> None:
+                          config_path: Path, sized_by: dict[str, tuple[str, ...]] | None = None) -> None:
     """Every tensor the config implies (``expected``: name -> shape, from the model built on the meta device)
     that the file holds must have that shape, and a float dtype (``d2t`` integer, ``t2d`` bool): checked from
-    the header, before any tensor is built. ``stored_name(key)`` is the key's name in the file."""
+    the header, before any tensor is built. ``stored_name(key)`` is the key's name in the file; ``sized_by``:
+    the config fields that size a key, where they differ from EAGLE-3's (``_SIZED_BY``)."""
     for key, shape in expected.items():
         name = stored_name(key)
         if name not in header:
             continue  # absent tensors are the loader's to refuse or rebuild
         dtype, stored_shape = header[name]
         if stored_shape != list(shape):
-            fields = _SIZED_BY.get(key.removeprefix("midlayer."), ())
+            short = re.sub(r"^(midlayer|layers\.\d+)\.", "", key)
+            fields = {**_SIZED_BY, **(sized_by or {})}.get(short, ())
             raise ValueError(f"{weights_path}: tensor {name!r} has shape {stored_shape} but {config_path.name} "
                              f"({', '.join(fields) or 'its sizes'}) sizes it {list(shape)}")
         allowed = _INTEGER_DTYPES if key == "d2t" else {"BOOL", "U8"} if key == "t2d" else _FLOAT_DTYPES

@@ -119,7 +119,8 @@ class TrainConfig:
     eval_every: int = 0
     """Measure the draft by real speculative decoding every this many steps and at the end, against the run's own
     target (in-process, or the server's ``/verify``): acceptance length and step-0 accuracy on held-out prompts go
-    to metrics.jsonl and the progress bar beside the simulated figure. 0: never. Rank 0 evaluates."""
+    to metrics.jsonl and the progress bar beside the simulated figure (a DFlash run: the acceptance length at
+    blocks of ``block_size``, ``decoding/dflash_live_eval.py``). 0: never. Rank 0 evaluates."""
     eval_prompts: str = "heldout"
     """The evaluation's prompts: ``heldout`` or ``train`` (the shipped prompt sets), or a chat JSONL file."""
     eval_limit: int = 8
@@ -152,10 +153,9 @@ class TrainConfig:
             raise ValueError("block_size must be >= 2, draft_layers and num_anchors >= 1")
         if self.dflash_loss not in ("data", "argmax", "kl"):
             raise ValueError(f"dflash_loss must be data, argmax or kl, got {self.dflash_loss!r}")
-        if self.method == "dflash" and (self.eval_tree or self.eval_every):
-            raise ValueError("--eval-every / --eval-tree measure EAGLE-3 drafts; measure a DFlash draft with "
-                             "tandem eval --draft OUTPUT_DIR/dflash-draft (live DFlash evaluation is not implemented "
-                             "yet)")
+        if self.method == "dflash" and self.eval_tree:
+            raise ValueError("--eval-tree drafts EAGLE-3 trees; a DFlash run's --eval-every decodes blocks of "
+                             "--block-size")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":

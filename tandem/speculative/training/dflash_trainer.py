@@ -123,6 +123,33 @@ class DFlashTrainer(Trainer):
         local = weight_sum(supervision, supervision["attention_mask"], self.config.block_size, self.gamma)
         return self.dist.all_reduce_sum(local.reshape(1))[0]
 
+    def live_evaluator(self):
+        """A ``DFlashLiveEvaluator`` over the first ``eval_limit`` prompts of ``eval_prompts`` at the trained block,
+        decoding against this run's target (remote: through the server's ``/verify``)."""
+        from tandem.speculative.decoding.dflash_live_eval import DFlashLiveEvaluator
+        from tandem.speculative.training.data import PROMPT_SPLITS, default_prompt_path, prompt_ids, read_chat_jsonl
+
+        spec = self.config.eval_prompts
+        path = default_prompt_path(spec) if spec in PROMPT_SPLITS else Path(spec)
+        prompts = [prompt_ids(self.tokenizer, r.messages) for r in read_chat_jsonl(path, limit=self.config.eval_limit)]
+        stop_ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        logger.info("live evaluation: %d prompts of %s every %d steps and at the end, %d new tokens each, DFlash "
+                    "blocks of %d", len(prompts), spec, self.config.eval_every, self.config.eval_max_new_tokens,
+                    self.config.block_size)
+        return DFlashLiveEvaluator(self.target, prompts, self.config.eval_max_new_tokens, self.config.block_size,
+                                   stop_ids)
+
+    def evaluate(self, evaluator, last: dict, run_s: float) -> dict:
+        """``Trainer.evaluate`` for DFlash: the measurement with the RNG state forked and restored, and its log line."""
+        with torch.random.fork_rng(devices=[]):
+            measured = evaluator.measure(self.draft)
+        logger.info("step %d: measured acceptance %.2f on %d prompts at block %d (simulated on the batch: %.2f), "
+                    "outputs equal greedy%s; took %.1f s (%.0f %% of the run so far)", self.step,
+                    measured["eval_acceptance_length"], measured["eval_prompts"], measured["eval_block_size"],
+                    last["sim_acceptance_length"], "" if measured["eval_outputs_match"] else " NOT (beyond near-ties)",
+                    measured["eval_s"], 100 * measured["eval_s"] / max(run_s, 1e-9))
+        return measured
+
     @property
     def export_dir(self) -> Path:
         return self.output_dir / DFLASH_EXPORT_DIRNAME

@@ -106,3 +106,21 @@ def test_decoding_through_a_server_equals_decoding_in_process(trained, tmp_path)
         assert there[size].outputs_match and here[size].outputs_match
         assert there[size].acceptance_length == here[size].acceptance_length
     assert here[BLOCK].acceptance_length > 1.0
+
+
+def test_bf16_dflash_decoding_leaves_greedy_only_at_near_ties():
+    """In bf16 the target's block verification rounds differently from its 1-token forward: an output may leave the
+    greedy one only where the top two logits of one of the two forwards were within bf16 rounding."""
+    target = peaked_dflash_target(build_tiny_llama(seed=3))
+    prompts = [torch.randint(3, 250, (1, 6), generator=torch.Generator().manual_seed(10 + i)) for i in range(4)]
+    draft = fitted_draft(target, prompts)
+    target.model.to(torch.bfloat16)
+    assert target.dtype == torch.bfloat16
+    summaries = evaluate_dflash(target, draft, prompts, 16, [2, BLOCK], progress=False)
+    for size, summary in summaries.items():
+        assert summary.exact_up_to_ties, (size, summary)
+        assert summary.new_tokens == 4 * 16
+    assert summaries[BLOCK].acceptance_length > 1.0  # the bf16 draft's proposals are accepted, not only verified
+    greedy = greedy_decode(target, prompts[0], 16)
+    spec = dflash_decode(target, draft.to(torch.bfloat16), prompts[0], 16, BLOCK)
+    assert len(spec.near_ties) == len(spec.tokens) and len(greedy.near_ties) == len(greedy.tokens)

@@ -135,3 +135,24 @@ def test_resuming_another_methods_checkpoint_is_refused_naming_both(tmp_path, df
     with pytest.raises(ValueError, match="dflash run needs its own trainer"):
         train(dflash_config(tmp_path, "other"), target=dflash_target, tokenizer=build_tiny_tokenizer(),
               trainer_class=Trainer)
+
+
+def test_live_evaluation_of_a_dflash_run_measures_real_decoding_and_leaves_training_unchanged(tmp_path, dflash_target):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"go {i}"}]}) + "\n"
+                               for i in range(2)))
+    plain = train(dflash_config(tmp_path, "plain"), target=dflash_target, tokenizer=build_tiny_tokenizer(),
+                  trainer_class=DFlashTrainer)
+    measured = train(dflash_config(tmp_path, "measured", eval_every=3, eval_prompts=str(prompts), eval_limit=2,
+                                   eval_max_new_tokens=8), target=dflash_target, tokenizer=build_tiny_tokenizer(),
+                     trainer_class=DFlashTrainer)
+    for (name, a), b in zip(plain.draft.state_dict().items(), measured.draft.state_dict().values()):
+        assert torch.equal(a, b), name  # the measurements changed nothing in the training
+    rows = [json.loads(line) for line in (tmp_path / "measured" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r for r in rows if "eval_acceptance_length" in r]
+    assert [r["step"] for r in evaluated] == [3, 6]
+    for row in evaluated:
+        assert row["eval_outputs_match"] and row["eval_prompts"] == 2 and row["eval_block_size"] == 4
+        assert row["eval_acceptance_length"] >= 1.0 and row["eval_new_tokens"] > 0
+    with pytest.raises(ValueError, match="--eval-tree drafts EAGLE-3 trees"):
+        dflash_config(tmp_path, "tree", eval_every=3, eval_tree="3,8,24")
