@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from tandem.demo import DemoConfig, _plot, _prepare_data, _reusable_prompts
+from tandem.demo import DemoConfig, _Deadlines, _plot, _prepare_data, _remaining_s, _reusable_prompts
 from tandem.demo_budget import Plan, Rates, Workload, _generation_rate, _timed, plan_demo
 
 logger = logging.getLogger(__name__)
@@ -194,7 +194,8 @@ def _train_config(config: DemoConfig, data_path: Path, out: Path):
         eval_every=0, eval_tree="")
 
 
-def _train(config: DemoConfig, data_path: Path, tokenizer, target, out: Path, phases: dict):
+def _train(config: DemoConfig, data_path: Path, tokenizer, target, out: Path, phases: dict,
+           deadline: float | None = None):
     """Train the DFlash draft (against a serve-target subprocess unless ``remote`` is off); returns
     ``(trainer, untrained draft, seconds)`` and adds the phases' seconds to ``phases``."""
     from tandem.speculative.training.dflash_trainer import DFlashTrainer
@@ -221,6 +222,8 @@ def _train(config: DemoConfig, data_path: Path, tokenizer, target, out: Path, ph
         if trainer.supervision_cache is not None:
             trainer.fill_supervision_cache()
         phases["supervision_cache_s"] = time.perf_counter() - started
+        if deadline is not None:  # the budget's guard, as in the EAGLE-3 demo
+            trainer.config.time_limit_min = max(deadline - time.perf_counter(), 30.0) / 60
         trainer.train()
         seconds = time.perf_counter() - started
         phases["train_s"] = seconds - phases["supervision_cache_s"]
@@ -321,7 +324,8 @@ def run_dflash_demo(config: DemoConfig) -> int:
     phases["regenerate_s"] = time.perf_counter() - regenerating
     target = None if config.remote else Eagle3TargetModel(model, draft_method="dflash",
                                                           num_draft_layers=config.draft_layers)
-    trainer, untrained_draft, train_seconds = _train(config, data_path, tokenizer, target, out, phases)
+    deadline = _Deadlines(_remaining_s(config, plan, started, "train")).end
+    trainer, untrained_draft, train_seconds = _train(config, data_path, tokenizer, target, out, phases, deadline)
     _plot(out / RUN_DIRNAME / "metrics.jsonl", out / "training-dflash.png", "DFlash blocks")
     dtype = next(model.parameters()).dtype
     exported = _export(trainer, untrained_draft, out, dtype)
