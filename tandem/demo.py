@@ -210,10 +210,8 @@ def _plot_acceptance(ax, rows: list[dict], decoding: str = "") -> None:
 
 def _train(config: DemoConfig, data_path: Path, target, tokenizer, out: Path, phases: dict,
            deadline: float | None = None):
-    """Train the draft (against a serve-target subprocess unless ``remote`` is off); returns
-    ``(trainer, untrained draft, seconds)`` and adds the phases' seconds to ``phases``."""
+    """Train the EAGLE-3 draft (``run_training``); returns ``(trainer, untrained draft, seconds)``."""
     from tandem.speculative.training.config import TrainConfig
-    from tandem.speculative.training.target_factory import build_target
     from tandem.speculative.training.trainer import Trainer
 
     train_config = TrainConfig(
@@ -227,20 +225,31 @@ def _train(config: DemoConfig, data_path: Path, target, tokenizer, out: Path, ph
         eval_max_new_tokens=config.live_eval_max_new_tokens, eval_draft_tokens=config.draft_tokens,
         eval_min_confidence=config.min_confidence, eval_tree=config.tree,
     )
-    if (out / "train").exists():
-        logger.info("removing the previous demo run's %s (the demo always trains from scratch)", out / "train")
-        shutil.rmtree(out / "train")
+    return run_training(config, Trainer, train_config, target, tokenizer, out / "serve-target.log", phases, deadline)
+
+
+def run_training(config: DemoConfig, trainer_class, train_config, target, tokenizer, server_log: Path,
+                 phases: dict, deadline: float | None = None):
+    """Either demo's training: a fresh ``train_config.output_dir``, a serve-target subprocess on loopback unless
+    ``config.remote`` is off (logging to ``server_log``), the supervision cache filled, then ``trainer_class``'s run
+    under the budget's ``deadline`` (a ``time.perf_counter()``; None: none). Returns ``(trainer, the draft as
+    training started, seconds)`` and adds each phase's seconds to ``phases``."""
+    from tandem.speculative.training.target_factory import build_target
+
+    run_dir = Path(train_config.output_dir)
+    if run_dir.exists():
+        logger.info("removing the previous demo run's %s (the demo always trains from scratch)", run_dir)
+        shutil.rmtree(run_dir)
     server = None
     started = time.perf_counter()
     if config.remote:
         from tandem.speculative.remote.launch import start_target_server
 
-        server = start_target_server(config.target, log_path=out / "serve-target.log",
-                                     extra_args=("--dtype", config.dtype))
+        server = start_target_server(config.target, log_path=server_log, extra_args=("--dtype", config.dtype))
         train_config.target_urls = [server.url]
     try:
-        trainer = Trainer(train_config, target=None if config.remote else target, tokenizer=tokenizer,
-                          target_factory=build_target)
+        trainer = trainer_class(train_config, target=None if config.remote else target, tokenizer=tokenizer,
+                                target_factory=build_target)
         # The untrained baseline is the draft exactly as training starts (same seed, same seeding).
         untrained_draft = copy.deepcopy(trainer.draft)
         phases["server_and_setup_s"] = time.perf_counter() - started

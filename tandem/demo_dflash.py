@@ -13,10 +13,8 @@ so the EAGLE-3 demo's results in the same ``--out`` stay, and the regenerated da
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
-import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from tandem.demo import DemoConfig, _Deadlines, _plot, _prepare_data, _remaining_s, _reusable_prompts
+from tandem.demo import DemoConfig, _Deadlines, _plot, _prepare_data, _remaining_s, _reusable_prompts, run_training
 from tandem.demo_budget import Plan, Rates, Workload, _generation_rate, _timed, plan_demo
 
 logger = logging.getLogger(__name__)
@@ -196,41 +194,11 @@ def _train_config(config: DemoConfig, data_path: Path, out: Path):
 
 def _train(config: DemoConfig, data_path: Path, tokenizer, target, out: Path, phases: dict,
            deadline: float | None = None):
-    """Train the DFlash draft (against a serve-target subprocess unless ``remote`` is off); returns
-    ``(trainer, untrained draft, seconds)`` and adds the phases' seconds to ``phases``."""
+    """Train the DFlash draft (``demo.run_training``); returns ``(trainer, untrained draft, seconds)``."""
     from tandem.speculative.training.dflash_trainer import DFlashTrainer
-    from tandem.speculative.training.target_factory import build_target
 
-    train_config = _train_config(config, data_path, out)
-    if (out / RUN_DIRNAME).exists():
-        logger.info("removing the previous demo run's %s (the demo always trains from scratch)", out / RUN_DIRNAME)
-        shutil.rmtree(out / RUN_DIRNAME)
-    server = None
-    started = time.perf_counter()
-    if config.remote:
-        from tandem.speculative.remote.launch import start_target_server
-
-        server = start_target_server(config.target, log_path=out / "serve-target-dflash.log",
-                                     extra_args=("--dtype", config.dtype))
-        train_config.target_urls = [server.url]
-    try:
-        trainer = DFlashTrainer(train_config, target=None if config.remote else target, tokenizer=tokenizer,
-                                target_factory=build_target)
-        untrained_draft = copy.deepcopy(trainer.draft)  # the draft exactly as training starts
-        phases["server_and_setup_s"] = time.perf_counter() - started
-        started = time.perf_counter()
-        if trainer.supervision_cache is not None:
-            trainer.fill_supervision_cache()
-        phases["supervision_cache_s"] = time.perf_counter() - started
-        if deadline is not None:  # the budget's guard, as in the EAGLE-3 demo
-            trainer.config.time_limit_min = max(deadline - time.perf_counter(), 30.0) / 60
-        trainer.train()
-        seconds = time.perf_counter() - started
-        phases["train_s"] = seconds - phases["supervision_cache_s"]
-    finally:
-        if server is not None:
-            server.stop()
-    return trainer, untrained_draft, seconds
+    return run_training(config, DFlashTrainer, _train_config(config, data_path, out), target, tokenizer,
+                        out / "serve-target-dflash.log", phases, deadline)
 
 
 def _export(trainer, untrained_draft, out: Path, dtype: torch.dtype) -> dict[str, Path]:
