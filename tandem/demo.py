@@ -416,8 +416,27 @@ def _remaining_s(config: DemoConfig, plan: dict | None, started: float, phase: s
     return max(left, 60.0)
 
 
-def run_demo(config: DemoConfig) -> int:
+def prepare_run(config: DemoConfig, apply_budget, started: float):
+    """Either demo's first phases: load the target, size the run to the time budget with ``apply_budget`` (the
+    demo's own ``(config, model, tokenizer, out, elapsed_s) -> (config, plan)``), regenerate or reuse the data.
+    Returns ``(config as budgeted, the plan or None, model, tokenizer, data path, phases' seconds)``; ``started``
+    is the demo's ``time.perf_counter()`` start."""
     from tandem.models import load_target
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_target(config.target, dtype=config.dtype)
+    phases, plan = {"load_target_s": time.perf_counter() - started}, None
+    if config.time_budget_min > 0:
+        config, plan = apply_budget(config, model, tokenizer, out, time.perf_counter() - started)
+        phases["plan_s"] = time.perf_counter() - started - phases["load_target_s"]
+    regenerating = time.perf_counter()
+    data_path = _prepare_data(config, model, tokenizer, out)
+    phases["regenerate_s"] = time.perf_counter() - regenerating
+    return config, plan, model, tokenizer, data_path, phases
+
+
+def run_demo(config: DemoConfig) -> int:
     from tandem.speculative.target.model import Eagle3TargetModel
 
     if config.method != "eagle3":  # tandem.cli sends dflash to demo_dflash.run_dflash_demo (built on this module)
@@ -428,16 +447,7 @@ def run_demo(config: DemoConfig) -> int:
         TreeShape.parse(config.tree)  # a typo fails now, not after the training
     started = time.perf_counter()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_target(config.target, dtype=config.dtype)
-    phases = {"load_target_s": time.perf_counter() - started}
-    plan = None
-    if config.time_budget_min > 0:
-        config, plan = _apply_budget(config, model, tokenizer, out, time.perf_counter() - started)
-        phases["plan_s"] = time.perf_counter() - started - phases["load_target_s"]
-    regenerating = time.perf_counter()
-    data_path = _prepare_data(config, model, tokenizer, out)
-    phases["regenerate_s"] = time.perf_counter() - regenerating
+    config, plan, model, tokenizer, data_path, phases = prepare_run(config, _apply_budget, started)
     target = Eagle3TargetModel(model)
     deadline = _Deadlines(_remaining_s(config, plan, started, "train")).end
     trainer, untrained_draft, train_seconds = _train(config, data_path, target, tokenizer, out, phases, deadline)

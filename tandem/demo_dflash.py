@@ -23,7 +23,15 @@ from pathlib import Path
 
 import torch
 
-from tandem.demo import DemoConfig, _Deadlines, _plot, _prepare_data, _remaining_s, _reusable_prompts, run_training
+from tandem.demo import (
+    DemoConfig,
+    _Deadlines,
+    _plot,
+    _remaining_s,
+    _reusable_prompts,
+    prepare_run,
+    run_training,
+)
 from tandem.demo_budget import Plan, Rates, Workload, _generation_rate, _timed, plan_demo
 
 logger = logging.getLogger(__name__)
@@ -275,21 +283,12 @@ def _apply_budget(config: DemoConfig, model, tokenizer, out: Path, elapsed_s: fl
 
 def run_dflash_demo(config: DemoConfig) -> int:
     """The DFlash demo (see the module docstring); 0 when every speculative output equals greedy (up to near-ties)."""
-    from tandem.models import load_target
     from tandem.speculative.target.model import Eagle3TargetModel
 
     eval_block_sizes(config)  # a typo fails now, not after the training
     started = time.perf_counter()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_target(config.target, dtype=config.dtype)
-    phases, plan = {"load_target_s": time.perf_counter() - started}, None
-    if config.time_budget_min > 0:
-        config, plan = _apply_budget(config, model, tokenizer, out, time.perf_counter() - started)
-        phases["plan_s"] = time.perf_counter() - started - phases["load_target_s"]
-    regenerating = time.perf_counter()
-    data_path = _prepare_data(config, model, tokenizer, out)
-    phases["regenerate_s"] = time.perf_counter() - regenerating
+    config, plan, model, tokenizer, data_path, phases = prepare_run(config, _apply_budget, started)
     target = None if config.remote else Eagle3TargetModel(model, draft_method="dflash",
                                                           num_draft_layers=config.draft_layers)
     deadline = _Deadlines(_remaining_s(config, plan, started, "train")).end
