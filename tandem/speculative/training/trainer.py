@@ -97,6 +97,9 @@ class Trainer:
     def __init__(self, config: TrainConfig, target=None, tokenizer=None, distributed: DistributedContext | None = None,
                  target_factory=None):
         self.config = config
+        # --time-limit-min may shorten config.total_steps; the run's identity keeps the schedule it was asked for,
+        # and checkpoints carry the one it runs, so a resume with the same flags continues the shortened one.
+        self.requested_total_steps = config.total_steps
         self.dist = distributed or current_context()
         self.output_dir = Path(config.output_dir)
         if self.dist.is_main:  # rank 0 alone writes files
@@ -252,14 +255,15 @@ class Trainer:
         return {"step": self.step, "draft": trainable, "optimizer": self.optimizer.state_dict(),
                 "rng": torch.get_rng_state(), "config": json.dumps(dataclasses.asdict(self.config)),
                 "world_size": self.dist.world_size, "global_batch_size": self.global_batch_size,
-                "record": json.dumps(self.record), "run": self.run_identity()}
+                "record": json.dumps(self.record), "run": self.run_identity(),
+                "schedule_total_steps": self.config.total_steps}
 
     def run_identity(self) -> dict:
         """What this run trains on, as checkpoints record it (see ``checkpoint.run_identity``)."""
         digest = vocab_digest(self.vocab.selected_token_ids)
         target = {**self.model_info, "dtype": str(self.target.dtype).removeprefix("torch.")}
-        return checkpoint.run_identity(self.config, data_digest=self.data_digest, vocab_digest=digest,
-                                       model_info=target)
+        asked = dataclasses.replace(self.config, total_steps=self.requested_total_steps)
+        return checkpoint.run_identity(asked, data_digest=self.data_digest, vocab_digest=digest, model_info=target)
 
     def load_state_dict(self, state: dict) -> None:
         saved = json.loads(state["record"]) if "record" in state else None
@@ -273,8 +277,18 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         self.step = int(state["step"])
+        self._keep_fitted_schedule(int(state.get("schedule_total_steps", self.config.total_steps)))
         self._explain_world_size_change(int(state.get("world_size", 1)),
                                         int(state.get("global_batch_size", self.global_batch_size)))
+
+    def _keep_fitted_schedule(self, schedule_total_steps: int) -> None:
+        """A checkpoint of a run whose time limit shortened its schedule resumes on that schedule (the learning
+        rate's cosine is a function of it), when this run asks for the total the checkpointed one asked for."""
+        if schedule_total_steps == self.config.total_steps:
+            return
+        logger.info("--resume: the checkpointed run's time limit had fitted its schedule to %d steps of the %d asked "
+                    "for; resuming on %d", schedule_total_steps, self.requested_total_steps, schedule_total_steps)
+        self.config.total_steps = schedule_total_steps
 
     def _explain_world_size_change(self, saved_world_size: int, saved_global_batch: int) -> None:
         """Say what a resume at another world size keeps and what it changes (rank 0, once)."""
@@ -545,9 +559,9 @@ class Trainer:
             shorter = self.dist.broadcast_int(-1 if shorter is None else shorter)
             if shorter > 0:
                 logger.warning("time limit %.1f min: the schedule now spans %d steps instead of %d (%.2f s a step "
-                               "here so far; a --resume of this run takes --total-steps %d)",
+                               "here so far)",
                                self.config.time_limit_min, shorter, self.config.total_steps,
-                               (clock.elapsed_s() - clock.eval_s) / max(self.step - clock.start_step, 1), shorter)
+                               (clock.elapsed_s() - clock.eval_s) / max(self.step - clock.start_step, 1))
                 self.config.total_steps = shorter
                 end = min(end, shorter)
         out_of_time = clock.out_of_time(last.get("step_time_s", 0.0), evals_left > 0)

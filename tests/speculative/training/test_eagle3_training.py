@@ -8,6 +8,7 @@ import torch
 from tandem.speculative.decoding.evaluation import evaluate_speculative
 from tandem.speculative.drafts.eagle3 import Eagle3DraftConfig, Eagle3DraftModel
 from tandem.speculative.target.model import Eagle3TargetModel
+from tandem.speculative.training.checkpoint import ResumeMismatchError
 from tandem.speculative.training.config import TrainConfig
 from tandem.speculative.training.eagle3_loss import soft_cross_entropy, ttt_loss
 from tandem.speculative.training.trainer import Trainer, lr_at
@@ -103,6 +104,24 @@ def test_a_time_limit_stops_the_run_early_checkpointed_and_exported(tmp_path, ca
                       target=peaked_target(), tokenizer=build_tiny_tokenizer())
     resumed.train()
     assert resumed.step == 50
+
+
+def test_a_resume_keeps_the_schedule_a_time_limit_fitted(tmp_path):
+    # What --time-limit-min does when the run is slower than planned: config.total_steps shrinks mid-run.
+    shortened = Trainer(tiny_run_config(tmp_path, total_steps=50, save_every=5, stop_at_step=5),
+                        target=peaked_target(), tokenizer=build_tiny_tokenizer())
+    shortened.config.total_steps = 12
+    shortened.train()
+    assert shortened.step == 5
+    # Resumed with the flags it was started with, it continues the 12-step schedule, not the 50 asked for.
+    resumed = Trainer(tiny_run_config(tmp_path, total_steps=50, save_every=5, resume=True),
+                      target=peaked_target(), tokenizer=build_tiny_tokenizer())
+    resumed.train()
+    assert resumed.step == 12 and resumed.config.total_steps == 12
+    # Another --total-steps than the run asked for is another run, refused as before.
+    with pytest.raises(ResumeMismatchError, match="--total-steps: checkpoint 50, now 12"):
+        Trainer(tiny_run_config(tmp_path, total_steps=12, save_every=5, resume=True),
+                target=peaked_target(), tokenizer=build_tiny_tokenizer()).train()
 
 
 def test_training_data_errors_are_clear(tmp_path):
