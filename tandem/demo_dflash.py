@@ -224,27 +224,32 @@ def _export(trainer, untrained_draft, out: Path, dtype: torch.dtype) -> dict[str
     return {"native": native, "speculators": speculators, "untrained": untrained}
 
 
-def _evaluate(config: DemoConfig, target, tokenizer, drafts: dict) -> dict[str, dict[int, dict]]:
+def _evaluate(config: DemoConfig, target, tokenizer, drafts: dict,
+              budget_s: float | None = None) -> dict[str, dict[int, dict]]:
     """Real speculative decoding of the held-out prompts: the trained draft at every ``eval_block_sizes`` block,
-    the untrained one on ``untrained_eval_prompts`` at the smallest; ``{name: {block: EvalSummary dict}}``."""
+    the untrained one on ``untrained_eval_prompts`` at the smallest; ``{name: {block: EvalSummary dict}}``.
+    ``budget_s``: seconds it may take (the trained draft 80 % of them, after 2 prompts; then the untrained)."""
     from tandem.speculative.decoding.dflash_decode import evaluate_dflash
     from tandem.speculative.training.data import default_prompt_path, prompt_ids, read_chat_jsonl
 
     records = read_chat_jsonl(default_prompt_path("heldout"), limit=config.eval_prompts)
     prompts = [prompt_ids(tokenizer, r.messages) for r in records]
     sizes = eval_block_sizes(config)
-    results = {}
-    for name, draft in drafts.items():
+    results, deadlines = {}, _Deadlines(budget_s)
+    for name in sorted(drafts, key=lambda n: n == "untrained"):  # the trained draft first: it is what is measured
         some, blocks = (prompts[:config.untrained_eval_prompts], sizes[:1]) if name == "untrained" else (prompts, sizes)
-        summaries = evaluate_dflash(target, draft, some, config.eval_max_new_tokens, blocks,
-                                    stop_ids={tokenizer.eos_token_id})
+        summaries = evaluate_dflash(target, drafts[name], some, config.eval_max_new_tokens, blocks,
+                                    stop_ids={tokenizer.eos_token_id},
+                                    deadline=deadlines.share(1.0 if name == "untrained" else 0.8),
+                                    min_prompts=1 if name == "untrained" else 2)
         results[name] = {size: summary.to_dict() for size, summary in summaries.items()}
     return results
 
 
-def _evaluate_in_fresh_process(config: DemoConfig, out: Path, drafts: dict[str, Path]) -> dict:
+def _evaluate_in_fresh_process(config: DemoConfig, out: Path, drafts: dict[str, Path],
+                               budget_s: float | None = None) -> dict:
     """``_evaluate`` in a child process on the exported drafts (why: ``demo._evaluate_in_fresh_process``)."""
-    request = {"config": asdict(config), "answer": str(out / "evaluation-dflash.json"),
+    request = {"config": asdict(config), "answer": str(out / "evaluation-dflash.json"), "budget_s": budget_s,
                "drafts": {name: str(path) for name, path in drafts.items()}}
     request_path = out / "evaluation-request-dflash.json"
     request_path.write_text(json.dumps(request, indent=2))
@@ -261,13 +266,15 @@ def _answer_evaluation_request(request_path: str) -> None:
 
     request = json.loads(Path(request_path).read_text())
     config = DemoConfig(**request["config"])
+    started = time.perf_counter()
     model, tokenizer = load_target(config.target, dtype=config.dtype)
     embeddings = model.get_input_embeddings().weight.detach()
     head = model.get_output_embeddings().weight.detach()
     drafts = {name: load_dflash_draft(path, embeddings, head) for name, path in request["drafts"].items()}
     layers = list(next(iter(drafts.values())).config.target_layer_ids)
     target = Eagle3TargetModel(model, layers, draft_method="dflash")
-    results = _evaluate(config, target, tokenizer, drafts)
+    budget = request.get("budget_s")
+    results = _evaluate(config, target, tokenizer, drafts, budget - (time.perf_counter() - started) if budget else None)
     Path(request["answer"]).write_text(json.dumps({"results": results}, indent=2))
 
 
@@ -298,7 +305,8 @@ def run_dflash_demo(config: DemoConfig) -> int:
     exported = _export(trainer, untrained_draft, out, dtype)
     evaluated = time.perf_counter()
     results = _evaluate_in_fresh_process(config, out, {"untrained": exported["untrained"],
-                                                       "trained": exported["native"]})
+                                                       "trained": exported["native"]},
+                                         _remaining_s(config, plan, started, "evaluate"))
     phases["evaluate_s"] = time.perf_counter() - evaluated
     summary = _summary(config, plan, phases, results, exported, dtype, train_seconds,
                        time.perf_counter() - started, trainer.draft.config)

@@ -12,6 +12,7 @@ target less per round and loses only the proposals least likely to be accepted).
 from __future__ import annotations
 
 import copy
+import logging
 import time
 
 import torch
@@ -19,6 +20,8 @@ import torch
 from tandem.speculative.decoding.decode import DecodeResult, greedy_decode, truncate_at_stop
 from tandem.speculative.decoding.evaluation import EvalSummary, summarize
 from tandem.speculative.drafts.dflash import DFlashContextCache, DFlashDraftModel
+
+logger = logging.getLogger(__name__)
 
 
 def _propose(draft: DFlashDraftModel, cache: DFlashContextCache, states: torch.Tensor, start: int, anchor: int,
@@ -91,16 +94,21 @@ def dflash_for_decoding(draft: DFlashDraftModel, dtype: torch.dtype) -> DFlashDr
 
 def evaluate_dflash(target, draft: DFlashDraftModel, prompts: list[torch.Tensor], max_new_tokens: int = 64,
                     block_sizes: list[int] | None = None, stop_ids: set[int] = frozenset(),
-                    progress: bool = True) -> dict[int, EvalSummary]:
+                    progress: bool = True, deadline: float | None = None,
+                    min_prompts: int = 1) -> dict[int, EvalSummary]:
     """Decode every prompt (``[1, S]`` long each) plainly and with ``draft`` at each decode-time block size (default:
-    the trained one), back to back per prompt as ``evaluation.evaluate_drafts`` does, and compare."""
+    the trained one), back to back per prompt as ``evaluation.evaluate_drafts`` does, and compare. ``deadline``: a
+    ``time.perf_counter()`` after which no further prompt is started once ``min_prompts`` are done."""
     from tqdm.auto import tqdm
 
     draft = dflash_for_decoding(draft, target.dtype)
     sizes = block_sizes or [draft.config.block_size]
     greedy: list[DecodeResult] = []
     speculative: dict[int, list[DecodeResult]] = {size: [] for size in sizes}
-    for prompt in tqdm(prompts, desc="decode", unit="prompt", disable=not progress, leave=False):
+    for done, prompt in enumerate(tqdm(prompts, desc="decode", unit="prompt", disable=not progress, leave=False)):
+        if deadline is not None and done >= min_prompts and time.perf_counter() > deadline:
+            logger.warning("evaluation time is up: %d of %d prompts decoded", done, len(prompts))
+            break
         greedy.append(greedy_decode(target, prompt, max_new_tokens, stop_ids))
         for size in sizes:
             speculative[size].append(dflash_decode(target, draft, prompt, max_new_tokens, size, stop_ids))

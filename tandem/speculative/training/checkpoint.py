@@ -31,9 +31,10 @@ METRICS_FILE = "metrics.jsonl"
 # data and the vocabulary are compared by digest, the target by identity). The batch size is not here:
 # a resume at another world size or batch size is supported and explained (``trainer.Trainer``).
 RUN_CHANGING_FIELDS = (
-    "max_seq_len", "grad_accum_steps", "total_steps", "learning_rate", "min_lr_ratio", "warmup_steps",
-    "weight_decay", "max_grad_norm", "ttt_steps", "ttt_decay", "draft_vocab_size", "seed", "aux_layer_ids",
-    "method", "block_size", "draft_layers", "num_anchors", "dflash_loss", "dflash_gamma", "mask_token_id",
+    "max_seq_len", "grad_accum_steps", "group_by_length", "total_steps", "learning_rate", "min_lr_ratio",
+    "warmup_steps", "weight_decay", "max_grad_norm", "ttt_steps", "ttt_decay", "draft_vocab_size", "seed",
+    "aux_layer_ids", "method", "block_size", "draft_layers", "num_anchors", "dflash_loss", "dflash_gamma",
+    "mask_token_id",
 )
 
 

@@ -72,6 +72,10 @@ class TrainConfig:
     """Sequences per micro-batch on each rank (the global batch is world_size times this)."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step."""
+    group_by_length: bool = True
+    """Batch samples of similar lengths (sorted within windows of 16 batches of a random order, the batches then
+    shuffled; ``data.group_by_length``): a batch pads to its longest sample, and random chat batches are ~17 %
+    padding. Off: plain random batches."""
     total_steps: int = 200
     """Optimizer steps in the whole run (the schedule's length)."""
     learning_rate: float = 1e-3

@@ -386,11 +386,20 @@ class Trainer:
         per_epoch = len(self.dataset) // size  # the full batches of batch_order(..., drop_last=True)
         epoch, within = divmod(index, per_epoch)
         if epoch not in self._epoch_orders:
-            self._epoch_orders = {epoch: batch_order(len(self.dataset), size, self.config.seed, epoch, drop_last=True)}
+            self._epoch_orders = {epoch: batch_order(len(self.dataset), size, self.config.seed, epoch, drop_last=True,
+                                                     lengths=self._sample_lengths())}
         samples = [self.dataset[i] for i in self._epoch_orders[epoch][within]]
         longest = max(len(sample["input_ids"]) for sample in samples)
         first = self.dist.rank * self.config.batch_size
         return dataclasses.replace(self.collate, pad_to=longest)(samples[first : first + self.config.batch_size])
+
+    def _sample_lengths(self) -> list[int] | None:
+        """Each sample's token count when batches group by length (``group_by_length``), else None."""
+        if not self.config.group_by_length:
+            return None
+        if getattr(self, "_lengths", None) is None:
+            self._lengths = [len(self.dataset[i]["input_ids"]) for i in range(len(self.dataset))]
+        return self._lengths
 
     def train_step(self, batches: list[dict[str, torch.Tensor]], supervisions: list | None = None) -> dict:
         """One optimizer step over ``grad_accum_steps`` micro-batches; returns its metrics.
@@ -555,15 +564,14 @@ class Trainer:
         decides; every rank follows."""
         evals_left = self._evals_left(end)
         if clock.replan_due(self.step, self.config.total_steps):
-            shorter = clock.shorter_schedule(self.step, self.config.total_steps, evals_left)
-            shorter = self.dist.broadcast_int(-1 if shorter is None else shorter)
-            if shorter > 0:
+            rate = clock.seconds_a_step(self.step)
+            fitted = clock.fitted_schedule(self.step, self.config.total_steps, self.requested_total_steps, evals_left)
+            fitted = self.dist.broadcast_int(-1 if fitted is None else fitted)
+            if fitted > 0:
                 logger.warning("time limit %.1f min: the schedule now spans %d steps instead of %d (%.2f s a step "
-                               "here so far)",
-                               self.config.time_limit_min, shorter, self.config.total_steps,
-                               (clock.elapsed_s() - clock.eval_s) / max(self.step - clock.start_step, 1))
-                self.config.total_steps = shorter
-                end = min(end, shorter)
+                               "lately)", self.config.time_limit_min, fitted, self.config.total_steps, rate)
+                self.config.total_steps = fitted
+                end = min(fitted, self.config.stop_at_step or fitted)
         out_of_time = clock.out_of_time(last.get("step_time_s", 0.0), evals_left > 0)
         if self.step < end and self.dist.broadcast_int(int(out_of_time)):
             logger.warning("time limit %.1f min: stopping at step %d of %d (%.1f min trained)",

@@ -250,6 +250,29 @@ def test_batch_order_is_deterministic_and_epochs_differ():
     assert [len(b) for b in batch_order(50, 4, seed=3, epoch=0, drop_last=True)] == [4] * 12
 
 
+def test_batches_grouped_by_length_pad_less_and_still_cover_every_sample_once():
+    lengths = torch.randint(20, 260, (203,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    plain = batch_order(203, 4, seed=1, epoch=0)
+    grouped = batch_order(203, 4, seed=1, epoch=0, lengths=lengths)
+    assert grouped == batch_order(203, 4, seed=1, epoch=0, lengths=lengths)
+    assert grouped != batch_order(203, 4, seed=1, epoch=1, lengths=lengths)
+    assert sorted(i for b in grouped for i in b) == list(range(203))
+    assert [len(b) for b in grouped] == [4] * 50 + [3]  # the partial batch stays last: drop_last drops it
+    assert [len(b) for b in batch_order(203, 4, seed=1, epoch=0, drop_last=True, lengths=lengths)] == [4] * 50
+    assert padding(grouped) < padding(plain) / 3
+    # The batches of a window come in a drawn order, not longest first.
+    firsts = [max(lengths[i] for i in b) for b in grouped[:16]]
+    assert firsts != sorted(firsts, reverse=True)
+    # Shards of a grouped order are still disjoint and equal.
+    shards = [[i for b in batch_order(203, 4, seed=1, epoch=0, rank=r, world_size=2, lengths=lengths) for i in b]
+              for r in range(2)]
+    assert not set(shards[0]) & set(shards[1]) and len(shards[0]) == len(shards[1]) == 101
+
+
 def test_resumed_sampler_sees_exactly_the_remaining_batches():
     def run(sampler, steps):
         seen = []

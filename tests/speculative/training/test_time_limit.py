@@ -1,4 +1,4 @@
-"""--time-limit-min: the schedule shrinks to the steps that fit, and the run ends before the limit."""
+"""--time-limit-min: the schedule is fitted to the steps that fit, and the run ends before the limit."""
 
 import time
 
@@ -12,8 +12,18 @@ def clock_at(elapsed_s: float, limit_s: float = 100.0, start_step: int = 0) -> T
 def test_the_schedule_shrinks_to_the_steps_that_fit_at_the_measured_rate():
     clock = clock_at(50.0)  # 10 steps in 50 s: 5 s a step, 50 s left
     assert clock.steps_that_fit(10, evals_left=0) == 19  # 49.99.. s left: 9 more whole steps
-    assert clock.shorter_schedule(10, 40, evals_left=0) == 19
-    assert clock.shorter_schedule(10, 19, evals_left=0) is None  # fits already
+    assert clock.fitted_schedule(10, 40, 40, evals_left=0) == 19
+    assert clock_at(50.0).fitted_schedule(10, 19, 40, evals_left=0) is None  # fits already
+
+
+def test_the_schedule_grows_back_when_steps_speed_up_but_never_past_what_was_asked():
+    clock = clock_at(50.0)  # 5 s a step over the first 10 steps: 19 fit
+    assert clock.fitted_schedule(10, 40, 40, evals_left=0) == 19
+    clock.started -= 10.0  # the next 10 steps took 10 s: 1 s a step since the fitting, 40 s left
+    assert clock.seconds_a_step(20) < 1.01
+    assert clock.fitted_schedule(20, 19, 100, evals_left=0) == 59
+    clock.started -= 5.0  # 10 more steps in 5 s: 0.5 s a step, 35 s left: 100 would fit, but 80 were asked for
+    assert clock.fitted_schedule(30, 59, 80, evals_left=0) == 80
 
 
 def test_live_evaluations_are_priced_apart_from_the_step_rate():
@@ -25,7 +35,8 @@ def test_live_evaluations_are_priced_apart_from_the_step_rate():
 
 def test_noise_does_not_shorten_the_schedule_a_step_at_a_time():
     clock = clock_at(50.0)
-    assert clock.shorter_schedule(10, 20, evals_left=0) is None  # one step over: within the margin
+    assert clock.fitted_schedule(10, 20, 40, evals_left=0) is None  # one step over: within the margin
+    assert clock_at(50.0).fitted_schedule(10, 18, 40, evals_left=0) is None  # one step under: within it too
 
 
 def test_replans_happen_ten_steps_in_then_every_tenth_of_the_schedule():
