@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 # A shorter schedule is adopted only when it saves more than this share of the remaining steps (and more than one
 # step): noise in the step time must not shorten the schedule a step at a time.
 MARGIN = 0.03
+# The fewest steps a rate is measured over: fittings can fall a few steps apart when the schedule changes (they
+# come every tenth of it), and 12 steps' rate once moved a 795-step schedule to 770.
+RATE_WINDOW = 30
 
 
 @dataclass
@@ -48,9 +51,10 @@ class TimeLimit:
         return done == 10 or (done > 10 and done % max(total_steps // 10, 1) == 0)
 
     def seconds_a_step(self, step: int) -> float:
-        """Training seconds a step since the last fitting (at least 10 steps back), else since the start."""
+        """Training seconds a step since the last fitting when that is ``RATE_WINDOW`` steps back or more, else
+        since the start."""
         elapsed = self.elapsed_s()
-        if self.mark is not None and step - self.mark[1] >= 10:
+        if self.mark is not None and step - self.mark[1] >= RATE_WINDOW:
             then, then_step, then_eval = self.mark
             return max(elapsed - then - (self.eval_s - then_eval), 1e-9) / (step - then_step)
         return max(elapsed - self.eval_s, 1e-9) / max(step - self.start_step, 1)

@@ -17,13 +17,14 @@ def test_the_schedule_shrinks_to_the_steps_that_fit_at_the_measured_rate():
 
 
 def test_the_schedule_grows_back_when_steps_speed_up_but_never_past_what_was_asked():
-    clock = clock_at(50.0)  # 5 s a step over the first 10 steps: 19 fit
-    assert clock.fitted_schedule(10, 40, 40, evals_left=0) == 19
-    clock.started -= 10.0  # the next 10 steps took 10 s: 1 s a step since the fitting, 40 s left
-    assert clock.seconds_a_step(20) < 1.01
-    assert clock.fitted_schedule(20, 19, 100, evals_left=0) == 59
-    clock.started -= 5.0  # 10 more steps in 5 s: 0.5 s a step, 35 s left: 100 would fit, but 80 were asked for
-    assert clock.fitted_schedule(30, 59, 80, evals_left=0) == 80
+    clock = clock_at(50.0, limit_s=200.0)  # 5 s a step over the first 10 steps: 39 fit in the 150 s left
+    assert clock.fitted_schedule(10, 100, 100, evals_left=0) == 39
+    clock.started -= 30.0  # the next 30 steps took 30 s: 1 s a step since the fitting, 120 s left
+    assert clock.seconds_a_step(40) < 1.01
+    assert clock.fitted_schedule(40, 39, 200, evals_left=0) == 159
+    clock.started -= 15.0  # 30 more steps in 15 s: 0.5 s a step, 105 s left: 280 would fit, 200 were asked for
+    assert clock.fitted_schedule(70, 159, 200, evals_left=0) == 200
+    assert abs(clock.seconds_a_step(75) - 95.0 / 75) < 0.01  # 5 steps since the fitting: the whole run's rate
 
 
 def test_live_evaluations_are_priced_apart_from_the_step_rate():
