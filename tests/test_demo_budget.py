@@ -14,7 +14,8 @@ def workload(**overrides) -> Workload:
 
 
 def test_the_plan_fits_the_budget_and_a_slower_machine_gets_a_smaller_run():
-    fast, slow = plan_demo(workload(), FAST), plan_demo(workload(), SLOW)
+    # More prompts than either machine can regenerate, so the prompt count is the budget's choice.
+    fast, slow = plan_demo(workload(prompts_available=5000), FAST), plan_demo(workload(prompts_available=5000), SLOW)
     for plan in (fast, slow):
         assert plan.estimates_s["total_s"] <= 900 * 1.01, plan
         assert plan.live_eval_every == plan.total_steps // 2
