@@ -27,7 +27,8 @@ class Rates:
     generate_tokens_per_s: float
     """Regeneration: new tokens a second, a batch of prompts decoding together."""
     forward_tokens_per_s: float
-    """Supervision: tokens a second through one target forward of a training batch."""
+    """Supervision: tokens a second through a target forward of one training sample alone, on a thread of its own
+    (how the supervision cache is filled through ``serve-target``)."""
     train_step_s: float
     """One training step (TTT unroll, backward, optimizer) on a batch of the demo's shape."""
     decode_token_s: float
@@ -59,6 +60,24 @@ def _timed(fn, repeat: int = 1) -> float:
         fn()
         best = min(best, time.perf_counter() - started)
     return best
+
+
+def _timed_in_a_thread(fn) -> float:
+    """``_timed(fn)`` run on a thread of its own, as ``tandem serve-target`` runs a request (one thread per
+    connection). On a CPU a forward there costs 1.3-1.45x the same forward on the process's main thread (OpenMP's
+    teams; docs/experiments.md), and the supervision cache is filled through the server, one sample a request."""
+    import threading
+
+    seconds: list[float] = []
+
+    def body() -> None:
+        with torch.no_grad():
+            seconds.append(_timed(fn, repeat=2))
+
+    worker = threading.Thread(target=body, name="tandem-rate")
+    worker.start()
+    worker.join()
+    return seconds[0]
 
 
 @torch.no_grad()
@@ -117,7 +136,7 @@ def measure_rates(model, *, batch_size: int, seq_len: int, ttt_steps: int, draft
 
     dtype = next(model.parameters()).dtype
     ids = torch.randint(3, model.config.vocab_size, (batch_size, seq_len))
-    forward = _timed(lambda: model(input_ids=ids, use_cache=False))
+    forward = _timed_in_a_thread(lambda: model(input_ids=ids[:1], use_cache=False))
     cache = DynamicCache()
     model(input_ids=ids[:1, :prompt_tokens], past_key_values=cache, use_cache=True)
     one = ids[:1, :1]
@@ -129,7 +148,7 @@ def measure_rates(model, *, batch_size: int, seq_len: int, ttt_steps: int, draft
     with torch.enable_grad():
         train = _train_step_s(model, batch_size, seq_len, ttt_steps, draft_vocab, dtype)
     return Rates(generate_tokens_per_s=_generation_rate(model, regen_rows, prompt_tokens),
-                 forward_tokens_per_s=batch_size * seq_len / forward, train_step_s=train,
+                 forward_tokens_per_s=seq_len / forward, train_step_s=train,
                  decode_token_s=_timed(decode_step, repeat=5))
 
 

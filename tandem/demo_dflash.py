@@ -32,7 +32,7 @@ from tandem.demo import (
     prepare_run,
     run_training,
 )
-from tandem.demo_budget import Plan, Rates, Workload, _generation_rate, _timed, plan_demo
+from tandem.demo_budget import Plan, Rates, Workload, _generation_rate, _timed, _timed_in_a_thread, plan_demo
 
 logger = logging.getLogger(__name__)
 
@@ -139,9 +139,8 @@ def dflash_budget_plan(config: DemoConfig, model, tokenizer, elapsed_s: float, r
     available, prompt_tokens, seq = _prompt_and_sequence_tokens(config, tokenizer)
     started = time.perf_counter()
     dtype = next(model.parameters()).dtype
-    ids = torch.randint(3, model.config.vocab_size, (config.batch_size, seq))
-    with torch.no_grad():
-        forward = _timed(lambda: model(input_ids=ids, use_cache=False))
+    ids = torch.randint(3, model.config.vocab_size, (1, seq))
+    forward = _timed_in_a_thread(lambda: model(input_ids=ids, use_cache=False))
     sizes = eval_block_sizes(config)
     rounds = round_seconds(model, config, sizes)
     decode = _decode_token_s(model)
