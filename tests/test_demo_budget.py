@@ -18,7 +18,6 @@ def test_the_plan_fits_the_budget_and_a_slower_machine_gets_a_smaller_run():
     fast, slow = plan_demo(workload(prompts_available=5000), FAST), plan_demo(workload(prompts_available=5000), SLOW)
     for plan in (fast, slow):
         assert plan.estimates_s["total_s"] <= 900 * 1.01, plan
-        assert plan.live_eval_every == plan.total_steps // 2
     assert slow.train_prompts < fast.train_prompts and slow.total_steps < fast.total_steps
     assert slow.estimates_s["train_s"] == round(slow.total_steps * SLOW.train_step_s, 1)
 
@@ -43,3 +42,13 @@ def test_a_fast_trainer_buys_more_prompts_rather_than_more_epochs_of_few():
     assert plan.train_prompts > share.train_prompts
     assert plan.total_steps <= 12 * plan.train_prompts / 4 + 1
     assert plan.estimates_s["total_s"] <= 900 * 1.01
+
+
+def test_live_evaluations_are_dropped_when_they_would_eat_the_training():
+    cheap = plan_demo(workload(live_eval_tokens=50), FAST)
+    assert cheap.live_eval_every == cheap.total_steps // 2 and cheap.estimates_s["live_eval_s"] > 0
+    dear = plan_demo(workload(live_eval_tokens=2000), FAST)  # 2 x 80 s against ~290 s of training
+    assert dear.live_eval_every == 0 and dear.estimates_s["live_eval_s"] == 0
+    assert any("no live evaluations" in note for note in dear.notes)
+    assert dear.total_steps >= cheap.total_steps  # the time goes to the training
+    assert dear.estimates_s["total_s"] <= 900 * 1.01
