@@ -105,9 +105,10 @@ class TrainConfig:
     """End this run at this step (checkpointed) though the schedule spans total_steps: for time-boxed jobs."""
     time_limit_min: float = 0.0
     """Fit this run to this many minutes of training, live evaluations included (0: no limit): 10 steps in and
-    every tenth of the run, the schedule shrinks to the steps that fit at the measured rate, so the learning rate
-    ends its decay in time; the run ends, checkpointed and exported, when one more step would not fit. A later
-    --resume with the same flags continues the schedule as it was fitted (``training/time_limit.py``)."""
+    every tenth of the run, the schedule is fitted to the steps that fit at the rate measured lately (shorter, or
+    longer again up to total_steps), so the learning rate ends its decay in time; the run ends, checkpointed and
+    exported, when one more step would not fit. A later --resume with the same flags continues the schedule as it
+    was fitted (``training/time_limit.py``)."""
     resume: bool = False
     """Continue from the newest checkpoint in ``output_dir/checkpoints`` that loads (a damaged newer one is skipped)."""
     export_format: str = "sglang"

@@ -73,7 +73,7 @@ def synthesize_prompts(model, tokenizer, count: int, *, existing: set[str] = fro
     ``max_batches`` batches (default: enough for ``count`` at a quarter kept) even if fewer were found.
     """
     prefix = user_turn_prefix(tokenizer)
-    stop_ids = end_of_turn_token_ids(tokenizer) | {tokenizer.eos_token_id}
+    stop_ids = end_of_turn_token_ids(tokenizer)  # eos included
     seen = {" ".join(text.lower().split()) for text in existing}
     generator = torch.Generator().manual_seed(seed)
     kept: list[ChatRecord] = []

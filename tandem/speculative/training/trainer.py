@@ -154,6 +154,9 @@ class Trainer:
                              f"batch batch_size={self.config.batch_size} x world_size={self.dist.world_size}")
         self.collate = ChatCollator(pad_token_id=pad_token_id_for(self.tokenizer), images=self.images)
         self._epoch_orders: dict[int, list[list[int]]] = {}
+        # Each sample's token count, for batches grouped by length (data.group_by_length); None: random batches.
+        self._sample_lengths = ([len(sample["input_ids"]) for sample in self.dataset.samples]
+                                if self.config.group_by_length else None)
         if self.dist.is_main:
             with_images = sum(1 for sample in self.dataset.samples if sample.get("images"))
             logger.info("data: %d conversations (%d with images), %d trained tokens", len(self.dataset), with_images,
@@ -387,19 +390,11 @@ class Trainer:
         epoch, within = divmod(index, per_epoch)
         if epoch not in self._epoch_orders:
             self._epoch_orders = {epoch: batch_order(len(self.dataset), size, self.config.seed, epoch, drop_last=True,
-                                                     lengths=self._sample_lengths())}
+                                                     lengths=self._sample_lengths)}
         samples = [self.dataset[i] for i in self._epoch_orders[epoch][within]]
         longest = max(len(sample["input_ids"]) for sample in samples)
         first = self.dist.rank * self.config.batch_size
         return dataclasses.replace(self.collate, pad_to=longest)(samples[first : first + self.config.batch_size])
-
-    def _sample_lengths(self) -> list[int] | None:
-        """Each sample's token count when batches group by length (``group_by_length``), else None."""
-        if not self.config.group_by_length:
-            return None
-        if getattr(self, "_lengths", None) is None:
-            self._lengths = [len(self.dataset[i]["input_ids"]) for i in range(len(self.dataset))]
-        return self._lengths
 
     def train_step(self, batches: list[dict[str, torch.Tensor]], supervisions: list | None = None) -> dict:
         """One optimizer step over ``grad_accum_steps`` micro-batches; returns its metrics.
