@@ -105,24 +105,21 @@ def _parse_value(field_type, text: str):
 
 def _train(args, target, tokenizer, data: Path, run_dir: Path) -> tuple[object, dict]:
     """The demo's training recipe (``args.set`` overrides) for ``args.train_s`` seconds after the cache fill."""
-    from tandem.demo import DemoConfig
+    from tandem.demo import DemoConfig, recipe_train_config
     from tandem.speculative.training.config import TrainConfig
     from tandem.speculative.training.target_factory import build_target
     from tandem.speculative.training.trainer import Trainer
 
-    demo = DemoConfig()
-    values = dict(data=str(data), output_dir=str(run_dir), target=demo.target, dtype=demo.dtype,
-                  total_steps=4000, batch_size=demo.batch_size, max_seq_len=demo.max_seq_len,
-                  learning_rate=demo.learning_rate, draft_vocab_size=demo.draft_vocab_size,
-                  ttt_steps=demo.ttt_steps, ttt_decay=demo.ttt_decay, warmup_steps=demo.warmup_steps,
-                  save_every=100000, supervision_cache=str(args.work / f"cache-{data.stem}"), show_progress=False)
+    # The demo's recipe; the schedule's 4000 steps are fitted to --train-s by the time limit.
+    values = dict(total_steps=4000, save_every=100000, supervision_cache=str(args.work / f"cache-{data.stem}"),
+                  show_progress=False)
     types = {f.name: f.type for f in fields(TrainConfig)}
     for item in args.set:
         name, _, text = item.partition("=")
         if name not in types:
             raise SystemExit(f"--set {item}: TrainConfig has no field {name!r}")
         values[name] = _parse_value(types[name], text)
-    config = TrainConfig(**values)
+    config = recipe_train_config(DemoConfig(), data, run_dir, **values)
     trainer = Trainer(config, target=target, tokenizer=tokenizer, target_factory=build_target)
     started = time.perf_counter()
     trainer.fill_supervision_cache()

@@ -210,18 +210,25 @@ def _plot_acceptance(ax, rows: list[dict], decoding: str = "") -> None:
     ax.legend(fontsize=7)
 
 
+def recipe_train_config(config: DemoConfig, data_path: Path, output_dir: Path, **fields):
+    """The ``TrainConfig`` of the demo's EAGLE-3 recipe (target, dtype, schedule, batch, draft vocabulary, TTT) for
+    ``data_path``, writing to ``output_dir``; ``fields``: other ``TrainConfig`` fields (bench_recipe varies them)."""
+    from tandem.speculative.training.config import TrainConfig
+
+    recipe = dict(data=str(data_path), output_dir=str(output_dir), target=config.target, dtype=config.dtype,
+                  total_steps=config.total_steps, batch_size=config.batch_size, max_seq_len=config.max_seq_len,
+                  learning_rate=config.learning_rate, draft_vocab_size=config.draft_vocab_size,
+                  ttt_steps=config.ttt_steps, ttt_decay=config.ttt_decay, warmup_steps=config.warmup_steps)
+    return TrainConfig(**{**recipe, **fields})
+
+
 def _train(config: DemoConfig, data_path: Path, target, tokenizer, out: Path, phases: dict,
            deadline: float | None = None):
     """Train the EAGLE-3 draft (``run_training``); returns ``(trainer, untrained draft, seconds)``."""
-    from tandem.speculative.training.config import TrainConfig
     from tandem.speculative.training.trainer import Trainer
 
-    train_config = TrainConfig(
-        data=str(data_path), output_dir=str(out / "train"), target=config.target, dtype=config.dtype,
-        total_steps=config.total_steps, batch_size=config.batch_size, max_seq_len=config.max_seq_len,
-        learning_rate=config.learning_rate, draft_vocab_size=config.draft_vocab_size, ttt_steps=config.ttt_steps,
-        ttt_decay=config.ttt_decay,
-        warmup_steps=config.warmup_steps, save_every=max(config.total_steps // 4, 1),
+    train_config = recipe_train_config(
+        config, data_path, out / "train", save_every=max(config.total_steps // 4, 1),
         supervision_cache=str(out / "supervision-cache") if config.supervision_cache else None,
         eval_every=config.live_eval_every, eval_prompts="heldout", eval_limit=config.live_eval_prompts,
         eval_max_new_tokens=config.live_eval_max_new_tokens, eval_draft_tokens=config.draft_tokens,
